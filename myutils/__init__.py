@@ -1,0 +1,1 @@
+"""Shared parts of the RORem-RL scripts: data, conditioning, model loading, training plumbing."""

@@ -1,0 +1,129 @@
+"""Image helpers: loading any PNG/JPEG as RGB, binary masks, dilation, grids, paired crop/flip."""
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+
+def _to_uint8_array(img):
+    """16-bit and 32-bit integer images are rescaled to 0..255; 8-bit ones pass through."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+        return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return None
+
+
+def to_rgb(img):
+    """Convert a PIL image of any mode (RGBA, L, P, LA, 16-bit, CMYK) to 8-bit RGB."""
+    arr = _to_uint8_array(img)
+    if arr is not None:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        return img.convert("RGBA").convert("RGB")  # alpha is dropped, colours kept
+    return img.convert("RGB")
+
+
+def load_image(path):
+    """Open an image file as 8-bit RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def mask_to_gray(img):
+    """A mask of any mode as an 8-bit L image (RGB masks use their luminance)."""
+    arr = _to_uint8_array(img)
+    if arr is not None:
+        return Image.fromarray(arr, mode="L")
+    if img.mode == "L":
+        return img.copy()
+    return to_rgb(img).convert("L")
+
+
+def binarize_mask(mask):
+    """PIL mask -> float tensor (1, H, W) with 1 where the value is >= 0.5 (region to remove)."""
+    arr = np.asarray(mask_to_gray(mask), dtype=np.float32) / 255.0
+    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None]
+
+
+def load_mask(path):
+    """Open a mask file as an 8-bit L image (not yet binarised, so it can be resized smoothly)."""
+    with Image.open(path) as img:
+        img.load()
+        return mask_to_gray(img)
+
+
+def dilate_mask(mask, dilate_factor=15):
+    """Grow the white (remove) region of a mask by `dilate_factor` pixels; returns an L image.
+
+    A square max filter of size 2*d+1 moves every edge outward by d pixels.
+    """
+    mask = mask_to_gray(mask)
+    if dilate_factor <= 0:
+        return mask
+    binary = mask.point(lambda v: 255 if v >= 128 else 0)
+    return binary.filter(ImageFilter.MaxFilter(2 * int(dilate_factor) + 1))
+
+
+def image_grid(images, rows, cols):
+    """Paste equally sized PIL images into a rows x cols grid (row-major)."""
+    if len(images) != rows * cols:
+        raise ValueError(f"image_grid: {len(images)} images do not fill {rows}x{cols}")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, img in enumerate(images):
+        grid.paste(to_rgb(img).resize((w, h)), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def pil_to_tensor(img):
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(x):
+    """Float tensor (3, H, W) in [-1, 1] -> RGB PIL image."""
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def crop_params(size, resolution, center_crop=True, random_flip=False, rng=None, flip=None):
+    """Decide how one sample is resized, cropped and flipped; every image of the sample uses the same.
+
+    size: (width, height) of the original. The shorter side is resized to `resolution` (aspect kept),
+    then a resolution x resolution crop is taken (centre, or random from `rng`), then flipped with
+    probability 0.5 if random_flip (or as `flip` says, when given). Returns a dict with the resized size, the crop offsets in
+    resized pixels as SDXL's add_time_ids expects (top, left; after a flip the left offset is measured
+    in the flipped image), the original size (height, width) and the flip flag.
+    """
+    rng = rng or random.Random(0)
+    w, h = size
+    scale = resolution / min(w, h)
+    rw, rh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if center_crop:
+        top, left = (rh - resolution) // 2, (rw - resolution) // 2
+    else:
+        top, left = rng.randint(0, rh - resolution), rng.randint(0, rw - resolution)
+    coin = rng.random() < 0.5 if random_flip else False  # drawn even when forced, so later draws agree
+    flip = bool(coin if flip is None else flip)
+    return {
+        "resized": (rw, rh),
+        "box": (left, top, left + resolution, top + resolution),
+        "flip": flip,
+        "original_size": (h, w),
+        "crop_top_left": (top, rw - left - resolution if flip else left),
+    }
+
+
+def apply_crop(img, params, is_mask=False):
+    """Resize, crop and flip one image as `crop_params` decided (masks are resized smoothly, binarised later)."""
+    resample = Image.BILINEAR if is_mask else Image.BICUBIC
+    out = img.resize(params["resized"], resample=resample).crop(params["box"])
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if params["flip"] else out

@@ -1,0 +1,69 @@
+"""Loading SDXL-inpainting pipelines and RORem UNets from local folders or the hub, with clear errors."""
+import os
+
+import torch
+
+from .errors import UserError
+
+DEFAULT_MODEL = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _looks_local(name):
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") > 1
+
+
+def _hub_error(what, name, err):
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    return UserError(f"{what} {name!r} is not a local folder and could not be loaded from the Hugging Face hub "
+                     f"({reason[:200]}); pass a local folder or check the id and the network")
+
+
+def check_model_path(name, what="--pretrained_model_name_or_path"):
+    """A path that looks local must exist; hub ids are checked when they are loaded."""
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise UserError(f"{what}: folder not found: {name}")
+    return os.path.expanduser(name) if _looks_local(name) else name
+
+
+def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=None, torch_dtype=torch.float32, unet=None):
+    """StableDiffusionXLInpaintPipeline from a folder or hub id; optionally with a RORem UNet swapped in."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    name = check_model_path(name)
+    kwargs = {"variant": variant, "revision": revision, "torch_dtype": torch_dtype}
+    if unet is None and pretrained_unet:
+        unet = load_unet(pretrained_unet, variant=variant, torch_dtype=torch_dtype)
+    if unet is not None:
+        kwargs["unet"] = unet
+    try:
+        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(name, add_watermarker=False, **kwargs)
+    except (OSError, ValueError) as e:
+        if _looks_local(name):
+            raise UserError(f"--pretrained_model_name_or_path {name}: not a loadable SDXL-inpainting folder ({str(e).splitlines()[0][:200]})") from None
+        raise _hub_error("--pretrained_model_name_or_path", name, e) from None
+    return pipe
+
+
+def load_unet(path, variant=None, revision=None, torch_dtype=torch.float32):
+    """A remover UNet: a diffusers UNet folder (config.json + weights), or a folder holding `unet/`.
+
+    `variant="fp16"` loads RORem's `diffusion_pytorch_model.fp16.safetensors`; if the variant file is
+    absent, the plain weights are used."""
+    from diffusers import UNet2DConditionModel
+
+    path = check_model_path(path, "--pretrained_unet")
+    subfolder = "unet" if _looks_local(path) and os.path.isdir(os.path.join(path, "unet")) else None
+    if _looks_local(path) and not os.path.isfile(os.path.join(path, subfolder or "", "config.json")):
+        raise UserError(f"--pretrained_unet {path}: no config.json (expected a diffusers UNet folder or a folder with unet/)")
+    try:
+        try:
+            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, torch_dtype=torch_dtype)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, revision=revision, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        if _looks_local(path):
+            raise UserError(f"--pretrained_unet {path}: cannot load the UNet ({str(e).splitlines()[0][:200]})") from None
+        raise _hub_error("--pretrained_unet", path, e) from None

@@ -1,0 +1,103 @@
+"""SDXL-inpainting conditioning, the one place every script builds the UNet's inputs.
+
+Conventions match diffusers' StableDiffusionXLInpaintPipeline:
+- UNet input = cat([noisy_latents (4), mask (1), masked_image_latents (4)], dim=1).
+- Mask 1 = region to remove; masked image = source * (mask < 0.5) in [-1, 1]; the mask is
+  downsampled to latent size with nearest interpolation.
+- add_time_ids = original_size (h, w) + crop_top_left (top, left) + target_size (h, w), or
+  original_size + crop + aesthetic score when the UNet was built with requires_aesthetics_score.
+- Prompt embeddings are computed once (empty prompt by default) and the text encoders dropped.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_image(pixels, mask):
+    """Source pixels with the hole set to 0 (mid-grey in [-1, 1]); mask is 1 inside the hole."""
+    return pixels * (mask < 0.5).to(pixels.dtype)
+
+
+def downsample_mask(mask, latent_hw):
+    """Binary (B, 1, H, W) pixel mask -> (B, 1, h, w) latent mask by nearest interpolation."""
+    return F.interpolate(mask, size=tuple(latent_hw), mode="nearest")
+
+
+def unet_input(noisy_latents, mask_latents, masked_image_latents):
+    """The 9-channel SDXL-inpainting input, in the order the pretrained UNet expects."""
+    return torch.cat([noisy_latents, mask_latents.to(noisy_latents.dtype), masked_image_latents.to(noisy_latents.dtype)], dim=1)
+
+
+def add_time_ids(original_size, crop_top_left, target_size, aesthetic_score=None):
+    """SDXL micro-conditioning, (B, 6) or (B, 5) with an aesthetic score. Sizes are (h, w) per sample."""
+    original_size = torch.as_tensor(original_size, dtype=torch.float32).reshape(-1, 2)
+    crop_top_left = torch.as_tensor(crop_top_left, dtype=torch.float32).reshape(-1, 2)
+    if aesthetic_score is not None:
+        last = torch.full((original_size.shape[0], 1), float(aesthetic_score))
+    else:
+        last = torch.as_tensor(target_size, dtype=torch.float32).reshape(-1, 2).expand(original_size.shape[0], 2)
+    return torch.cat([original_size, crop_top_left, last], dim=1)
+
+
+@dataclass
+class PromptCondition:
+    """Prompt embeddings computed once, plus what add_time_ids needs to know about the UNet."""
+
+    prompt_embeds: torch.Tensor  # (1, 77, 2048) for SDXL
+    pooled_prompt_embeds: torch.Tensor  # (1, 1280)
+    requires_aesthetics_score: bool = False
+    aesthetic_score: float = 6.0
+
+    def to(self, device, dtype):
+        return PromptCondition(self.prompt_embeds.to(device, dtype), self.pooled_prompt_embeds.to(device, dtype),
+                               self.requires_aesthetics_score, self.aesthetic_score)
+
+    def unet_kwargs(self, original_size, crop_top_left, target_size):
+        """encoder_hidden_states and added_cond_kwargs for a batch (size from original_size)."""
+        b = torch.as_tensor(original_size).reshape(-1, 2).shape[0]
+        ids = add_time_ids(original_size, crop_top_left, target_size,
+                           self.aesthetic_score if self.requires_aesthetics_score else None)
+        return {
+            "encoder_hidden_states": self.prompt_embeds.expand(b, -1, -1),
+            "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds.expand(b, -1),
+                                  "time_ids": ids.to(self.prompt_embeds.device, self.prompt_embeds.dtype)},
+        }
+
+
+@torch.no_grad()
+def encode_prompt_once(pipe, prompt="", device="cpu"):
+    """Run the pipeline's own SDXL prompt encoder once (penultimate states of both encoders, pooled
+    output of the second), so training and inference see identical embeddings."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return PromptCondition(embeds.float().cpu(), pooled.float().cpu(),
+                           bool(getattr(pipe.config, "requires_aesthetics_score", False)))
+
+
+@torch.no_grad()
+def vae_latent_params(vae, pixels):
+    """VAE posterior parameters (mean and logvar stacked on channels, unscaled) for [-1, 1] pixels."""
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+
+
+def sample_latents(params, vae_config, generator=None):
+    """Draw from the posterior given by vae_latent_params and apply the VAE's shift and scaling."""
+    mean, logvar = params.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (z - shift) * vae_config.scaling_factor
+
+
+@torch.no_grad()
+def batch_latent_params(vae, batch, keys):
+    """Posterior params of each image in `keys` and of the masked source, plus the latent-size mask.
+
+    Returns {"params:<key>": ..., "params:masked": ..., "mask_latent": ...}. Used both live in the
+    training step and by the latent cache, so the two paths cannot drift apart.
+    """
+    out = {f"params:{k}": vae_latent_params(vae, batch[k]) for k in keys}
+    out["params:masked"] = vae_latent_params(vae, masked_image(batch["source"], batch["mask"]))
+    out["mask_latent"] = downsample_mask(batch["mask"].float(), out["params:masked"].shape[-2:])
+    return out

@@ -1,0 +1,208 @@
+"""The toy world: procedural object-removal data and tiny SDXL-inpainting components.
+
+Data: textured gradient backgrounds, one ellipse/rectangle/triangle object in a random colour,
+sometimes with a soft shadow; mask = object + shadow, dilated; GT = the background alone.
+Models: a tiny random-init SDXL-inpainting pipeline in the exact Hugging Face folder layout (two
+CLIP text encoders with a byte-level tokenizer, a 9-channel UNet, a factor-2 VAE), and a short VAE
+training so toy images have a latent space that reconstructs them.
+"""
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+SUPERSAMPLE = 4
+
+
+# ----------------------------------------------------------------------------- data
+
+def _background(rng, r):
+    y, x = np.mgrid[0:r, 0:r] / r
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-8)
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    img = c0 + (c1 - c0) * ramp[..., None]
+    freq, phase, theta = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+    stripes = np.sin(2 * np.pi * freq * (np.cos(theta) * x + np.sin(theta) * y) + phase)
+    return np.clip(img + rng.uniform(0.03, 0.1) * stripes[..., None], 0, 1)
+
+
+def _shape_alpha(rng, r):
+    """Anti-aliased coverage (r, r) of one random shape, drawn on a supersampled grid."""
+    n = r * SUPERSAMPLE
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / n
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    a, b = rng.uniform(0.1, 0.22, 2)
+    rot = rng.uniform(0, np.pi)
+    u = (x - cx) * np.cos(rot) + (y - cy) * np.sin(rot)
+    v = -(x - cx) * np.sin(rot) + (y - cy) * np.cos(rot)
+    kind = rng.integers(3)
+    if kind == 0:
+        inside = (u / a) ** 2 + (v / b) ** 2 <= 1
+    elif kind == 1:
+        inside = (np.abs(u) <= a) & (np.abs(v) <= b)
+    else:  # triangle: three half-planes around the centre
+        angles = rot + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
+        pts = np.stack([cx + a * 1.4 * np.cos(angles), cy + b * 1.4 * np.sin(angles)], 1)
+        signs = []
+        for i in range(3):
+            (x0, y0), (x1, y1) = pts[i], pts[(i + 1) % 3]
+            signs.append((x1 - x0) * (y - y0) - (y1 - y0) * (x - x0) >= 0)
+        inside = (signs[0] == signs[1]) & (signs[1] == signs[2])
+    return inside.reshape(r, SUPERSAMPLE, r, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def _dilate(binary, px):
+    img = Image.fromarray((binary * 255).astype(np.uint8))
+    from PIL import ImageFilter
+
+    return np.asarray(img.filter(ImageFilter.MaxFilter(2 * px + 1))) > 127
+
+
+def toy_sample(rng, resolution=32, dilate=2):
+    """One (source, mask, GT) triple as uint8 arrays (H, W, 3), (H, W), (H, W, 3)."""
+    bg = _background(rng, resolution)
+    alpha = _shape_alpha(rng, resolution)
+    src = bg.copy()
+    covered = alpha > 0
+    if rng.random() < 0.5:  # soft shadow: the shape, shifted and blurred, darkens the background
+        from PIL import ImageFilter
+
+        dx, dy = rng.integers(1, max(2, resolution // 12) + 1, 2)
+        shadow = np.roll(np.roll(alpha, dy, 0), dx, 1)
+        shadow = np.asarray(Image.fromarray((shadow * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.0))) / 255
+        src = src * (1 - 0.45 * shadow[..., None])
+        covered |= shadow > 0.05
+    colour = rng.uniform(0, 1, 3)
+    src = src * (1 - alpha[..., None]) + colour * alpha[..., None]
+    mask = _dilate(covered, dilate)
+    to8 = lambda a: (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    return to8(src), (mask * 255).astype(np.uint8), to8(bg)
+
+
+def write_toy_dataset(out_dir, num, resolution=32, seed=0):
+    """Write source/, mask/, GT/ PNGs and meta.json (paths relative to out_dir)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("source", "mask", "GT"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    meta = []
+    for i in range(num):
+        src, mask, gt = toy_sample(rng, resolution)
+        name = f"{i:05d}.png"
+        Image.fromarray(src).save(os.path.join(out_dir, "source", name))
+        Image.fromarray(mask, mode="L").save(os.path.join(out_dir, "mask", name))
+        Image.fromarray(gt).save(os.path.join(out_dir, "GT", name))
+        meta.append({"source": f"source/{name}", "mask": f"mask/{name}", "GT": f"GT/{name}"})
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return os.path.join(out_dir, "meta.json")
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+def _bytes_to_unicode():
+    """GPT-2/CLIP byte -> printable character table (the standard byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_byte_tokenizer(folder):
+    """A CLIP tokenizer with a byte-level vocabulary (256 + 256 end-of-word + 2 special), no merges."""
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+
+
+def tiny_pipeline(prediction_type="epsilon", image_size=32, seed=0, tmp_dir=None):
+    """A random-init SDXL-inpainting pipeline small enough to train on a CPU in minutes.
+
+    Same classes and config keys as the real model: 9-channel UNet with text_time embeddings, two
+    CLIP text encoders (hidden 32 each, so cross_attention_dim 64), a VAE with a factor-2 latent."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tok = write_byte_tokenizer(tmp_dir or tempfile.mkdtemp())
+    text_cfg = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                              vocab_size=len(tok), max_position_embeddings=77, projection_dim=32,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=16, mid_block_add_attention=False, sample_size=image_size)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+                              prediction_type=prediction_type)
+    return StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=CLIPTextModelWithProjection(text_cfg),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def load_toy_images(meta_path, keys=("source", "GT")):
+    """All images of a toy meta.json as a float tensor (N, 3, H, W) in [-1, 1]."""
+    import torch
+
+    from .img_util import load_image, pil_to_tensor
+
+    root = os.path.dirname(os.path.abspath(meta_path))
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return torch.stack([pil_to_tensor(load_image(os.path.join(root, e[k]))) for e in meta for k in keys])
+
+
+def train_toy_vae(vae, images, steps=1200, batch_size=32, lr=2e-3, seed=0, held_out=64):
+    """Fit the tiny VAE to toy images (L1 + MSE on reconstructions, a tiny KL), then set
+    scaling_factor so the latents have unit variance. Returns the held-out PSNR in dB."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(images), generator=g)
+    test, train = images[perm[:held_out]], images[perm[held_out:]]
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    vae.train()
+    start = time.time()
+    for step in tqdm(range(steps), desc="toy VAE"):
+        x = train[torch.randint(0, len(train), (batch_size,), generator=g)]
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(train[i:i + 256]).latent_dist.mean for i in range(0, len(train), 256)])
+        rec = vae.decode(vae.encode(test).latent_dist.mean).sample.clamp(-1, 1)
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    mse = float(((rec - test) / 2).pow(2).mean())  # in [0, 1] units
+    return 10 * np.log10(1.0 / mse), time.time() - start

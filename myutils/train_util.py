@@ -1,0 +1,459 @@
+"""Training plumbing shared by every train_*.py: arguments and config files, accelerator, data,
+model loading, LoRA, optimizer, checkpoint/resume, trackers, validation grids and final saving.
+
+Each piece exists once here; the scripts call them and keep only their algorithm.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+
+import torch
+import yaml
+
+from .data import EpochSampler, RemovalDataset, check_entries, read_meta
+from .errors import UserError
+from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet
+from .sdxl_inpaint import encode_prompt_once
+
+logger = logging.getLogger("rorem")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def add_common_args(parser, meta_kind="triplet"):
+    """Arguments every training script shares. Names follow the RORem scripts."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--config", default=None, help="YAML file of argument defaults; the command line overrides it")
+    g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
+    g.add_argument("--pretrained_unet", default=None, help="a RORem UNet folder (diffusers layout) to start from")
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16 for RORem's released files")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--prompt", default="", help="training prompt (RORem trains with the empty prompt)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--meta_path", nargs="+", default=None, help=f"one or more meta.json files of {meta_kind} entries")
+    g.add_argument("--validation_meta_path", nargs="+", default=None, help="held-out entries for validation grids")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--random_crop", action="store_true", help="random instead of central crops")
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true", help="encode the VAE latents once and keep them on disk")
+    g.add_argument("--latent_cache_dir", default=None, help="default: <output_dir>/latent_cache")
+    g.add_argument("--skip_data_check", action="store_true", help="do not open every file before training")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=16, help="per process")
+    g.add_argument("--max_train_steps", type=int, default=None)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not given")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--scale_lr", action="store_true", help="multiply lr by batch size, accumulation and processes")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: what `accelerate launch` was configured with")
+    g.add_argument("--vae_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="the SDXL VAE overflows in fp16; keep fp32 unless the VAE is an fp16-fixed one")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="GPU only; PyTorch SDPA is used otherwise")
+    g.add_argument("--allow_tf32", action="store_true")
+
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
+    g.add_argument("--lora_rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
+    g.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGETS)
+
+    g = parser.add_argument_group("checkpoints and logging")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--tracker_project_name", default="RORem-RL")
+    g.add_argument("--logging_dir", default="logs", help="under output_dir")
+    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--num_validation_images", type=int, default=4)
+    g.add_argument("--validation_inference_steps", type=int, default=50)
+    g.add_argument("--validation_strength", type=float, default=0.99)
+    return parser
+
+
+def parse_args(parser, argv=None, required=("meta_path", "output_dir")):
+    """Parse with `--config FILE.yaml` supplying defaults; unknown config keys are an error."""
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", default=None)
+    pre, _ = pre_parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    for name in required:
+        if getattr(args, name) in (None, []):
+            raise UserError(f"--{name} is required (on the command line or in the --config file)")
+    return args
+
+
+def load_config(path, parser):
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: file not found")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a mapping of argument names to values")
+    known = {a.dest for a in parser._actions}
+    for key in cfg:
+        if key not in known:
+            raise UserError(f"{path}: unknown option {key!r} (not an argument of {os.path.basename(sys.argv[0])})")
+    return cfg
+
+
+def check_args(args):
+    """Checks that apply to every script, before anything slow happens."""
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
+    if args.cache_latents and args.random_crop:
+        raise UserError("--cache_latents needs central crops: drop --random_crop (random flips are fine)")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes and a CUDA GPU: pip install bitsandbytes") from None
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError("--enable_xformers_memory_efficient_attention needs xformers (a GPU extra): "
+                            "pip install xformers, or leave it off to use PyTorch SDPA") from None
+
+
+# ----------------------------------------------------------------------------- accelerator
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    check_args(args)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        cpu=not torch.cuda.is_available(),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed + accelerator.process_index)  # different noise per rank, reproducible per rank
+    return accelerator
+
+
+def weight_dtype(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def init_trackers(accelerator, args, name):
+    if accelerator.is_main_process and args.report_to not in (None, "none"):
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config={"script": name, **config})
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path"):
+    """Read and check meta files on every process (cheap to read; the check is done once, on rank 0)."""
+    entries = read_meta(meta_paths, kind)
+    if check and accelerator.is_main_process:
+        for warning in check_entries(entries, progress=len(entries) > 200):
+            logger.warning("%s", warning)
+    accelerator.wait_for_everyone()
+    logger.info("%s: %d entries from %d file(s)", what, len(entries), len(meta_paths))
+    return entries
+
+
+def make_train_dataset(args, entries, kind, accelerator, vae=None, cache_keys=()):
+    """The pixel dataset, or with --cache_latents the cached-latent dataset over it."""
+    dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop,
+                             random_flip=args.random_flip, seed=args.seed)
+    if not args.cache_latents:
+        return dataset
+    from .latent_cache import CachedLatentDataset, LatentCache
+
+    cache = LatentCache(dataset, cache_keys, args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache"), vae)
+    cache.build(accelerator)
+    return CachedLatentDataset(cache)
+
+
+def make_dataloader(args, dataset, accelerator):
+    sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed,
+                           accelerator.process_index, accelerator.num_processes)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                       num_workers=args.dataloader_num_workers, drop_last=True)
+
+
+def step_budget(args, loader):
+    """(max_train_steps, num_epochs, optimizer steps per epoch)."""
+    batches = loader.sampler.batches_per_epoch
+    steps_per_epoch = max(1, batches // args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    return max_steps, math.ceil(max_steps * args.gradient_accumulation_steps / batches), steps_per_epoch
+
+
+def epoch_batches(loader, global_step, grad_accum, num_epochs):
+    """Yield (epoch, batch) from where `global_step` optimizer steps left off, across epochs."""
+    done = global_step * grad_accum
+    bpe = loader.sampler.batches_per_epoch
+    for epoch in range(done // bpe, num_epochs + 1):
+        loader.sampler.set_epoch(epoch, skip_batches=done % bpe if epoch == done // bpe else 0)
+        for batch in loader:
+            yield epoch, batch
+
+
+# ----------------------------------------------------------------------------- models
+
+class Components:
+    """What a training script needs from the pretrained pipeline, without the text encoders."""
+
+    def __init__(self, args, accelerator, dtype):
+        from diffusers import DDPMScheduler
+
+        pipe = load_inpaint_pipeline(args.pretrained_model_name_or_path, args.pretrained_unet,
+                                     variant=args.variant, revision=args.revision)
+        self.condition = encode_prompt_once(pipe, args.prompt).to(accelerator.device, dtype)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.sample_scheduler_config = pipe.scheduler.config
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.vae.requires_grad_(False)
+        self.vae.to(accelerator.device, DTYPES[args.vae_precision])
+        del pipe  # text encoders are not needed after the prompt is encoded
+        if args.enable_xformers_memory_efficient_attention:
+            self.unet.enable_xformers_memory_efficient_attention()
+        if args.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+
+def add_lora(unet, args, dtype):
+    """Freeze the base UNet (in the compute dtype) and add a trainable LoRA kept in fp32."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.to(dtype=dtype)
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                init_lora_weights="gaussian", target_modules=list(args.lora_target_modules)))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp16 LoRA params break the grad scaler's unscale
+
+
+def make_optimizer(args, params, accelerator):
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def make_lr_scheduler(args, optimizer, max_steps, accelerator):
+    from diffusers.optimization import get_scheduler
+
+    # the prepared scheduler steps once per process per optimizer step, so scale by num_processes
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                         num_training_steps=max_steps * accelerator.num_processes)
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_unet(unet, output_dir, lora):
+    """Write the UNet in a format diffusers loads without our code.
+
+    LoRA: <output_dir>/pytorch_lora_weights.safetensors (diffusers keys, for pipe.load_lora_weights).
+    Full: <output_dir>/unet (a diffusers UNet folder)."""
+    if lora:
+        from diffusers import StableDiffusionXLInpaintPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionXLInpaintPipeline.save_lora_weights(output_dir, unet_lora_layers=layers)
+    else:
+        unet.save_pretrained(os.path.join(output_dir, "unet"))
+
+
+def load_unet_weights(unet, input_dir, lora):
+    """Inverse of save_unet, into an existing (possibly LoRA-wrapped) model."""
+    if lora:
+        from diffusers import StableDiffusionXLInpaintPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        state, _ = StableDiffusionXLInpaintPipeline.lora_state_dict(input_dir)
+        state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{input_dir}: LoRA weights do not fit this UNet (unexpected keys, e.g. {result.unexpected_keys[0]})")
+    else:
+        loaded = load_unet(os.path.join(input_dir, "unet"))
+        unet.load_state_dict(loaded.state_dict())
+
+
+def register_checkpoint_hooks(accelerator, args, ema=None):
+    """Checkpoints hold the UNet in the same diffusers format as the final output, so any
+    checkpoint is usable on its own; accelerate adds optimizer, lr scheduler and RNG states."""
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                save_unet(accelerator.unwrap_model(model), output_dir, args.use_lora)
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        while models:
+            load_unet_weights(accelerator.unwrap_model(models.pop()), input_dir, args.use_lora)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+
+def list_checkpoints(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith(CHECKPOINT_PREFIX) and d[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator, args, global_step):
+    """Every process calls this (a main-only save_state hangs multi-GPU runs)."""
+    if accelerator.is_main_process and args.checkpoints_total_limit:
+        old = list_checkpoints(args.output_dir)
+        for name in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(os.path.join(args.output_dir, name))
+    path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    accelerator.wait_for_everyone()
+    accelerator.save_state(path)
+    if accelerator.is_main_process:
+        with open(os.path.join(path, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step}, f)
+        logger.info("saved %s", path)
+    return path
+
+
+def resume(accelerator, args):
+    """Load `--resume_from_checkpoint latest|PATH`; return the optimizer step to continue from."""
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(args.output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from step 0", args.output_dir)
+            return 0
+        path = os.path.join(args.output_dir, found[-1])
+    else:
+        path = args.resume_from_checkpoint
+    state_file = os.path.join(path, "training_state.json")
+    if not os.path.isfile(state_file):
+        raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json)")
+    accelerator.load_state(path)
+    with open(state_file) as f:
+        step = json.load(f)["global_step"]
+    accelerator.step = step * args.gradient_accumulation_steps  # keeps accumulation boundaries where they were
+    logger.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def save_final(accelerator, args, unet, ema=None):
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(model.parameters())
+        save_unet(model, args.output_dir, args.use_lora)
+        logger.info("saved the final %s to %s", "LoRA" if args.use_lora else "UNet", args.output_dir)
+    accelerator.end_training()
+
+
+# ----------------------------------------------------------------------------- logging
+
+def log_images(accelerator, name, image, step):
+    """One PIL image to every active tracker."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: [wandb.Image(image)]}, step=step)
+
+
+def validation_samples(args, accelerator, kind="triplet"):
+    """The fixed held-out samples for grids: the first --num_validation_images validation entries
+    (or training entries if no validation file is given), centre-cropped, never flipped."""
+    paths = args.validation_meta_path or args.meta_path
+    entries = read_meta(paths, kind)[: args.num_validation_images]
+    dataset = RemovalDataset(entries, kind, args.resolution)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+@torch.no_grad()
+def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT"):
+    """Inpaint the fixed validation samples with fixed seeds; save a grid (rows: source, mask,
+    result, target) under <output_dir>/validation and send it to the trackers. Main process only."""
+    if not accelerator.is_main_process or not samples:
+        return None
+    from pipelines.inpaint import inpaint, make_pipeline
+    from .img_util import image_grid, tensor_to_pil
+
+    model = accelerator.unwrap_model(unet)
+    was_training = model.training
+    model.eval()
+    pipe = make_pipeline(comps.vae, model, scheduler_from_config(comps.sample_scheduler_config))
+    sources = [tensor_to_pil(s["source"]) for s in samples]
+    masks = [tensor_to_pil(s["mask"].expand(3, -1, -1) * 2 - 1) for s in samples]
+    with accelerator.autocast():
+        results = inpaint(pipe, comps.condition, sources, masks, args.resolution,
+                          args.validation_inference_steps, args.validation_strength, seed=args.seed)
+    targets = [tensor_to_pil(s[target_key]) for s in samples]
+    grid = image_grid(sources + masks + results + targets, rows=4, cols=len(samples))
+    os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+    path = os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")
+    grid.save(path)
+    log_images(accelerator, "validation", grid, step)
+    model.train(was_training)
+    return path
+
+
+def scheduler_from_config(config):
+    """The sampling scheduler the pretrained pipeline ships (Euler for SDXL-inpainting)."""
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)

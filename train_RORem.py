@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Supervised RORem remover: fine-tune an SDXL-inpainting UNet on (source, mask, GT) triplets.
+
+    accelerate launch --multi_gpu --num_processes 8 train_RORem.py --config configs/train_RORem.yaml \
+        --meta_path data/meta.json --output_dir experiment/RORem
+
+Per step: encode GT and the masked source with the VAE (or read them from --cache_latents), noise
+the GT latents at a random timestep, predict the noise (or v) from the 9-channel input, MSE.
+Output: <output_dir>/unet (diffusers folder) or <output_dir>/pytorch_lora_weights.safetensors.
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from myutils import train_util as tu
+from myutils.errors import UserError, run_cli
+from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tu.add_common_args(parser, meta_kind="triplet")
+    g = parser.add_argument_group("remover")
+    g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet weights (full fine-tune only)")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    args = tu.parse_args(parser, argv)
+    if args.use_ema and args.use_lora:
+        raise UserError("--use_ema applies to full fine-tuning; drop it or --use_lora")
+    return args
+
+
+def diffusion_loss(unet, comps, batch, resolution):
+    """Noise the target latents, predict from the 9-channel input, MSE against noise or velocity."""
+    sched, vae = comps.noise_scheduler, comps.vae
+    if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
+        batch = {**batch, **batch_latent_params(vae, batch, ["GT"])}
+    dtype = comps.condition.prompt_embeds.dtype
+    latents = sample_latents(batch["params:GT"], vae.config)
+    masked_latents = sample_latents(batch["params:masked"], vae.config)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    pred = unet(unet_input(noisy, batch["mask_latent"], masked_latents).to(dtype), t,
+                **comps.condition.unet_kwargs(batch["original_size"], batch["crop_top_left"], (resolution, resolution))).sample
+    if sched.config.prediction_type == "epsilon":
+        target = noise
+    elif sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, t)
+    else:
+        raise UserError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon or v_prediction)")
+    return F.mse_loss(pred.float(), target.float())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = tu.make_accelerator(args)
+    entries = tu.load_entries(args.meta_path, "triplet", accelerator, check=not args.skip_data_check)
+    if args.validation_meta_path:
+        tu.load_entries(args.validation_meta_path, "triplet", accelerator, what="--validation_meta_path")
+    dtype = tu.weight_dtype(accelerator)
+    comps = tu.Components(args, accelerator, dtype)
+    unet = comps.unet
+    if args.use_lora:
+        tu.add_lora(unet, args, dtype)
+    else:
+        unet.requires_grad_(True)
+    ema = None
+    if args.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=args.ema_decay)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see every param
+
+    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT",))
+    loader = tu.make_dataloader(args, dataset, accelerator)
+    max_steps, num_epochs, _ = tu.step_budget(args, loader)
+    optimizer = tu.make_optimizer(args, params, accelerator)
+    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    tu.register_checkpoint_hooks(accelerator, args, ema)
+    tu.init_trackers(accelerator, args, "train_RORem")
+    val_samples = tu.validation_samples(args, accelerator) if args.validation_steps else []
+
+    global_step = tu.resume(accelerator, args)
+    tu.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
+                   args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
+    bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
+    for _, batch in tu.epoch_batches(loader, global_step, args.gradient_accumulation_steps, num_epochs):
+        if global_step >= max_steps:
+            break
+        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with accelerator.accumulate(unet):
+            loss = diffusion_loss(unet, comps, batch, args.resolution)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        accelerator.log(logs, step=global_step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+            tu.save_checkpoint(accelerator, args, global_step)
+        if args.validation_steps and global_step % args.validation_steps == 0:
+            tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)
+    bar.close()
+    if args.validation_steps and global_step % args.validation_steps:
+        tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)
+    tu.save_final(accelerator, args, unet, ema)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,47 @@
+"""Shared tiny fixtures, built once per pytest session: a tiny SDXL-inpainting pipeline folder and
+a small toy data set. Training scripts run in this process through their main(argv)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from myutils.toy_world import tiny_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tiny_pipeline("epsilon", image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
+    return str(out / "pipe")
+
+
+@pytest.fixture(scope="session")
+def toy_meta(tmp_path_factory):
+    from myutils.toy_world import write_toy_dataset
+
+    return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num=12, resolution=32, seed=0)
+
+
+def reset_accelerate():
+    """accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def run_script():
+    """Call a script's main(argv) in this process, resetting accelerate before and after."""
+    def run(module, argv):
+        reset_accelerate()
+        try:
+            return module.main([str(a) for a in argv])
+        finally:
+            reset_accelerate()
+    return run

@@ -1,0 +1,153 @@
+"""The data reader: three meta kinds, one shared crop/flip per sample, and every bad input named."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from myutils.data import EpochSampler, RemovalDataset, check_entries, read_meta
+from myutils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _img(path, size=(32, 24), value=100, mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, value, value)).save(path)
+    return path
+
+
+def _mask(path, size=(32, 24), box=(4, 4, 12, 12)):
+    m = Image.new("L", size, 0)
+    m.paste(255, box)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    m.save(path)
+
+
+def _meta(folder, entries, name="meta.json"):
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return path
+
+
+@pytest.fixture
+def triplet_dir(tmp_path):
+    _img(tmp_path / "src/a.png", value=50)
+    _img(tmp_path / "gt/a.png", value=200)
+    _mask(tmp_path / "mask/a.png")
+    return tmp_path
+
+
+def test_reads_three_kinds_and_relative_paths(triplet_dir):
+    d = triplet_dir
+    e = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
+    m1 = _meta(d, [e, e], "m1.json")
+    m2 = _meta(d, dict(e, score=1), "m2.json")  # a single dict is one entry
+    entries = read_meta([m1], "triplet") + read_meta(m2, "scored")
+    assert len(entries) == 3 and entries[2].score == 1.0
+    assert entries[0].paths["GT"] == os.path.join(str(d), "gt", "a.png")
+    assert len(read_meta([m1, m2], "triplet")) == 3  # several files
+    p = _meta(d, [{"source": "src/a.png", "mask": "mask/a.png", "preferred": "gt/a.png", "rejected": "src/a.png"}], "p.json")
+    pair = read_meta(p, "pair")[0]
+    assert set(pair.paths) == {"source", "mask", "preferred", "rejected"}
+    assert check_entries(read_meta([m1, m2], "triplet") + [pair]) == []
+
+
+def _problem(d, entry, kind="triplet"):
+    good = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png", "score": 1}
+    path = _meta(d, [good, entry], "bad.json")
+    with pytest.raises(UserError) as e:
+        check_entries(read_meta(path, kind))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: entry 1: ") and "\n" not in msg
+    return msg
+
+
+def test_every_bad_entry_is_named(triplet_dir):
+    d = triplet_dir
+    ok = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
+    assert "missing key 'GT'" in _problem(d, {"source": "src/a.png", "mask": "mask/a.png"})
+    assert "'mask' file not found" in _problem(d, dict(ok, mask="mask/none.png"))
+    (d / "broken.png").write_bytes(b"\x89PNG not really")
+    assert "'GT' file is not a readable image" in _problem(d, dict(ok, GT="broken.png"))
+    _img(d / "gt/small.png", size=(16, 16))
+    assert "'GT' is 16x16 but 'source' is 32x24" in _problem(d, dict(ok, GT="gt/small.png"))
+    _img(d / "mask/empty.png", value=0, mode="L")
+    assert "'mask' is empty" in _problem(d, dict(ok, mask="mask/empty.png"))
+    assert "'score' must be a number in [0, 1]" in _problem(d, dict(ok, score=3), kind="scored")
+    assert "expected an object" in _problem(d, "src/a.png")
+
+
+def test_bad_meta_files(tmp_path):
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"x.json: not valid JSON \(.* line 1"):
+        read_meta(str(tmp_path / "x.json"), "triplet")
+    with pytest.raises(UserError, match="meta file not found"):
+        read_meta(str(tmp_path / "nope.json"), "triplet")
+    (tmp_path / "n.json").write_text("3")
+    with pytest.raises(UserError, match="expected a JSON list"):
+        read_meta(str(tmp_path / "n.json"), "triplet")
+
+
+def test_large_masks_warn_not_fail(triplet_dir):
+    d = triplet_dir
+    _img(d / "mask/full.png", value=255, mode="L")
+    _mask(d / "mask/big.png", box=(0, 0, 32, 23))
+    e = {"source": "src/a.png", "GT": "gt/a.png"}
+    warnings = check_entries(read_meta(_meta(d, [dict(e, mask="mask/full.png"), dict(e, mask="mask/big.png")]), "triplet"))
+    assert "entry 0: 'mask' covers the whole image" in warnings[0]
+    assert "entry 1: 'mask' covers 96% of the image" in warnings[1]
+
+
+def test_same_crop_and_flip_for_every_image(tmp_path):
+    """Source and GT carry the same pattern and the mask marks its bright part: after random crop
+    and flip they must still line up pixel for pixel."""
+    rng = np.random.default_rng(0)
+    arr = (rng.uniform(0, 1, (40, 56)) > 0.5).astype(np.uint8) * 255
+    Image.fromarray(np.stack([arr] * 3, -1)).save(tmp_path / "s.png")
+    Image.fromarray(np.stack([arr] * 3, -1)).save(tmp_path / "g.png")
+    Image.fromarray(arr, mode="L").save(tmp_path / "m.png")
+    meta = _meta(tmp_path, {"source": "s.png", "mask": "m.png", "GT": "g.png"})
+    ds = RemovalDataset(read_meta(meta, "triplet"), "triplet", resolution=32, center_crop=False, random_flip=True, seed=1)
+    flips, offsets = set(), set()
+    for epoch in range(8):
+        item = ds[(epoch, 0)]
+        assert torch.equal(item["source"], item["GT"])
+        assert item["original_size"].tolist() == [40, 56]
+        inside = item["mask"][0] > 0.5
+        assert (item["source"][0][inside] > 0).float().mean() > 0.9  # mask still over the bright pixels
+        offsets.add(tuple(item["crop_top_left"].tolist()))
+        flips.add(ds.crop_for(epoch, 0, (56, 40))["flip"])
+    assert flips == {True, False} and len(offsets) > 1
+    assert torch.equal(ds[(3, 0)]["source"], ds[(3, 0)]["source"])  # a function of (seed, epoch, index)
+
+
+def test_sampler_shards_global_batches_and_skips():
+    one = [i for _, i in EpochSampler(10, 4, seed=5)]
+    r0 = [i for _, i in EpochSampler(10, 2, seed=5, rank=0, world_size=2)]
+    r1 = [i for _, i in EpochSampler(10, 2, seed=5, rank=1, world_size=2)]
+    assert len(one) == 8  # the incomplete tail is dropped
+    assert sorted(r0[:2] + r1[:2]) == sorted(one[:4]) and sorted(r0[2:] + r1[2:]) == sorted(one[4:])
+    s = EpochSampler(10, 4, seed=5)
+    s.set_epoch(0, skip_batches=1)
+    assert [i for _, i in s] == one[4:]
+    s.set_epoch(1)
+    assert [i for _, i in s] != one
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        EpochSampler(3, 4)
+
+
+def test_cli_bad_meta_is_one_line_without_traceback(tmp_path, tiny_model_dir):
+    _img(tmp_path / "s.png")
+    meta = _meta(tmp_path, [{"source": "s.png", "mask": "missing.png", "GT": "s.png"}])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_RORem.py"), "--pretrained_model_name_or_path",
+                          tiny_model_dir, "--meta_path", meta, "--output_dir", str(tmp_path / "o"), "--report_to", "none"],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert f"error: {meta}: entry 0: 'mask' file not found" in out.stderr

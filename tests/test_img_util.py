@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from myutils.img_util import binarize_mask, crop_params, dilate_mask, image_grid, load_image, load_mask, to_rgb
+
+
+def test_to_rgb_converts_every_mode(tmp_path):
+    rgba = Image.new("RGBA", (4, 3), (10, 20, 30, 0))
+    assert to_rgb(rgba).mode == "RGB" and to_rgb(rgba).getpixel((0, 0)) == (10, 20, 30)
+    assert to_rgb(Image.new("L", (4, 3), 77)).getpixel((1, 1)) == (77, 77, 77)
+    p = Image.new("P", (4, 3))
+    p.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    p.putpixel((0, 0), 1)
+    assert to_rgb(p).getpixel((0, 0)) == (200, 100, 50)
+    # 16-bit grayscale: 65535 -> 255, 32768 -> 128 (not clipped to 255 as a plain convert would)
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I")
+    assert [load_image(path).getpixel((i, 0))[0] for i in range(3)] == [0, 128, 255]
+
+
+def test_binarize_at_half():
+    m = Image.fromarray(np.array([[0, 127, 128, 255]], dtype=np.uint8), mode="L")
+    assert binarize_mask(m).tolist() == [[[0.0, 0.0, 1.0, 1.0]]]  # 127/255 < 0.5 <= 128/255
+
+
+def test_load_mask_rgb_and_16bit(tmp_path):
+    Image.new("RGB", (3, 3), (255, 255, 255)).save(tmp_path / "m.png")
+    assert binarize_mask(load_mask(tmp_path / "m.png")).min() == 1.0
+
+
+def test_dilate_mask_grows_by_factor():
+    m = Image.new("L", (21, 21), 0)
+    m.putpixel((10, 10), 255)
+    out = np.asarray(dilate_mask(m, 3)) > 127
+    assert out.sum() == 7 * 7 and out[7:14, 7:14].all()
+    assert (np.asarray(dilate_mask(m, 0)) > 127).sum() == 1
+
+
+def test_image_grid_places_row_major():
+    ims = [Image.new("RGB", (2, 3), (i * 40, 0, 0)) for i in range(6)]
+    g = image_grid(ims, rows=2, cols=3)
+    assert g.size == (6, 6)
+    assert g.getpixel((4, 0))[0] == 80 and g.getpixel((0, 3))[0] == 120
+    with pytest.raises(ValueError):
+        image_grid(ims, 2, 2)
+
+
+def test_crop_keeps_aspect_and_reports_offsets():
+    import random
+
+    p = crop_params((80, 40), 32)  # width 80, height 40 -> shorter side to 32: 64 x 32
+    assert p["resized"] == (64, 32) and p["box"] == (16, 0, 48, 32)
+    assert p["original_size"] == (40, 80) and p["crop_top_left"] == (0, 16)
+    p = crop_params((80, 40), 32, center_crop=False, random_flip=True, rng=random.Random(3), flip=True)
+    left = p["box"][0]
+    assert p["flip"] and p["crop_top_left"] == (0, 64 - left - 32)  # offset measured in the flipped image

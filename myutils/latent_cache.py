@@ -19,7 +19,8 @@ from .sdxl_inpaint import batch_latent_params
 
 def vae_fingerprint(vae):
     """Config plus a weight checksum: a different VAE never reuses another one's latents."""
-    h = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}  # not where it was loaded from
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for p in vae.parameters():
             h.update(f"{float(p.double().sum()):.10e}".encode())

@@ -208,8 +208,11 @@ def make_train_dataset(args, entries, kind, accelerator, vae=None, cache_keys=()
 def make_dataloader(args, dataset, accelerator):
     sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed,
                            accelerator.process_index, accelerator.num_processes)
+    # its own generator: each new iterator draws a worker base seed, which must not consume the global
+    # RNG (a resumed run creates its iterator at another point of the RNG stream than the straight run)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                       num_workers=args.dataloader_num_workers, drop_last=True)
+                                       num_workers=args.dataloader_num_workers, drop_last=True,
+                                       generator=torch.Generator().manual_seed(args.seed))
 
 
 def step_budget(args, loader):

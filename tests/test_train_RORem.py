@@ -1,0 +1,169 @@
+"""train_RORem.py end to end on the tiny model: weights change, outputs load in stock diffusers,
+resume continues exactly, LoRA output loads with load_lora_weights, the latent cache is reused."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_RORem
+from myutils.errors import UserError
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", out,
+            "--resolution", "32", "--train_batch_size", "2", "--report_to", "none", "--validation_steps", "0",
+            "--learning_rate", "1e-3", "--checkpointing_steps", "100", *extra]
+
+
+def _unet_state(folder):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder).state_dict()
+
+
+def _inpaint(pipe, seed=0):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    out = pipe(prompt="", image=img, mask_image=mask, height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    return out
+
+
+def test_full_finetune_changes_weights_and_loads_in_stock_pipeline(tmp_path, tiny_model_dir, toy_meta, run_script):
+    from diffusers import AutoPipelineForInpainting, UNet2DConditionModel
+
+    out = str(tmp_path / "run")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--validation_steps", "3",
+                                  "--num_validation_images", "2", "--validation_inference_steps", "2", "--use_ema",
+                                  "--ema_decay", "0.5", "--report_to", "tensorboard"))
+    before = _unet_state(os.path.join(tiny_model_dir, "unet"))
+    after = _unet_state(os.path.join(out, "unet"))
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-4
+    grid = Image.open(os.path.join(out, "validation", "step-000003.png"))
+    assert grid.size == (2 * 32, 4 * 32)  # columns = samples; rows = source, mask, result, GT
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(os.path.join(out, "logs")) for f in fs)
+
+    pipe = AutoPipelineForInpainting.from_pretrained(tiny_model_dir, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet"))
+    result = _inpaint(pipe)
+    assert result.shape == (32, 32, 3) and np.isfinite(result).all()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    """4 steps straight == killed right after checkpoint-2, resumed from latest for the rest
+    (random flips, gradient accumulation, and a warmup + linear decay schedule that must be restored)."""
+    common = ["--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
+              "--lr_warmup_steps", "2", "--checkpointing_steps", "2", "--max_train_steps", "4"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight) + common)
+
+    from myutils import train_util
+
+    real_save = train_util.save_checkpoint
+
+    def save_then_die(accelerator, args, step):
+        real_save(accelerator, args, step)
+        raise _Killed()
+
+    monkeypatch.setattr(train_util, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_script(train_RORem, _args(tiny_model_dir, toy_meta, split) + common)
+    monkeypatch.setattr(train_util, "save_checkpoint", real_save)
+    assert os.path.isdir(os.path.join(split, "checkpoint-2", "unet")) and not os.path.isdir(os.path.join(split, "unet"))
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, split, "--resume_from_checkpoint", "latest") + common)
+    a, b = _unet_state(os.path.join(straight, "unet")), _unet_state(os.path.join(split, "unet"))
+    start = _unet_state(os.path.join(tiny_model_dir, "unet"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+
+
+def test_checkpoint_limit_and_bad_resume_path(tmp_path, tiny_model_dir, toy_meta, run_script):
+    out = str(tmp_path / "run")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                                  "--checkpoints_total_limit", "2"))
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--resume_from_checkpoint", str(tmp_path)))
+
+
+def test_lora_output_loads_with_load_lora_weights(tmp_path, tiny_model_dir, toy_meta, run_script):
+    from diffusers import AutoPipelineForInpainting
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "lora")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--use_lora", "--lora_rank", "4",
+                                  "--learning_rate", "1e-2", "--checkpointing_steps", "2"))
+    path = os.path.join(out, "pytorch_lora_weights.safetensors")
+    keys = list(load_file(path))
+    assert keys and all(k.startswith("unet.") for k in keys) and any(".to_q.lora" in k for k in keys)
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "pytorch_lora_weights.safetensors"))
+    assert not os.path.isdir(os.path.join(out, "unet"))
+    pipe = AutoPipelineForInpainting.from_pretrained(tiny_model_dir)
+    base = _inpaint(pipe)
+    pipe.load_lora_weights(out)
+    assert np.abs(_inpaint(pipe) - base).max() > 1e-4  # the trained adapter changes the result
+
+
+def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy_meta, run_script):
+    from myutils.data import RemovalDataset, read_meta
+    from myutils.latent_cache import CachedLatentDataset, LatentCache
+    from myutils.sdxl_inpaint import batch_latent_params
+    from diffusers import AutoencoderKL
+
+    out = str(tmp_path / "cached")
+    args = _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--cache_latents", "--random_flip")
+    run_script(train_RORem, args)
+    cache_dir = os.path.join(out, "latent_cache")
+    files = sorted(os.listdir(cache_dir))
+    assert len(files) == 12
+    stamps = {f: os.stat(os.path.join(cache_dir, f)).st_mtime_ns for f in files}
+    run_script(train_RORem, args)  # second run: nothing re-encoded
+    assert {f: os.stat(os.path.join(cache_dir, f)).st_mtime_ns for f in os.listdir(cache_dir)} == stamps
+
+    entries = read_meta(toy_meta, "triplet")
+    gt = entries[0].paths["GT"]
+    Image.open(gt).transpose(Image.FLIP_TOP_BOTTOM).save(gt)  # a changed file gets a new key
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    ds = RemovalDataset(entries, "triplet", 32, random_flip=True)
+    cache = LatentCache(ds, ("GT",), cache_dir, vae)
+    assert not os.path.exists(cache.path(0)) and os.path.exists(cache.path(1))
+
+    class _Acc:
+        process_index, num_processes, is_local_main_process = 0, 1, True
+
+        def wait_for_everyone(self):
+            pass
+
+    cache.build(_Acc())
+    cached = CachedLatentDataset(cache)
+    for epoch in range(4):  # cached posteriors equal live encoding, flips included
+        live = ds[(epoch, 0)]
+        batch = {k: v[None] for k, v in live.items() if torch.is_tensor(v) and v.dim() == 3}
+        ref = batch_latent_params(vae, batch, ["GT"])
+        item = cached[(epoch, 0)]
+        assert torch.allclose(item["params:GT"], ref["params:GT"][0], atol=1e-5)
+        assert torch.allclose(item["params:masked"], ref["params:masked"][0], atol=1e-5)
+        assert torch.equal(item["crop_top_left"], live["crop_top_left"])
+
+
+def test_config_file_sets_defaults_and_cli_overrides(tmp_path, tiny_model_dir, toy_meta):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"meta_path: [{toy_meta}]\noutput_dir: {tmp_path / 'o'}\nlearning_rate: 0.123\nlora_rank: 7\n")
+    args = train_RORem.parse_args(["--config", str(cfg), "--lora_rank", "3"])
+    assert args.learning_rate == 0.123 and args.lora_rank == 3 and args.meta_path == [toy_meta]
+    cfg.write_text("learning_rat: 1\n")
+    with pytest.raises(UserError, match=r"c.yaml: unknown option 'learning_rat'"):
+        train_RORem.parse_args(["--config", str(cfg)])
+    with pytest.raises(UserError, match="--meta_path is required"):
+        train_RORem.parse_args(["--output_dir", "x"])
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, toy_meta, run_script):
+    with pytest.raises(UserError, match="folder not found: ./no/such/model"):
+        run_script(train_RORem, _args("./no/such/model", toy_meta, str(tmp_path / "o"), "--max_train_steps", "1"))

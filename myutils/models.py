@@ -1,9 +1,20 @@
 """Loading SDXL-inpainting pipelines and RORem UNets from local folders or the hub, with clear errors."""
+import logging
 import os
 
 import torch
 
 from .errors import UserError
+
+
+class _DropVacuousFp32Warning(logging.Filter):
+    """diffusers warns on every dtype cast, even when the list of fp32-only modules is empty."""
+
+    def filter(self, record):
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropVacuousFp32Warning())
 
 DEFAULT_MODEL = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -26,14 +37,14 @@ def check_model_path(name, what="--pretrained_model_name_or_path"):
     return os.path.expanduser(name) if _looks_local(name) else name
 
 
-def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=None, torch_dtype=torch.float32, unet=None):
+def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=None, dtype=torch.float32, unet=None):
     """StableDiffusionXLInpaintPipeline from a folder or hub id; optionally with a RORem UNet swapped in."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
     name = check_model_path(name)
-    kwargs = {"variant": variant, "revision": revision, "torch_dtype": torch_dtype}
+    kwargs = {"variant": variant, "revision": revision, "dtype": dtype}
     if unet is None and pretrained_unet:
-        unet = load_unet(pretrained_unet, variant=variant, torch_dtype=torch_dtype)
+        unet = load_unet(pretrained_unet, variant=variant, dtype=dtype)
     if unet is not None:
         kwargs["unet"] = unet
     try:
@@ -45,7 +56,7 @@ def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=Non
     return pipe
 
 
-def load_unet(path, variant=None, revision=None, torch_dtype=torch.float32):
+def load_unet(path, variant=None, revision=None, dtype=torch.float32):
     """A remover UNet: a diffusers UNet folder (config.json + weights), or a folder holding `unet/`.
 
     `variant="fp16"` loads RORem's `diffusion_pytorch_model.fp16.safetensors`; if the variant file is
@@ -58,11 +69,11 @@ def load_unet(path, variant=None, revision=None, torch_dtype=torch.float32):
         raise UserError(f"--pretrained_unet {path}: no config.json (expected a diffusers UNet folder or a folder with unet/)")
     try:
         try:
-            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, torch_dtype=torch_dtype)
+            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, dtype=dtype)
         except (OSError, ValueError):
             if variant is None:
                 raise
-            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, revision=revision, torch_dtype=torch_dtype)
+            return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
         if _looks_local(path):
             raise UserError(f"--pretrained_unet {path}: cannot load the UNet ({str(e).splitlines()[0][:200]})") from None

@@ -248,7 +248,9 @@ class Components:
         self.sample_scheduler_config = pipe.scheduler.config
         self.unet, self.vae = pipe.unet, pipe.vae
         self.vae.requires_grad_(False)
-        self.vae.to(accelerator.device, DTYPES[args.vae_precision])
+        self.vae.to(accelerator.device)
+        if self.vae.dtype != DTYPES[args.vae_precision]:
+            self.vae.to(dtype=DTYPES[args.vae_precision])
         del pipe  # text encoders are not needed after the prompt is encoded
         if args.enable_xformers_memory_efficient_attention:
             self.unet.enable_xformers_memory_efficient_attention()
@@ -447,6 +449,8 @@ def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT
                           args.validation_inference_steps, args.validation_strength, seed=args.seed)
     targets = [tensor_to_pil(s[target_key]) for s in samples]
     grid = image_grid(sources + masks + results + targets, rows=4, cols=len(samples))
+    scale = max(1, 128 // args.resolution)  # toy-sized images are upscaled so a person can see them
+    grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     path = os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")
     grid.save(path)

@@ -43,7 +43,7 @@ def test_full_finetune_changes_weights_and_loads_in_stock_pipeline(tmp_path, tin
     after = _unet_state(os.path.join(out, "unet"))
     assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-4
     grid = Image.open(os.path.join(out, "validation", "step-000003.png"))
-    assert grid.size == (2 * 32, 4 * 32)  # columns = samples; rows = source, mask, result, GT
+    assert grid.size == (2 * 128, 4 * 128)  # columns = samples; rows = source, mask, result, GT (32 px shown 4x)
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(os.path.join(out, "logs")) for f in fs)
 
     pipe = AutoPipelineForInpainting.from_pretrained(tiny_model_dir, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet"))
@@ -98,7 +98,8 @@ def test_lora_output_loads_with_load_lora_weights(tmp_path, tiny_model_dir, toy_
 
     out = str(tmp_path / "lora")
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--use_lora", "--lora_rank", "4",
-                                  "--learning_rate", "1e-2", "--checkpointing_steps", "2"))
+                                  "--learning_rate", "1e-2", "--checkpointing_steps", "2", "--mixed_precision", "bf16",
+                                  "--gradient_checkpointing"))
     path = os.path.join(out, "pytorch_lora_weights.safetensors")
     keys = list(load_file(path))
     assert keys and all(k.startswith("unet.") for k in keys) and any(".to_q.lora" in k for k in keys)
@@ -167,3 +168,30 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path, tiny_model_dir, t
 def test_missing_model_folder_is_a_clear_error(tmp_path, toy_meta, run_script):
     with pytest.raises(UserError, match="folder not found: ./no/such/model"):
         run_script(train_RORem, _args("./no/such/model", toy_meta, str(tmp_path / "o"), "--max_train_steps", "1"))
+
+
+@pytest.mark.parametrize("name", ["train_RORem.yaml", "toy_RORem.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
+    args = train_RORem.parse_args(["--config", cfg, "--meta_path", "m.json", "--output_dir", "o"])
+    assert args.resolution in (32, 512) and args.max_train_steps > 0
+
+
+def test_gpu_only_options_fail_clearly_on_this_machine(toy_meta, tmp_path):
+    import importlib.util
+
+    from myutils.train_util import check_args
+
+    base = ["--meta_path", toy_meta, "--output_dir", str(tmp_path)]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(UserError, match="--use_8bit_adam needs bitsandbytes"):
+            check_args(train_RORem.parse_args(base + ["--use_8bit_adam"]))
+    if importlib.util.find_spec("xformers") is None:
+        with pytest.raises(UserError, match="needs xformers"):
+            check_args(train_RORem.parse_args(base + ["--enable_xformers_memory_efficient_attention"]))
+    with pytest.raises(UserError, match="--resolution 500: must be a multiple of 8"):
+        check_args(train_RORem.parse_args(base + ["--resolution", "500"]))
+    with pytest.raises(UserError, match="--cache_latents needs central crops"):
+        check_args(train_RORem.parse_args(base + ["--cache_latents", "--random_crop"]))
+    with pytest.raises(UserError, match="--use_ema applies to full fine-tuning"):
+        train_RORem.parse_args(base + ["--use_ema", "--use_lora"])

@@ -1,0 +1,26 @@
+import numpy as np
+from PIL import Image
+
+from myutils.metrics import border_fill, masked_mse, paste_back
+
+
+def test_masked_mse_by_hand():
+    gt = Image.new("RGB", (4, 4), (255, 255, 255))  # +1 everywhere
+    res = Image.new("RGB", (4, 4), (0, 0, 0))  # -1 everywhere: squared error 4 per pixel
+    res.paste((255, 255, 255), (0, 0, 2, 4))  # left half correct
+    mask = Image.new("L", (4, 4), 0)
+    mask.paste(255, (1, 0, 3, 4))  # columns 1, 2: one right, one wrong
+    assert abs(masked_mse(res, gt, mask) - 2.0) < 1e-12
+
+
+def test_border_fill_uses_the_ring_and_paste_keeps_outside():
+    src = np.zeros((7, 7, 3), np.uint8)
+    src[:, :] = (10, 20, 30)
+    src[3, 3] = (250, 0, 0)  # the object
+    src[0, 0] = (0, 0, 0)  # far from the hole: not in the ring
+    mask = Image.new("L", (7, 7), 0)
+    mask.putpixel((3, 3), 255)
+    filled = np.asarray(border_fill(Image.fromarray(src), mask))
+    assert tuple(filled[3, 3]) == (10, 20, 30) and tuple(filled[0, 0]) == (0, 0, 0)
+    out = np.asarray(paste_back(Image.new("RGB", (7, 7), (1, 2, 3)), Image.fromarray(src), mask))
+    assert tuple(out[3, 3]) == (1, 2, 3) and tuple(out[1, 1]) == (10, 20, 30)

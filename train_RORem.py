@@ -57,8 +57,9 @@ def main(argv=None):
     args = parse_args(argv)
     accelerator = tu.make_accelerator(args)
     entries = tu.load_entries(args.meta_path, "triplet", accelerator, check=not args.skip_data_check)
+    val_entries = entries
     if args.validation_meta_path:
-        tu.load_entries(args.validation_meta_path, "triplet", accelerator, what="--validation_meta_path")
+        val_entries = tu.load_entries(args.validation_meta_path, "triplet", accelerator, what="--validation_meta_path")
     dtype = tu.weight_dtype(accelerator)
     comps = tu.Components(args, accelerator, dtype)
     unet = comps.unet
@@ -84,18 +85,19 @@ def main(argv=None):
         ema.to(accelerator.device)
     tu.register_checkpoint_hooks(accelerator, args, ema)
     tu.init_trackers(accelerator, args, "train_RORem")
-    val_samples = tu.validation_samples(args, accelerator) if args.validation_steps else []
+    val_samples = tu.validation_samples(args, val_entries) if args.validation_steps else []
 
     global_step = tu.resume(accelerator, args)
     tu.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
                    args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    for _, batch in tu.epoch_batches(loader, global_step, args.gradient_accumulation_steps, num_epochs):
-        if global_step >= max_steps:
-            break
+    batches = tu.epoch_batches(loader, global_step, args.gradient_accumulation_steps, num_epochs)
+    step_loss = 0.0
+    for _, batch in batches if global_step < max_steps else []:
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with accelerator.accumulate(unet):
             loss = diffusion_loss(unet, comps, batch, args.resolution)
+            step_loss += loss.detach() / args.gradient_accumulation_steps
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -107,7 +109,8 @@ def main(argv=None):
         global_step += 1
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
-        logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        logs = {"loss": accelerator.reduce(step_loss, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        step_loss = 0.0
         accelerator.log(logs, step=global_step)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -115,6 +118,8 @@ def main(argv=None):
             tu.save_checkpoint(accelerator, args, global_step)
         if args.validation_steps and global_step % args.validation_steps == 0:
             tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)
+        if global_step >= max_steps:
+            break
     bar.close()
     if args.validation_steps and global_step % args.validation_steps:
         tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)

@@ -182,12 +182,22 @@ def init_trackers(accelerator, args, name):
 # ----------------------------------------------------------------------------- data
 
 def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path"):
-    """Read and check meta files on every process (cheap to read; the check is done once, on rank 0)."""
+    """Read meta files on every process; check the files once, on rank 0, and share the verdict so
+    a bad entry stops every rank with the same message instead of leaving the others at a barrier."""
+    from accelerate.utils import broadcast_object_list
+
     entries = read_meta(meta_paths, kind)
+    verdict = [None]
     if check and accelerator.is_main_process:
-        for warning in check_entries(entries, progress=len(entries) > 200):
-            logger.warning("%s", warning)
-    accelerator.wait_for_everyone()
+        try:
+            for warning in check_entries(entries, progress=len(entries) > 200):
+                logger.warning("%s", warning)
+        except UserError as e:
+            verdict[0] = str(e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict)
+    if verdict[0]:
+        raise UserError(verdict[0])
     logger.info("%s: %d entries from %d file(s)", what, len(entries), len(meta_paths))
     return entries
 
@@ -420,12 +430,9 @@ def log_images(accelerator, name, image, step):
             tracker.log({name: [wandb.Image(image)]}, step=step)
 
 
-def validation_samples(args, accelerator, kind="triplet"):
-    """The fixed held-out samples for grids: the first --num_validation_images validation entries
-    (or training entries if no validation file is given), centre-cropped, never flipped."""
-    paths = args.validation_meta_path or args.meta_path
-    entries = read_meta(paths, kind)[: args.num_validation_images]
-    dataset = RemovalDataset(entries, kind, args.resolution)
+def validation_samples(args, entries, kind="triplet"):
+    """The fixed samples for grids: the first --num_validation_images entries, centre-cropped, never flipped."""
+    dataset = RemovalDataset(entries[: args.num_validation_images], kind, args.resolution)
     return [dataset[i] for i in range(len(dataset))]
 
 

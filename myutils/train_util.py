@@ -129,6 +129,9 @@ def check_args(args):
     """Checks that apply to every script, before anything slow happens."""
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
+    if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:
+        raise UserError(f"--validation_inference_steps {args.validation_inference_steps} at --validation_strength "
+                        f"{args.validation_strength} runs no denoising step (diffusers runs int(steps * strength))")
     if args.cache_latents and args.random_crop:
         raise UserError("--cache_latents needs central crops: drop --random_crop (random flips are fine)")
     if args.use_8bit_adam:
@@ -176,7 +179,8 @@ def weight_dtype(accelerator):
 def init_trackers(accelerator, args, name):
     if accelerator.is_main_process and args.report_to not in (None, "none"):
         config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-        accelerator.init_trackers(args.tracker_project_name, config={"script": name, **config})
+        accelerator.init_trackers(args.tracker_project_name, config={"script": name, **config},
+                                  init_kwargs={"wandb": {"dir": args.output_dir}})  # not the current folder
 
 
 # ----------------------------------------------------------------------------- data

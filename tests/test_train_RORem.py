@@ -165,6 +165,17 @@ def test_config_file_sets_defaults_and_cli_overrides(tmp_path, tiny_model_dir, t
         train_RORem.parse_args(["--output_dir", "x"])
 
 
+def test_wandb_offline_logs_under_output_dir(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = str(tmp_path / "wb")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--validation_steps", "2",
+                                  "--num_validation_images", "1", "--validation_inference_steps", "2", "--report_to", "wandb"))
+    runs = [d for d in os.listdir(os.path.join(out, "wandb")) if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    files = [f for _, _, fs in os.walk(os.path.join(out, "wandb", runs[0])) for f in fs]
+    assert any(f.endswith(".wandb") for f in files) and any(f.endswith(".png") for f in files)  # history + grid
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, toy_meta, run_script):
     with pytest.raises(UserError, match="folder not found: ./no/such/model"):
         run_script(train_RORem, _args("./no/such/model", toy_meta, str(tmp_path / "o"), "--max_train_steps", "1"))
@@ -193,5 +204,7 @@ def test_gpu_only_options_fail_clearly_on_this_machine(toy_meta, tmp_path):
         check_args(train_RORem.parse_args(base + ["--resolution", "500"]))
     with pytest.raises(UserError, match="--cache_latents needs central crops"):
         check_args(train_RORem.parse_args(base + ["--cache_latents", "--random_crop"]))
+    with pytest.raises(UserError, match="runs no denoising step"):
+        check_args(train_RORem.parse_args(base + ["--validation_inference_steps", "1"]))
     with pytest.raises(UserError, match="--use_ema applies to full fine-tuning"):
         train_RORem.parse_args(base + ["--use_ema", "--use_lora"])

@@ -12,10 +12,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from myutils import train_util as tu
 from myutils.errors import UserError, run_cli
+from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 
 
@@ -31,17 +31,18 @@ def parse_args(argv=None):
     return args
 
 
-def diffusion_loss(unet, comps, batch, resolution):
+def diffusion_loss(unet, comps, batch, resolution, seed):
     """Noise the target latents, predict from the 9-channel input, MSE against noise or velocity."""
     sched, vae = comps.noise_scheduler, comps.vae
     if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
         batch = {**batch, **batch_latent_params(vae, batch, ["GT"])}
-    dtype = comps.condition.prompt_embeds.dtype
-    latents = sample_latents(batch["params:GT"], vae.config)
-    masked_latents = sample_latents(batch["params:masked"], vae.config)
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    gens = sample_generators(batch, seed, batch["params:GT"].device)  # per-sample: same on any number of ranks
+    latents = sample_latents(batch["params:GT"], vae.config, gens)
+    masked_latents = sample_latents(batch["params:masked"], vae.config, gens)
+    noise = randn_per_sample(gens, latents.shape[1:], latents.device)
+    t = randint_per_sample(gens, sched.config.num_train_timesteps, latents.device)
     noisy = sched.add_noise(latents, noise, t)
+    dtype = comps.condition.prompt_embeds.dtype
     pred = unet(unet_input(noisy, batch["mask_latent"], masked_latents).to(dtype), t,
                 **comps.condition.unet_kwargs(batch["original_size"], batch["crop_top_left"], (resolution, resolution))).sample
     if sched.config.prediction_type == "epsilon":
@@ -90,39 +91,22 @@ def main(argv=None):
     global_step = tu.resume(accelerator, args)
     tu.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
                    args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
-    bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    batches = tu.epoch_batches(loader, global_step, args.gradient_accumulation_steps, num_epochs)
-    step_loss = 0.0
-    for _, batch in batches if global_step < max_steps else []:
-        batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    for batch in run.batches():
         with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, comps, batch, args.resolution)
-            step_loss += loss.detach() / args.gradient_accumulation_steps
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
+            loss = diffusion_loss(unet, comps, batch, args.resolution, args.seed)
+            if run.loss_is_finite(loss):
+                accelerator.backward(loss)
+            run.optimizer_step(optimizer, lr_scheduler, params)
+        if not run.end_of_step():
             continue
-        global_step += 1
         if ema is not None:
             ema.step(accelerator.unwrap_model(unet).parameters())
-        logs = {"loss": accelerator.reduce(step_loss, "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-        step_loss = 0.0
-        accelerator.log(logs, step=global_step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-            tu.save_checkpoint(accelerator, args, global_step)
-        if args.validation_steps and global_step % args.validation_steps == 0:
-            tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)
-        if global_step >= max_steps:
-            break
-    bar.close()
-    if args.validation_steps and global_step % args.validation_steps:
-        tu.run_validation(accelerator, args, comps, unet, val_samples, global_step)
+        if args.validation_steps and run.global_step % args.validation_steps == 0:
+            tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
+    run.finish()
+    if args.validation_steps and run.global_step % args.validation_steps:
+        tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
     tu.save_final(accelerator, args, unet, ema)
     return args.output_dir
 

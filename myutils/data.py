@@ -182,7 +182,7 @@ class RemovalDataset(Dataset):
         entry = self.entries[index]
         images = {k: (load_mask(p) if k == "mask" else load_image(p)) for k, p in entry.paths.items()}
         params = self.crop_for(epoch, index, images["source"].size, flip)
-        item = {"index": index, "original_size": torch.tensor(params["original_size"]),
+        item = {"index": index, "epoch": epoch, "original_size": torch.tensor(params["original_size"]),
                 "crop_top_left": torch.tensor(params["crop_top_left"])}
         for k, img in images.items():
             out = apply_crop(img, params, is_mask=(k == "mask"))

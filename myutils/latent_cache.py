@@ -81,7 +81,8 @@ class CachedLatentDataset(Dataset):
         data = load_file(self.cache.path(index))
         h, w = data["original_size"].tolist()
         suffix = ":flip" if ds.crop_for(epoch, index, (w, h))["flip"] else ""
-        item = {"index": index, "original_size": data["original_size"], "crop_top_left": data["crop_top_left" + suffix]}
+        item = {"index": index, "epoch": epoch, "original_size": data["original_size"],
+                "crop_top_left": data["crop_top_left" + suffix]}
         for name in [f"params:{k}" for k in self.cache.keys] + ["params:masked", "mask_latent"]:
             item[name] = data[name + suffix]
         entry = ds.entries[index]

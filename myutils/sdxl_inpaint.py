@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .rng import randn_per_sample
+
 
 def masked_image(pixels, mask):
     """Source pixels with the hole set to 0 (mid-grey in [-1, 1]); mask is 1 inside the hole."""
@@ -81,11 +83,16 @@ def vae_latent_params(vae, pixels):
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
 
 
-def sample_latents(params, vae_config, generator=None):
-    """Draw from the posterior given by vae_latent_params and apply the VAE's shift and scaling."""
+def sample_latents(params, vae_config, generators=None):
+    """Draw from the posterior given by vae_latent_params and apply the VAE's shift and scaling.
+    `generators`: None (global RNG) or one torch.Generator per sample."""
     mean, logvar = params.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if generators is None:
+        eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+    else:
+        eps = randn_per_sample(generators, mean.shape[1:], mean.device, mean.dtype)
+    z = mean + std * eps
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (z - shift) * vae_config.scaling_factor
 

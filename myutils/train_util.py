@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -66,6 +67,8 @@ def add_common_args(parser, meta_kind="triplet"):
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+                   help="steps in a row with a NaN/inf loss (each skipped) before the run stops")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: what `accelerate launch` was configured with")
     g.add_argument("--vae_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
@@ -370,19 +373,29 @@ def list_checkpoints(output_dir):
 
 
 def save_checkpoint(accelerator, args, global_step):
-    """Every process calls this (a main-only save_state hangs multi-GPU runs)."""
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        old = list_checkpoints(args.output_dir)
-        for name in old[:max(0, len(old) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(os.path.join(args.output_dir, name))
-    path = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed
+    only when complete, so a kill during saving never leaves a checkpoint `latest` would pick. Old
+    checkpoints are pruned after the new one exists. Every process calls this (a main-only
+    save_state hangs multi-GPU runs)."""
+    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    tmp = final + ".incomplete"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(path)
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(path, "training_state.json"), "w") as f:
-            json.dump({"global_step": global_step}, f)
-        logger.info("saved %s", path)
-    return path
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump({"global_step": global_step, "num_processes": accelerator.num_processes}, f)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            for name in list_checkpoints(args.output_dir)[:-args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, name))
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def resume(accelerator, args):
@@ -475,3 +488,127 @@ def scheduler_from_config(config):
     import diffusers
 
     return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+# ----------------------------------------------------------------------------- the loop around an algorithm
+
+class TrainingRun:
+    """The bookkeeping every training loop shares, so a script keeps only its algorithm:
+
+        run = TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+        for batch in run.batches():
+            with accelerator.accumulate(model):
+                loss = algorithm_loss(...)
+                if run.loss_is_finite(loss):
+                    accelerator.backward(loss)
+                run.optimizer_step(optimizer, lr_scheduler, params)
+            if run.end_of_step():          # an optimizer step completed: logged, checkpointed
+                ...validation every N steps...
+        run.finish()
+
+    Non-finite losses void their accumulation window (no update) and abort the run after
+    --max_nonfinite_steps in a row. SIGTERM/SIGINT (preemption, Ctrl-C) make every rank save a
+    checkpoint at the next step boundary and exit with code 0; a second Ctrl-C stops at once.
+    """
+
+    def __init__(self, accelerator, args, loader, max_steps, num_epochs, global_step):
+        from tqdm.auto import tqdm
+
+        self.acc, self.args, self.loader = accelerator, args, loader
+        self.max_steps, self.num_epochs, self.global_step = max_steps, num_epochs, global_step
+        self.bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
+        self.window_finite, self.nonfinite_in_a_row, self.nonfinite_total = True, 0, 0
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.signal = None
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signal = signum
+        logger.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
+
+    def batches(self):
+        """Batches on the device, from where global_step left off, until max_steps."""
+        if self.global_step >= self.max_steps:
+            return
+        for _, batch in epoch_batches(self.loader, self.global_step, self.args.gradient_accumulation_steps, self.num_epochs):
+            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if self.global_step >= self.max_steps:
+                return
+
+    def _any_rank(self, flag):
+        if self.acc.num_processes == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, "max").item() > 0)
+
+    def loss_is_finite(self, loss):
+        """False on every rank if the loss is NaN/inf on any rank (then nobody calls backward, so
+        no rank waits for a gradient all-reduce the others skip); the window gets no update."""
+        bad = self._any_rank(not torch.isfinite(loss.detach()).all().item())
+        if bad:
+            self.window_finite = False
+        else:
+            self.loss_sum += loss.detach().float()
+            self.loss_count += 1
+        return not bad
+
+    def optimizer_step(self, optimizer, lr_scheduler, params):
+        """Clip (a list of params, so clipping sees all of them) and step at accumulation
+        boundaries; a window with a non-finite loss is discarded instead."""
+        if self.acc.sync_gradients and self.window_finite:
+            if self.args.max_grad_norm > 0:
+                self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
+            optimizer.step()
+        lr_scheduler.step()  # every step, so the lr stays a function of global_step
+        optimizer.zero_grad(set_to_none=True)
+
+    def end_of_step(self, **metrics):
+        """After each micro-batch: returns True when an optimizer step completed, after logging it,
+        checkpointing on schedule, and handling non-finite streaks and stop signals."""
+        if not self.acc.sync_gradients:
+            return False
+        self.global_step += 1
+        logs = dict(metrics)
+        if self.window_finite:
+            self.nonfinite_in_a_row = 0
+            logs["loss"] = self.acc.reduce(self.loss_sum / max(1, self.loss_count), "mean").item()
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
+        logs["nonfinite_steps"] = self.nonfinite_total
+        logs["lr"] = self._lr()
+        self.acc.log(logs, step=self.global_step)
+        self.bar.update(1)
+        if "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        self.window_finite, self.loss_sum, self.loss_count = True, 0.0, 0
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            found = list_checkpoints(self.args.output_dir)
+            self.finish()
+            raise UserError(f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (up to step "
+                            f"{self.global_step}); stopping. Lower --learning_rate, try --mixed_precision bf16 or check "
+                            f"the data. Last checkpoint: {found[-1] if found else 'none'}")
+        stop = self._any_rank(self.signal is not None)
+        if stop or (self.args.checkpointing_steps and self.global_step % self.args.checkpointing_steps == 0):
+            save_checkpoint(self.acc, self.args, self.global_step)
+        if stop:
+            self.finish()
+            self.acc.end_training()
+            logger.warning("stopped by a signal at step %d; continue with --resume_from_checkpoint latest", self.global_step)
+            sys.exit(0)
+        return True
+
+    def _lr(self):
+        return self.acc._optimizers[0].param_groups[0]["lr"] if self.acc._optimizers else 0.0
+
+    @property
+    def done(self):
+        return self.global_step >= self.max_steps
+
+    def finish(self):
+        self.bar.close()
+        for s, h in self._old_handlers.items():
+            signal.signal(s, h)

@@ -164,9 +164,15 @@ def make_accelerator(args):
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        cpu=not torch.cuda.is_available(),
-    )
+    )  # no cpu=True here: it would silently switch DeepSpeed off; without CUDA accelerate uses the CPU anyway
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if accelerator.state.deepspeed_plugin is not None:
+        # the script's arguments are the one source of truth; DeepSpeed clips inside its step
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = args.train_batch_size
+        ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+        ds["gradient_clipping"] = args.max_grad_norm
+        ds["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32 and torch.cuda.is_available():

@@ -20,6 +20,7 @@ from .img_util import apply_crop, binarize_mask, crop_params, load_image, load_m
 
 # kind -> (image keys, other required keys)
 META_KINDS = {
+    "input": (("source", "mask"), ()),  # what inference needs; other keys (e.g. GT) are kept in extra
     "triplet": (("source", "mask", "GT"), ()),
     "scored": (("source", "mask", "GT"), ("score",)),
     "pair": (("source", "mask", "preferred", "rejected"), ()),
@@ -126,7 +127,7 @@ def _check_entry(entry):
     for key, size in sizes.items():
         if size != ref:
             return (f"{entry.where()}: {key!r} is {size[0]}x{size[1]} but 'source' is {ref[0]}x{ref[1]} "
-                    f"(all images of an entry must have the same size)"), None
+                    f"(all images of an entry must have the same size): {entry.paths[key]}"), None
     try:
         frac = float(binarize_mask(load_mask(entry.paths["mask"])).mean())
     except Exception as e:

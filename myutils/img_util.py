@@ -127,3 +127,16 @@ def apply_crop(img, params, is_mask=False):
     resample = Image.BILINEAR if is_mask else Image.BICUBIC
     out = img.resize(params["resized"], resample=resample).crop(params["box"])
     return out.transpose(Image.FLIP_LEFT_RIGHT) if params["flip"] else out
+
+
+def paste_back(result, source, mask):
+    """The result inside the mask (>= 0.5), the source outside it: outside pixels stay exactly as given."""
+    binary = mask_to_gray(mask).point(lambda v: 255 if v >= 128 else 0)
+    return Image.composite(to_rgb(result), to_rgb(source), binary)
+
+
+def processing_size(width, height, resolution, multiple=8):
+    """(width, height) to run the model at: the shorter side becomes `resolution` as in training,
+    the aspect ratio is kept, and both sides are rounded to a multiple of 8."""
+    scale = resolution / min(width, height)
+    return tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (width, height))

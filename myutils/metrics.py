@@ -11,11 +11,6 @@ def _mask(mask):
     return np.asarray(mask.convert("L"), dtype=np.float64) >= 127.5
 
 
-def paste_back(result, source, mask):
-    """The result inside the mask, the source outside it (what a user gets back)."""
-    return Image.composite(result.convert("RGB"), source.convert("RGB"), mask.convert("L").point(lambda v: 255 if v >= 128 else 0))
-
-
 def masked_mse(result, gt, mask):
     """Mean squared error in [-1, 1] pixel space over the masked region only."""
     m = _mask(mask)

@@ -48,7 +48,13 @@ def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=Non
     if unet is not None:
         kwargs["unet"] = unet
     try:
-        pipe = StableDiffusionXLInpaintPipeline.from_pretrained(name, add_watermarker=False, **kwargs)
+        try:
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(name, add_watermarker=False, **kwargs)
+        except (OSError, ValueError):
+            if variant is None:
+                raise
+            kwargs["variant"] = None  # the variant may exist only for the UNet (a RORem fp16 release)
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(name, add_watermarker=False, **kwargs)
     except (OSError, ValueError) as e:
         if _looks_local(name):
             raise UserError(f"--pretrained_model_name_or_path {name}: not a loadable SDXL-inpainting folder ({str(e).splitlines()[0][:200]})") from None

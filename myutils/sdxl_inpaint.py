@@ -78,6 +78,18 @@ def encode_prompt_once(pipe, prompt="", device="cpu"):
 
 
 @torch.no_grad()
+def encode_prompt_pair(pipe, prompt="", negative_prompt="", device="cpu"):
+    """(condition, unconditional) for classifier-free guidance, as the SDXL pipeline builds them:
+    an empty negative prompt gives zero embeddings when the model sets force_zeros_for_empty_prompt."""
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=True,
+                                                         negative_prompt=negative_prompt or None)
+    aes = bool(getattr(pipe.config, "requires_aesthetics_score", False))
+    return (PromptCondition(embeds.float().cpu(), pooled.float().cpu(), aes),
+            PromptCondition(neg.float().cpu(), neg_pooled.float().cpu(), aes))
+
+
+@torch.no_grad()
 def vae_latent_params(vae, pixels):
     """VAE posterior parameters (mean and logvar stacked on channels, unscaled) for [-1, 1] pixels."""
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()

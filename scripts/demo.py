@@ -39,7 +39,7 @@ def remove_objects(model_dir, unet_dir, sources, masks, steps, seed):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from myutils.metrics import paste_back
+    from myutils.img_util import paste_back
     from myutils.models import load_inpaint_pipeline
     from myutils.sdxl_inpaint import encode_prompt_once
     from pipelines.inpaint import inpaint

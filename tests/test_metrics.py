@@ -1,7 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from myutils.metrics import border_fill, masked_mse, paste_back
+from myutils.img_util import paste_back
+from myutils.metrics import border_fill, masked_mse
 
 
 def test_masked_mse_by_hand():

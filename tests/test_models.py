@@ -33,3 +33,15 @@ def test_clear_errors_for_missing_models(tmp_path):
         load_inpaint_pipeline("nobody-here/no-such-model-rorem")  # HF_HUB_OFFLINE=1 in the tests
     with pytest.raises(UserError, match="not a loadable SDXL-inpainting folder"):
         load_inpaint_pipeline(str(tmp_path / "empty"))
+
+
+def test_rorem_pipeline_with_fp16_variant(tmp_path, tiny_model_dir):
+    """The hub release is a whole pipeline whose files carry the fp16 variant."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float16)
+    pipe.save_pretrained(tmp_path / "rorem", variant="fp16")
+    assert os.path.isfile(tmp_path / "rorem" / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    loaded = load_inpaint_pipeline(str(tmp_path / "rorem"), variant="fp16", dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Remove objects with a RORem remover: one image, a meta.json, or a folder of images and masks.
+
+    python inference_RORem.py --RORem_unet path/to/RORem_unet --image_path in.png --mask_path mask.png --save_path out.png
+    python inference_RORem.py --RORem_unet ... --meta_path test/meta.json --save_path results/
+    python inference_RORem.py --RORem_unet ... --image_path photos/ --mask_path masks/ --save_path results/
+
+Any size and aspect ratio: the image is processed with its shorter side at --resolution (aspect kept,
+sides rounded to multiples of 8), the result is resized back to the original size and pasted into
+the input, so pixels outside the (dilated) mask are exactly the input's. Batch modes write one
+result per entry plus a meta.json of (source, mask, GT=result) triplets, ready to be scored.
+"""
+import argparse
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from myutils.data import check_entries, read_meta
+from myutils.errors import UserError, run_cli
+from myutils.img_util import dilate_mask, load_image, load_mask, paste_back, processing_size
+from myutils.models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline
+from myutils.sdxl_inpaint import encode_prompt_pair
+from pipelines.inpaint import inpaint
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
+    p.add_argument("--RORem_unet", default=None, help="remover UNet folder (diffusers layout, or a folder with unet/)")
+    p.add_argument("--lora_path", default=None, help="a LoRA (pytorch_lora_weights.safetensors or its folder)")
+    p.add_argument("--variant", default=None, help="e.g. fp16 for RORem's released weights")
+    p.add_argument("--image_path", default=None, help="an image, or a folder of images")
+    p.add_argument("--mask_path", default=None, help="its mask (white = remove), or a folder of masks with the same names")
+    p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask} entries")
+    p.add_argument("--save_path", default="result.png", help="output file (single image) or folder (batch modes)")
+    p.add_argument("--inference_steps", type=int, default=50)
+    p.add_argument("--strength", type=float, default=0.99, help="diffusers runs int(steps * strength) steps")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1: classifier-free guidance")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--dilate_size", type=int, default=0, help="grow the mask by this many pixels first")
+    p.add_argument("--resolution", type=int, default=512, help="shorter side while processing (multiple of 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="batch modes: redo results that already exist")
+    args = p.parse_args(argv)
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
+    if int(args.inference_steps * args.strength) < 1:
+        raise UserError(f"--inference_steps {args.inference_steps} at --strength {args.strength} runs no denoising step")
+    if bool(args.meta_path) == bool(args.image_path or args.mask_path):
+        raise UserError("give either --meta_path, or --image_path with --mask_path")
+    if not args.meta_path and not (args.image_path and args.mask_path):
+        raise UserError("--image_path and --mask_path go together")
+    return args
+
+
+def list_jobs(args):
+    """[(source path, mask path, output path)] for the chosen mode, with every input checked first."""
+    if args.meta_path:
+        entries = read_meta(args.meta_path, "input")
+        names = [f"{i:05d}_{os.path.splitext(os.path.basename(e.paths['source']))[0]}.png" for i, e in enumerate(entries)]
+    elif os.path.isdir(args.image_path):
+        if not os.path.isdir(args.mask_path):
+            raise UserError(f"--image_path {args.image_path} is a folder, so --mask_path must be one too")
+        masks = {os.path.splitext(f)[0]: f for f in os.listdir(args.mask_path) if f.lower().endswith(IMAGE_EXTS)}
+        images = sorted(f for f in os.listdir(args.image_path) if f.lower().endswith(IMAGE_EXTS))
+        if not images:
+            raise UserError(f"--image_path {args.image_path}: no images ({', '.join(IMAGE_EXTS)})")
+        missing = [f for f in images if os.path.splitext(f)[0] not in masks]
+        if missing:
+            raise UserError(f"--mask_path {args.mask_path}: no mask named like {missing[0]!r} ({len(missing)} images without a mask)")
+        from myutils.data import Entry
+
+        entries = [Entry(args.image_path, i, {"source": os.path.join(args.image_path, f),
+                                               "mask": os.path.join(args.mask_path, masks[os.path.splitext(f)[0]])})
+                   for i, f in enumerate(images)]
+        names = [os.path.splitext(f)[0] + ".png" for f in images]
+    else:
+        from myutils.data import Entry
+
+        entries = [Entry("--image_path/--mask_path", 0, {"source": args.image_path, "mask": args.mask_path})]
+        return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, check_entries(entries)
+    warnings = check_entries(entries, progress=len(entries) > 200)
+    return [(e.paths["source"], e.paths["mask"], os.path.join(args.save_path, n)) for e, n in zip(entries, names)], entries, warnings
+
+
+def load_remover(args, device, dtype):
+    """The pipeline with the remover (and LoRA) in place, and the prompt pair encoded once."""
+    pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype)
+    if args.lora_path:
+        if not os.path.exists(args.lora_path):
+            raise UserError(f"--lora_path {args.lora_path}: not found")
+        folder, name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
+        pipe.load_lora_weights(folder, weight_name=name)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond = encode_prompt_pair(pipe, args.prompt, args.negative_prompt, device)
+    return pipe, cond.to(device, dtype), uncond.to(device, dtype)
+
+
+def remove_objects(pipe, cond, uncond, images, masks, args, seed):
+    """Process same-sized images together; return results at each input's original size, pasted back."""
+    w, h = images[0].size
+    size = processing_size(w, h, args.resolution)
+    small = [im.resize(size, resample=3) for im in images]
+    small_masks = [m.resize(size, resample=0) for m in masks]
+    out = inpaint(pipe, cond, small, small_masks, (size[1], size[0]), args.inference_steps, args.strength,
+                  seed=seed, guidance_scale=args.guidance_scale, negative=uncond)
+    return [paste_back(r.resize((w, h), resample=3), im, m) for r, im, m in zip(out, images, masks)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+    jobs, entries, warnings = list_jobs(args)
+    for w in warnings:
+        print(f"warning: {w}")
+    batch_mode = bool(args.meta_path) or os.path.isdir(args.image_path)
+    todo = [(i, j) for i, j in enumerate(jobs) if args.overwrite or not (batch_mode and os.path.exists(j[2]))]
+    if batch_mode:
+        os.makedirs(args.save_path, exist_ok=True)
+        print(f"{len(jobs)} inputs, {len(jobs) - len(todo)} already done in {args.save_path}")
+    pipe, cond, uncond = load_remover(args, device, dtype) if todo else (None, None, None)
+    bar = tqdm(total=len(todo), desc="removing", disable=not batch_mode)
+    k = 0
+    while k < len(todo):
+        images = [load_image(todo[k][1][0])]
+        group = [todo[k]]
+        while len(group) < args.batch_size and k + len(group) < len(todo):  # batch equal sizes only
+            nxt = load_image(todo[k + len(group)][1][0])
+            if nxt.size != images[0].size:
+                break
+            images.append(nxt)
+            group.append(todo[k + len(group)])
+        masks = [dilate_mask(load_mask(j[1]), args.dilate_size) for _, j in group]
+        for (i, job), result in zip(group, remove_objects(pipe, cond, uncond, images, masks, args, args.seed + group[0][0])):
+            os.makedirs(os.path.dirname(os.path.abspath(job[2])), exist_ok=True)
+            result.save(job[2])
+        k += len(group)
+        bar.update(len(group))
+    bar.close()
+    if batch_mode:
+        meta = [{**{("reference_GT" if k == "GT" else k): v for k, v in entries[i].extra.items()},
+                 "source": os.path.abspath(s), "mask": os.path.abspath(m), "GT": os.path.basename(o)}
+                for i, (s, m, o) in enumerate(jobs)]
+        with open(os.path.join(args.save_path, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        print(f"wrote {len(todo)} results and {os.path.join(args.save_path, 'meta.json')}")
+    else:
+        print(f"wrote {args.save_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

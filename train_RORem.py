@@ -10,7 +10,6 @@ Output: <output_dir>/unet (diffusers folder) or <output_dir>/pytorch_lora_weight
 """
 import argparse
 
-import torch
 import torch.nn.functional as F
 
 from myutils import train_util as tu
@@ -78,7 +77,7 @@ def main(argv=None):
 
     dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT",))
     loader = tu.make_dataloader(args, dataset, accelerator)
-    max_steps, num_epochs, _ = tu.step_budget(args, loader)
+    max_steps, num_epochs = tu.step_budget(args, loader)
     optimizer = tu.make_optimizer(args, params, accelerator)
     lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)

@@ -239,11 +239,10 @@ def make_dataloader(args, dataset, accelerator):
 
 
 def step_budget(args, loader):
-    """(max_train_steps, num_epochs, optimizer steps per epoch)."""
+    """(max_train_steps, num_epochs): --max_train_steps, or --num_train_epochs worth of steps."""
     batches = loader.sampler.batches_per_epoch
-    steps_per_epoch = max(1, batches // args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    return max_steps, math.ceil(max_steps * args.gradient_accumulation_steps / batches), steps_per_epoch
+    max_steps = args.max_train_steps or args.num_train_epochs * max(1, batches // args.gradient_accumulation_steps)
+    return max_steps, math.ceil(max_steps * args.gradient_accumulation_steps / batches)
 
 
 def epoch_batches(loader, global_step, grad_accum, num_epochs):
@@ -524,7 +523,7 @@ class TrainingRun:
         self.max_steps, self.num_epochs, self.global_step = max_steps, num_epochs, global_step
         self.bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
         self.window_finite, self.nonfinite_in_a_row, self.nonfinite_total = True, 0, 0
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.loss_sum, self.loss_count, self.lr = 0.0, 0, 0.0
         self.signal = None
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -563,6 +562,7 @@ class TrainingRun:
     def optimizer_step(self, optimizer, lr_scheduler, params):
         """Clip (a list of params, so clipping sees all of them) and step at accumulation
         boundaries; a window with a non-finite loss is discarded instead."""
+        self.lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.acc.sync_gradients and self.window_finite:
             if self.args.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
@@ -585,7 +585,7 @@ class TrainingRun:
             self.nonfinite_total += 1
             logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
         logs["nonfinite_steps"] = self.nonfinite_total
-        logs["lr"] = self._lr()
+        logs["lr"] = self.lr
         self.acc.log(logs, step=self.global_step)
         self.bar.update(1)
         if "loss" in logs:
@@ -606,13 +606,6 @@ class TrainingRun:
             logger.warning("stopped by a signal at step %d; continue with --resume_from_checkpoint latest", self.global_step)
             sys.exit(0)
         return True
-
-    def _lr(self):
-        return self.acc._optimizers[0].param_groups[0]["lr"] if self.acc._optimizers else 0.0
-
-    @property
-    def done(self):
-        return self.global_step >= self.max_steps
 
     def finish(self):
         self.bar.close()

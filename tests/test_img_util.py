@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from myutils.img_util import binarize_mask, crop_params, dilate_mask, image_grid, load_image, load_mask, to_rgb

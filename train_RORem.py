@@ -34,7 +34,7 @@ def diffusion_loss(unet, comps, batch, resolution, seed):
     """Noise the target latents, predict from the 9-channel input, MSE against noise or velocity."""
     sched, vae = comps.noise_scheduler, comps.vae
     if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
-        batch = {**batch, **batch_latent_params(vae, batch, ["GT"])}
+        batch = {**batch, **batch_latent_params(vae, batch, ["GT", "masked"])}
     gens = sample_generators(batch, seed, batch["params:GT"].device)  # per-sample: same on any number of ranks
     latents = sample_latents(batch["params:GT"], vae.config, gens)
     masked_latents = sample_latents(batch["params:masked"], vae.config, gens)
@@ -75,7 +75,7 @@ def main(argv=None):
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see every param
 
-    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT",))
+    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT", "masked"))
     loader = tu.make_dataloader(args, dataset, accelerator)
     max_steps, num_epochs = tu.step_budget(args, loader)
     optimizer = tu.make_optimizer(args, params, accelerator)
@@ -83,7 +83,8 @@ def main(argv=None):
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    tu.register_checkpoint_hooks(accelerator, args, ema)
+    tu.register_checkpoint_hooks(accelerator, lambda m, d: tu.save_unet(m, d, args.use_lora),
+                                 lambda m, d: tu.load_unet_weights(m, d, args.use_lora), ema)
     tu.init_trackers(accelerator, args, "train_RORem")
     val_samples = tu.validation_samples(args, val_entries) if args.validation_steps else []
 
@@ -106,7 +107,7 @@ def main(argv=None):
     run.finish()
     if args.validation_steps and run.global_step % args.validation_steps:
         tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
-    tu.save_final(accelerator, args, unet, ema)
+    tu.save_final(accelerator, args, unet, lambda m, d: tu.save_unet(m, d, args.use_lora), ema)
     return args.output_dir
 
 

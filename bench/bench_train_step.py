@@ -58,7 +58,7 @@ def bench(latent, cache, steps, batch, work):
     unet.requires_grad_(True).train()
     params = [p for p in unet.parameters() if p.requires_grad]
     loader = tu.make_dataloader(args, tu.make_train_dataset(args, tu.read_meta(args.meta_path, "triplet"), "triplet", acc,
-                                                            comps.vae, cache_keys=("GT",)), acc)
+                                                            comps.vae, cache_keys=("GT", "masked")), acc)
     opt = torch.optim.AdamW(params, lr=1e-5)
     t = Timer()
     unet.forward = t.wrap("unet forward", unet.forward)

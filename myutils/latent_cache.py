@@ -51,7 +51,7 @@ class LatentCache:
             items = {flip: [self.dataset.load(i, flip=flip) for i in chunk] for flip in (False, True)}
             encoded = {}
             for flip, rows in items.items():
-                batch = {k: torch.stack([r[k] for r in rows]) for k in ("source", "mask") + self.keys}
+                batch = {k: torch.stack([r[k] for r in rows]) for k in {"source", "mask", *self.keys} - {"masked"}}
                 suffix = ":flip" if flip else ""
                 for name, value in batch_latent_params(self.vae, batch, self.keys).items():
                     encoded[name + suffix] = value.cpu()
@@ -83,7 +83,7 @@ class CachedLatentDataset(Dataset):
         suffix = ":flip" if ds.crop_for(epoch, index, (w, h))["flip"] else ""
         item = {"index": index, "epoch": epoch, "original_size": data["original_size"],
                 "crop_top_left": data["crop_top_left" + suffix]}
-        for name in [f"params:{k}" for k in self.cache.keys] + ["params:masked", "mask_latent"]:
+        for name in [f"params:{k}" for k in self.cache.keys] + ["mask_latent"]:
             item[name] = data[name + suffix]
         entry = ds.entries[index]
         if entry.score is not None:

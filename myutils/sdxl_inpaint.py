@@ -111,12 +111,12 @@ def sample_latents(params, vae_config, generators=None):
 
 @torch.no_grad()
 def batch_latent_params(vae, batch, keys):
-    """Posterior params of each image in `keys` and of the masked source, plus the latent-size mask.
-
-    Returns {"params:<key>": ..., "params:masked": ..., "mask_latent": ...}. Used both live in the
-    training step and by the latent cache, so the two paths cannot drift apart.
-    """
-    out = {f"params:{k}": vae_latent_params(vae, batch[k]) for k in keys}
-    out["params:masked"] = vae_latent_params(vae, masked_image(batch["source"], batch["mask"]))
-    out["mask_latent"] = downsample_mask(batch["mask"].float(), out["params:masked"].shape[-2:])
+    """Posterior params of each image in `keys` ("masked" = the masked source) plus the latent-size
+    mask: {"params:<key>": ..., "mask_latent": ...}. Used live in the training step and by the latent
+    cache, so the two paths cannot drift apart."""
+    out = {}
+    for k in keys:
+        pixels = masked_image(batch["source"], batch["mask"]) if k == "masked" else batch[k]
+        out[f"params:{k}"] = vae_latent_params(vae, pixels)
+    out["mask_latent"] = downsample_mask(batch["mask"].float(), out[f"params:{keys[0]}"].shape[-2:])
     return out

@@ -351,18 +351,19 @@ def load_unet_weights(unet, input_dir, lora):
         unet.load_state_dict(loaded.state_dict())
 
 
-def register_checkpoint_hooks(accelerator, args, ema=None):
-    """Checkpoints hold the UNet in the same diffusers format as the final output, so any
-    checkpoint is usable on its own; accelerate adds optimizer, lr scheduler and RNG states."""
+def register_checkpoint_hooks(accelerator, save_model, load_model, ema=None):
+    """Checkpoints hold the trained model in the same format as the final output (save_model(model,
+    folder) / load_model(model, folder)), so any checkpoint is usable on its own; accelerate adds
+    optimizer, lr scheduler and RNG states (under DeepSpeed it saves and restores the engine itself)."""
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
-                save_unet(accelerator.unwrap_model(model), output_dir, args.use_lora)
+                save_model(accelerator.unwrap_model(model), output_dir)
         weights.clear()
 
     def load_hook(models, input_dir):
         while models:
-            load_unet_weights(accelerator.unwrap_model(models.pop()), input_dir, args.use_lora)
+            load_model(accelerator.unwrap_model(models.pop()), input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -426,14 +427,14 @@ def resume(accelerator, args):
     return step
 
 
-def save_final(accelerator, args, unet, ema=None):
+def save_final(accelerator, args, model, save_model, ema=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
+        model = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(model.parameters())
-        save_unet(model, args.output_dir, args.use_lora)
-        logger.info("saved the final %s to %s", "LoRA" if args.use_lora else "UNet", args.output_dir)
+        save_model(model, args.output_dir)
+        logger.info("saved the final model to %s", args.output_dir)
     accelerator.end_training()
 
 

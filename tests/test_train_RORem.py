@@ -132,7 +132,7 @@ def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy
     Image.open(gt).transpose(Image.FLIP_TOP_BOTTOM).save(gt)  # a changed file gets a new key
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
     ds = RemovalDataset(entries, "triplet", 32, random_flip=True)
-    cache = LatentCache(ds, ("GT",), cache_dir, vae)
+    cache = LatentCache(ds, ("GT", "masked"), cache_dir, vae)
     assert not os.path.exists(cache.path(0)) and os.path.exists(cache.path(1))
 
     class _Acc:
@@ -146,7 +146,7 @@ def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy
     for epoch in range(4):  # cached posteriors equal live encoding, flips included
         live = ds[(epoch, 0)]
         batch = {k: v[None] for k, v in live.items() if torch.is_tensor(v) and v.dim() == 3}
-        ref = batch_latent_params(vae, batch, ["GT"])
+        ref = batch_latent_params(vae, batch, ["GT", "masked"])
         item = cached[(epoch, 0)]
         assert torch.allclose(item["params:GT"], ref["params:GT"][0], atol=1e-5)
         assert torch.allclose(item["params:masked"], ref["params:masked"][0], atol=1e-5)

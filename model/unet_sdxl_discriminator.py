@@ -16,7 +16,11 @@ import torch.nn.functional as F
 HEAD_ACTIVATIONS = {"softplus": F.softplus, "sigmoid": torch.sigmoid}
 
 
-def make_head(channels, groups=32):
+def make_head(channels):
+    """RORem's head. GroupNorm(32) at SDXL's 1280 channels; narrower (test) models keep 16 channels
+    per group instead, since GroupNorm over 2 channels of a 1x1 map is a sign function. The group
+    count is not part of the state dict, so RORem's cls_pred_branch.pt loads either way."""
+    groups = 32 if channels >= 32 * 16 else max(1, channels // 16)
     return nn.Sequential(
         nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(groups, channels), nn.SiLU(),
         nn.Conv2d(channels, channels, 4, 2, 1), nn.GroupNorm(groups, channels), nn.SiLU(),
@@ -81,7 +85,8 @@ class UNetSDXLDiscriminator(nn.Module):
             h = F.adaptive_avg_pool2d(h, 4)
         return head[6:](h).mean(dim=(1, 2, 3))
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
-        """sample: cat([edited latents, mask, source latents]) (9 channels). Returns scores (B,)."""
-        feature = self.encode(sample, timestep, encoder_hidden_states, added_cond_kwargs)
-        return HEAD_ACTIVATIONS[self.head_activation](self.logits(feature).float())
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs, return_logits=False):
+        """sample: cat([edited latents, mask, source latents]) (9 channels). Returns scores (B,), or
+        the raw logits for training (through forward, so DDP sees the call)."""
+        logits = self.logits(self.encode(sample, timestep, encoder_hidden_states, added_cond_kwargs)).float()
+        return logits if return_logits else HEAD_ACTIVATIONS[self.head_activation](logits)

@@ -28,3 +28,21 @@ def border_fill(source, mask):
     out = src.copy()
     out[m] = colour
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties
+    counted half (Mann-Whitney). Labels >= 0.5 are positive. None if one class is absent."""
+    s, y = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels, dtype=np.float64).ravel() >= 0.5
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def accuracy_at(scores, labels, threshold=0.5):
+    """Fraction where (score >= threshold) agrees with (label >= 0.5)."""
+    s, y = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels, dtype=np.float64).ravel()
+    return float(((s >= threshold) == (y >= 0.5)).mean())

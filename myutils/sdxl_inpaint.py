@@ -95,6 +95,16 @@ def vae_latent_params(vae, pixels):
     return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
 
 
+def _scale(z, vae_config):
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (z - shift) * vae_config.scaling_factor
+
+
+def posterior_mean_latents(params, vae_config):
+    """The posterior mean, shifted and scaled: deterministic latents of an image (for scoring)."""
+    return _scale(params.chunk(2, dim=1)[0], vae_config)
+
+
 def sample_latents(params, vae_config, generators=None):
     """Draw from the posterior given by vae_latent_params and apply the VAE's shift and scaling.
     `generators`: None (global RNG) or one torch.Generator per sample."""
@@ -104,9 +114,7 @@ def sample_latents(params, vae_config, generators=None):
         eps = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     else:
         eps = randn_per_sample(generators, mean.shape[1:], mean.device, mean.dtype)
-    z = mean + std * eps
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (z - shift) * vae_config.scaling_factor
+    return _scale(mean + std * eps, vae_config)
 
 
 @torch.no_grad()

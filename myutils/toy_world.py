@@ -101,6 +101,56 @@ def write_toy_dataset(out_dir, num, resolution=32, seed=0):
     return os.path.join(out_dir, "meta.json")
 
 
+FAILURES = ("object left in", "blurred hole", "wrong colour")
+
+
+def _failure(kind, src, mask, gt, rng):
+    """A bad removal of the same input: the object left in, the hole blurred, or a wrong colour."""
+    from PIL import ImageFilter
+
+    m = mask[..., None] > 127
+    if kind == "object left in":
+        return src
+    if kind == "blurred hole":
+        blurred = np.asarray(Image.fromarray(src).filter(ImageFilter.GaussianBlur(max(1.0, src.shape[0] / 16))))
+        return np.where(m, blurred, gt)
+    colour = rng.integers(0, 256, 3).astype(np.uint8)
+    return np.where(m, colour, gt)
+
+
+def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_threshold=0.02):
+    """Scored triplets from a toy data set: per input, the true removal (score 1) and one deliberate
+    failure (score 0), so classes are balanced. `results`: optional {name: folder of results named
+    like the inputs} from removers; each is labelled 1 if its masked MSE against GT is below
+    `good_threshold` ([-1, 1] pixel units), else 0, standing in for a human annotator."""
+    from .img_util import load_image, load_mask
+    from .metrics import masked_mse
+
+    rng = np.random.default_rng(seed)
+    root = os.path.dirname(os.path.abspath(toy_meta))
+    with open(toy_meta) as f:
+        inputs = json.load(f)
+    os.makedirs(os.path.join(out_dir, "edited"), exist_ok=True)
+    meta = []
+    for i, e in enumerate(inputs):
+        paths = {k: os.path.join(root, e[k]) for k in ("source", "mask", "GT")}
+        src, mask, gt = (np.asarray(Image.open(paths[k]).convert("L" if k == "mask" else "RGB")) for k in ("source", "mask", "GT"))
+        kind = FAILURES[rng.integers(len(FAILURES))]
+        bad = os.path.join(out_dir, "edited", f"{i:05d}_bad.png")
+        Image.fromarray(_failure(kind, src, mask, gt, rng).astype(np.uint8)).save(bad)
+        base = {"source": paths["source"], "mask": paths["mask"]}
+        meta.append({**base, "GT": paths["GT"], "score": 1, "kind": "ground truth"})
+        meta.append({**base, "GT": bad, "score": 0, "kind": kind})
+        for name, folder in (results or {}).items():
+            res = os.path.join(folder, os.path.basename(paths["source"]))
+            if os.path.isfile(res):
+                err = masked_mse(load_image(res), load_image(paths["GT"]), load_mask(paths["mask"]))
+                meta.append({**base, "GT": res, "score": int(err < good_threshold), "kind": name, "masked_mse": err})
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return os.path.join(out_dir, "meta.json")
+
+
 # ----------------------------------------------------------------------------- tiny models
 
 def _bytes_to_unicode():
@@ -155,6 +205,7 @@ def tiny_pipeline(prediction_type="epsilon", image_size=32, seed=0, tmp_dir=None
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), cross_attention_dim=64, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    calibrate_vae_scaling(vae, seed)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
                               prediction_type=prediction_type)
@@ -162,6 +213,19 @@ def tiny_pipeline(prediction_type="epsilon", image_size=32, seed=0, tmp_dir=None
         vae=vae, text_encoder=CLIPTextModel(text_cfg), text_encoder_2=CLIPTextModelWithProjection(text_cfg),
         tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
         force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def calibrate_vae_scaling(vae, seed=0, num=64):
+    """Set scaling_factor so latents of toy images have unit variance, as SDXL's 0.13025 does for
+    photos (a random tiny VAE at the default 0.18215 gives latents of std ~0.05)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    size = vae.config.sample_size
+    images = torch.stack([torch.from_numpy(toy_sample(rng, size)[0]).permute(2, 0, 1) for _ in range(num)]).float() / 127.5 - 1
+    with torch.no_grad():
+        std = vae.encode(images).latent_dist.mean.std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
 
 
 def load_toy_images(meta_path, keys=("source", "GT")):

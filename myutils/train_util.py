@@ -27,8 +27,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 # ----------------------------------------------------------------------------- arguments
 
-def add_common_args(parser, meta_kind="triplet"):
-    """Arguments every training script shares. Names follow the RORem scripts."""
+def add_common_args(parser, meta_kind="triplet", lora=True):
+    """Arguments every training script shares. Names follow the RORem scripts. lora=False leaves
+    out the remover's LoRA group (the discriminator has its own --rank)."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None, help="YAML file of argument defaults; the command line overrides it")
     g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
@@ -77,11 +78,12 @@ def add_common_args(parser, meta_kind="triplet"):
                    help="GPU only; PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action="store_true")
 
-    g = parser.add_argument_group("LoRA")
-    g.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
-    g.add_argument("--lora_rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
-    g.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGETS)
+    if lora:
+        g = parser.add_argument_group("LoRA")
+        g.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
+        g.add_argument("--lora_rank", type=int, default=4)
+        g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
+        g.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGETS)
 
     g = parser.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing_steps", type=int, default=500)

@@ -25,3 +25,12 @@ def test_border_fill_uses_the_ring_and_paste_keeps_outside():
     assert tuple(filled[3, 3]) == (10, 20, 30) and tuple(filled[0, 0]) == (0, 0, 0)
     out = np.asarray(paste_back(Image.new("RGB", (7, 7), (1, 2, 3)), Image.fromarray(src), mask))
     assert tuple(out[3, 3]) == (1, 2, 3) and tuple(out[1, 1]) == (10, 20, 30)
+
+
+def test_roc_auc_and_accuracy_by_hand():
+    from myutils.metrics import accuracy_at, roc_auc
+
+    # positives 0.9, 0.4; negatives 0.5, 0.1: pairs (0.9>0.5, 0.9>0.1, 0.4<0.5, 0.4>0.1) -> 3/4
+    assert roc_auc([0.9, 0.5, 0.4, 0.1], [1, 0, 1, 0]) == 0.75
+    assert roc_auc([0.5, 0.5], [1, 0]) == 0.5 and roc_auc([0.3, 0.2], [1, 1]) is None
+    assert accuracy_at([0.9, 0.5, 0.4, 0.1], [1, 0, 1, 0]) == 0.5  # 0.9 right, 0.5 wrong, 0.4 wrong, 0.1 right

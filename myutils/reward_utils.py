@@ -1,0 +1,180 @@
+"""The discriminator as a reward: RORem's file format, batched scoring, and score normalisations.
+
+A discriminator folder holds what RORem releases: `pytorch_lora_weights.safetensors` (diffusers
+LoRA keys `unet.*`, rank 4 on to_q/to_k/to_v/to_out.0 of the SDXL-inpainting UNet) and
+`cls_pred_branch.pt` (the head's state dict). A fully fine-tuned discriminator stores
+`discriminator.safetensors` (encoder and head) instead of the LoRA. `discriminator_config.json`
+(ours) records the head activation; without it the head is RORem's softplus.
+
+Inputs, as RORem trains it: latents of the edited result at t = 0, the mask, and latents of the
+UNMASKED source, with the empty-prompt conditioning.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+
+from .errors import UserError
+from .sdxl_inpaint import batch_latent_params, encode_prompt_once, posterior_mean_latents, unet_input
+
+LORA_FILE, HEAD_FILE, FULL_FILE, CONFIG_FILE = ("pytorch_lora_weights.safetensors", "cls_pred_branch.pt",
+                                                "discriminator.safetensors", "discriminator_config.json")
+DISCRIMINATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+# ----------------------------------------------------------------------------- file format
+
+def add_discriminator_lora(disc, rank=4, targets=DISCRIMINATOR_LORA_TARGETS):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)), disc)
+
+
+def save_discriminator(disc, folder, lora):
+    """Write RORem's layout: LoRA (or full weights) + cls_pred_branch.pt + our small config."""
+    os.makedirs(folder, exist_ok=True)
+    if lora:
+        from .train_util import save_unet
+
+        save_unet(disc, folder, lora=True)  # only the LoRA layers, as unet.* keys
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in disc.state_dict().items() if not k.startswith("cls_pred_branch.")}
+        save_file(state, os.path.join(folder, FULL_FILE))
+    torch.save({k: v.cpu() for k, v in disc.cls_pred_branch.state_dict().items()}, os.path.join(folder, HEAD_FILE))
+    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
+        json.dump({"head_activation": disc.head_activation, "lora": bool(lora)}, f)
+
+
+def _lora_rank(state):
+    for k, v in state.items():
+        if "lora.down" in k or "lora_A" in k:
+            return v.shape[0]
+    raise UserError("no LoRA weights found")
+
+
+def load_discriminator_weights(disc, folder):
+    """Load a discriminator folder into `disc` (adding the LoRA layers if the folder has a LoRA and
+    `disc` does not yet). LoRA keys of the up path, which the discriminator does not have, are ignored."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    head = os.path.join(folder, HEAD_FILE)
+    if not os.path.isfile(head):
+        raise UserError(f"{folder}: no {HEAD_FILE} (expected a RORem discriminator folder)")
+    disc.cls_pred_branch.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
+    if os.path.isfile(os.path.join(folder, FULL_FILE)):
+        missing, unexpected = disc.load_state_dict(load_file(os.path.join(folder, FULL_FILE)), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("cls_pred_branch.")]:
+            raise UserError(f"{folder}/{FULL_FILE}: weights do not fit this model")
+        return disc
+    lora_path = os.path.join(folder, LORA_FILE)
+    if not os.path.isfile(lora_path):
+        raise UserError(f"{folder}: neither {LORA_FILE} nor {FULL_FILE}")
+    state = {k[len("unet."):]: v for k, v in load_file(lora_path).items() if k.startswith("unet.")}
+    state = {k: v for k, v in state.items() if not k.startswith(("up_blocks.", "conv_out", "conv_norm_out"))}
+    if not any("lora" in n for n, _ in disc.named_parameters()):
+        add_discriminator_lora(disc, rank=_lora_rank(state))
+    result = set_peft_model_state_dict(disc, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"{lora_path}: LoRA keys do not fit this UNet (e.g. {result.unexpected_keys[0]})")
+    return disc
+
+
+def read_head_activation(folder):
+    path = os.path.join(folder, CONFIG_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("head_activation", "softplus")
+    return "softplus"  # RORem's release
+
+
+# ----------------------------------------------------------------------------- scoring
+
+class DiscriminatorReward:
+    """Batched, no-grad scores (B,) from the discriminator, on pixels or directly on latents."""
+
+    def __init__(self, disc, vae, condition, resolution):
+        self.disc, self.vae, self.resolution = disc.eval(), vae, resolution
+        self.condition = condition.to(disc.device, disc.dtype)
+
+    @torch.no_grad()
+    def score_latents(self, source_latents, mask_latent, edited_latents, original_size=None, crop_top_left=None):
+        """Latents already scaled by the VAE's scaling factor (what a sampler produces): no decode."""
+        b = edited_latents.shape[0]
+        original_size = original_size if original_size is not None else torch.tensor([[self.resolution] * 2] * b)
+        crop_top_left = crop_top_left if crop_top_left is not None else torch.zeros(b, 2)
+        x = unet_input(edited_latents, mask_latent, source_latents).to(self.disc.device, self.disc.dtype)
+        kw = self.condition.unet_kwargs(original_size, crop_top_left, (self.resolution, self.resolution))
+        return self.disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"]).float()
+
+    @torch.no_grad()
+    def score_pixels(self, source, mask, edited, original_size=None, crop_top_left=None):
+        """source/edited (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1}. The posterior mean is
+        used (no sampling noise), so a score is a deterministic function of the images."""
+        params = batch_latent_params(self.vae, {"source": source, "mask": mask, "GT": edited}, ["GT", "source"])
+        edited_latents = posterior_mean_latents(params["params:GT"], self.vae.config)
+        source_latents = posterior_mean_latents(params["params:source"], self.vae.config)
+        return self.score_latents(source_latents, params["mask_latent"], edited_latents, original_size, crop_top_left)
+
+
+def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None):
+    """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder."""
+    from .models import load_inpaint_pipeline
+
+    if not os.path.isdir(discriminator_path):
+        raise UserError(f"--RORem_discriminator {discriminator_path}: folder not found")
+    pipe = load_inpaint_pipeline(pretrained_model, variant=variant)
+    condition = encode_prompt_once(pipe, "")
+    disc = UNetSDXLDiscriminator.from_unet(pipe.unet, read_head_activation(discriminator_path))
+    load_discriminator_weights(disc, discriminator_path)
+    vae = pipe.vae.to(device)
+    del pipe
+    return DiscriminatorReward(disc.to(device, dtype), vae, condition, resolution)
+
+
+# ----------------------------------------------------------------------------- normalisations
+
+def clamp01(scores):
+    """Scores clipped to [0, 1] (RORem's softplus scores are trained toward 0 and 1)."""
+    return scores.clamp(0.0, 1.0)
+
+
+def squash01(scores, center=0.5, sharpness=10.0):
+    """A smooth map to (0, 1): sigmoid(sharpness * (score - center)); 0.5 at the center."""
+    return torch.sigmoid(sharpness * (scores - center))
+
+
+def zscore(scores, eps=1e-6):
+    """(s - mean) / (std + eps) within the batch (population std); all-equal scores give zeros."""
+    scores = scores.float()
+    return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+
+
+def percentile_rank(scores, reference=None):
+    """Fraction of the reference below each score, ties counted half (the mid-rank). Without a
+    reference, ranks within the batch excluding the score itself: the lowest gets 0, the highest 1."""
+    scores = scores.float().reshape(-1)
+    if reference is None:
+        if scores.numel() < 2:
+            return torch.full_like(scores, 0.5)
+        below = (scores[None, :] < scores[:, None]).sum(1).float()
+        equal = (scores[None, :] == scores[:, None]).sum(1).float() - 1  # not counting itself
+        return (below + 0.5 * equal) / (scores.numel() - 1)
+    ref = reference.float().reshape(-1).to(scores.device)
+    below = (ref[None, :] < scores[:, None]).sum(1).float()
+    equal = (ref[None, :] == scores[:, None]).sum(1).float()
+    return (below + 0.5 * equal) / ref.numel()
+
+
+def save_reference(scores, path):
+    """Keep a reference set of scores (e.g. the base model's on held-out inputs) for percentile_rank."""
+    save_file({"scores": scores.detach().float().cpu().reshape(-1).contiguous()}, path)
+
+
+def load_reference(path):
+    if not os.path.isfile(path):
+        raise UserError(f"reference scores {path}: file not found")
+    return load_file(path)["scores"]

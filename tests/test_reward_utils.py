@@ -1,0 +1,95 @@
+"""Reward utilities: normalisations against hand-computed values, RORem's file format round trip,
+pixel and latent scoring agree."""
+import os
+
+import pytest
+import torch
+
+from myutils.errors import UserError
+from myutils.reward_utils import (DiscriminatorReward, add_discriminator_lora, clamp01, load_discriminator_weights,
+                                  load_reference, load_reward_model, percentile_rank, save_discriminator,
+                                  save_reference, squash01, zscore)
+
+
+def test_normalisations_by_hand(tmp_path):
+    s = torch.tensor([0.2, 1.4, -0.1, 0.5])
+    assert clamp01(s).tolist() == pytest.approx([0.2, 1.0, 0.0, 0.5])
+    assert squash01(torch.tensor([0.5, 0.6])).tolist() == pytest.approx([0.5, 1 / (1 + 2.718281828 ** -1)], rel=1e-6)
+    z = zscore(torch.tensor([1.0, 2.0, 3.0]))  # mean 2, population std sqrt(2/3)
+    assert z.tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3)
+    assert zscore(torch.tensor([4.0, 4.0])).tolist() == [0.0, 0.0]
+    assert percentile_rank(torch.tensor([3.0, 1.0, 2.0, 2.0])).tolist() == pytest.approx([1.0, 0.0, 0.5, 0.5])
+    ref = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert percentile_rank(torch.tensor([1.5, 2.0, 9.0]), ref).tolist() == pytest.approx([0.5, 0.625, 1.0])
+    save_reference(ref, tmp_path / "ref.safetensors")
+    assert torch.equal(load_reference(tmp_path / "ref.safetensors"), ref)
+
+
+def _disc(model_dir, activation="softplus"):
+    from diffusers import UNet2DConditionModel
+
+    from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+
+    return UNetSDXLDiscriminator.from_unet(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"), activation)
+
+
+def _reward(model_dir, disc):
+    from diffusers import AutoencoderKL, StableDiffusionXLInpaintPipeline
+
+    from myutils.sdxl_inpaint import encode_prompt_once
+
+    cond = encode_prompt_once(StableDiffusionXLInpaintPipeline.from_pretrained(model_dir), "")
+    return DiscriminatorReward(disc, AutoencoderKL.from_pretrained(model_dir, subfolder="vae"), cond, 32)
+
+
+def _batch(b=3):
+    g = torch.Generator().manual_seed(0)
+    src, edited = torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, torch.rand(b, 3, 32, 32, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    return src, mask, edited
+
+
+def test_lora_and_head_round_trip_through_the_rorem_format(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    disc = _disc(tiny_model_dir)
+    add_discriminator_lora(disc, rank=4)
+    with torch.no_grad():
+        for n, p in disc.named_parameters():
+            if "lora_B" in n or "cls_pred_branch" in n:
+                p.add_(torch.randn_like(p) * 0.1)  # trained-looking, not the init
+    save_discriminator(disc, str(tmp_path / "d"), lora=True)
+    assert sorted(os.listdir(tmp_path / "d")) == ["cls_pred_branch.pt", "discriminator_config.json", "pytorch_lora_weights.safetensors"]
+    keys = list(load_file(tmp_path / "d" / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("unet.") and ".lora" in k for k in keys)
+    assert set(torch.load(tmp_path / "d" / "cls_pred_branch.pt")) == {f"{i}.{w}" for i in (0, 1, 3, 4, 6, 7, 9) for w in ("weight", "bias")}
+    fresh = load_discriminator_weights(_disc(tiny_model_dir), str(tmp_path / "d"))
+    src, mask, edited = _batch()
+    a, b = _reward(tiny_model_dir, disc).score_pixels(src, mask, edited), _reward(tiny_model_dir, fresh).score_pixels(src, mask, edited)
+    assert torch.equal(a, b) and a.shape == (3,) and (a >= 0).all()
+    plain = _reward(tiny_model_dir, _disc(tiny_model_dir)).score_pixels(src, mask, edited)
+    assert not torch.allclose(a, plain)  # the loaded LoRA and head matter
+
+
+def test_full_weights_round_trip_and_loader(tmp_path, tiny_model_dir):
+    disc = _disc(tiny_model_dir, "sigmoid")
+    with torch.no_grad():
+        disc.conv_in.weight.mul_(1.5)
+    save_discriminator(disc, str(tmp_path / "full"), lora=False)
+    reward = load_reward_model(tiny_model_dir, str(tmp_path / "full"), resolution=32)
+    assert reward.disc.head_activation == "sigmoid"
+    src, mask, edited = _batch(2)
+    assert torch.allclose(reward.score_pixels(src, mask, edited), _reward(tiny_model_dir, disc).score_pixels(src, mask, edited))
+    with pytest.raises(UserError, match="no cls_pred_branch.pt"):
+        load_discriminator_weights(_disc(tiny_model_dir), str(tmp_path))
+
+
+def test_pixel_and_latent_scores_agree(tiny_model_dir):
+    from myutils.sdxl_inpaint import downsample_mask, posterior_mean_latents, vae_latent_params
+
+    reward = _reward(tiny_model_dir, _disc(tiny_model_dir))
+    src, mask, edited = _batch(2)
+    lat = {k: posterior_mean_latents(vae_latent_params(reward.vae, x), reward.vae.config) for k, x in (("s", src), ("e", edited))}
+    on_latents = reward.score_latents(lat["s"], downsample_mask(mask, (16, 16)), lat["e"])
+    assert torch.allclose(reward.score_pixels(src, mask, edited), on_latents, atol=1e-6)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Train the RORem discriminator (the reward model) on scored triplets.
+
+    accelerate launch --multi_gpu --num_processes 8 train_RORem_discriminator.py \
+        --config configs/train_RORem_discriminator.yaml --meta_path scored/meta.json --output_dir experiment/disc
+
+Entries are {"source", "mask", "GT": the edited result, "score": 0/1 or in [0, 1]}. The model is the
+SDXL-inpainting UNet's encoder half with RORem's head (model/unet_sdxl_discriminator.py); its input is
+cat([edited latents, mask, UNMASKED source latents]) at t = 0 with the empty prompt. Trainable: the
+head + a rank --rank LoRA (default, as RORem), or everything with --train_full. Loss: MSE of the
+softplus score against the label (RORem), or --loss bce on the logit (the score is then a sigmoid).
+A held-out split reports accuracy at 0.5 and ROC AUC. Output: RORem's layout,
+pytorch_lora_weights.safetensors (or discriminator.safetensors) + cls_pred_branch.pt.
+"""
+import argparse
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+from myutils import train_util as tu
+from myutils.data import RemovalDataset
+from myutils.errors import UserError, run_cli
+from myutils.metrics import accuracy_at, roc_auc
+from myutils.reward_utils import add_discriminator_lora, load_discriminator_weights, save_discriminator
+from myutils.rng import sample_generators
+from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tu.add_common_args(parser, meta_kind="scored", lora=False)
+    g = parser.add_argument_group("discriminator")
+    g.add_argument("--rank", type=int, default=4, help="LoRA rank on to_q, to_k, to_v, to_out.0")
+    g.add_argument("--train_full", action="store_true", help="train the whole encoder and head instead of LoRA + head")
+    g.add_argument("--loss", choices=["mse", "bce"], default="mse", help="mse on softplus scores (RORem) or bce on logits")
+    g.add_argument("--val_meta_path", nargs="+", default=None, help="held-out scored entries")
+    g.add_argument("--val_fraction", type=float, default=0.1, help="without --val_meta_path: share of sources held out")
+    g.add_argument("--threshold", type=float, default=0.5, help="score threshold for the accuracy")
+    args = tu.parse_args(parser, argv)
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val_fraction {args.val_fraction}: must be in [0, 1)")
+    return args
+
+
+def split_by_source(entries, fraction, seed):
+    """Hold out a fraction of the distinct source images (with all their results), so no input is
+    seen in training and evaluation both."""
+    sources = sorted({e.paths["source"] for e in entries})
+    random.Random(seed).shuffle(sources)
+    held = set(sources[:round(len(sources) * fraction)])
+    return [e for e in entries if e.paths["source"] not in held], [e for e in entries if e.paths["source"] in held]
+
+
+def describe(name, entries):
+    pos = sum(e.score >= 0.5 for e in entries)
+    return f"{name}: {len(entries)} samples, {pos} positive ({pos / max(1, len(entries)):.0%}), {len(entries) - pos} negative"
+
+
+def discriminator_input(comps, batch, resolution, generators=None):
+    """(9-channel input, conditioning) from a batch: posterior samples when training (generators),
+    posterior means when evaluating."""
+    if "params:source" not in batch:
+        batch = {**batch, **batch_latent_params(comps.vae, batch, ["GT", "source"])}
+    latents = {k: (sample_latents(batch[f"params:{k}"], comps.vae.config, generators) if generators
+                   else posterior_mean_latents(batch[f"params:{k}"], comps.vae.config)) for k in ("GT", "source")}
+    x = unet_input(latents["GT"], batch["mask_latent"], latents["source"]).to(comps.condition.prompt_embeds.dtype)
+    kw = comps.condition.unet_kwargs(batch["original_size"], batch["crop_top_left"], (resolution, resolution))
+    return x, kw
+
+
+def discriminator_loss(disc, comps, batch, args):
+    x, kw = discriminator_input(comps, batch, args.resolution, sample_generators(batch, args.seed, comps.vae.device))
+    logits = disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"], return_logits=True)
+    if args.loss == "bce":
+        return F.binary_cross_entropy_with_logits(logits, batch["score"].float())
+    return F.mse_loss(F.softplus(logits), batch["score"].float())
+
+
+@torch.no_grad()
+def evaluate(disc, comps, dataset, args, device):
+    """Scores of every held-out sample: accuracy at --threshold and ROC AUC."""
+    disc.eval()
+    scores, labels = [], []
+    for start in range(0, len(dataset), args.train_batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + args.train_batch_size))]
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
+        x, kw = discriminator_input(comps, batch, args.resolution)
+        scores.append(disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"]).float().cpu())
+        labels.append(batch["score"].float().cpu())
+    disc.train()
+    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    return {"val_accuracy": accuracy_at(s, y, args.threshold), "val_auc": roc_auc(s, y),
+            "val_score_pos": float(np.mean(s[y >= 0.5])) if (y >= 0.5).any() else None,
+            "val_score_neg": float(np.mean(s[y < 0.5])) if (y < 0.5).any() else None}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = tu.make_accelerator(args)
+    entries = tu.load_entries(args.meta_path, "scored", accelerator, check=not args.skip_data_check)
+    if args.val_meta_path:
+        val_entries = tu.load_entries(args.val_meta_path, "scored", accelerator, what="--val_meta_path")
+    else:
+        entries, val_entries = split_by_source(entries, args.val_fraction, args.seed)
+    tu.logger.info(describe("train", entries))
+    tu.logger.info(describe("held out", val_entries))
+    dtype = tu.weight_dtype(accelerator)
+    comps = tu.Components(args, accelerator, dtype)
+    disc = UNetSDXLDiscriminator.from_unet(comps.unet, "sigmoid" if args.loss == "bce" else "softplus")
+    comps.unet = None  # the up path is released; the discriminator holds the encoder half
+    if args.train_full:
+        disc.requires_grad_(True)
+    else:
+        disc.requires_grad_(False)
+        disc.to(dtype=dtype)
+        add_discriminator_lora(disc, args.rank)
+        disc.cls_pred_branch.requires_grad_(True)
+        for p in disc.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights in fp32
+    disc.to(accelerator.device).train()
+    params = [p for p in disc.parameters() if p.requires_grad]
+
+    dataset = tu.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "source"))
+    val_dataset = RemovalDataset(val_entries, "scored", args.resolution)
+    loader = tu.make_dataloader(args, dataset, accelerator)
+    max_steps, num_epochs = tu.step_budget(args, loader)
+    optimizer = tu.make_optimizer(args, params, accelerator)
+    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
+    disc, optimizer, lr_scheduler = accelerator.prepare(disc, optimizer, lr_scheduler)
+    save = lambda m, d: save_discriminator(m, d, lora=not args.train_full)  # noqa: E731
+    tu.register_checkpoint_hooks(accelerator, save, load_discriminator_weights)
+    tu.init_trackers(accelerator, args, "train_RORem_discriminator")
+
+    last = {}
+
+    def validate(step):
+        if step in last:
+            return last[step]
+        if accelerator.is_main_process and len(val_dataset):
+            metrics = evaluate(accelerator.unwrap_model(disc), comps, val_dataset, args, accelerator.device)
+            accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+            tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None))
+            last[step] = metrics
+            return metrics
+
+    global_step = tu.resume(accelerator, args)
+    initial = validate(global_step) if global_step == 0 else None  # the untrained baseline
+    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    for batch in run.batches():
+        with accelerator.accumulate(disc):
+            loss = discriminator_loss(disc, comps, batch, args)
+            if run.loss_is_finite(loss):
+                accelerator.backward(loss)
+            run.optimizer_step(optimizer, lr_scheduler, params)
+        if run.end_of_step() and args.validation_steps and run.global_step % args.validation_steps == 0:
+            validate(run.global_step)
+    run.finish()
+    final = validate(run.global_step)
+    tu.save_final(accelerator, args, disc, save)
+    return {"initial": initial, "final": final}
+
+
+if __name__ == "__main__":
+    run_cli(main)

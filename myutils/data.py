@@ -95,7 +95,7 @@ def read_meta(meta_paths, kind):
                     continue
                 score = float(score)
             paths = {k: os.path.normpath(os.path.join(root, os.path.expanduser(raw[k]))) for k in img_keys}
-            extra = {k: v for k, v in raw.items() if k not in img_keys and k != "score"}
+            extra = {k: v for k, v in raw.items() if k not in img_keys and k not in other_keys}
             entries.append(Entry(meta_path, i, paths, score, extra))
     _raise_problems(problems)
     return entries

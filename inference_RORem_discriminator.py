@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Score object removals with the RORem discriminator.
+
+    python inference_RORem_discriminator.py --RORem_discriminator path/to/disc \
+        --image_path source.png --mask_path mask.png --edited_path result.png
+    python inference_RORem_discriminator.py --RORem_discriminator path/to/disc \
+        --meta_path results/meta.json --output_path scores.csv --scored_meta_path scored/meta.json
+
+Single mode prints the score and the verdict (success if score >= --threshold). Batch mode reads
+{"source", "mask", "GT": edited result} entries, writes every score to --output_path (.json or .csv)
+and, with --scored_meta_path, the same entries with "score" = the verdict (0/1, or the raw score
+clamped to [0, 1] with --raw_scores): RORem's automatic annotation (stage 3). Entries that already
+carry a human "score" are compared with the discriminator (agreement and ROC AUC).
+"""
+import argparse
+import csv
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from myutils.data import Entry, RemovalDataset, check_entries, read_meta
+from myutils.errors import UserError, run_cli
+from myutils.metrics import accuracy_at, roc_auc
+from myutils.models import DEFAULT_MODEL, DTYPES
+from myutils.reward_utils import load_reward_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
+    p.add_argument("--RORem_discriminator", required=True, help="folder with pytorch_lora_weights.safetensors + cls_pred_branch.pt")
+    p.add_argument("--image_path", default=None, help="the source image (object present)")
+    p.add_argument("--mask_path", default=None)
+    p.add_argument("--edited_path", default=None, help="the removal result to judge")
+    p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask, GT=edited} entries")
+    p.add_argument("--output_path", default="scores.json", help="batch mode: .json or .csv")
+    p.add_argument("--scored_meta_path", default=None, help="batch mode: write the entries with discriminator scores")
+    p.add_argument("--raw_scores", action="store_true", help="scored meta gets clamp(score, 0, 1) instead of the 0/1 verdict")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    single = [args.image_path, args.mask_path, args.edited_path]
+    if bool(args.meta_path) == any(single):
+        raise UserError("give either --meta_path, or --image_path with --mask_path and --edited_path")
+    if not args.meta_path and not all(single):
+        raise UserError("--image_path, --mask_path and --edited_path go together")
+    if not args.output_path.endswith((".json", ".csv")):
+        raise UserError(f"--output_path {args.output_path}: must end in .json or .csv")
+    return args
+
+
+def score_entries(reward, entries, resolution, batch_size):
+    """Discriminator scores of every entry, in order (centre crop at the training resolution)."""
+    dataset = RemovalDataset(entries, "triplet", resolution)
+    scores = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", disable=len(dataset) <= batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        b = {k: torch.stack([it[k] for it in items]) for k in ("source", "mask", "GT", "original_size", "crop_top_left")}
+        scores += reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]).tolist()
+    return scores
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+    if args.meta_path:
+        entries = read_meta(args.meta_path, "triplet")
+    else:
+        entries = [Entry("--image_path/--mask_path/--edited_path", 0,
+                         {"source": args.image_path, "mask": args.mask_path, "GT": args.edited_path})]
+    for warning in check_entries(entries, progress=len(entries) > 200):
+        print(f"warning: {warning}")
+    reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype)
+    scores = score_entries(reward, entries, args.resolution, args.batch_size)
+    if not args.meta_path:
+        verdict = "success" if scores[0] >= args.threshold else "failure"
+        print(f"score {scores[0]:.4f} -> {verdict} (threshold {args.threshold})")
+        return scores
+    rows = [{"meta": e.meta, "index": e.index, "source": e.paths["source"], "mask": e.paths["mask"], "edited": e.paths["GT"],
+             "score": s, "verdict": int(s >= args.threshold), "human_score": e.extra.get("score")}
+            for e, s in zip(entries, scores)]
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_path)), exist_ok=True)
+    if args.output_path.endswith(".csv"):
+        with open(args.output_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(args.output_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    passed = sum(r["verdict"] for r in rows)
+    print(f"{len(rows)} results scored: {passed} pass ({passed / len(rows):.0%}) at threshold {args.threshold}; "
+          f"mean score {sum(scores) / len(scores):.4f} -> {args.output_path}")
+    human = [(r["score"], r["human_score"]) for r in rows if isinstance(r["human_score"], (int, float))]
+    if human:
+        s, y = zip(*human)
+        auc = roc_auc(s, y)
+        print(f"agreement with the {len(human)} existing scores: {accuracy_at(s, y, args.threshold):.1%}"
+              + (f", ROC AUC {auc:.3f}" if auc is not None else ""))
+    if args.scored_meta_path:
+        out_dir = os.path.dirname(os.path.abspath(args.scored_meta_path))
+        os.makedirs(out_dir, exist_ok=True)
+        scored = [{**{("human_score" if k == "score" else k): v for k, v in e.extra.items()}, "source": e.paths["source"], "mask": e.paths["mask"], "GT": e.paths["GT"],
+                   "score": min(1.0, max(0.0, s)) if args.raw_scores else int(s >= args.threshold), "discriminator_score": s}
+                  for e, s in zip(entries, scores)]
+        with open(args.scored_meta_path, "w") as f:
+            json.dump(scored, f, indent=1)
+        print(f"scored meta: {args.scored_meta_path}")
+    return scores
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -120,9 +120,9 @@ def _failure(kind, src, mask, gt, rng):
 
 def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_threshold=0.02):
     """Scored triplets from a toy data set: per input, the true removal (score 1) and one deliberate
-    failure (score 0), so classes are balanced. `results`: optional {name: folder of results named
-    like the inputs} from removers; each is labelled 1 if its masked MSE against GT is below
-    `good_threshold` ([-1, 1] pixel units), else 0, standing in for a human annotator."""
+    failure (score 0), so classes are balanced. `results`: optional {name: meta.json written by
+    inference_RORem.py} of remover outputs; each output is labelled 1 if its masked MSE against GT is
+    below `good_threshold` ([-1, 1] pixel units), else 0, standing in for a human annotator."""
     from .img_util import load_image, load_mask
     from .metrics import masked_mse
 
@@ -131,6 +131,11 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_thres
     with open(toy_meta) as f:
         inputs = json.load(f)
     os.makedirs(os.path.join(out_dir, "edited"), exist_ok=True)
+    outputs = {}  # (remover name, source path) -> result path
+    for name, res_meta in (results or {}).items():
+        with open(res_meta) as f:
+            for r in json.load(f):
+                outputs[name, os.path.normpath(r["source"])] = os.path.join(os.path.dirname(os.path.abspath(res_meta)), r["GT"])
     meta = []
     for i, e in enumerate(inputs):
         paths = {k: os.path.join(root, e[k]) for k in ("source", "mask", "GT")}
@@ -141,9 +146,9 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_thres
         base = {"source": paths["source"], "mask": paths["mask"]}
         meta.append({**base, "GT": paths["GT"], "score": 1, "kind": "ground truth"})
         meta.append({**base, "GT": bad, "score": 0, "kind": kind})
-        for name, folder in (results or {}).items():
-            res = os.path.join(folder, os.path.basename(paths["source"]))
-            if os.path.isfile(res):
+        for name in results or {}:
+            res = outputs.get((name, os.path.normpath(paths["source"])))
+            if res and os.path.isfile(res):
                 err = masked_mse(load_image(res), load_image(paths["GT"]), load_mask(paths["mask"]))
                 meta.append({**base, "GT": res, "score": int(err < good_threshold), "kind": name, "masked_mse": err})
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

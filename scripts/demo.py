@@ -56,6 +56,39 @@ def remove_objects(model_dir, unet_dir, sources, masks, steps, seed):
     return results
 
 
+def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
+    from myutils.toy_world import write_scored_toy_dataset
+
+    with open(train_meta) as f:
+        subset = json.load(f)[: args.scored_inputs]
+    root = os.path.dirname(train_meta)
+    os.makedirs(f"{w}/scored/inputs", exist_ok=True)
+    with open(f"{w}/scored/inputs/meta.json", "w") as f:
+        json.dump([{k: os.path.join(root, v) for k, v in e.items()} for e in subset], f)
+    for name, meta in (("train", f"{w}/scored/inputs/meta.json"), ("heldout", held_meta)):
+        run(["inference_RORem.py", "--pretrained_model", model_dir, "--RORem_unet", f"{remover_dir}/unet",
+             "--meta_path", meta, "--save_path", f"{w}/scored/remover_{name}", "--resolution", "32",
+             "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--batch_size", "16", "--seed", str(args.seed + 1000)])
+        write_scored_toy_dataset(meta, f"{w}/scored/{name}", seed=args.seed,
+                                 results={"trained remover": f"{w}/scored/remover_{name}/meta.json"})
+
+
+def discriminator_metrics(disc_dir):
+    """Held-out accuracy and AUC at the first and last validation, from the run's tensorboard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = [os.path.join(d, f) for d, _, fs in os.walk(f"{disc_dir}/logs") for f in fs if f.startswith("events")]
+    out = {}
+    for path in logs:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in ("val_accuracy", "val_auc"):
+            if tag in acc.Tags().get("scalars", []):
+                events = acc.Scalars(tag)
+                out[tag] = (events[0].value, events[-1].value, events[-1].step)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", default=".demo")
@@ -64,6 +97,7 @@ def main():
     p.add_argument("--vae_steps", type=int, default=1200)
     p.add_argument("--remover_steps", type=int, default=900, help="at batch 32: about 4 minutes on 2 cores")
     p.add_argument("--eval_steps", type=int, default=20)
+    p.add_argument("--scored_inputs", type=int, default=400, help="training inputs that get scored results for the discriminator")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     w = os.path.abspath(args.work_dir)
@@ -85,6 +119,16 @@ def main():
     import numpy as np
 
     from myutils.data import read_meta
+    # the discriminator: scored results (true removals, deliberate failures, the remover's outputs
+    # labelled by their error against GT) for some training inputs and all held-out ones
+    scored_train, scored_held, disc_dir = f"{w}/scored/train/meta.json", f"{w}/scored/heldout/meta.json", f"{w}/discriminator"
+    stage("scored data", scored_held, lambda: make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args))
+    stage("discriminator", f"{disc_dir}/cls_pred_branch.pt", lambda: run([
+        "train_RORem_discriminator.py", "--config", "configs/toy_RORem_discriminator.yaml",
+        "--pretrained_model_name_or_path", model_dir, "--meta_path", scored_train, "--val_meta_path", scored_held,
+        "--output_dir", disc_dir, "--seed", str(args.seed)]))
+    disc_metrics = discriminator_metrics(disc_dir)
+
     from myutils.img_util import image_grid, load_image, load_mask
     from myutils.metrics import border_fill, masked_mse
 
@@ -107,6 +151,17 @@ def main():
     os.makedirs(f"{w}/report", exist_ok=True)
     grid.save(f"{w}/report/before_after.png")
     rows = [(k, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v)))) for k, v in systems.items()]
+    with open(scored_held) as f:
+        held_scored = json.load(f)
+    disc_lines = ["## Discriminator (reward model)", "",
+                  f"Trained on {args.scored_inputs} training inputs x (true removal, a deliberate failure, the trained "
+                  f"remover's output labelled by masked MSE < 0.02); held out: {len(held_scored)} scored results of the "
+                  f"{args.heldout_samples} held-out inputs ({sum(e['score'] for e in held_scored)} positive).", "",
+                  "| held-out metric | untrained (step 0) | trained |", "|---|---|---|"]
+    for tag, name in (("val_accuracy", "accuracy at 0.5"), ("val_auc", "ROC AUC")):
+        if tag in disc_metrics:
+            first, last, step = disc_metrics[tag]
+            disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
     table = ["| system | masked MSE (lower is better) | std. error |", "|---|---|---|"]
     table += [f"| {k} | {m:.4f} | {s:.4f} |" for k, m, s in rows]
     report = "\n".join([
@@ -114,18 +169,20 @@ def main():
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
-        "![rows: source, mask, untrained, trained, border fill, GT](before_after.png)", "",
+        "![rows: source, mask, untrained, trained, border fill, GT](before_after.png)", "", *disc_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])
     with open(f"{w}/report/README.md", "w") as f:
         f.write(report)
     with open(f"{w}/report/results.json", "w") as f:
         json.dump({k: {"masked_mse": m, "stderr": s} for k, m, s in rows}, f, indent=1)
-    print("\n" + "\n".join(table))
+    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]))
     print(f"\nreport: {w}/report/README.md   grid: {w}/report/before_after.png   ({time.time() - start:.0f} s)")
     untrained, trained = systems["untrained remover"], systems["trained remover"]
     if np.mean(trained) >= np.mean(untrained):
         sys.exit("the trained remover did not beat the untrained one: something is wrong")
+    if "val_auc" in disc_metrics and disc_metrics["val_auc"][1] < 0.75:
+        sys.exit(f"the discriminator's held-out AUC is only {disc_metrics['val_auc'][1]:.3f}: something is wrong")
 
 
 if __name__ == "__main__":

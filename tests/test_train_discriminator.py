@@ -73,3 +73,30 @@ def test_bad_scores_are_named(tmp_path, tiny_model_dir, scored_meta, run_script,
     bad.write_text(json.dumps(entries))
     with pytest.raises(UserError, match=f"bad.json: entry 2: {message}".replace("[", r"\[").replace("]", r"\]")):
         run_script(tdisc, _args(tiny_model_dir, str(bad), str(tmp_path / "o"), "--max_train_steps", "1"))
+
+
+def test_scored_toy_data_is_balanced_and_labels_remover_outputs(tmp_path, toy_meta):
+    import numpy as np
+    from PIL import Image
+
+    from myutils.img_util import load_image, load_mask
+    from myutils.metrics import masked_mse
+    from myutils.toy_world import FAILURES, write_scored_toy_dataset
+
+    root = os.path.dirname(toy_meta)
+    inputs = json.load(open(toy_meta))
+    (tmp_path / "res").mkdir()
+    results = []  # a fake remover: perfect on even inputs, leaves the object on odd ones
+    for i, e in enumerate(inputs):
+        Image.open(os.path.join(root, e["GT" if i % 2 == 0 else "source"])).save(tmp_path / "res" / f"{i}.png")
+        results.append({"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]), "GT": f"{i}.png"})
+    (tmp_path / "res" / "meta.json").write_text(json.dumps(results))
+    meta = json.load(open(write_scored_toy_dataset(toy_meta, str(tmp_path / "s"), results={"r": str(tmp_path / "res" / "meta.json")})))
+    truth = [m for m in meta if m["kind"] == "ground truth"]
+    bad = [m for m in meta if m["kind"] in FAILURES]
+    rem = [m for m in meta if m["kind"] == "r"]
+    assert len(truth) == len(bad) == len(rem) == 12
+    assert all(m["score"] == 1 for m in truth) and all(m["score"] == 0 for m in bad)
+    assert [m["score"] for m in rem] == [1, 0] * 6
+    for m in bad:  # a failure really is wrong inside the mask
+        assert masked_mse(load_image(m["GT"]), load_image(m["source"].replace("source", "GT")), load_mask(m["mask"])) > 1e-3

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 
-import torch
 from tqdm.auto import tqdm
 
-from myutils.data import check_entries, read_meta
+from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask, paste_back, processing_size
-from myutils.models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline
+from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline, resolve_device_dtype
 from myutils.sdxl_inpaint import encode_prompt_pair
 from pipelines.inpaint import inpaint
 
@@ -76,15 +75,11 @@ def list_jobs(args):
         missing = [f for f in images if os.path.splitext(f)[0] not in masks]
         if missing:
             raise UserError(f"--mask_path {args.mask_path}: no mask named like {missing[0]!r} ({len(missing)} images without a mask)")
-        from myutils.data import Entry
-
         entries = [Entry(args.image_path, i, {"source": os.path.join(args.image_path, f),
                                                "mask": os.path.join(args.mask_path, masks[os.path.splitext(f)[0]])})
                    for i, f in enumerate(images)]
         names = [os.path.splitext(f)[0] + ".png" for f in images]
     else:
-        from myutils.data import Entry
-
         entries = [Entry("--image_path/--mask_path", 0, {"source": args.image_path, "mask": args.mask_path})]
         return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, check_entries(entries)
     warnings = check_entries(entries, progress=len(entries) > 200)
@@ -118,8 +113,7 @@ def remove_objects(pipe, cond, uncond, images, masks, args, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     jobs, entries, warnings = list_jobs(args)
     for w in warnings:
         print(f"warning: {w}")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from myutils.data import Entry, RemovalDataset, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.metrics import accuracy_at, roc_auc
-from myutils.models import DEFAULT_MODEL, DTYPES
+from myutils.models import DEFAULT_MODEL, resolve_device_dtype
 from myutils.reward_utils import load_reward_model
 
 
@@ -67,8 +67,7 @@ def score_entries(reward, entries, resolution, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.meta_path:
         entries = read_meta(args.meta_path, "triplet")
     else:

@@ -84,3 +84,9 @@ def load_unet(path, variant=None, revision=None, dtype=torch.float32):
         if _looks_local(path):
             raise UserError(f"--pretrained_unet {path}: cannot load the UNet ({str(e).splitlines()[0][:200]})") from None
         raise _hub_error("--pretrained_unet", path, e) from None
+
+
+def resolve_device_dtype(device="auto", dtype="auto"):
+    """--device/--dtype as the inference scripts take them: auto = CUDA in fp16 if present, else CPU in fp32."""
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, (DTYPES[dtype] if dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32))

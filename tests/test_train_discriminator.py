@@ -76,7 +76,6 @@ def test_bad_scores_are_named(tmp_path, tiny_model_dir, scored_meta, run_script,
 
 
 def test_scored_toy_data_is_balanced_and_labels_remover_outputs(tmp_path, toy_meta):
-    import numpy as np
     from PIL import Image
 
     from myutils.img_util import load_image, load_mask

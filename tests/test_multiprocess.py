@@ -95,3 +95,18 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_
     a = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).state_dict()
     b = UNet2DConditionModel.from_pretrained(os.path.join(plain, "unet")).state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5  # ZeRO-2 + resume == plain AdamW
+
+
+def test_discriminator_trains_on_two_ranks(tmp_path, tiny_model_dir, run_script):
+    """Every training script runs under two ranks: the discriminator goes through DDP's forward."""
+    from myutils.toy_world import write_scored_toy_dataset, write_toy_dataset
+
+    meta = write_scored_toy_dataset(write_toy_dataset(str(tmp_path / "toy"), 8, 32, seed=2), str(tmp_path / "scored"))
+    out = str(tmp_path / "disc2")
+    res = launch_two_ranks("train_RORem_discriminator.py",
+                           ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", meta, "--output_dir", out,
+                            "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "3",
+                            "--validation_steps", "0", "--val_fraction", "0.25", "--report_to", "none"], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
+    assert {"cls_pred_branch.pt", "pytorch_lora_weights.safetensors"} <= set(os.listdir(out))

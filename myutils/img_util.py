@@ -140,3 +140,67 @@ def processing_size(width, height, resolution, multiple=8):
     the aspect ratio is kept, and both sides are rounded to a multiple of 8."""
     scale = resolution / min(width, height)
     return tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (width, height))
+
+
+def content_key(source_path, mask_path):
+    """Identity of an input by what it contains, not its path: hashes of the decoded source pixels
+    and of the binarised mask (a copy under another name or format is the same input)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(np.asarray(load_image(source_path)).tobytes())
+    h.update(binarize_mask(load_mask(mask_path)).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _similar(a, b, threshold):
+    """The stated similarity rule: the same binarised mask and a mean absolute difference of the
+    sources (in [0, 1] units) at most `threshold`, e.g. the same photo re-encoded or lightly edited."""
+    ma, mb = binarize_mask(load_mask(a["mask"])), binarize_mask(load_mask(b["mask"]))
+    if ma.shape != mb.shape or not torch.equal(ma, mb):
+        return False
+    sa, sb = (np.asarray(load_image(p["source"]), dtype=np.float64) / 255 for p in (a, b))
+    return sa.shape == sb.shape and float(np.abs(sa - sb).mean()) <= threshold
+
+
+def meta_to_preference_dataset_format(meta_paths, out_path, max_pairs_per_input=None, pair_similar=False,
+                                      similar_threshold=0.02, seed=0):
+    """Turn scored annotations into Diffusion-DPO pairs and write them as a pair meta.json.
+
+    Every result scored 1 (>= 0.5) is paired with results scored 0 (< 0.5) of the SAME input (same
+    source and mask by content, see content_key); `max_pairs_per_input` keeps a random subset per
+    input. With `pair_similar`, an input that has only good or only bad results borrows the missing
+    side from a similar input (same mask, sources within `similar_threshold`, see _similar); the pair
+    keeps its own source and mask. Returns a report: inputs with pairs, inputs without, pair count.
+    """
+    import json
+    import os
+    import random
+
+    from .data import read_meta
+
+    rng = random.Random(seed)
+    groups = {}
+    for e in read_meta(meta_paths, "scored"):
+        key = content_key(e.paths["source"], e.paths["mask"])
+        g = groups.setdefault(key, {"source": e.paths["source"], "mask": e.paths["mask"], "good": [], "bad": []})
+        g["good" if e.score >= 0.5 else "bad"].append((e.paths["GT"], e.score))
+    pairs, with_pairs, without = [], 0, 0
+    for key, g in groups.items():
+        good, bad = g["good"], g["bad"]
+        if pair_similar and not (good and bad):
+            for other_key, other in groups.items():
+                if other_key != key and _similar(g, other, similar_threshold):
+                    good, bad = good or other["good"], bad or other["bad"]
+                    if good and bad:
+                        break
+        combos = [(p, r) for p in good for r in bad]
+        rng.shuffle(combos)
+        combos = combos[:max_pairs_per_input] if max_pairs_per_input else combos
+        with_pairs, without = with_pairs + bool(combos), without + (not combos)
+        pairs += [{"source": g["source"], "mask": g["mask"], "preferred": p, "rejected": r,
+                   "preferred_score": ps, "rejected_score": rs} for (p, ps), (r, rs) in combos]
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(pairs, f, indent=1)
+    return {"inputs": len(groups), "inputs_with_pairs": with_pairs, "inputs_without_pairs": without, "pairs": len(pairs)}

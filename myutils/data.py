@@ -110,6 +110,13 @@ def _raise_problems(problems):
     raise UserError("\n".join(shown))
 
 
+def _same_bytes(a, b):
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
 def _check_entry(entry):
     """Return (problem or None, warning or None) for one entry: files exist, open, agree in size, mask not empty."""
     sizes = {}
@@ -123,6 +130,9 @@ def _check_entry(entry):
                 sizes[key] = img.size
         except Exception as e:
             return f"{entry.where()}: {key!r} file is not a readable image: {path} ({e.__class__.__name__})", None
+    if "preferred" in entry.paths and (entry.paths["preferred"] == entry.paths["rejected"]
+                                       or _same_bytes(entry.paths["preferred"], entry.paths["rejected"])):
+        return f"{entry.where()}: 'preferred' and 'rejected' are the same image: {entry.paths['preferred']}", None
     ref = sizes["source"]
     for key, size in sizes.items():
         if size != ref:

@@ -27,7 +27,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 # ----------------------------------------------------------------------------- arguments
 
-def add_common_args(parser, meta_kind="triplet", lora=True):
+def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=()):
     """Arguments every training script shares. Names follow the RORem scripts. lora=False leaves
     out the remover's LoRA group (the discriminator has its own --rank)."""
     g = parser.add_argument_group("model")
@@ -39,7 +39,8 @@ def add_common_args(parser, meta_kind="triplet", lora=True):
     g.add_argument("--prompt", default="", help="training prompt (RORem trains with the empty prompt)")
 
     g = parser.add_argument_group("data")
-    g.add_argument("--meta_path", nargs="+", default=None, help=f"one or more meta.json files of {meta_kind} entries")
+    g.add_argument("--meta_path", *meta_aliases, dest="meta_path", nargs="+", default=None,
+                   help=f"one or more meta.json files of {meta_kind} entries")
     g.add_argument("--validation_meta_path", nargs="+", default=None, help="held-out entries for validation grids")
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--random_crop", action="store_true", help="random instead of central crops")

@@ -110,3 +110,20 @@ def test_discriminator_trains_on_two_ranks(tmp_path, tiny_model_dir, run_script)
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
     assert {"cls_pred_branch.pt", "pytorch_lora_weights.safetensors"} <= set(os.listdir(out))
+
+
+def test_dpo_trains_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
+    """DPO's reference pass (adapters off, no grad) must not upset DDP's gradient synchronisation."""
+    root = os.path.dirname(toy_meta)
+    pairs = [{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+              "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])}
+             for e in json.load(open(toy_meta))]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    out = str(tmp_path / "dpo2")
+    res = launch_two_ranks("train_RORem_dpo.py",
+                           ["--pretrained_model_name_or_path", tiny_model_dir, "--preference_data", str(tmp_path / "pairs.json"),
+                            "--output_dir", out, "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3",
+                            "--checkpointing_steps", "3", "--use_lora", "--report_to", "none"], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))

@@ -1,0 +1,118 @@
+"""train_RORem_dpo.py: shared noise and timestep within a pair, the reference is the base model with
+adapters off, log 2 at the start, only LoRA weights change, beta units, bad pair files."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import train_RORem_dpo as tdpo
+from myutils import train_util as tu
+from myutils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def pair_meta(tmp_path_factory, toy_meta):
+    """The toy setting of DESIGN.md section 12: preferred = GT, rejected = the source (object left in)."""
+    root = os.path.dirname(toy_meta)
+    pairs = [{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+              "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])}
+             for e in json.load(open(toy_meta))]
+    d = tmp_path_factory.mktemp("pairs")
+    path = d / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    return str(path)
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--preference_data", meta, "--output_dir", out, "--resolution", "32",
+            "--train_batch_size", "2", "--report_to", "none", "--checkpointing_steps", "100", "--learning_rate", "1e-3", *extra]
+
+
+def test_same_noise_and_timestep_for_both_halves(tiny_model_dir, pair_meta, tmp_path):
+    from accelerate import Accelerator
+
+    from myutils.data import RemovalDataset, read_meta
+
+    args = tdpo.parse_args(_args(tiny_model_dir, pair_meta, str(tmp_path)))
+    comps = tu.Components(args, Accelerator(), torch.float32)
+    ds = RemovalDataset(read_meta(pair_meta, "pair"), "pair", 32)
+    batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)]) for k in ("source", "mask", "preferred", "rejected",
+                                                                                    "original_size", "crop_top_left", "index", "epoch")}
+    x, t, target, kw = tdpo.pair_inputs(comps, batch, 32, seed=0)
+    assert x.shape == (6, 9, 16, 16) and torch.equal(t[:3], t[3:])
+    assert torch.equal(target[:3], target[3:])  # epsilon target = the noise: shared within each pair
+    assert not torch.equal(target[0], target[1])  # but not across pairs
+    assert torch.equal(x[:3, 4:], x[3:, 4:])  # same mask and masked source for both halves
+    assert not torch.equal(x[:3, :4], x[3:, :4])  # different images noised
+
+
+def test_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
+    from diffusers import UNet2DConditionModel
+
+    args = tdpo.parse_args(["--preference_data", "p", "--output_dir", "o", "--use_lora"])
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    tu.add_lora(unet, args, torch.float32)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    x, t = torch.randn(2, 9, 16, 16), torch.tensor([10, 500])
+    kw = {"encoder_hidden_states": torch.randn(2, 77, 64),
+          "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.ones(2, 6) * 32}}
+    ref = tdpo.reference_prediction(unet, None, x, t, kw)
+    with torch.no_grad():
+        assert torch.allclose(ref, base(x, t, **kw).sample, atol=1e-6)
+        assert not torch.allclose(unet(x, t, **kw).sample, ref)  # adapters are back on afterwards
+
+
+def test_lora_run_starts_at_log2_and_changes_only_lora(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    seen, saved = [], {}
+    real_loss, real_final = tdpo.diffusion_dpo_loss, tu.save_final
+    monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda *a, **k: seen.append(real_loss(*a, **k)) or seen[-1])
+    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, ema=None: (saved.setdefault("m", acc.unwrap_model(model)),
+                                                                                   real_final(acc, args, model, save, ema)))
+    out = str(tmp_path / "lora")
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--max_train_steps", "3"))
+    assert seen[0][0].item() == pytest.approx(math.log(2), abs=1e-6) and seen[0][1]["implicit_accuracy"] == 0.5
+    assert seen[-1][0].item() != pytest.approx(math.log(2), abs=1e-6)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    trained = {k.replace(".base_layer", ""): v for k, v in saved["m"].state_dict().items() if "lora" not in k}
+    assert all(torch.equal(trained[k].float(), base[k].float()) for k in base)  # the base UNet is untouched
+    assert any(v.abs().max() > 0 for k, v in saved["m"].state_dict().items() if "lora_B" in k)
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
+    seen = []
+    real_loss = tdpo.diffusion_dpo_loss
+    monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
+    out = str(tmp_path / "full")
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum"))
+    assert seen[0] == 0.5 * 4 * 16 * 16  # converted to mean units for 4 x 16 x 16 latents
+    assert os.path.isfile(os.path.join(out, "unet", "config.json"))
+
+
+def test_bad_pair_files(tmp_path, tiny_model_dir, pair_meta, run_script):
+    pairs = json.load(open(pair_meta))[:4]
+    cases = [({k: v for k, v in pairs[0].items() if k != "rejected"}, "missing key 'rejected'"),
+             (dict(pairs[0], rejected=pairs[0]["preferred"]), "'preferred' and 'rejected' are the same image")]
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "small.png")
+    cases.append((dict(pairs[0], rejected=str(tmp_path / "small.png")), "'rejected' is 16x16 but 'source' is 32x32"))
+    for bad, message in cases:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps([pairs[1], bad]))
+        with pytest.raises(UserError, match=f"bad.json: entry 1: {message}"):
+            run_script(tdpo, _args(tiny_model_dir, str(path), str(tmp_path / "o"), "--max_train_steps", "1"))
+
+
+def test_dpo_config_parses():
+    cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dpo_config.yaml")
+    args = tdpo.parse_args(["--config", cfg, "--preference_data", "p.json", "--output_dir", "o"])
+    assert args.beta == 5000 and args.beta_unit == "mean" and args.use_lora and args.meta_path == ["p.json"]

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Diffusion-DPO for the RORem remover on preference pairs {"source", "mask", "preferred", "rejected"}.
+
+    accelerate launch --config_file configs/accelerate_8gpu.yaml train_RORem_dpo.py \
+        --pretrained_unet path/to/RORem_unet --preference_data pairs/meta.json --beta 5000 --use_lora \
+        --output_dir experiment/RORem_DPO --max_train_steps 2000 --report_to wandb
+
+Per step: both images of a pair get the same crop/flip, the same noise and the same timestep; the
+policy and the reference predict on [preferred..., rejected...]; the loss is myutils/dpo_utils.py's.
+The reference is the same UNet with its LoRA adapters disabled (no second UNet in memory), or a
+frozen copy in the compute dtype for a full fine-tune. --loss_type sft trains on the preferred
+images only (the supervised baseline).
+
+Beta units: --beta multiplies errors averaged over latent elements (the paper's unit: about 5000 at
+SDXL scale). --beta_unit sum takes the research plan's unit (errors summed over elements: 0.1 ... 2.0)
+and converts it (beta_mean = beta_sum * C * H * W of the latents).
+"""
+import argparse
+import copy
+import contextlib
+
+import torch
+
+from myutils import train_util as tu
+from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
+from myutils.errors import UserError, run_cli
+from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
+from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tu.add_common_args(parser, meta_kind="pair", meta_aliases=("--preference_data",))
+    g = parser.add_argument_group("DPO")
+    g.add_argument("--beta", type=float, default=5000.0)
+    g.add_argument("--beta_unit", choices=["mean", "sum"], default="mean", help="what --beta multiplies (see the top)")
+    g.add_argument("--beta_end", type=float, default=None, help="with --beta_schedule linear or cosine")
+    g.add_argument("--beta_schedule", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--loss_type", choices=list(LOSS_TYPES) + ["sft"], default="sigmoid")
+    parser.set_defaults(learning_rate=2.048e-5, validation_steps=0)
+    return tu.parse_args(parser, argv)
+
+
+def pair_inputs(comps, batch, resolution, seed):
+    """The stacked [preferred..., rejected...] UNet input, timesteps, target and conditioning, with
+    the same noise and timestep for both halves of each pair."""
+    sched, vae = comps.noise_scheduler, comps.vae
+    if "params:masked" not in batch:
+        batch = {**batch, **batch_latent_params(vae, batch, ["preferred", "rejected", "masked"])}
+    gens = sample_generators(batch, seed, batch["params:masked"].device)
+    lat_w = sample_latents(batch["params:preferred"], vae.config, gens)
+    lat_l = sample_latents(batch["params:rejected"], vae.config, gens)
+    masked = sample_latents(batch["params:masked"], vae.config, gens)
+    noise = randn_per_sample(gens, lat_w.shape[1:], lat_w.device)
+    t = randint_per_sample(gens, sched.config.num_train_timesteps, lat_w.device)
+    latents, noise, t = torch.cat([lat_w, lat_l]), torch.cat([noise, noise]), torch.cat([t, t])
+    x = unet_input(sched.add_noise(latents, noise, t), batch["mask_latent"].repeat(2, 1, 1, 1), masked.repeat(2, 1, 1, 1))
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    kw = comps.condition.unet_kwargs(batch["original_size"].repeat(2, 1), batch["crop_top_left"].repeat(2, 1), (resolution, resolution))
+    return x.to(comps.condition.prompt_embeds.dtype), t, target, kw
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+@torch.no_grad()
+def reference_prediction(unet, ref_unet, x, t, kw):
+    """The reference policy: the frozen copy, or the LoRA model with its adapters switched off."""
+    if ref_unet is not None:
+        return ref_unet(x, t, **kw).sample
+    with adapters_disabled(unet):
+        return unet(x, t, **kw).sample
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = tu.make_accelerator(args)
+    entries = tu.load_entries(args.meta_path, "pair", accelerator, check=not args.skip_data_check)
+    val_entries = entries
+    if args.validation_meta_path:
+        val_entries = tu.load_entries(args.validation_meta_path, "pair", accelerator, what="--validation_meta_path")
+    dtype = tu.weight_dtype(accelerator)
+    comps = tu.Components(args, accelerator, dtype)
+    unet, ref_unet = comps.unet, None
+    if args.use_lora:
+        tu.add_lora(unet, args, dtype)
+    else:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype).eval()
+        unet.requires_grad_(True)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    dataset = tu.make_train_dataset(args, entries, "pair", accelerator, comps.vae, cache_keys=("preferred", "rejected", "masked"))
+    loader = tu.make_dataloader(args, dataset, accelerator)
+    max_steps, num_epochs = tu.step_budget(args, loader)
+    optimizer = tu.make_optimizer(args, params, accelerator)
+    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    save = lambda m, d: tu.save_unet(m, d, args.use_lora)  # noqa: E731
+    tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, args.use_lora))
+    tu.init_trackers(accelerator, args, "train_RORem_dpo")
+    val_samples = tu.validation_samples(args, val_entries, kind="pair") if args.validation_steps else []
+    latent_shape = None
+
+    global_step = tu.resume(accelerator, args)
+    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    for batch in run.batches():
+        with accelerator.accumulate(unet):
+            x, t, target, kw = pair_inputs(comps, batch, args.resolution, args.seed)
+            latent_shape = latent_shape or tuple(target.shape[1:])
+            pred = unet(x, t, **kw).sample
+            if args.loss_type == "sft":
+                loss, metrics = sft_loss(pred, target), {}
+            else:
+                beta = beta_in_mean_units(beta_at(run.global_step, max_steps, args.beta, args.beta_end, args.beta_schedule),
+                                          latent_shape, args.beta_unit)
+                ref = reference_prediction(accelerator.unwrap_model(unet), ref_unet, x, t, kw)
+                loss, metrics = diffusion_dpo_loss(pred, ref, target, beta, args.loss_type)
+                metrics["beta"] = beta
+            if run.loss_is_finite(loss):
+                accelerator.backward(loss)
+            run.optimizer_step(optimizer, lr_scheduler, params)
+        if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:
+            tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step, target_key="preferred")
+    run.finish()
+    tu.save_final(accelerator, args, unet, save)
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -23,7 +23,7 @@ import torch
 
 from myutils import train_util as tu
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
-from myutils.errors import UserError, run_cli
+from myutils.errors import run_cli
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 

@@ -7,8 +7,8 @@ import torch
 from myutils.dpo_utils import beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 
 
-def _stack(w, l):
-    return torch.tensor([w, l], dtype=torch.float32).reshape(2, 1, 1, 2)
+def _stack(preferred, rejected):
+    return torch.tensor([preferred, rejected], dtype=torch.float32).reshape(2, 1, 1, 2)
 
 
 def test_loss_by_hand():

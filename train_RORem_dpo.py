@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from myutils import train_util as tu
-from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
+from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import run_cli
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
@@ -41,9 +41,9 @@ def parse_args(argv=None):
     return tu.parse_args(parser, argv)
 
 
-def pair_inputs(comps, batch, resolution, seed):
+def pair_inputs(comps, batch, resolution, seed, timestep=None):
     """The stacked [preferred..., rejected...] UNet input, timesteps, target and conditioning, with
-    the same noise and timestep for both halves of each pair."""
+    the same noise and timestep for both halves of each pair (a fixed `timestep` for evaluation)."""
     sched, vae = comps.noise_scheduler, comps.vae
     if "params:masked" not in batch:
         batch = {**batch, **batch_latent_params(vae, batch, ["preferred", "rejected", "masked"])}
@@ -53,6 +53,8 @@ def pair_inputs(comps, batch, resolution, seed):
     masked = sample_latents(batch["params:masked"], vae.config, gens)
     noise = randn_per_sample(gens, lat_w.shape[1:], lat_w.device)
     t = randint_per_sample(gens, sched.config.num_train_timesteps, lat_w.device)
+    if timestep is not None:
+        t = torch.full_like(t, timestep)
     latents, noise, t = torch.cat([lat_w, lat_l]), torch.cat([noise, noise]), torch.cat([t, t])
     x = unet_input(sched.add_noise(latents, noise, t), batch["mask_latent"].repeat(2, 1, 1, 1), masked.repeat(2, 1, 1, 1))
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
@@ -76,6 +78,27 @@ def reference_prediction(unet, ref_unet, x, t, kw):
         return ref_unet(x, t, **kw).sample
     with adapters_disabled(unet):
         return unet(x, t, **kw).sample
+
+
+EVAL_SEEDS, EVAL_TIMESTEPS = (0, 1), (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def preference_accuracy(unet, ref_unet, comps, samples, resolution):
+    """Held-out preference accuracy: per pair, the DPO margin -((err_w - err_l) - (ref_err_w - ref_err_l))
+    averaged over fixed noises and timesteps; the fraction of pairs where it is positive (ties half).
+    0.5 when the policy equals the reference."""
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(comps.vae.device)
+             for k in ("source", "mask", "preferred", "rejected", "original_size", "crop_top_left", "index", "epoch")}
+    margin = torch.zeros(len(samples))
+    for seed in EVAL_SEEDS:
+        for timestep in EVAL_TIMESTEPS:
+            x, t, target, kw = pair_inputs(comps, batch, resolution, seed, timestep)
+            err = per_sample_error(unet(x, t, **kw).sample, target)
+            ref = per_sample_error(reference_prediction(unet, ref_unet, x, t, kw), target)
+            (w, l_), (rw, rl) = err.chunk(2), ref.chunk(2)
+            margin += (-((w - l_) - (rw - rl))).cpu()
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
 def main(argv=None):
@@ -108,6 +131,18 @@ def main(argv=None):
     val_samples = tu.validation_samples(args, val_entries, kind="pair") if args.validation_steps else []
     latent_shape = None
 
+    def validate(step):
+        """Held-out preference accuracy and a grid (rows: source, mask, policy result, preferred)."""
+        if accelerator.is_main_process and val_samples:
+            model = accelerator.unwrap_model(unet)
+            model.eval()
+            acc = preference_accuracy(model, ref_unet, comps, val_samples, args.resolution)
+            model.train()
+            accelerator.log({"val_preference_accuracy": acc}, step=step)
+            tu.logger.info("step %d: held-out preference accuracy %.3f", step, acc)
+            tu.run_validation(accelerator, args, comps, unet, val_samples, step, target_key="preferred")
+            return acc
+
     global_step = tu.resume(accelerator, args)
     run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
@@ -127,10 +162,11 @@ def main(argv=None):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
         if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:
-            tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step, target_key="preferred")
+            validate(run.global_step)
     run.finish()
+    final_accuracy = validate(run.global_step) if args.validation_steps else None
     tu.save_final(accelerator, args, unet, save)
-    return args.output_dir
+    return final_accuracy
 
 
 if __name__ == "__main__":

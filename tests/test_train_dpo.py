@@ -92,9 +92,12 @@ def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_
     real_loss = tdpo.diffusion_dpo_loss
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
     out = str(tmp_path / "full")
-    run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum"))
+    acc = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum",
+                                 "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2"))
     assert seen[0] == 0.5 * 4 * 16 * 16  # converted to mean units for 4 x 16 x 16 latents
     assert os.path.isfile(os.path.join(out, "unet", "config.json"))
+    assert isinstance(acc, float) and 0.0 <= acc <= 1.0  # held-out preference accuracy over 3 pairs
+    assert os.path.isfile(os.path.join(out, "validation", "step-000002.png"))
 
 
 def test_bad_pair_files(tmp_path, tiny_model_dir, pair_meta, run_script):
@@ -116,3 +119,26 @@ def test_dpo_config_parses():
     cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dpo_config.yaml")
     args = tdpo.parse_args(["--config", cfg, "--preference_data", "p.json", "--output_dir", "o"])
     assert args.beta == 5000 and args.beta_unit == "mean" and args.use_lora and args.meta_path == ["p.json"]
+
+
+def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, tiny_model_dir, pair_meta):
+    from diffusers import UNet2DConditionModel
+    from accelerate import Accelerator
+
+    from myutils.data import RemovalDataset, read_meta
+
+    args = tdpo.parse_args(_args(tiny_model_dir, pair_meta, str(tmp_path), "--use_lora"))
+    comps = tu.Components(args, Accelerator(), torch.float32)
+    samples = [RemovalDataset(read_meta(pair_meta, "pair"), "pair", 32)[i] for i in range(6)]
+    unet = comps.unet
+    tu.add_lora(unet, args, torch.float32)
+    assert tdpo.preference_accuracy(unet, None, comps, samples, 32) == 0.5  # policy == reference: all ties
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)  # 1e-2 spikes (a known DPO failure)
+    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
+    for step in range(20):  # plain DPO steps on these pairs
+        x, t, target, kw = tdpo.pair_inputs(comps, {**batch, "epoch": torch.full((6,), step)}, 32, seed=0)
+        loss, _ = tdpo.diffusion_dpo_loss(unet(x, t, **kw).sample, tdpo.reference_prediction(unet, None, x, t, kw), target, 5000.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert tdpo.preference_accuracy(unet, None, comps, samples, 32) > 0.5

@@ -77,7 +77,9 @@ def test_lora_run_starts_at_log2_and_changes_only_lora(tmp_path, tiny_model_dir,
     monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, ema=None: (saved.setdefault("m", acc.unwrap_model(model)),
                                                                                    real_final(acc, args, model, save, ema)))
     out = str(tmp_path / "lora")
-    run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--max_train_steps", "3"))
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--max_train_steps", "3",
+                           "--cache_latents", "--random_flip"))
+    assert len(os.listdir(os.path.join(out, "latent_cache"))) == 12  # preferred, rejected, masked source, both flips
     assert seen[0][0].item() == pytest.approx(math.log(2), abs=1e-6) and seen[0][1]["implicit_accuracy"] == 0.5
     assert seen[-1][0].item() != pytest.approx(math.log(2), abs=1e-6)
     base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()

@@ -56,10 +56,7 @@ def diffusion_loss(unet, comps, batch, resolution, seed):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = tu.make_accelerator(args)
-    entries = tu.load_entries(args.meta_path, "triplet", accelerator, check=not args.skip_data_check)
-    val_entries = entries
-    if args.validation_meta_path:
-        val_entries = tu.load_entries(args.validation_meta_path, "triplet", accelerator, what="--validation_meta_path")
+    entries, val_entries = tu.load_train_and_validation(args, "triplet", accelerator)
     dtype = tu.weight_dtype(accelerator)
     comps = tu.Components(args, accelerator, dtype)
     unet = comps.unet

@@ -104,10 +104,7 @@ def preference_accuracy(unet, ref_unet, comps, samples, resolution):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = tu.make_accelerator(args)
-    entries = tu.load_entries(args.meta_path, "pair", accelerator, check=not args.skip_data_check)
-    val_entries = entries
-    if args.validation_meta_path:
-        val_entries = tu.load_entries(args.validation_meta_path, "pair", accelerator, what="--validation_meta_path")
+    entries, val_entries = tu.load_train_and_validation(args, "pair", accelerator)
     dtype = tu.weight_dtype(accelerator)
     comps = tu.Components(args, accelerator, dtype)
     unet, ref_unet = comps.unet, None

@@ -218,6 +218,14 @@ def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path"):
     return entries
 
 
+def load_train_and_validation(args, kind, accelerator):
+    """Training entries, and the validation entries (--validation_meta_path, else the training ones)."""
+    entries = load_entries(args.meta_path, kind, accelerator, check=not args.skip_data_check)
+    if not args.validation_meta_path:
+        return entries, entries
+    return entries, load_entries(args.validation_meta_path, kind, accelerator, what="--validation_meta_path")
+
+
 def make_train_dataset(args, entries, kind, accelerator, vae=None, cache_keys=()):
     """The pixel dataset, or with --cache_latents the cached-latent dataset over it."""
     dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop,

@@ -124,7 +124,6 @@ def test_dpo_config_parses():
 
 
 def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, tiny_model_dir, pair_meta):
-    from diffusers import UNet2DConditionModel
     from accelerate import Accelerator
 
     from myutils.data import RemovalDataset, read_meta

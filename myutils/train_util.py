@@ -180,7 +180,7 @@ def make_accelerator(args):
         os.makedirs(args.output_dir, exist_ok=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    set_seed(args.seed + accelerator.process_index)  # different noise per rank, reproducible per rank
+    set_seed(args.seed)  # same initialisation on every rank; training noise is per sample (myutils/rng.py)
     return accelerator
 
 

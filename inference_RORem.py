@@ -18,41 +18,25 @@ from tqdm.auto import tqdm
 
 from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
-from myutils.img_util import dilate_mask, load_image, load_mask, paste_back, processing_size
-from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline, resolve_device_dtype
-from myutils.sdxl_inpaint import encode_prompt_pair
-from pipelines.inpaint import inpaint
+from myutils.img_util import dilate_mask, load_image, load_mask
+from myutils.models import resolve_device_dtype
+from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
-    p.add_argument("--RORem_unet", default=None, help="remover UNet folder (diffusers layout, or a folder with unet/)")
-    p.add_argument("--lora_path", default=None, help="a LoRA (pytorch_lora_weights.safetensors or its folder)")
-    p.add_argument("--variant", default=None, help="e.g. fp16 for RORem's released weights")
+    add_remover_args(p)
     p.add_argument("--image_path", default=None, help="an image, or a folder of images")
     p.add_argument("--mask_path", default=None, help="its mask (white = remove), or a folder of masks with the same names")
     p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask} entries")
     p.add_argument("--save_path", default="result.png", help="output file (single image) or folder (batch modes)")
-    p.add_argument("--inference_steps", type=int, default=50)
-    p.add_argument("--strength", type=float, default=0.99, help="diffusers runs int(steps * strength) steps")
-    p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1: classifier-free guidance")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--negative_prompt", default="")
     p.add_argument("--dilate_size", type=int, default=0, help="grow the mask by this many pixels first")
-    p.add_argument("--resolution", type=int, default=512, help="shorter side while processing (multiple of 8)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
-    p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="batch modes: redo results that already exist")
     args = p.parse_args(argv)
-    if args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
-    if int(args.inference_steps * args.strength) < 1:
-        raise UserError(f"--inference_steps {args.inference_steps} at --strength {args.strength} runs no denoising step")
+    check_remover_args(args)
     if bool(args.meta_path) == bool(args.image_path or args.mask_path):
         raise UserError("give either --meta_path, or --image_path with --mask_path")
     if not args.meta_path and not (args.image_path and args.mask_path):
@@ -84,31 +68,6 @@ def list_jobs(args):
         return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, check_entries(entries)
     warnings = check_entries(entries, progress=len(entries) > 200)
     return [(e.paths["source"], e.paths["mask"], os.path.join(args.save_path, n)) for e, n in zip(entries, names)], entries, warnings
-
-
-def load_remover(args, device, dtype):
-    """The pipeline with the remover (and LoRA) in place, and the prompt pair encoded once."""
-    pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype)
-    if args.lora_path:
-        if not os.path.exists(args.lora_path):
-            raise UserError(f"--lora_path {args.lora_path}: not found")
-        folder, name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
-        pipe.load_lora_weights(folder, weight_name=name)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    cond, uncond = encode_prompt_pair(pipe, args.prompt, args.negative_prompt, device)
-    return pipe, cond.to(device, dtype), uncond.to(device, dtype)
-
-
-def remove_objects(pipe, cond, uncond, images, masks, args, seed):
-    """Process same-sized images together; return results at each input's original size, pasted back."""
-    w, h = images[0].size
-    size = processing_size(w, h, args.resolution)
-    small = [im.resize(size, resample=3) for im in images]
-    small_masks = [m.resize(size, resample=0) for m in masks]
-    out = inpaint(pipe, cond, small, small_masks, (size[1], size[0]), args.inference_steps, args.strength,
-                  seed=seed, guidance_scale=args.guidance_scale, negative=uncond)
-    return [paste_back(r.resize((w, h), resample=3), im, m) for r, im, m in zip(out, images, masks)]
 
 
 def main(argv=None):

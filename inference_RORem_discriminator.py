@@ -17,14 +17,11 @@ import csv
 import json
 import os
 
-import torch
-from tqdm.auto import tqdm
-
-from myutils.data import Entry, RemovalDataset, check_entries, read_meta
+from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.metrics import accuracy_at, roc_auc
 from myutils.models import DEFAULT_MODEL, resolve_device_dtype
-from myutils.reward_utils import load_reward_model
+from myutils.reward_utils import load_reward_model, score_entries
 
 
 def parse_args(argv=None):
@@ -52,17 +49,6 @@ def parse_args(argv=None):
     if not args.output_path.endswith((".json", ".csv")):
         raise UserError(f"--output_path {args.output_path}: must end in .json or .csv")
     return args
-
-
-def score_entries(reward, entries, resolution, batch_size):
-    """Discriminator scores of every entry, in order (centre crop at the training resolution)."""
-    dataset = RemovalDataset(entries, "triplet", resolution)
-    scores = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", disable=len(dataset) <= batch_size):
-        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        b = {k: torch.stack([it[k] for it in items]) for k in ("source", "mask", "GT", "original_size", "crop_top_left")}
-        scores += reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]).tolist()
-    return scores
 
 
 def main(argv=None):

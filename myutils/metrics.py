@@ -46,3 +46,16 @@ def accuracy_at(scores, labels, threshold=0.5):
     """Fraction where (score >= threshold) agrees with (label >= 0.5)."""
     s, y = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels, dtype=np.float64).ravel()
     return float(((s >= threshold) == (y >= 0.5)).mean())
+
+
+def win_rate(scores_a, scores_b, z=1.96):
+    """Paired comparison of system A against B on the same inputs (higher score wins): the fraction
+    A wins, ties counted half, and its Wilson score interval (z = 1.96: 95%). Identical systems: 0.5."""
+    a, b = np.asarray(scores_a, dtype=np.float64).ravel(), np.asarray(scores_b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"win_rate needs two equally long, non-empty score lists (got {a.size} and {b.size})")
+    n = a.size
+    p = float(((a > b).sum() + 0.5 * (a == b).sum()) / n)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, (float(centre - half), float(centre + half))

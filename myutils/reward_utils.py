@@ -120,6 +120,22 @@ class DiscriminatorReward:
         return self.score_latents(source_latents, params["mask_latent"], edited_latents, original_size, crop_top_left)
 
 
+def score_entries(reward, entries, resolution, batch_size):
+    """Discriminator scores of (source, mask, GT=edited) entries, in order (centre crop at the
+    discriminator's training resolution)."""
+    from tqdm.auto import tqdm
+
+    from .data import RemovalDataset
+
+    dataset = RemovalDataset(entries, "triplet", resolution)
+    scores = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", disable=len(dataset) <= batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+        b = {k: torch.stack([it[k] for it in items]) for k in ("source", "mask", "GT", "original_size", "crop_top_left")}
+        scores += reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]).tolist()
+    return scores
+
+
 def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None):
     """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder."""
     from .models import load_inpaint_pipeline

@@ -1,6 +1,14 @@
-"""Sampling with the stock diffusers SDXL-inpainting pipeline, from precomputed prompt embeddings."""
+"""Sampling with the stock diffusers SDXL-inpainting pipeline, from precomputed prompt embeddings,
+and the remover as the inference scripts load and run it (one set of arguments for all of them)."""
+import os
+
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
+
+from myutils.errors import UserError
+from myutils.img_util import paste_back, processing_size
+from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline
+from myutils.sdxl_inpaint import encode_prompt_pair
 
 
 def make_pipeline(vae, unet, scheduler):
@@ -33,3 +41,52 @@ def inpaint(pipe, condition, images, masks, resolution, steps=50, strength=0.99,
                num_inference_steps=steps, strength=strength, guidance_scale=guidance_scale,
                generator=generators, output_type="pil", **kwargs)
     return out.images
+
+
+def add_remover_args(p):
+    """The arguments that choose and run a remover (inference_RORem.py, build_preference_pairs.py)."""
+    p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
+    p.add_argument("--RORem_unet", default=None, help="remover UNet folder (diffusers layout, or a folder with unet/)")
+    p.add_argument("--lora_path", default=None, help="a LoRA (pytorch_lora_weights.safetensors or its folder)")
+    p.add_argument("--variant", default=None, help="e.g. fp16 for RORem's released weights")
+    p.add_argument("--inference_steps", type=int, default=50)
+    p.add_argument("--strength", type=float, default=0.99, help="diffusers runs int(steps * strength) steps")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1: classifier-free guidance")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--resolution", type=int, default=512, help="shorter side while processing (multiple of 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto")
+
+
+def check_remover_args(args):
+    if args.resolution % 8:
+        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
+    if int(args.inference_steps * args.strength) < 1:
+        raise UserError(f"--inference_steps {args.inference_steps} at --strength {args.strength} runs no denoising step")
+
+
+def load_remover(args, device, dtype):
+    """The pipeline with the remover (and LoRA) in place, and the prompt pair encoded once."""
+    pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype)
+    if args.lora_path:
+        if not os.path.exists(args.lora_path):
+            raise UserError(f"--lora_path {args.lora_path}: not found")
+        folder, name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
+        pipe.load_lora_weights(folder, weight_name=name)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond = encode_prompt_pair(pipe, args.prompt, args.negative_prompt, device)
+    return pipe, cond.to(device, dtype), uncond.to(device, dtype)
+
+
+def remove_objects(pipe, cond, uncond, images, masks, args, seed):
+    """Process same-sized images together; return results at each input's original size, pasted back."""
+    w, h = images[0].size
+    size = processing_size(w, h, args.resolution)
+    small = [im.resize(size, resample=3) for im in images]
+    small_masks = [m.resize(size, resample=0) for m in masks]
+    out = inpaint(pipe, cond, small, small_masks, (size[1], size[0]), args.inference_steps, args.strength,
+                  seed=seed, guidance_scale=args.guidance_scale, negative=uncond)
+    return [paste_back(r.resize((w, h), resample=3), im, m) for r, im, m in zip(out, images, masks)]

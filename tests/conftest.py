@@ -27,6 +27,21 @@ def toy_meta(tmp_path_factory):
     return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num=12, resolution=32, seed=0)
 
 
+@pytest.fixture(scope="session")
+def disc_dir(tmp_path_factory, tiny_model_dir):
+    """An untrained discriminator (random LoRA, fresh head) in RORem's folder layout."""
+    from diffusers import UNet2DConditionModel
+
+    from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+    from myutils.reward_utils import add_discriminator_lora, save_discriminator
+
+    disc = UNetSDXLDiscriminator.from_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"))
+    add_discriminator_lora(disc)
+    out = str(tmp_path_factory.mktemp("disc"))
+    save_discriminator(disc, out, lora=True)
+    return out
+
+
 def reset_accelerate():
     """accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
     from accelerate.state import AcceleratorState, GradientState

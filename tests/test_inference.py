@@ -13,6 +13,7 @@ from PIL import Image
 import inference_RORem as inf
 from myutils.errors import UserError
 from myutils.img_util import processing_size
+from pipelines.inpaint import load_remover, remove_objects
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,18 +74,18 @@ def test_classifier_free_guidance_is_real(tmp_path, tiny_model_dir):
     """guidance > 1 doubles the UNet batch: the negative condition first, then the prompt."""
     args = inf.parse_args(_strs(_base(tiny_model_dir, "--image_path", "x", "--mask_path", "y", "--guidance_scale", "3",
                                       "--negative_prompt", "blurry")))
-    pipe, cond, uncond = inf.load_remover(args, "cpu", torch.float32)
+    pipe, cond, uncond = load_remover(args, "cpu", torch.float32)
     assert not torch.allclose(cond.prompt_embeds, uncond.prompt_embeds)
     seen = []
     forward = pipe.unet.forward
     pipe.unet.forward = lambda x, t, **kw: (seen.append((x.shape[0], kw["encoder_hidden_states"])), forward(x, t, **kw))[1]
     img, mask = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("L", (32, 32), 0)
     mask.paste(255, (8, 8, 24, 24))
-    guided = inf.remove_objects(pipe, cond, uncond, [img], [mask], args, seed=0)[0]
+    guided = remove_objects(pipe, cond, uncond, [img], [mask], args, seed=0)[0]
     assert seen[0][0] == 2 and torch.allclose(seen[0][1][0], uncond.prompt_embeds[0]) and torch.allclose(seen[0][1][1], cond.prompt_embeds[0])
     seen.clear()
     args.guidance_scale = 1.0
-    plain = inf.remove_objects(pipe, cond, uncond, [img], [mask], args, seed=0)[0]
+    plain = remove_objects(pipe, cond, uncond, [img], [mask], args, seed=0)[0]
     assert seen[0][0] == 1
     assert np.abs(np.asarray(guided, float) - np.asarray(plain, float)).max() > 0
 

@@ -10,20 +10,6 @@ import train_RORem_discriminator
 from myutils.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def disc_dir(tmp_path_factory, tiny_model_dir):
-    from diffusers import UNet2DConditionModel
-
-    from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
-    from myutils.reward_utils import add_discriminator_lora, save_discriminator
-
-    disc = UNetSDXLDiscriminator.from_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"))
-    add_discriminator_lora(disc)
-    out = str(tmp_path_factory.mktemp("disc"))
-    save_discriminator(disc, out, lora=True)
-    return out
-
-
 def test_single_and_batch_scoring(tmp_path, tiny_model_dir, toy_meta, disc_dir, capsys):
     entries = json.load(open(toy_meta))
     root = toy_meta.rsplit("/", 1)[0]

@@ -127,3 +127,26 @@ def test_dpo_trains_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
     assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
+def test_preference_pairs_split_over_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir):
+    """Each rank generates and scores every other input; the pairs equal a one-process run's."""
+    from tests.test_build_preference_pairs import bpp
+
+    root = os.path.dirname(toy_meta)
+    (tmp_path / "inputs.json").write_text(json.dumps([{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"])}
+                                                      for e in json.load(open(toy_meta))[:4]]))
+
+    def argv(out):
+        return ["--pretrained_model", tiny_model_dir, "--RORem_discriminator", disc_dir, "--meta_path", str(tmp_path / "inputs.json"),
+                "--output_dir", out, "--num_candidates", "2", "--inference_steps", "2", "--strength", "1.0",
+                "--resolution", "32", "--min_margin", "-1", "--device", "cpu"]
+
+    res = launch_two_ranks("scripts/build_preference_pairs.py", argv(str(tmp_path / "two")), str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    bpp.main(argv(str(tmp_path / "one")))
+    two, one = (json.load(open(tmp_path / d / "meta.json")) for d in ("two", "one"))
+    assert len(two) == len(one) == 4
+    for a, b in zip(two, one):
+        assert abs(a["preferred_score"] - b["preferred_score"]) < 1e-5 and abs(a["rejected_score"] - b["rejected_score"]) < 1e-5
+        assert os.path.basename(a["preferred"]) == os.path.basename(b["preferred"])

@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Build Diffusion-DPO preference pairs: natural pairs from scored annotations, and generated pairs
+where those are too few (K candidates per input from the remover, judged by the discriminator).
+
+    # natural pairs only: every score-1 result against score-0 results of the same source and mask
+    python scripts/build_preference_pairs.py --scored_meta_path annotations/meta.json --output_dir pairs/
+
+    # generate for the inputs without a natural pair: 8 candidates each, best against worst
+    accelerate launch --config_file configs/accelerate_8gpu.yaml scripts/build_preference_pairs.py \
+        --scored_meta_path annotations/meta.json --meta_path inputs/meta.json \
+        --RORem_unet path/to/RORem_unet --RORem_discriminator path/to/disc --num_candidates 8 \
+        --min_margin 0.1 --output_dir pairs/
+
+Writes <output_dir>/meta.json (the pair format train_RORem_dpo.py reads, with both scores) and,
+when generating, <output_dir>/candidates/ (every candidate image) and <output_dir>/candidates.json
+(every candidate as a scored triplet, score = the discriminator's verdict at --threshold, the raw
+score kept as discriminator_score: train_RORem.py can fine-tune on the accepted ones, the
+discriminator-filtered SFT baseline). Candidate k of input i uses seed --seed + i * K + k; with several
+--guidance_scales / --inference_steps the K candidates are split into equal blocks, one per setting.
+Resumable: an input's record (<output_dir>/records/<i>.json) is written once its candidates are
+scored, and inputs with a record are skipped. Under accelerate each process takes every n-th input.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from myutils.data import Entry, check_entries, read_meta  # noqa: E402
+from myutils.errors import UserError, run_cli  # noqa: E402
+from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
+from myutils.models import resolve_device_dtype  # noqa: E402
+from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    g = p.add_argument_group("natural pairs (from scored annotations)")
+    g.add_argument("--scored_meta_path", nargs="+", default=None, help="scored meta.json file(s): {source, mask, GT, score}")
+    g.add_argument("--max_pairs_per_input", type=int, default=None)
+    g.add_argument("--pair_similar", action="store_true", help="borrow the missing side from a similar input (same mask, "
+                   "sources within --similar_threshold mean squared difference)")
+    g.add_argument("--similar_threshold", type=float, default=0.02)
+    g = p.add_argument_group("generated pairs (remover candidates judged by the discriminator)")
+    g.add_argument("--meta_path", nargs="+", default=None, help="input meta.json file(s) of {source, mask} to generate for")
+    g.add_argument("--generate_for", choices=["unpaired", "all"], default="unpaired",
+                   help="with --scored_meta_path: generate only for inputs without a natural pair, or for all")
+    g.add_argument("--RORem_discriminator", default=None, help="discriminator folder (pytorch_lora_weights + cls_pred_branch.pt)")
+    g.add_argument("--num_candidates", type=int, default=8, help="K candidates per input")
+    g.add_argument("--guidance_scales", type=float, nargs="+", default=None, help="several: candidates split among them")
+    g.add_argument("--steps_options", type=int, nargs="+", default=None, help="several step counts: candidates split among them")
+    g.add_argument("--min_margin", type=float, default=0.1, help="pair best with worst only if their scores differ by more")
+    g.add_argument("--threshold", type=float, default=0.5, help="discriminator verdict for candidates.json")
+    add_remover_args(p)
+    args = p.parse_args(argv)
+    if not (args.scored_meta_path or args.meta_path):
+        raise UserError("give --scored_meta_path (natural pairs), --meta_path (generated pairs), or both")
+    if args.meta_path:
+        check_remover_args(args)
+        if not args.RORem_discriminator:
+            raise UserError("--meta_path generates candidates, which need --RORem_discriminator to judge them")
+        if args.num_candidates < 2:
+            raise UserError(f"--num_candidates {args.num_candidates}: need at least 2 to make a pair")
+    return args
+
+
+def candidate_settings(args):
+    """[(guidance_scale, steps)] for candidates 0..K-1: equal contiguous blocks per setting."""
+    settings = list(itertools.product(args.guidance_scales or [args.guidance_scale], args.steps_options or [args.inference_steps]))
+    if len(settings) > args.num_candidates:
+        raise UserError(f"--num_candidates {args.num_candidates} is fewer than the {len(settings)} guidance/steps settings")
+    return [settings[k * len(settings) // args.num_candidates] for k in range(args.num_candidates)]
+
+
+def best_against_worst(candidates, min_margin):
+    """The pair (best, worst) by score, or None when the margin is not above min_margin."""
+    best = max(candidates, key=lambda c: c["score"])
+    worst = min(candidates, key=lambda c: c["score"])
+    return (best, worst) if best["score"] - worst["score"] > min_margin else None
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # a record is there whole or not at all
+
+
+def generate_candidates(args, entries, todo, records_dir):
+    """For each input index in `todo`: K candidates with fixed seeds, scored; one record file each."""
+    from accelerate import PartialState
+
+    from myutils.reward_utils import load_reward_model, score_entries
+
+    state = PartialState()
+    mine = todo[state.process_index::state.num_processes]
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    if args.device == "auto" and state.num_processes > 1:
+        device = str(state.device)
+    settings = candidate_settings(args)
+    if mine:
+        pipe, cond, uncond = load_remover(args, device, dtype)
+        reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype, args.variant)
+    cand_dir = os.path.abspath(os.path.join(args.output_dir, "candidates"))
+    os.makedirs(cand_dir, exist_ok=True)
+    for i in tqdm(mine, desc=f"candidates (rank {state.process_index})", disable=not mine):
+        e = entries[i]
+        image, mask = load_image(e.paths["source"]), load_mask(e.paths["mask"])
+        cands = []
+        for setting, block in itertools.groupby(range(args.num_candidates), key=lambda k: settings[k]):
+            ks = list(block)
+            run = argparse.Namespace(**{**vars(args), "guidance_scale": setting[0], "inference_steps": setting[1]})
+            seed = args.seed + i * args.num_candidates + ks[0]
+            for k, result in zip(ks, remove_objects(pipe, cond, uncond, [image] * len(ks), [mask] * len(ks), run, seed)):
+                path = os.path.join(cand_dir, f"{i:06d}_{k:02d}.png")
+                result.save(path)
+                cands.append({"path": path, "seed": args.seed + i * args.num_candidates + k,
+                              "guidance_scale": setting[0], "inference_steps": setting[1]})
+        scored = [Entry(e.meta, i, {"source": e.paths["source"], "mask": e.paths["mask"], "GT": c["path"]}) for c in cands]
+        for c, s in zip(cands, score_entries(reward, scored, args.resolution, batch_size=len(scored))):
+            c["score"] = s
+        write_json(os.path.join(records_dir, f"{i:06d}.json"),
+                   {"source": e.paths["source"], "mask": e.paths["mask"], "candidates": cands})
+    state.wait_for_everyone()
+    return state.is_main_process
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pairs, report = [], {}
+    if args.scored_meta_path:
+        natural = os.path.join(args.output_dir, "natural_pairs.json")
+        report["natural"] = meta_to_preference_dataset_format(args.scored_meta_path, natural, args.max_pairs_per_input,
+                                                              args.pair_similar, args.similar_threshold, args.seed)
+        with open(natural) as f:
+            pairs += json.load(f)
+        print(f"natural pairs: {report['natural']['pairs']} from {report['natural']['inputs_with_pairs']} inputs; "
+              f"{report['natural']['inputs_without_pairs']} inputs have no pair")
+    if args.meta_path:
+        entries = read_meta(args.meta_path, "input")
+        for w in check_entries(entries, progress=len(entries) > 200):
+            print(f"warning: {w}")
+        paired = {content_key(p["source"], p["mask"]) for p in pairs} if args.generate_for == "unpaired" else set()
+        chosen = [i for i, e in enumerate(entries) if content_key(e.paths["source"], e.paths["mask"]) not in paired]
+        records_dir = os.path.join(args.output_dir, "records")
+        os.makedirs(records_dir, exist_ok=True)
+        todo = [i for i in chosen if not os.path.isfile(os.path.join(records_dir, f"{i:06d}.json"))]
+        print(f"generating for {len(chosen)} of {len(entries)} inputs ({len(chosen) - len(todo)} already done)")
+        if not generate_candidates(args, entries, todo, records_dir):
+            return None  # other ranks: the main process writes the files
+        records = []
+        for i in chosen:
+            with open(os.path.join(records_dir, f"{i:06d}.json")) as f:
+                records.append(json.load(f))
+        generated = [(r, best_against_worst(r["candidates"], args.min_margin)) for r in records]
+        pairs += [{"source": r["source"], "mask": r["mask"], "preferred": b["path"], "rejected": w["path"],
+                   "preferred_score": b["score"], "rejected_score": w["score"]} for r, bw in generated if bw for b, w in [bw]]
+        candidates = [{"source": r["source"], "mask": r["mask"], "GT": c["path"], "score": int(c["score"] >= args.threshold),
+                       "discriminator_score": c["score"], "seed": c["seed"]} for r in records for c in r["candidates"]]
+        write_json(os.path.join(args.output_dir, "candidates.json"), candidates)
+        made = sum(bool(bw) for _, bw in generated)
+        report["generated"] = {"inputs": len(records), "inputs_with_pairs": made, "inputs_below_margin": len(records) - made,
+                               "pairs": made, "min_margin": args.min_margin, "candidates": len(candidates)}
+        print(f"generated pairs: {made} of {len(records)} inputs have a best-worst margin above {args.min_margin}")
+    write_json(os.path.join(args.output_dir, "meta.json"), pairs)
+    write_json(os.path.join(args.output_dir, "report.json"), report)
+    print(f"{len(pairs)} pairs -> {os.path.join(args.output_dir, 'meta.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

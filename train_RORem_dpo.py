@@ -24,6 +24,8 @@ import torch
 from myutils import train_util as tu
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import run_cli
+from myutils.metrics import win_rate
+from myutils.reward_utils import load_reward_model, score_results
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 
@@ -37,6 +39,9 @@ def parse_args(argv=None):
     g.add_argument("--beta_end", type=float, default=None, help="with --beta_schedule linear or cosine")
     g.add_argument("--beta_schedule", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--loss_type", choices=list(LOSS_TYPES) + ["sft"], default="sigmoid")
+    g.add_argument("--discriminator_path", "--RORem_discriminator", default=None,
+                   help="a discriminator folder: validation also reports the win rate of policy vs reference")
+    g.add_argument("--win_rate_samples", type=int, default=64, help="held-out inputs for the win rate")
     parser.set_defaults(learning_rate=2.048e-5, validation_steps=0)
     return tu.parse_args(parser, argv)
 
@@ -63,21 +68,22 @@ def pair_inputs(comps, batch, resolution, seed, timestep=None):
 
 
 @contextlib.contextmanager
-def adapters_disabled(unet):
+def reference_model(unet, ref_unet):
+    """The reference policy: the frozen copy, or the LoRA model with its adapters switched off."""
+    if ref_unet is not None:
+        yield ref_unet
+        return
     unet.disable_adapters()
     try:
-        yield
+        yield unet
     finally:
         unet.enable_adapters()
 
 
 @torch.no_grad()
 def reference_prediction(unet, ref_unet, x, t, kw):
-    """The reference policy: the frozen copy, or the LoRA model with its adapters switched off."""
-    if ref_unet is not None:
-        return ref_unet(x, t, **kw).sample
-    with adapters_disabled(unet):
-        return unet(x, t, **kw).sample
+    with reference_model(unet, ref_unet) as ref:
+        return ref(x, t, **kw).sample
 
 
 EVAL_SEEDS, EVAL_TIMESTEPS = (0, 1), (100, 300, 500, 700, 900)
@@ -125,20 +131,39 @@ def main(argv=None):
     save = lambda m, d: tu.save_unet(m, d, args.use_lora)  # noqa: E731
     tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, args.use_lora))
     tu.init_trackers(accelerator, args, "train_RORem_dpo")
-    val_samples = tu.validation_samples(args, val_entries, kind="pair") if args.validation_steps else []
+    validating = args.validation_steps and accelerator.is_main_process
+    reward = (load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution, accelerator.device,
+                                dtype, args.variant) if validating and args.discriminator_path else None)
+    count = max(args.win_rate_samples, args.num_validation_images) if reward else None
+    val_samples = tu.validation_samples(args, val_entries, "pair", count) if validating else []
+    reference = {}  # the reference's results and scores: the same at every validation
     latent_shape = None
 
     def validate(step):
-        """Held-out preference accuracy and a grid (rows: source, mask, policy result, preferred)."""
-        if accelerator.is_main_process and val_samples:
-            model = accelerator.unwrap_model(unet)
-            model.eval()
-            acc = preference_accuracy(model, ref_unet, comps, val_samples, args.resolution)
-            model.train()
-            accelerator.log({"val_preference_accuracy": acc}, step=step)
-            tu.logger.info("step %d: held-out preference accuracy %.3f", step, acc)
-            tu.run_validation(accelerator, args, comps, unet, val_samples, step, target_key="preferred")
-            return acc
+        """Held-out preference accuracy; policy and reference results with the same seeds, their
+        discriminator win rate; a grid (rows: source, mask, reference, policy, preferred)."""
+        if not val_samples:
+            return None
+        model = accelerator.unwrap_model(unet)
+        model.eval()
+        metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution)}
+        results = tu.sample_validation(accelerator, args, comps, model, val_samples)
+        if not reference:
+            with reference_model(model, ref_unet) as ref:
+                reference["results"] = tu.sample_validation(accelerator, args, comps, ref, val_samples)
+            reference["scores"] = score_results(reward, val_samples, reference["results"]) if reward else None
+        if reward:
+            scores = score_results(reward, val_samples, results)
+            rate, (low, high) = win_rate(scores, reference["scores"])
+            metrics.update(val_win_rate=rate, val_win_rate_low=low, val_win_rate_high=high,
+                           val_score=sum(scores) / len(scores), val_reference_score=sum(reference["scores"]) / len(scores))
+        model.train()
+        accelerator.log(metrics, step=step)
+        tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        n = args.num_validation_images
+        source, mask, preferred = tu.input_rows(val_samples[:n], "preferred")
+        tu.save_validation_grid(accelerator, args, [source, mask, reference["results"][:n], results[:n], preferred], step)
+        return metrics
 
     global_step = tu.resume(accelerator, args)
     run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
@@ -161,9 +186,9 @@ def main(argv=None):
         if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:
             validate(run.global_step)
     run.finish()
-    final_accuracy = validate(run.global_step) if args.validation_steps else None
+    final = validate(run.global_step) if args.validation_steps else None
     tu.save_final(accelerator, args, unet, save)
-    return final_accuracy
+    return final
 
 
 if __name__ == "__main__":

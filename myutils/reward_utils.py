@@ -136,6 +136,20 @@ def score_entries(reward, entries, resolution, batch_size):
     return scores
 
 
+def score_results(reward, samples, results, batch_size=16):
+    """Scores of PIL results (processing size) for dataset samples: each judged with its sample's
+    source, mask, original size and crop."""
+    from .img_util import pil_to_tensor
+
+    scores = []
+    for i in range(0, len(samples), batch_size):
+        part = samples[i:i + batch_size]
+        stack = {k: torch.stack([torch.as_tensor(s[k]) for s in part]) for k in ("source", "mask", "original_size", "crop_top_left")}
+        edited = torch.stack([pil_to_tensor(r) for r in results[i:i + batch_size]])
+        scores += reward.score_pixels(stack["source"], stack["mask"], edited, stack["original_size"], stack["crop_top_left"]).tolist()
+    return scores
+
+
 def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None):
     """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder."""
     from .models import load_inpaint_pipeline

@@ -464,40 +464,71 @@ def log_images(accelerator, name, image, step):
             tracker.log({name: [wandb.Image(image)]}, step=step)
 
 
-def validation_samples(args, entries, kind="triplet"):
-    """The fixed samples for grids: the first --num_validation_images entries, centre-cropped, never flipped."""
-    dataset = RemovalDataset(entries[: args.num_validation_images], kind, args.resolution)
+def validation_samples(args, entries, kind="triplet", count=None):
+    """Fixed held-out samples, centre-cropped, never flipped: the first `count` (default
+    --num_validation_images) entries, one per input (pairs of the same source and mask count once)."""
+    seen, chosen = set(), []
+    for e in entries:
+        key = (e.paths["source"], e.paths["mask"])
+        if key not in seen and len(chosen) < (count or args.num_validation_images):
+            seen.add(key)
+            chosen.append(e)
+    dataset = RemovalDataset(chosen, kind, args.resolution)
     return [dataset[i] for i in range(len(dataset))]
 
 
 @torch.no_grad()
-def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT"):
-    """Inpaint the fixed validation samples with fixed seeds; save a grid (rows: source, mask,
-    result, target) under <output_dir>/validation and send it to the trackers. Main process only."""
-    if not accelerator.is_main_process or not samples:
-        return None
+def sample_validation(accelerator, args, comps, model, samples, seed=None):
+    """Inpaint validation samples with the unwrapped `model`, image i with seed (seed or --seed) + i,
+    --validation_inference_steps at --validation_strength; results pasted into their sources (PIL)."""
     from pipelines.inpaint import inpaint, make_pipeline
-    from .img_util import image_grid, tensor_to_pil
+    from .img_util import paste_back
 
-    model = accelerator.unwrap_model(unet)
     was_training = model.training
     model.eval()
     pipe = make_pipeline(comps.vae, model, scheduler_from_config(comps.sample_scheduler_config))
-    sources = [tensor_to_pil(s["source"]) for s in samples]
-    masks = [tensor_to_pil(s["mask"].expand(3, -1, -1) * 2 - 1) for s in samples]
-    with accelerator.autocast():
-        results = inpaint(pipe, comps.condition, sources, masks, args.resolution,
-                          args.validation_inference_steps, args.validation_strength, seed=args.seed)
-    targets = [tensor_to_pil(s[target_key]) for s in samples]
-    grid = image_grid(sources + masks + results + targets, rows=4, cols=len(samples))
-    scale = max(1, 128 // args.resolution)  # toy-sized images are upscaled so a person can see them
+    sources, masks = input_rows(samples)
+    results = []
+    for i in range(0, len(samples), 16):  # bounded memory for long win-rate sets
+        with accelerator.autocast():
+            results += inpaint(pipe, comps.condition, sources[i:i + 16], masks[i:i + 16], args.resolution,
+                               args.validation_inference_steps, args.validation_strength,
+                               seed=(args.seed if seed is None else seed) + i)
+    model.train(was_training)
+    return [paste_back(r, s, m.convert("L")) for r, s, m in zip(results, sources, masks)]
+
+
+def save_validation_grid(accelerator, args, rows, step):
+    """A grid of equally long rows of PIL images under <output_dir>/validation/step-N.png, sent to
+    the trackers; toy-sized images are upscaled so a person can see them."""
+    from .img_util import image_grid
+
+    grid = image_grid([im for row in rows for im in row], rows=len(rows), cols=len(rows[0]))
+    scale = max(1, 128 // args.resolution)
     grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     path = os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")
     grid.save(path)
     log_images(accelerator, "validation", grid, step)
-    model.train(was_training)
     return path
+
+
+def input_rows(samples, *keys):
+    """Grid rows of PIL images: the source, the mask (white = remove), then the given keys."""
+    from .img_util import tensor_to_pil
+
+    return ([[tensor_to_pil(s["source"]) for s in samples], [tensor_to_pil(s["mask"].expand(3, -1, -1) * 2 - 1) for s in samples]]
+            + [[tensor_to_pil(s[k]) for s in samples] for k in keys])
+
+
+def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT"):
+    """Inpaint the fixed validation samples with fixed seeds; save a grid (rows: source, mask,
+    result, target). Main process only."""
+    if not accelerator.is_main_process or not samples:
+        return None
+    results = sample_validation(accelerator, args, comps, accelerator.unwrap_model(unet), samples)
+    source, mask, target = input_rows(samples, target_key)
+    return save_validation_grid(accelerator, args, [source, mask, results, target], step)
 
 
 def scheduler_from_config(config):

@@ -94,12 +94,28 @@ def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_
     real_loss = tdpo.diffusion_dpo_loss
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
     out = str(tmp_path / "full")
-    acc = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum",
+    metrics = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum",
                                  "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2"))
     assert seen[0] == 0.5 * 4 * 16 * 16  # converted to mean units for 4 x 16 x 16 latents
     assert os.path.isfile(os.path.join(out, "unet", "config.json"))
-    assert isinstance(acc, float) and 0.0 <= acc <= 1.0  # held-out preference accuracy over 3 pairs
+    assert 0.0 <= metrics["val_preference_accuracy"] <= 1.0 and "val_win_rate" not in metrics  # no discriminator given
     assert os.path.isfile(os.path.join(out, "validation", "step-000002.png"))
+
+
+def test_win_rate_of_an_unchanged_policy_is_one_half(tmp_path, tiny_model_dir, pair_meta, disc_dir, run_script):
+    """With lr 0 the LoRA stays zero: policy and reference sample the same images with the same seeds,
+    so every comparison is a tie; the grid shows source, mask, reference, policy, preferred."""
+    from PIL import Image
+
+    out = str(tmp_path / "same")
+    metrics = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--learning_rate", "0", "--max_train_steps", "2",
+                                     "--validation_steps", "2", "--validation_inference_steps", "2", "--num_validation_images", "2",
+                                     "--discriminator_path", disc_dir, "--win_rate_samples", "5"))
+    assert metrics["val_win_rate"] == 0.5 and metrics["val_preference_accuracy"] == 0.5
+    assert metrics["val_win_rate_low"] < 0.5 < metrics["val_win_rate_high"]
+    assert metrics["val_score"] == metrics["val_reference_score"]
+    grid = Image.open(os.path.join(out, "validation", "step-000002.png"))
+    assert grid.size == (2 * 32 * 4, 5 * 32 * 4)  # 2 columns, 5 rows, upscaled 4x
 
 
 def test_bad_pair_files(tmp_path, tiny_model_dir, pair_meta, run_script):

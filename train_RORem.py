@@ -22,7 +22,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tu.add_common_args(parser, meta_kind="triplet")
     g = parser.add_argument_group("remover")
-    g.add_argument("--use_ema", action="store_true", help="keep an EMA of the UNet weights (full fine-tune only)")
+    g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the UNet weights (full fine-tune only)")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     args = tu.parse_args(parser, argv)
     if args.use_ema and args.use_lora:

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     tu.add_common_args(parser, meta_kind="scored", lora=False)
     g = parser.add_argument_group("discriminator")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank on to_q, to_k, to_v, to_out.0")
-    g.add_argument("--train_full", action="store_true", help="train the whole encoder and head instead of LoRA + head")
+    g.add_argument("--train_full", action=argparse.BooleanOptionalAction, default=False, help="train the whole encoder and head instead of LoRA + head")
     g.add_argument("--loss", choices=["mse", "bce"], default="mse", help="mse on softplus scores (RORem) or bce on logits")
     g.add_argument("--val_meta_path", nargs="+", default=None, help="held-out scored entries")
     g.add_argument("--val_fraction", type=float, default=0.1, help="without --val_meta_path: share of sources held out")

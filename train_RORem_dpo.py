@@ -187,7 +187,7 @@ def main(argv=None):
             validate(run.global_step)
     run.finish()
     final = validate(run.global_step) if args.validation_steps else None
-    tu.save_final(accelerator, args, unet, save)
+    tu.save_final(accelerator, args, unet, save, metrics=final)
     return final
 
 

@@ -43,12 +43,12 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=()):
                    help=f"one or more meta.json files of {meta_kind} entries")
     g.add_argument("--validation_meta_path", nargs="+", default=None, help="held-out entries for validation grids")
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--random_crop", action="store_true", help="random instead of central crops")
-    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--random_crop", action=argparse.BooleanOptionalAction, default=False, help="random instead of central crops")
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    g.add_argument("--cache_latents", action="store_true", help="encode the VAE latents once and keep them on disk")
+    g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False, help="encode the VAE latents once and keep them on disk")
     g.add_argument("--latent_cache_dir", default=None, help="default: <output_dir>/latent_cache")
-    g.add_argument("--skip_data_check", action="store_true", help="do not open every file before training")
+    g.add_argument("--skip_data_check", action=argparse.BooleanOptionalAction, default=False, help="do not open every file before training")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default=None)
@@ -57,13 +57,13 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=()):
     g.add_argument("--max_train_steps", type=int, default=None)
     g.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not given")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--scale_lr", action="store_true", help="multiply lr by batch size, accumulation and processes")
+    g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False, help="multiply lr by batch size, accumulation and processes")
     g.add_argument("--lr_scheduler", default="constant",
                    help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--use_8bit_adam", action="store_true")
+    g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -75,13 +75,13 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=()):
                    help="default: what `accelerate launch` was configured with")
     g.add_argument("--vae_precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="the SDXL VAE overflows in fp16; keep fp32 unless the VAE is an fp16-fixed one")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+    g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="GPU only; PyTorch SDPA is used otherwise")
-    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
 
     if lora:
         g = parser.add_argument_group("LoRA")
-        g.add_argument("--use_lora", action="store_true", help="train a LoRA instead of the full UNet")
+        g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=False, help="train a LoRA instead of the full UNet")
         g.add_argument("--lora_rank", type=int, default=4)
         g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
         g.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGETS)
@@ -438,13 +438,19 @@ def resume(accelerator, args):
     return step
 
 
-def save_final(accelerator, args, model, save_model, ema=None):
+def save_final(accelerator, args, model, save_model, ema=None, metrics=None):
+    """Save the final model (EMA weights if kept) and, if given, the final validation metrics as
+    <output_dir>/final_metrics.json (with the arguments, so a sweep can tabulate its runs)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(model.parameters())
         save_model(model, args.output_dir)
+        if metrics is not None:
+            with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
+                json.dump({"metrics": metrics, "args": {k: v for k, v in vars(args).items()
+                                                        if isinstance(v, (int, float, str, bool, list, type(None)))}}, f, indent=1)
         logger.info("saved the final model to %s", args.output_dir)
     accelerator.end_training()
 

@@ -150,3 +150,24 @@ def test_preference_pairs_split_over_two_ranks_equal_one_rank(tmp_path, tiny_mod
     for a, b in zip(two, one):
         assert abs(a["preferred_score"] - b["preferred_score"]) < 1e-5 and abs(a["rejected_score"] - b["rejected_score"]) < 1e-5
         assert os.path.basename(a["preferred"]) == os.path.basename(b["preferred"])
+
+
+def test_node_launchers_run_on_two_cpu_ranks(tmp_path, tiny_model_dir, toy_meta):
+    """scripts/run_train_RORem.sh and run_train_dpo.sh with their 8-GPU launch config and training
+    configs, on 2 CPU ranks (extra arguments override the configs)."""
+    root = os.path.dirname(toy_meta)
+    pairs = [{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+              "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])} for e in json.load(open(toy_meta))]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", NUM_GPUS="2",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    small = ["--pretrained_model_name_or_path", tiny_model_dir, "--resolution", "32", "--max_train_steps", "2", "--checkpointing_steps", "2",
+             "--mixed_precision", "no", "--train_batch_size", "2", "--gradient_accumulation_steps", "1", "--report_to", "none",
+             "--no-gradient_checkpointing", "--validation_steps", "0"]
+    for cmd, made in [(["scripts/run_train_RORem.sh", toy_meta, str(tmp_path / "rorem")], "rorem/unet/config.json"),
+                      (["scripts/run_train_dpo.sh", os.path.join(tiny_model_dir, "unet"), str(tmp_path / "pairs.json"), str(tmp_path / "dpo")],
+                       "dpo/pytorch_lora_weights.safetensors")]:
+        res = subprocess.run(["bash", *cmd, *small], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert os.path.isfile(tmp_path / made)
+        assert os.path.isfile(tmp_path / made.split("/")[0] / "checkpoint-2" / "random_states_1.pkl")  # rank 1 ran

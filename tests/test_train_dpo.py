@@ -74,8 +74,8 @@ def test_lora_run_starts_at_log2_and_changes_only_lora(tmp_path, tiny_model_dir,
     seen, saved = [], {}
     real_loss, real_final = tdpo.diffusion_dpo_loss, tu.save_final
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda *a, **k: seen.append(real_loss(*a, **k)) or seen[-1])
-    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, ema=None: (saved.setdefault("m", acc.unwrap_model(model)),
-                                                                                   real_final(acc, args, model, save, ema)))
+    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+                                                                               real_final(acc, args, model, save, **kw)))
     out = str(tmp_path / "lora")
     run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--max_train_steps", "3",
                            "--cache_latents", "--random_flip"))
@@ -137,6 +137,7 @@ def test_dpo_config_parses():
     cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dpo_config.yaml")
     args = tdpo.parse_args(["--config", cfg, "--preference_data", "p.json", "--output_dir", "o"])
     assert args.beta == 5000 and args.beta_unit == "mean" and args.use_lora and args.meta_path == ["p.json"]
+    assert not tdpo.parse_args(["--config", cfg, "--preference_data", "p.json", "--output_dir", "o", "--no-use_lora"]).use_lora
 
 
 def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, tiny_model_dir, pair_meta):
@@ -159,3 +160,28 @@ def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, t
         loss.backward()
         opt.step()
     assert tdpo.preference_accuracy(unet, None, comps, samples, 32) > 0.5
+
+
+def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pair_meta, disc_dir, capsys):
+    import importlib.util
+
+    from tests.test_build_preference_pairs import ROOT
+
+    spec = importlib.util.spec_from_file_location("sweep_dpo", os.path.join(ROOT, "scripts", "sweep_dpo.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    argv = ["--output_root", str(tmp_path / "sweep"), "--betas", "0.5", "--variants", "lora", "sft", "--",
+            "--pretrained_model_name_or_path", tiny_model_dir, "--preference_data", pair_meta, "--resolution", "32",
+            "--train_batch_size", "2", "--report_to", "none", "--learning_rate", "1e-3", "--max_train_steps", "2",
+            "--validation_steps", "2", "--validation_inference_steps", "2", "--num_validation_images", "2",
+            "--discriminator_path", disc_dir, "--win_rate_samples", "4"]
+    rows = sweep.main(argv)
+    assert [r["run"] for r in rows] == ["start (reference)", "lora_beta0.5", "sft"]
+    assert rows[1]["beta"] == "0.5 (sum)" and rows[1]["trained"].startswith("LoRA") and rows[2]["loss"] == "sft"
+    assert all(0 <= r["win_rate"] <= 1 and 0 <= r["preference_accuracy"] <= 1 for r in rows)
+    for ext in ("md", "csv", "json"):
+        assert os.path.isfile(tmp_path / "sweep" / f"sweep_results.{ext}")
+    assert "| lora_beta0.5 | sigmoid | 0.5 (sum) |" in open(tmp_path / "sweep" / "sweep_results.md").read()
+    capsys.readouterr()
+    assert sweep.main(argv) == rows  # finished runs are skipped, the table is rebuilt from their files
+    assert "done before, skipped" in capsys.readouterr().out

@@ -165,7 +165,7 @@ def main(argv=None):
         tu.save_validation_grid(accelerator, args, [source, mask, reference["results"][:n], results[:n], preferred], step)
         return metrics
 
-    global_step = tu.resume(accelerator, args)
+    global_step, final = tu.resume(accelerator, args), None
     run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):
@@ -184,9 +184,10 @@ def main(argv=None):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
         if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:
-            validate(run.global_step)
+            final = validate(run.global_step)
     run.finish()
-    final = validate(run.global_step) if args.validation_steps else None
+    if args.validation_steps and (final is None or run.global_step % args.validation_steps):
+        final = validate(run.global_step)  # unless this very step was just validated
     tu.save_final(accelerator, args, unet, save, metrics=final)
     return final
 

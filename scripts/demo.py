@@ -33,26 +33,21 @@ def stage(name, output, fn):
     print(f"[{name}] done in {time.time() - start:.0f} s")
 
 
-def remove_objects(model_dir, unet_dir, sources, masks, steps, seed):
-    """Run a remover (the pipeline's own UNet, or the one in unet_dir) on every input with fixed
-    seeds, 16 at a time; return the results pasted into their sources."""
+def remove_objects(model_dir, unet_dir, sources, masks, steps, seed, lora_path=None):
+    """Run a remover (the pipeline's own UNet, or unet_dir, plus an optional LoRA) on every input
+    with fixed seeds (input i: seed + i), 16 at a time; results pasted into their sources."""
+    from types import SimpleNamespace
+
     import torch
-    from diffusers import UNet2DConditionModel
 
-    from myutils.img_util import paste_back
-    from myutils.models import load_inpaint_pipeline
-    from myutils.sdxl_inpaint import encode_prompt_once
-    from pipelines.inpaint import inpaint
+    from pipelines.inpaint import load_remover, remove_objects as remove
 
-    pipe = load_inpaint_pipeline(model_dir, unet=UNet2DConditionModel.from_pretrained(unet_dir) if unet_dir else None)
-    cond = encode_prompt_once(pipe, "")
-    pipe.set_progress_bar_config(disable=True)
+    spec = SimpleNamespace(pretrained_model=model_dir, RORem_unet=unet_dir, lora_path=lora_path, variant=None, prompt="",
+                           negative_prompt="", resolution=sources[0].size[0], inference_steps=steps, strength=1.0, guidance_scale=1.0)
+    pipe, cond, uncond = load_remover(spec, "cpu", torch.float32)
     results = []
     for i in range(0, len(sources), 16):
-        with torch.no_grad():
-            out = inpaint(pipe, cond, sources[i:i + 16], masks[i:i + 16], sources[0].size[0], steps=steps,
-                          strength=1.0, seed=seed + i)
-        results += [paste_back(r, s, m) for r, s, m in zip(out, sources[i:i + 16], masks[i:i + 16])]
+        results += remove(pipe, cond, uncond, sources[i:i + 16], masks[i:i + 16], spec, seed + i)
     return results
 
 
@@ -71,6 +66,43 @@ def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
              "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--batch_size", "16", "--seed", str(args.seed + 1000)])
         write_scored_toy_dataset(meta, f"{w}/scored/{name}", seed=args.seed,
                                  results={"trained remover": f"{w}/scored/remover_{name}/meta.json"})
+
+
+def make_pairs(w, model_dir, remover_dir, disc_dir, args):
+    with open(f"{w}/scored/inputs/meta.json") as f:
+        inputs = json.load(f)[: args.pair_inputs]
+    os.makedirs(f"{w}/pairs", exist_ok=True)
+    with open(f"{w}/pairs/candidate_inputs.json", "w") as f:
+        json.dump(inputs, f)
+    run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/train/meta.json",
+         "--meta_path", f"{w}/pairs/candidate_inputs.json", "--generate_for", "all", "--pretrained_model", model_dir,
+         "--RORem_unet", f"{remover_dir}/unet", "--RORem_discriminator", disc_dir, "--num_candidates", "4",
+         "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--resolution", "32", "--seed", str(args.seed + 2000),
+         "--output_dir", f"{w}/pairs/train"])
+    run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/heldout/meta.json", "--output_dir", f"{w}/pairs/heldout"])
+
+
+def dpo_report(w, args):
+    with open(f"{w}/dpo/final_metrics.json") as f:
+        m = json.load(f)["metrics"]
+    with open(f"{w}/pairs/train/report.json") as f:
+        built = json.load(f)
+    with open(f"{w}/pairs/heldout/meta.json") as f:
+        held = len(json.load(f))
+    nat, gen = built["natural"], built["generated"]
+    return ["## Diffusion-DPO (LoRA rank 8 on the trained remover)", "",
+            f"Pairs: {nat['pairs']} natural (a true removal or a good remover result against a failure of the same input) and "
+            f"{gen['pairs']} generated (best against worst of 4 remover candidates, discriminator margin > {gen['min_margin']}; "
+            f"{gen['inputs_below_margin']} of {gen['inputs']} inputs fell below it). {args.dpo_steps} steps of 16 pairs, "
+            f"beta 2000 (mean-error units), lr 1e-4 (`configs/toy_dpo.yaml`).", "",
+            "| held-out measure | start (= reference) | DPO |", "|---|---|---|",
+            f"| preference accuracy ({held} natural pairs, 2 noises x 5 timesteps) | 0.500 | {m['val_preference_accuracy']:.3f} |",
+            f"| discriminator win rate vs start, same seeds ({args.heldout_samples} inputs) [95% CI] | 0.500 | "
+            f"{m['val_win_rate']:.3f} [{m['val_win_rate_low']:.3f}, {m['val_win_rate_high']:.3f}] |",
+            f"| mean discriminator score | {m['val_reference_score']:.3f} | {m['val_score']:.3f} |", "",
+            ("DPO wins more often than its start: the interval lies above 0.5." if m["val_win_rate_low"] > 0.5 else
+             "**DPO does not clearly beat its start here**: the win-rate interval includes 0.5 or lies below it.")
+            + " The masked MSE against GT of the DPO model is in the first table."]
 
 
 def discriminator_metrics(disc_dir):
@@ -98,6 +130,8 @@ def main():
     p.add_argument("--remover_steps", type=int, default=900, help="at batch 32: about 4 minutes on 2 cores")
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--scored_inputs", type=int, default=400, help="training inputs that get scored results for the discriminator")
+    p.add_argument("--pair_inputs", type=int, default=64, help="training inputs that also get remover candidates judged by the discriminator")
+    p.add_argument("--dpo_steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     w = os.path.abspath(args.work_dir)
@@ -129,6 +163,16 @@ def main():
         "--output_dir", disc_dir, "--seed", str(args.seed)]))
     disc_metrics = discriminator_metrics(disc_dir)
 
+    # Diffusion-DPO: natural pairs (true removal or a good remover result against a failure of the
+    # same input), plus best-against-worst of 4 remover candidates judged by the discriminator
+    pairs, dpo_dir = f"{w}/pairs", f"{w}/dpo"
+    stage("preference pairs", f"{pairs}/heldout/meta.json", lambda: make_pairs(w, model_dir, remover_dir, disc_dir, args))
+    stage("DPO", f"{dpo_dir}/final_metrics.json", lambda: run([
+        "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
+        "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{pairs}/train/meta.json",
+        "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", dpo_dir,
+        "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--seed", str(args.seed)]))
+
     from myutils.img_util import image_grid, load_image, load_mask
     from myutils.metrics import border_fill, masked_mse
 
@@ -140,13 +184,14 @@ def main():
     fills = [border_fill(s, m) for s, m in zip(sources, masks)]
     systems = {"border fill (classical)": [masked_mse(f, g, m) for f, g, m in zip(fills, gts, masks)]}
     grids = {}
-    for name, unet_dir in [("untrained remover", None), ("trained remover", f"{remover_dir}/unet")]:
-        grids[name] = remove_objects(model_dir, unet_dir, sources, masks, args.eval_steps, args.seed)
+    for name, unet_dir, lora in [("untrained remover", None, None), ("trained remover", f"{remover_dir}/unet", None),
+                                 ("DPO LoRA on the trained remover", f"{remover_dir}/unet", dpo_dir)]:
+        grids[name] = remove_objects(model_dir, unet_dir, sources, masks, args.eval_steps, args.seed, lora)
         systems[name] = [masked_mse(r, g, m) for r, g, m in zip(grids[name], gts, masks)]
 
     n = 8
-    grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + grids["untrained remover"][:n]
-                      + grids["trained remover"][:n] + fills[:n] + gts[:n], rows=6, cols=n)
+    grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + grids["untrained remover"][:n] + grids["trained remover"][:n]
+                      + grids["DPO LoRA on the trained remover"][:n] + fills[:n] + gts[:n], rows=7, cols=n)
     grid = grid.resize((grid.width * 4, grid.height * 4), 0)
     os.makedirs(f"{w}/report", exist_ok=True)
     grid.save(f"{w}/report/before_after.png")
@@ -162,21 +207,26 @@ def main():
         if tag in disc_metrics:
             first, last, step = disc_metrics[tag]
             disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
+    dpo_lines = dpo_report(w, args)
     table = ["| system | masked MSE (lower is better) | std. error |", "|---|---|---|"]
     table += [f"| {k} | {m:.4f} | {s:.4f} |" for k, m, s in rows]
+    diff = np.asarray(systems["DPO LoRA on the trained remover"]) - np.asarray(systems["trained remover"])
+    table += ["", f"Paired difference DPO - trained remover, same inputs and seeds: {diff.mean():+.4f} "
+              f"(std. error {diff.std() / np.sqrt(len(diff)):.4f}; DPO lower on {int((diff < 0).sum())} of {len(diff)} inputs)."]
     report = "\n".join([
         "# Toy-world demo: supervised remover", "",
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
-        "![rows: source, mask, untrained, trained, border fill, GT](before_after.png)", "", *disc_lines, "",
+        "![rows: source, mask, untrained, trained, DPO, border fill, GT](before_after.png)", "", *disc_lines, "",
+        *dpo_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])
     with open(f"{w}/report/README.md", "w") as f:
         f.write(report)
     with open(f"{w}/report/results.json", "w") as f:
         json.dump({k: {"masked_mse": m, "stderr": s} for k, m, s in rows}, f, indent=1)
-    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]))
+    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines))
     print(f"\nreport: {w}/report/README.md   grid: {w}/report/before_after.png   ({time.time() - start:.0f} s)")
     untrained, trained = systems["untrained remover"], systems["trained remover"]
     if np.mean(trained) >= np.mean(untrained):

@@ -24,8 +24,7 @@ import torch
 from myutils import train_util as tu
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import run_cli
-from myutils.metrics import win_rate
-from myutils.reward_utils import load_reward_model, score_results
+from myutils.reward_utils import load_reward_model
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 
@@ -72,12 +71,9 @@ def reference_model(unet, ref_unet):
     """The reference policy: the frozen copy, or the LoRA model with its adapters switched off."""
     if ref_unet is not None:
         yield ref_unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
+    else:
+        with tu.adapters_disabled(unet):
+            yield unet
 
 
 @torch.no_grad()
@@ -148,21 +144,16 @@ def main(argv=None):
         model.eval()
         metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution)}
         results = tu.sample_validation(accelerator, args, comps, model, val_samples)
-        if not reference:
+
+        def reference_results():
             with reference_model(model, ref_unet) as ref:
-                reference["results"] = tu.sample_validation(accelerator, args, comps, ref, val_samples)
-            reference["scores"] = score_results(reward, val_samples, reference["results"]) if reward else None
-        if reward:
-            scores = score_results(reward, val_samples, results)
-            rate, (low, high) = win_rate(scores, reference["scores"])
-            metrics.update(val_win_rate=rate, val_win_rate_low=low, val_win_rate_high=high,
-                           val_score=sum(scores) / len(scores), val_reference_score=sum(reference["scores"]) / len(scores))
+                return tu.sample_validation(accelerator, args, comps, ref, val_samples)
+
+        metrics.update(tu.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
+                                                 reward, reference))
         model.train()
         accelerator.log(metrics, step=step)
         tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        n = args.num_validation_images
-        source, mask, preferred = tu.input_rows(val_samples[:n], "preferred")
-        tu.save_validation_grid(accelerator, args, [source, mask, reference["results"][:n], results[:n], preferred], step)
         return metrics
 
     global_step, final = tu.resume(accelerator, args), None

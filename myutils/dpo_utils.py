@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .schedules import value_at
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 
 
@@ -70,11 +72,4 @@ def sft_loss(model_pred, target):
 def beta_at(step, max_steps, beta, beta_end=None, schedule="constant"):
     """Beta at an optimizer step: constant, or moving from `beta` (step 0) to `beta_end`
     (max_steps) linearly or along a half cosine; a rising schedule is a warm-up, a falling one an anneal."""
-    if schedule == "constant" or beta_end is None:
-        return beta
-    progress = min(max(step / max(1, max_steps), 0.0), 1.0)
-    if schedule == "linear":
-        return beta + (beta_end - beta) * progress
-    if schedule == "cosine":
-        return beta_end + (beta - beta_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown beta schedule {schedule!r}: constant, linear or cosine")
+    return value_at(step, max_steps, beta, beta_end, schedule)

@@ -208,3 +208,63 @@ def load_reference(path):
     if not os.path.isfile(path):
         raise UserError(f"reference scores {path}: file not found")
     return load_file(path)["scores"]
+
+
+# ----------------------------------------------------------------------------- reward weighting
+
+WEIGHTINGS = ("none", "filter", "softmax", "percentile")
+
+
+def reward_weights(scores, strategy, threshold=0.5, temperature=0.5, reference=None):
+    """Per-sample loss weights from scores, averaging 1 over the batch (so the loss keeps its scale),
+    or all zeros when nothing is kept:
+        none:       1 for every sample
+        filter:     kept = score >= threshold; weight B / (number kept) for kept samples, 0 otherwise
+        softmax:    B * softmax(score / temperature)
+        percentile: the mid-rank percentile (within the batch, or against `reference` scores), rescaled
+    """
+    s = scores.float().reshape(-1)
+    n = s.numel()
+    if strategy == "none":
+        return torch.ones_like(s)
+    if strategy == "filter":
+        raw = (s >= threshold).float()
+    elif strategy == "softmax":
+        if temperature <= 0:
+            raise ValueError(f"softmax weighting needs a positive temperature, got {temperature}")
+        return torch.softmax(s / temperature, dim=0) * n
+    elif strategy == "percentile":
+        raw = percentile_rank(s, reference)
+    else:
+        raise ValueError(f"unknown weighting {strategy!r}: one of {WEIGHTINGS}")
+    total = raw.sum()
+    return raw * (n / total) if total > 0 else torch.zeros_like(s)
+
+
+def weight_stats(weights):
+    """Mean, max, effective sample size (sum w)^2 / sum w^2 (and as a fraction of the batch), and the
+    fraction of samples with weight 0."""
+    w = weights.float().reshape(-1)
+    sq = (w ** 2).sum()
+    ess = ((w.sum() ** 2) / sq).item() if sq > 0 else 0.0
+    return {"weight_mean": w.mean().item(), "weight_max": w.max().item(), "weight_ess": ess,
+            "weight_ess_fraction": ess / w.numel(), "filtered_fraction": (w == 0).float().mean().item()}
+
+
+class ScoreMemory:
+    """Scores per training sample (dataset index), refreshed at most every `every` steps; in between a
+    sample's last score is reused. Not checkpointed: after a resume every sample is scored afresh."""
+
+    def __init__(self, every=1):
+        self.every, self.scores, self.stamps = max(1, int(every)), {}, {}
+
+    def stale(self, indices, step):
+        """Bool mask of the samples that need a fresh score at this step."""
+        return torch.tensor([int(i) not in self.stamps or step - self.stamps[int(i)] >= self.every for i in indices.tolist()])
+
+    def update(self, indices, scores, step, mask):
+        for i, s in zip(indices[mask].tolist(), scores.reshape(-1).tolist()):
+            self.scores[int(i)], self.stamps[int(i)] = s, step
+
+    def get(self, indices):
+        return torch.tensor([self.scores[int(i)] for i in indices.tolist()])

@@ -4,6 +4,7 @@ model loading, LoRA, optimizer, checkpoint/resume, trackers, validation grids an
 Each piece exists once here; the scripts call them and keep only their algorithm.
 """
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import yaml
 from .data import EpochSampler, RemovalDataset, check_entries, read_meta
 from .errors import UserError
 from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet
-from .sdxl_inpaint import encode_prompt_once
+from .sdxl_inpaint import encode_prompt_once, encode_prompt_pair
 
 logger = logging.getLogger("rorem")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -27,13 +28,13 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 # ----------------------------------------------------------------------------- arguments
 
-def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=()):
+def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), unet_aliases=()):
     """Arguments every training script shares. Names follow the RORem scripts. lora=False leaves
     out the remover's LoRA group (the discriminator has its own --rank)."""
     g = parser.add_argument_group("model")
     g.add_argument("--config", default=None, help="YAML file of argument defaults; the command line overrides it")
     g.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
-    g.add_argument("--pretrained_unet", default=None, help="a RORem UNet folder (diffusers layout) to start from")
+    g.add_argument("--pretrained_unet", *unet_aliases, default=None, help="a RORem UNet folder (diffusers layout) to start from")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16 for RORem's released files")
     g.add_argument("--revision", default=None)
     g.add_argument("--prompt", default="", help="training prompt (RORem trains with the empty prompt)")
@@ -271,12 +272,17 @@ def epoch_batches(loader, global_step, grad_accum, num_epochs):
 class Components:
     """What a training script needs from the pretrained pipeline, without the text encoders."""
 
-    def __init__(self, args, accelerator, dtype):
+    def __init__(self, args, accelerator, dtype, guidance_prompts=None):
+        """guidance_prompts: an optional (prompt, negative prompt) pair, encoded as self.guidance =
+        (condition, unconditional) for a teacher's classifier-free guidance."""
         from diffusers import DDPMScheduler
 
         pipe = load_inpaint_pipeline(args.pretrained_model_name_or_path, args.pretrained_unet,
                                      variant=args.variant, revision=args.revision)
         self.condition = encode_prompt_once(pipe, args.prompt).to(accelerator.device, dtype)
+        self.guidance = None
+        if guidance_prompts is not None:
+            self.guidance = tuple(c.to(accelerator.device, dtype) for c in encode_prompt_pair(pipe, *guidance_prompts))
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.sample_scheduler_config = pipe.scheduler.config
         self.unet, self.vae = pipe.unet, pipe.vae
@@ -289,6 +295,16 @@ class Components:
             self.unet.enable_xformers_memory_efficient_attention()
         if args.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """The LoRA model as its base model (a reference or teacher without a second UNet in memory)."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 def add_lora(unet, args, dtype):
@@ -470,6 +486,18 @@ def log_images(accelerator, name, image, step):
             tracker.log({name: [wandb.Image(image)]}, step=step)
 
 
+def log_histogram(accelerator, name, values, step):
+    """A histogram of values to every active tracker."""
+    values = torch.as_tensor(values).detach().float().cpu()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_histogram(name, values, step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Histogram(values.numpy())}, step=step)
+
+
 def validation_samples(args, entries, kind="triplet", count=None):
     """Fixed held-out samples, centre-cropped, never flipped: the first `count` (default
     --num_validation_images) entries, one per input (pairs of the same source and mask count once)."""
@@ -484,21 +512,22 @@ def validation_samples(args, entries, kind="triplet", count=None):
 
 
 @torch.no_grad()
-def sample_validation(accelerator, args, comps, model, samples, seed=None):
+def sample_validation(accelerator, args, comps, model, samples, seed=None, steps=None, scheduler=None):
     """Inpaint validation samples with the unwrapped `model`, image i with seed (seed or --seed) + i,
-    --validation_inference_steps at --validation_strength; results pasted into their sources (PIL)."""
+    `steps` (default --validation_inference_steps) at --validation_strength with `scheduler` (default:
+    the pipeline's); results pasted into their sources (PIL)."""
     from pipelines.inpaint import inpaint, make_pipeline
     from .img_util import paste_back
 
     was_training = model.training
     model.eval()
-    pipe = make_pipeline(comps.vae, model, scheduler_from_config(comps.sample_scheduler_config))
+    pipe = make_pipeline(comps.vae, model, scheduler or scheduler_from_config(comps.sample_scheduler_config))
     sources, masks = input_rows(samples)
     results = []
     for i in range(0, len(samples), 16):  # bounded memory for long win-rate sets
         with accelerator.autocast():
             results += inpaint(pipe, comps.condition, sources[i:i + 16], masks[i:i + 16], args.resolution,
-                               args.validation_inference_steps, args.validation_strength,
+                               steps or args.validation_inference_steps, args.validation_strength,
                                seed=(args.seed if seed is None else seed) + i)
     model.train(was_training)
     return [paste_back(r, s, m.convert("L")) for r, s, m in zip(results, sources, masks)]
@@ -537,6 +566,32 @@ def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT
     return save_validation_grid(accelerator, args, [source, mask, results, target], step)
 
 
+@torch.no_grad()
+def compare_with_reference(accelerator, args, samples, results, reference, step, target_key, reward=None, cache=None):
+    """Held-out comparison of a trained model with its reference (DPO: the starting model; LCM: the
+    many-step teacher). `results` are the model's (PIL, from sample_validation); `reference()` makes
+    the reference's, called once and kept in the dict `cache`. With a reward model both are scored
+    and the paired win rate (ties half) comes back with its 95% Wilson interval and both mean scores.
+    Saves a grid of the first --num_validation_images: source, mask, reference, model, target."""
+    from .metrics import win_rate
+    from .reward_utils import score_results
+
+    cache = {} if cache is None else cache
+    if "results" not in cache:
+        cache["results"] = reference()
+        cache["scores"] = score_results(reward, samples, cache["results"]) if reward else None
+    metrics = {}
+    if reward:
+        scores, ref_scores = score_results(reward, samples, results), cache["scores"]
+        rate, (low, high) = win_rate(scores, ref_scores)
+        metrics.update(val_win_rate=rate, val_win_rate_low=low, val_win_rate_high=high,
+                       val_score=sum(scores) / len(scores), val_reference_score=sum(ref_scores) / len(ref_scores))
+    n = args.num_validation_images
+    source, mask, target = input_rows(samples[:n], target_key)
+    save_validation_grid(accelerator, args, [source, mask, cache["results"][:n], results[:n], target], step)
+    return metrics
+
+
 def scheduler_from_config(config):
     """The sampling scheduler the pretrained pipeline ships (Euler for SDXL-inpainting)."""
     import diffusers
@@ -572,6 +627,7 @@ class TrainingRun:
         self.max_steps, self.num_epochs, self.global_step = max_steps, num_epochs, global_step
         self.bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
         self.window_finite, self.nonfinite_in_a_row, self.nonfinite_total = True, 0, 0
+        self.window_skipped, self.skipped_total = False, 0
         self.loss_sum, self.loss_count, self.lr = 0.0, 0, 0.0
         self.signal = None
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -608,11 +664,17 @@ class TrainingRun:
             self.loss_count += 1
         return not bad
 
+    def skip_batch(self):
+        """Void this accumulation window without calling it non-finite (e.g. a reward-weighted batch
+        whose weights are all zero): no backward, no update, counted as skipped_steps. Decide it from
+        values every rank shares (a gathered batch), so all ranks skip alike."""
+        self.window_skipped = True
+
     def optimizer_step(self, optimizer, lr_scheduler, params):
         """Clip (a list of params, so clipping sees all of them) and step at accumulation
         boundaries; a window with a non-finite loss is discarded instead."""
         self.lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-        if self.acc.sync_gradients and self.window_finite:
+        if self.acc.sync_gradients and self.window_finite and not self.window_skipped:
             if self.args.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
             optimizer.step()
@@ -626,20 +688,22 @@ class TrainingRun:
             return False
         self.global_step += 1
         logs = dict(metrics)
-        if self.window_finite:
+        if self.window_skipped:
+            self.skipped_total += 1
+        if self.window_finite and not self.window_skipped:
             self.nonfinite_in_a_row = 0
             logs["loss"] = self.acc.reduce(self.loss_sum / max(1, self.loss_count), "mean").item()
-        else:
+        elif not self.window_finite:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
-        logs["nonfinite_steps"] = self.nonfinite_total
+        logs["nonfinite_steps"], logs["skipped_steps"] = self.nonfinite_total, self.skipped_total
         logs["lr"] = self.lr
         self.acc.log(logs, step=self.global_step)
         self.bar.update(1)
         if "loss" in logs:
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        self.window_finite, self.loss_sum, self.loss_count = True, 0.0, 0
+        self.window_finite, self.window_skipped, self.loss_sum, self.loss_count = True, False, 0.0, 0
         if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             found = list_checkpoints(self.args.output_dir)
             self.finish()

@@ -93,3 +93,35 @@ def test_pixel_and_latent_scores_agree(tiny_model_dir):
     lat = {k: posterior_mean_latents(vae_latent_params(reward.vae, x), reward.vae.config) for k, x in (("s", src), ("e", edited))}
     on_latents = reward.score_latents(lat["s"], downsample_mask(mask, (16, 16)), lat["e"])
     assert torch.allclose(reward.score_pixels(src, mask, edited), on_latents, atol=1e-6)
+
+
+def test_reward_weightings_on_a_fixed_score_vector():
+    import math
+
+    from myutils.reward_utils import ScoreMemory, reward_weights, weight_stats
+
+    s = torch.tensor([0.2, 0.6, 0.9, 0.4])
+    assert reward_weights(s, "none").tolist() == [1, 1, 1, 1]
+    # filter at 0.5 keeps 0.6 and 0.9: weights 4 / 2 = 2 each, so the loss is the mean over kept samples
+    assert reward_weights(s, "filter", threshold=0.5).tolist() == [0, 2, 2, 0]
+    assert reward_weights(s, "filter", threshold=0.95).tolist() == [0, 0, 0, 0]  # nothing kept: the batch is skipped
+    soft = reward_weights(s, "softmax", temperature=0.5)
+    e = [math.exp(x / 0.5) for x in (0.2, 0.6, 0.9, 0.4)]
+    assert soft.tolist() == pytest.approx([4 * v / sum(e) for v in e], rel=1e-5)
+    assert reward_weights(s, "softmax", temperature=1e3).tolist() == pytest.approx([1, 1, 1, 1], abs=1e-3)  # hot: uniform
+    # percentile within the batch: ranks 0, 2/3, 1, 1/3 (sum 2), rescaled by 4 / 2
+    assert reward_weights(s, "percentile").tolist() == pytest.approx([0, 4 / 3, 2, 2 / 3], rel=1e-5)
+    assert reward_weights(s, "percentile", reference=torch.tensor([0.5, 1.0])).tolist() == pytest.approx([0, 2, 2, 0])
+    stats = weight_stats(torch.tensor([0.0, 2.0, 2.0, 0.0]))
+    assert stats["weight_ess"] == pytest.approx(2.0) and stats["filtered_fraction"] == 0.5 and stats["weight_max"] == 2.0
+    assert weight_stats(torch.ones(4))["weight_ess_fraction"] == 1.0
+    with pytest.raises(ValueError):
+        reward_weights(s, "softmax", temperature=0)
+
+    memory = ScoreMemory(every=3)
+    idx = torch.tensor([5, 7])
+    assert memory.stale(idx, 0).tolist() == [True, True]
+    memory.update(idx, torch.tensor([0.1, 0.2]), 0, torch.tensor([True, True]))
+    assert memory.stale(idx, 2).tolist() == [False, False] and memory.stale(idx, 3).tolist() == [True, True]
+    memory.update(idx, torch.tensor([0.9]), 3, torch.tensor([False, True]))
+    assert memory.get(idx).tolist() == pytest.approx([0.1, 0.9])

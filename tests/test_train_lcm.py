@@ -1,0 +1,118 @@
+"""train_RORem_lcm.py and train_RORem_lcm_rewarded.py: only the LoRA trains, gradients are really
+clipped, w is drawn from [w_min, w_max], the saved LoRA loads with an LCMScheduler, and reward
+weighting behaves (keep-all equals plain LCM, keep-nothing skips every update)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_RORem_lcm as tlcm
+import train_RORem_lcm_rewarded as trew
+from myutils import train_util as tu
+from myutils.errors import UserError
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", out, "--resolution", "32",
+            "--train_batch_size", "4", "--report_to", "none", "--checkpointing_steps", "100", "--lora_rank", "4",
+            "--learning_rate", "1e-3", "--num_ddim_timesteps", "10", *extra]
+
+
+def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from myutils.models import load_inpaint_pipeline
+
+    seen_w, norms, saved = [], [], {}
+    real_step, real_make, real_final = tlcm.consistency_step, tu.make_optimizer, tu.save_final
+    monkeypatch.setattr(tlcm, "consistency_step", lambda *a: seen_w.append(a[6].clone()) or real_step(*a))
+
+    def recording_optimizer(args, params, accelerator):
+        opt = real_make(args, params, accelerator)
+        opt.register_step_pre_hook(lambda *_: norms.append(torch.norm(torch.stack([p.grad.norm() for p in params
+                                                                                   if p.grad is not None])).item()))
+        return opt
+
+    monkeypatch.setattr(tu, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+                                                                               real_final(acc, args, model, save, **kw)))
+    out = str(tmp_path / "lcm")
+    run_script(tlcm, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--w_min", "2", "--w_max", "5",
+                           "--max_grad_norm", "1e-4", "--validation_steps", "3", "--num_validation_images", "2",
+                           "--validation_inference_steps", "2", "--use_ema_target"))
+    w = torch.cat(seen_w)
+    assert ((w >= 2) & (w <= 5)).all() and w.std() > 0  # really drawn per sample from [w_min, w_max]
+    assert len(norms) == 3 and all(n <= 1e-4 * 1.01 for n in norms)  # clipped before every optimizer step
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    trained = {k.replace(".base_layer", ""): v for k, v in saved["m"].state_dict().items() if "lora" not in k}
+    assert all(torch.equal(trained[k].float(), base[k].float()) for k in base)
+    lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any("time_emb_proj" in k for k in lora) and any("conv1" in k for k in lora)  # the LCM-LoRA module list
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
+    assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
+
+    pipe = load_inpaint_pipeline(tiny_model_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(out)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused change stays in the base weights
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    from PIL import Image
+    img, mask = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    result = pipe(prompt="", image=img, mask_image=mask, height=32, width=32, num_inference_steps=4, guidance_scale=1.0,
+                  strength=1.0).images[0]
+    assert result.size == (32, 32)
+
+
+def test_rewarded_keep_all_equals_plain_and_keep_nothing_skips(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
+    common = ["--max_train_steps", "2", "--w_min", "0", "--w_max", "1", "--seed", "3"]
+    run_script(tlcm, _args(tiny_model_dir, toy_meta, str(tmp_path / "plain"), *common))
+    run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "all"), *common, "--discriminator_path", disc_dir,
+                           "--weighting", "filter", "--reward_threshold=-1e9"))
+    plain = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    kept = load_file(str(tmp_path / "all" / "pytorch_lora_weights.safetensors"))
+    assert max((plain[k] - kept[k]).abs().max().item() for k in plain) < 1e-6  # weights all 1: the plain LCM loss
+    scores = json.load(open(tmp_path / "all" / "data_scores.json"))
+    assert len(scores) == 12 and all(isinstance(s, float) for s in scores)  # every training GT scored once
+
+    run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "none"), *common, "--discriminator_path", disc_dir,
+                           "--weighting", "filter", "--reward_threshold", "1e9", "--report_to", "tensorboard"))
+    nothing = load_file(str(tmp_path / "none" / "pytorch_lora_weights.safetensors"))
+    assert all(v.abs().max() == 0 for k, v in nothing.items() if "lora_B" in k or "lora.up" in k)  # no update at all
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "none" / "logs") for f in fs if f.startswith("events")]
+    acc = EventAccumulator(logs[0])
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("skipped_steps")] == [1, 2]
+    assert [e.value for e in acc.Scalars("filtered_fraction")] == [1, 1]
+    assert "loss" not in acc.Tags()["scalars"]  # never a NaN loss logged
+    assert "scores" in acc.Tags()["histograms"]
+
+
+@pytest.mark.parametrize("source", ["teacher", "student"])
+def test_rewarded_sources_on_latents(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script, source):
+    out = str(tmp_path / source)
+    run_script(trew, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--discriminator_path", disc_dir,
+                           "--reward_source", source, "--weighting", "softmax", "--curriculum", "temperature",
+                           "--score_every", "5", "--cache_latents"))
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert not os.path.exists(os.path.join(out, "data_scores.json"))
+
+
+def test_weighting_curriculum_and_argument_errors(tmp_path, toy_meta):
+    args = tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--curriculum", "threshold",
+                            "--reward_threshold", "0.7", "--curriculum_steps", "100"])
+    assert tlcm.weighting_params(args, 0, 1000)[0] == 0.0
+    assert tlcm.weighting_params(args, 50, 1000)[0] == pytest.approx(0.35)
+    assert tlcm.weighting_params(args, 500, 1000)[0] == pytest.approx(0.7)  # strict after the curriculum
+    with pytest.raises(UserError, match="--discriminator_path is required"):
+        tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path)], rewarded=True)
+    with pytest.raises(UserError, match="trains a LoRA"):
+        tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--no-use_lora"])
+    with pytest.raises(UserError, match="--w_min"):
+        tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--w_min", "5", "--w_max", "1"])

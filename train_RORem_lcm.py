@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""LCM-LoRA distillation of the RORem remover into a 4-step student, optionally reward-weighted.
+
+    accelerate launch --config_file configs/accelerate_8gpu.yaml train_RORem_lcm.py --config configs/lcm_config.yaml \
+        --pretrained_teacher_unet path/to/RORem_unet --meta_path data/meta.json --output_dir experiment/RORem_LCM
+
+Per step (myutils/lcm_utils.py, DESIGN.md section 6): noise the GT latents to a DDIM-solver timestep
+t_n; the student (the UNet with its LoRA, empty prompt) predicts the consistency output there; the
+teacher (the same UNet with the LoRA off) runs classifier-free guidance between --teacher_prompt and
+--teacher_negative_prompt with w ~ U[--w_min, --w_max] and one DDIM step to t_n - T/N; the target is
+the student's own output at that point, without gradient (or the EMA of the LoRA with
+--use_ema_target). Loss: l2 or pseudo-Huber. The LoRA lands in <output_dir>/pytorch_lora_weights.safetensors;
+load it with pipe.load_lora_weights and an LCMScheduler (inference_RORem_4S.py).
+
+Reward weighting (train_RORem_lcm_rewarded.py sets its defaults): with --discriminator_path, each
+sample's loss is weighted by the discriminator's score of --reward_source: `data` (the training GT,
+scored once before training and cached), `teacher` (the teacher's guided x0 at the sampled step, on
+latents) or `student` (the student's prediction); --weighting filter / softmax / percentile
+(myutils/reward_utils.reward_weights), with an optional curriculum from permissive to strict.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from myutils import train_util as tu
+from myutils.errors import UserError, run_cli
+from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
+from myutils.reward_utils import (WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights, score_entries,
+                                  weight_stats)
+from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
+from myutils.schedules import value_at
+from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
+
+QUALITY_PROMPT = "4K, high quality, masterpiece, Highly detailed, Sharp focus, Professional, photorealistic, realistic"
+NEGATIVE_PROMPT = "low quality, worst, bad proportions, blurry, extra finger, Deformed, disfigured, unclear background"
+LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def add_lcm_args(parser):
+    tu.add_common_args(parser, meta_kind="triplet", unet_aliases=("--pretrained_teacher_unet",))
+    g = parser.add_argument_group("LCM distillation")
+    g.add_argument("--num_ddim_timesteps", type=int, default=50, help="N: the solver's timesteps")
+    g.add_argument("--w_min", type=float, default=3.0, help="teacher guidance w ~ U[w_min, w_max]; x0 = c + w (c - u)")
+    g.add_argument("--w_max", type=float, default=15.0)
+    g.add_argument("--teacher_prompt", default=QUALITY_PROMPT, help="the teacher's conditional prompt (RORem's)")
+    g.add_argument("--teacher_negative_prompt", default=NEGATIVE_PROMPT, help="the teacher's unconditional prompt")
+    g.add_argument("--loss_type", choices=["l2", "huber"], default="l2")
+    g.add_argument("--huber_c", type=float, default=0.001)
+    g.add_argument("--use_ema_target", action=argparse.BooleanOptionalAction, default=False,
+                   help="the target uses an EMA of the LoRA instead of the current LoRA")
+    g.add_argument("--ema_decay", type=float, default=0.95)
+    g.add_argument("--validation_lcm_steps", type=int, default=4)
+    g = parser.add_argument_group("reward weighting (with --discriminator_path)")
+    g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
+    g.add_argument("--reward_source", choices=["data", "teacher", "student"], default="data")
+    g.add_argument("--weighting", choices=WEIGHTINGS, default="softmax")
+    g.add_argument("--reward_threshold", type=float, default=0.5, help="filter: keep scores >= threshold")
+    g.add_argument("--reward_temperature", type=float, default=0.5, help="softmax: weights softmax(score / temperature)")
+    g.add_argument("--reward_reference", default=None, help="percentile: reference scores (reward_utils.save_reference)")
+    g.add_argument("--curriculum", choices=["none", "threshold", "temperature"], default="none",
+                   help="move the threshold (or temperature) from --curriculum_start to its final value")
+    g.add_argument("--curriculum_start", type=float, default=None, help="default: 0 for threshold, 10 for temperature")
+    g.add_argument("--curriculum_steps", type=int, default=None, help="default: all of training")
+    g.add_argument("--score_every", type=int, default=1, help="teacher/student sources: rescore a sample at most every N steps")
+    parser.set_defaults(use_lora=True, lora_rank=64, lora_target_modules=LCM_LORA_TARGETS, learning_rate=1e-4,
+                        max_grad_norm=1.0, validation_steps=0)
+
+
+def parse_args(argv=None, rewarded=False):
+    """rewarded: train_RORem_lcm_rewarded.py's entry point, which requires --discriminator_path."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_lcm_args(parser)
+    args = tu.parse_args(parser, argv)
+    if rewarded and not args.discriminator_path:
+        raise UserError("--discriminator_path is required (the discriminator folder whose scores weight the loss)")
+    if not args.use_lora:
+        raise UserError("LCM distillation trains a LoRA: the teacher is the same UNet with the LoRA off (drop --no-use_lora)")
+    if args.w_min > args.w_max:
+        raise UserError(f"--w_min {args.w_min} is above --w_max {args.w_max}")
+    if args.weighting == "percentile" and args.reward_reference and not os.path.isfile(args.reward_reference):
+        raise UserError(f"--reward_reference {args.reward_reference}: file not found")
+    return args
+
+
+def weighting_params(args, step, max_steps):
+    """(threshold, temperature) at this step, following the curriculum."""
+    threshold, temperature = args.reward_threshold, args.reward_temperature
+    span = args.curriculum_steps or max_steps
+    if args.curriculum == "threshold":
+        threshold = value_at(step, span, 0.0 if args.curriculum_start is None else args.curriculum_start, threshold, "linear")
+    elif args.curriculum == "temperature":
+        temperature = value_at(step, span, 10.0 if args.curriculum_start is None else args.curriculum_start, temperature, "linear")
+    return threshold, temperature
+
+
+def data_scores(args, accelerator, reward, entries):
+    """The discriminator's score of every training GT, computed once (split over ranks) and cached
+    in <output_dir>/data_scores.json."""
+    from accelerate.utils import gather_object
+
+    path = os.path.join(args.output_dir, "data_scores.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if len(cached) == len(entries):
+            return torch.tensor(cached)
+    mine = list(range(accelerator.process_index, len(entries), accelerator.num_processes))
+    scores = score_entries(reward, [entries[i] for i in mine], args.resolution, args.train_batch_size)
+    merged = dict(gather_object(list(zip(mine, scores))))
+    result = [merged[i] for i in range(len(entries))]
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f)
+    return torch.tensor(result)
+
+
+def distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, keys):
+    """(student prediction, LCM target, teacher's guided x0, batch with latent parameters) for one
+    batch: latents, noise, solver index and guidance w per sample from (seed, epoch, index)."""
+    vae, dtype = comps.vae, comps.condition.prompt_embeds.dtype
+    if "params:GT" not in batch:
+        batch = {**batch, **batch_latent_params(vae, batch, list(keys))}
+    gens = sample_generators(batch, args.seed, batch["params:GT"].device)
+    latents = sample_latents(batch["params:GT"], vae.config, gens)
+    masked = sample_latents(batch["params:masked"], vae.config, gens)
+    noise = randn_per_sample(gens, latents.shape[1:], latents.device)
+    index = randint_per_sample(gens, args.num_ddim_timesteps, latents.device)
+    w = sample_guidance_scale(gens, args.w_min, args.w_max, latents.device)
+    size = (batch["original_size"], batch["crop_top_left"], (args.resolution, args.resolution))
+    raw = accelerator.unwrap_model(unet)
+    lora = [p for p in raw.parameters() if p.requires_grad]
+
+    def call(model, condition, x, t):
+        return model(unet_input(x, batch["mask_latent"], masked).to(dtype), t, **condition.unet_kwargs(*size)).sample
+
+    def teacher(x, t):  # the base model: the LoRA off
+        with tu.adapters_disabled(raw):
+            return call(raw, comps.guidance[0], x, t), call(raw, comps.guidance[1], x, t)
+
+    def target_net(x, t):  # the student itself, or its EMA
+        if ema is None:
+            return call(raw, comps.condition, x, t)
+        ema.store(lora)
+        ema.copy_to(lora)
+        try:
+            return call(raw, comps.condition, x, t)
+        finally:
+            ema.restore(lora)
+
+    model_pred, target, teacher_x0 = consistency_step(
+        lambda x, t: call(unet, comps.condition, x, t), teacher, target_net, latents, noise, index, w, solver,
+        comps.noise_scheduler.alphas_cumprod, comps.noise_scheduler.config.prediction_type)
+    return model_pred, target, teacher_x0, batch
+
+
+def sample_scores(args, reward, comps, batch, scores_of_data, memory, step, model_pred, teacher_x0):
+    """(B,) discriminator scores of this batch's samples from --reward_source; teacher/student
+    scores are on latents (no decode) and refreshed at most every --score_every steps."""
+    index = batch["index"].cpu()
+    if args.reward_source == "data":
+        return scores_of_data[index]
+    stale = memory.stale(index, step)
+    if stale.any():
+        on = stale.to(model_pred.device)
+        edited = (teacher_x0 if args.reward_source == "teacher" else model_pred.detach())[on]
+        source = posterior_mean_latents(batch["params:source"][on], comps.vae.config)
+        fresh = reward.score_latents(source, batch["mask_latent"][on], edited, batch["original_size"][on], batch["crop_top_left"][on])
+        memory.update(index, fresh.cpu(), step, stale)
+    return memory.get(index)
+
+
+def main(argv=None, rewarded=False):
+    args = parse_args(argv, rewarded)
+    accelerator = tu.make_accelerator(args)
+    entries, val_entries = tu.load_train_and_validation(args, "triplet", accelerator)
+    dtype = tu.weight_dtype(accelerator)
+    comps = tu.Components(args, accelerator, dtype, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
+    unet = comps.unet
+    tu.add_lora(unet, args, dtype)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    ema = None
+    if args.use_ema_target:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay)
+    sched = comps.noise_scheduler
+    solver = DDIMSolver(sched.alphas_cumprod, sched.config.num_train_timesteps, args.num_ddim_timesteps).to(accelerator.device)
+
+    reward = None
+    if args.discriminator_path:
+        reward = load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution,
+                                   accelerator.device, dtype, args.variant)
+    scores_of_data = data_scores(args, accelerator, reward, entries) if reward and args.reward_source == "data" else None
+    reference = load_reference(args.reward_reference) if args.reward_reference else None
+    memory = ScoreMemory(args.score_every)
+
+    keys = ("GT", "masked", "source") if reward and args.reward_source != "data" else ("GT", "masked")
+    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
+    loader = tu.make_dataloader(args, dataset, accelerator)
+    max_steps, num_epochs = tu.step_budget(args, loader)
+    optimizer = tu.make_optimizer(args, params, accelerator)
+    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+    save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
+    tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True), ema)
+    tu.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
+    validating = args.validation_steps and accelerator.is_main_process
+    val_samples = tu.validation_samples(args, val_entries) if validating else []
+    teacher_cache = {}
+
+    def validate(step):
+        """The student in --validation_lcm_steps LCM steps against the teacher's many-step sampling
+        (same seeds); with a discriminator, its win rate. Grid: source, mask, teacher, student, GT."""
+        if not val_samples:
+            return None
+        from diffusers import LCMScheduler
+
+        model = accelerator.unwrap_model(unet)
+        lcm = LCMScheduler.from_config(comps.sample_scheduler_config)
+        results = tu.sample_validation(accelerator, args, comps, model, val_samples, steps=args.validation_lcm_steps, scheduler=lcm)
+
+        def teacher_results():
+            with tu.adapters_disabled(model):
+                return tu.sample_validation(accelerator, args, comps, model, val_samples)
+
+        metrics = tu.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache)
+        accelerator.log(metrics, step=step)
+        if metrics:
+            tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    global_step, final = tu.resume(accelerator, args), None
+    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    for batch in run.batches():
+        with accelerator.accumulate(unet):
+            model_pred, target, teacher_x0, batch = distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, keys)
+            losses = per_sample_lcm_loss(model_pred, target, args.loss_type, args.huber_c)
+            weights, metrics = torch.ones_like(losses), {}
+            if reward is not None:
+                scores = sample_scores(args, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred, teacher_x0)
+                all_scores = accelerator.gather(scores.to(accelerator.device))  # weights over the global batch
+                threshold, temperature = weighting_params(args, run.global_step, max_steps)
+                all_weights = reward_weights(all_scores, args.weighting, threshold, temperature, reference)
+                mine = slice(accelerator.process_index * len(losses), (accelerator.process_index + 1) * len(losses))
+                weights = all_weights[mine].to(losses.device)
+                metrics = {"score_mean": all_scores.mean().item(), "score_std": all_scores.std(unbiased=False).item(),
+                           "reward_threshold": threshold, "reward_temperature": temperature, **weight_stats(all_weights)}
+                if accelerator.sync_gradients:
+                    tu.log_histogram(accelerator, "scores", all_scores, run.global_step + 1)
+                if all_weights.sum() == 0:
+                    run.skip_batch()  # nothing kept in the global batch: no update, counted as skipped
+            if not run.window_skipped:
+                loss = (weights * losses).mean()
+                if run.loss_is_finite(loss):
+                    accelerator.backward(loss)
+            run.optimizer_step(optimizer, lr_scheduler, params)
+        if not run.end_of_step(**metrics):
+            continue
+        if ema is not None:
+            ema.step(params)
+        if args.validation_steps and run.global_step % args.validation_steps == 0:
+            final = validate(run.global_step)
+    run.finish()
+    if args.validation_steps and (final is None or run.global_step % args.validation_steps):
+        final = validate(run.global_step)
+    tu.save_final(accelerator, args, unet, save, metrics=final)
+    return final
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -20,14 +20,17 @@ from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask
 from myutils.models import resolve_device_dtype
-from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects
+from pipelines.inpaint import add_remover_args, check_remover_args, count_unet_calls, load_remover, remove_objects
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, four_step=False):
+    """four_step: inference_RORem_4S.py's defaults (an LCM LoRA, LCMScheduler, 4 steps, strength 1, fused)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_remover_args(p)
+    if four_step:
+        p.set_defaults(inference_steps=4, strength=1.0, scheduler="lcm", fuse_lora=True)
     p.add_argument("--image_path", default=None, help="an image, or a folder of images")
     p.add_argument("--mask_path", default=None, help="its mask (white = remove), or a folder of masks with the same names")
     p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask} entries")
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="batch modes: redo results that already exist")
     args = p.parse_args(argv)
     check_remover_args(args)
+    if four_step and not args.lora_path:
+        raise UserError("--RORem_LoRA is required: the 4-step LoRA from train_RORem_lcm.py (pytorch_lora_weights.safetensors or its folder)")
     if bool(args.meta_path) == bool(args.image_path or args.mask_path):
         raise UserError("give either --meta_path, or --image_path with --mask_path")
     if not args.meta_path and not (args.image_path and args.mask_path):
@@ -70,8 +75,8 @@ def list_jobs(args):
     return [(e.paths["source"], e.paths["mask"], os.path.join(args.save_path, n)) for e, n in zip(entries, names)], entries, warnings
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, four_step=False):
+    args = parse_args(argv, four_step)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     jobs, entries, warnings = list_jobs(args)
     for w in warnings:
@@ -82,6 +87,7 @@ def main(argv=None):
         os.makedirs(args.save_path, exist_ok=True)
         print(f"{len(jobs)} inputs, {len(jobs) - len(todo)} already done in {args.save_path}")
     pipe, cond, uncond = load_remover(args, device, dtype) if todo else (None, None, None)
+    calls = count_unet_calls(pipe) if todo else [0]
     bar = tqdm(total=len(todo), desc="removing", disable=not batch_mode)
     k = 0
     while k < len(todo):
@@ -109,6 +115,10 @@ def main(argv=None):
         print(f"wrote {len(todo)} results and {os.path.join(args.save_path, 'meta.json')}")
     else:
         print(f"wrote {args.save_path}")
+    batches = -(-len(todo) // args.batch_size) if batch_mode else 1
+    print(f"UNet calls: {calls[0]} for {len(todo)} images in {batches} batches "
+          f"({args.inference_steps} steps at strength {args.strength}: {int(args.inference_steps * args.strength)} per batch)")
+    return calls[0]
 
 
 if __name__ == "__main__":

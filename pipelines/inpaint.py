@@ -1,5 +1,6 @@
 """Sampling with the stock diffusers SDXL-inpainting pipeline, from precomputed prompt embeddings,
 and the remover as the inference scripts load and run it (one set of arguments for all of them)."""
+import argparse
 import os
 
 import torch
@@ -47,7 +48,11 @@ def add_remover_args(p):
     """The arguments that choose and run a remover (inference_RORem.py, build_preference_pairs.py)."""
     p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
     p.add_argument("--RORem_unet", default=None, help="remover UNet folder (diffusers layout, or a folder with unet/)")
-    p.add_argument("--lora_path", default=None, help="a LoRA (pytorch_lora_weights.safetensors or its folder)")
+    p.add_argument("--lora_path", "--RORem_LoRA", default=None, help="a LoRA (pytorch_lora_weights.safetensors or its folder)")
+    p.add_argument("--fuse_lora", action=argparse.BooleanOptionalAction, default=False,
+                   help="merge the LoRA into the UNet weights (faster sampling)")
+    p.add_argument("--scheduler", choices=["default", "lcm"], default="default",
+                   help="lcm: LCMScheduler, for a latent-consistency (4-step) LoRA")
     p.add_argument("--variant", default=None, help="e.g. fp16 for RORem's released weights")
     p.add_argument("--inference_steps", type=int, default=50)
     p.add_argument("--strength", type=float, default=0.99, help="diffusers runs int(steps * strength) steps")
@@ -75,10 +80,30 @@ def load_remover(args, device, dtype):
             raise UserError(f"--lora_path {args.lora_path}: not found")
         folder, name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
         pipe.load_lora_weights(folder, weight_name=name)
+        if args.fuse_lora:
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # the merged weights stay; the LoRA layers go
+    if args.scheduler == "lcm":
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     cond, uncond = encode_prompt_pair(pipe, args.prompt, args.negative_prompt, device)
     return pipe, cond.to(device, dtype), uncond.to(device, dtype)
+
+
+def count_unet_calls(pipe):
+    """Count the UNet's forward calls from now on (one call may hold a CFG-doubled batch): returns a
+    one-element list that grows with each call."""
+    calls, forward = [0], pipe.unet.forward
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return forward(*a, **k)
+
+    pipe.unet.forward = counted
+    return calls
 
 
 def remove_objects(pipe, cond, uncond, images, masks, args, seed):

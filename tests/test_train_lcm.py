@@ -116,3 +116,19 @@ def test_weighting_curriculum_and_argument_errors(tmp_path, toy_meta):
         tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--no-use_lora"])
     with pytest.raises(UserError, match="--w_min"):
         tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--w_min", "5", "--w_max", "1"])
+
+
+def test_four_step_inference_counts_unet_calls(tmp_path, tiny_model_dir, toy_meta, run_script):
+    import inference_RORem_4S
+
+    out = str(tmp_path / "lcm")
+    run_script(tlcm, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "1"))
+    root = os.path.dirname(toy_meta)
+    entry = json.load(open(toy_meta))[0]
+    base = ["--pretrained_model", tiny_model_dir, "--RORem_LoRA", out, "--image_path", os.path.join(root, entry["source"]),
+            "--mask_path", os.path.join(root, entry["mask"]), "--resolution", "32"]
+    assert inference_RORem_4S.main(base + ["--save_path", str(tmp_path / "r4.png")]) == 4
+    assert os.path.isfile(tmp_path / "r4.png")
+    assert inference_RORem_4S.main(base + ["--save_path", str(tmp_path / "r3.png"), "--strength", "0.99"]) == 3  # int(4 * 0.99)
+    with pytest.raises(UserError, match="--RORem_LoRA is required"):
+        inference_RORem_4S.main(base[:2] + base[4:] + ["--save_path", str(tmp_path / "x.png")])

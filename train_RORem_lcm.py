@@ -53,6 +53,8 @@ def add_lcm_args(parser):
                    help="the target uses an EMA of the LoRA instead of the current LoRA")
     g.add_argument("--ema_decay", type=float, default=0.95)
     g.add_argument("--validation_lcm_steps", type=int, default=4)
+    g.add_argument("--win_rate_samples", type=int, default=64,
+                   help="held-out inputs on which student (LCM steps) and teacher (--validation_inference_steps) are compared")
     g = parser.add_argument_group("reward weighting (with --discriminator_path)")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
     g.add_argument("--reward_source", choices=["data", "teacher", "student"], default="data")
@@ -212,7 +214,8 @@ def main(argv=None, rewarded=False):
     tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True), ema)
     tu.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
     validating = args.validation_steps and accelerator.is_main_process
-    val_samples = tu.validation_samples(args, val_entries) if validating else []
+    count = max(args.win_rate_samples, args.num_validation_images)
+    val_samples = tu.validation_samples(args, val_entries, "triplet", count) if validating else []
     teacher_cache = {}
 
     def validate(step):
@@ -230,7 +233,8 @@ def main(argv=None, rewarded=False):
             with tu.adapters_disabled(model):
                 return tu.sample_validation(accelerator, args, comps, model, val_samples)
 
-        metrics = tu.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache)
+        metrics = tu.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache,
+                                            mse_key="GT")
         accelerator.log(metrics, step=step)
         if metrics:
             tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

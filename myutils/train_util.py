@@ -567,20 +567,27 @@ def run_validation(accelerator, args, comps, unet, samples, step, target_key="GT
 
 
 @torch.no_grad()
-def compare_with_reference(accelerator, args, samples, results, reference, step, target_key, reward=None, cache=None):
+def compare_with_reference(accelerator, args, samples, results, reference, step, target_key, reward=None, cache=None,
+                           mse_key=None):
     """Held-out comparison of a trained model with its reference (DPO: the starting model; LCM: the
     many-step teacher). `results` are the model's (PIL, from sample_validation); `reference()` makes
     the reference's, called once and kept in the dict `cache`. With a reward model both are scored
     and the paired win rate (ties half) comes back with its 95% Wilson interval and both mean scores.
+    With `mse_key` (e.g. "GT"), also the masked-region MSE of both against that image.
     Saves a grid of the first --num_validation_images: source, mask, reference, model, target."""
-    from .metrics import win_rate
+    from .metrics import masked_mse, win_rate
     from .reward_utils import score_results
+
+    def mean_mse(images):
+        source, mask, truth = input_rows(samples, mse_key)
+        return sum(masked_mse(r, g, m) for r, g, m in zip(images, truth, mask)) / len(images)
 
     cache = {} if cache is None else cache
     if "results" not in cache:
         cache["results"] = reference()
         cache["scores"] = score_results(reward, samples, cache["results"]) if reward else None
-    metrics = {}
+        cache["mse"] = mean_mse(cache["results"]) if mse_key else None
+    metrics = {"val_masked_mse": mean_mse(results), "val_reference_masked_mse": cache["mse"]} if mse_key else {}
     if reward:
         scores, ref_scores = score_results(reward, samples, results), cache["scores"]
         rate, (low, high) = win_rate(scores, ref_scores)

@@ -132,3 +132,22 @@ def test_four_step_inference_counts_unet_calls(tmp_path, tiny_model_dir, toy_met
     assert inference_RORem_4S.main(base + ["--save_path", str(tmp_path / "r3.png"), "--strength", "0.99"]) == 3  # int(4 * 0.99)
     with pytest.raises(UserError, match="--RORem_LoRA is required"):
         inference_RORem_4S.main(base[:2] + base[4:] + ["--save_path", str(tmp_path / "x.png")])
+
+
+def test_lcm_sweep_tabulates_teacher_plain_and_weighted(tmp_path, tiny_model_dir, toy_meta, disc_dir):
+    import importlib.util
+
+    from tests.test_build_preference_pairs import ROOT
+
+    spec = importlib.util.spec_from_file_location("sweep_lcm", os.path.join(ROOT, "scripts", "sweep_lcm.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    argv = ["--output_root", str(tmp_path / "sweep"), "--thresholds", "0.5", "--temperatures", "--",
+            *[a for a in _args(tiny_model_dir, toy_meta, "x") if a not in ("--output_dir", "x")], "--max_train_steps", "1",
+            "--discriminator_path", disc_dir, "--validation_steps", "1", "--validation_inference_steps", "2",
+            "--num_validation_images", "2", "--win_rate_samples", "3"]
+    rows = sweep.main(argv)
+    assert [r["run"] for r in rows] == ["teacher", "plain", "filter_0.5"]
+    assert rows[0]["unet_calls"] == 2 and rows[1]["unet_calls"] == 4 and rows[2]["weighting"] == "filter, score >= 0.5"
+    assert all(0 <= r["win_rate"] <= 1 and r["masked_mse"] >= 0 for r in rows)
+    assert "| plain | plain LCM |" in open(tmp_path / "sweep" / "sweep_results.md").read()

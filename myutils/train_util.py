@@ -352,11 +352,14 @@ def save_unet(unet, output_dir, lora):
     Full: <output_dir>/unet (a diffusers UNet folder)."""
     if lora:
         from diffusers import StableDiffusionXLInpaintPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionXLInpaintPipeline.save_lora_weights(output_dir, unet_lora_layers=layers)
+        # PEFT keys as they are: diffusers' key conversion renames only attention layers, and a file
+        # mixing both namings loads without the attention LoRA. The config keeps rank and alpha.
+        config = getattr(unet, "peft_config", {}).get("default")
+        StableDiffusionXLInpaintPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=config.to_dict() if config is not None else None)
     else:
         unet.save_pretrained(os.path.join(output_dir, "unet"))
 

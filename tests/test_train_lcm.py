@@ -41,7 +41,7 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
     out = str(tmp_path / "lcm")
     run_script(tlcm, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--w_min", "2", "--w_max", "5",
                            "--max_grad_norm", "1e-4", "--validation_steps", "3", "--num_validation_images", "2",
-                           "--validation_inference_steps", "2", "--use_ema_target"))
+                           "--validation_inference_steps", "2", "--use_ema_target", "--lora_alpha", "8"))
     w = torch.cat(seen_w)
     assert ((w >= 2) & (w <= 5)).all() and w.std() > 0  # really drawn per sample from [w_min, w_max]
     assert len(norms) == 3 and all(n <= 1e-4 * 1.01 for n in norms)  # clipped before every optimizer step
@@ -56,6 +56,11 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
     pipe = load_inpaint_pipeline(tiny_model_dir)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.load_lora_weights(out)
+    x, t = torch.randn(1, 9, 16, 16), torch.tensor([500])
+    kw = {"encoder_hidden_states": torch.randn(1, 77, 64),
+          "added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.ones(1, 6) * 32}}
+    with torch.no_grad():  # every trained layer arrives: the loaded pipeline computes what training ended with
+        assert torch.allclose(pipe.unet(x, t, **kw).sample, saved["m"](x, t, **kw).sample, atol=1e-5)
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the fused change stays in the base weights
     after = pipe.unet.state_dict()

@@ -33,22 +33,25 @@ def stage(name, output, fn):
     print(f"[{name}] done in {time.time() - start:.0f} s")
 
 
-def remove_objects(model_dir, unet_dir, sources, masks, steps, seed, lora_path=None):
+def remove_objects(model_dir, unet_dir, sources, masks, steps, seed, lora_path=None, scheduler="default"):
     """Run a remover (the pipeline's own UNet, or unet_dir, plus an optional LoRA) on every input
-    with fixed seeds (input i: seed + i), 16 at a time; results pasted into their sources."""
+    with fixed seeds (input i: seed + i), 16 at a time; results pasted into their sources, and the
+    number of UNet calls per image."""
     from types import SimpleNamespace
 
     import torch
 
-    from pipelines.inpaint import load_remover, remove_objects as remove
+    from pipelines.inpaint import count_unet_calls, load_remover, remove_objects as remove
 
-    spec = SimpleNamespace(pretrained_model=model_dir, RORem_unet=unet_dir, lora_path=lora_path, variant=None, prompt="",
-                           negative_prompt="", resolution=sources[0].size[0], inference_steps=steps, strength=1.0, guidance_scale=1.0)
+    spec = SimpleNamespace(pretrained_model=model_dir, RORem_unet=unet_dir, lora_path=lora_path, fuse_lora=False, scheduler=scheduler,
+                           variant=None, prompt="", negative_prompt="", resolution=sources[0].size[0], inference_steps=steps,
+                           strength=1.0, guidance_scale=1.0)
     pipe, cond, uncond = load_remover(spec, "cpu", torch.float32)
+    calls = count_unet_calls(pipe)
     results = []
     for i in range(0, len(sources), 16):
         results += remove(pipe, cond, uncond, sources[i:i + 16], masks[i:i + 16], spec, seed + i)
-    return results
+    return results, calls[0] / -(-len(sources) // 16)
 
 
 def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
@@ -105,6 +108,27 @@ def dpo_report(w, args):
             + " The masked MSE against GT of the DPO model is in the first table."]
 
 
+def lcm_report(w, rows):
+    by = {k: (m, d, c) for k, m, s, d, c in rows}
+    t, u, p, r = (by[k] for k in ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
+                                 "reward-weighted LCM student, 4 steps"))
+    finals = {}
+    for name in ("lcm", "lcm_rewarded"):
+        with open(f"{w}/{name}/final_metrics.json") as f:
+            finals[name] = json.load(f)
+    m = finals["lcm_rewarded"]["metrics"]
+    return ["## LCM distillation (4-step students of the trained remover)", "",
+            f"LoRA rank 16, {finals['lcm']['args']['max_train_steps']} steps of 16, lr 1e-4, l2 (`configs/toy_lcm.yaml`), on the "
+            "scored training results (true removals, failures and remover outputs as targets). Reward-weighted: the discriminator "
+            "scores each training target once and the filter keeps those >= 0.5.", "",
+            f"- teacher ({t[2]:g} UNet calls): masked MSE {t[0]:.4f}, discriminator {t[1]:.3f}",
+            f"- the same teacher run for 4 LCM steps without distillation: {u[0]:.4f}, {u[1]:.3f}",
+            f"- plain LCM student, 4 steps: {p[0]:.4f}, {p[1]:.3f}",
+            f"- reward-weighted LCM student, 4 steps: {r[0]:.4f}, {r[1]:.3f} (win rate vs the teacher at validation "
+            f"{m.get('val_win_rate', float('nan')):.3f} [{m.get('val_win_rate_low', float('nan')):.3f}, "
+            f"{m.get('val_win_rate_high', float('nan')):.3f}])"]
+
+
 def discriminator_metrics(disc_dir):
     """Held-out accuracy and AUC at the first and last validation, from the run's tensorboard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -132,6 +156,7 @@ def main():
     p.add_argument("--scored_inputs", type=int, default=400, help="training inputs that get scored results for the discriminator")
     p.add_argument("--pair_inputs", type=int, default=64, help="training inputs that also get remover candidates judged by the discriminator")
     p.add_argument("--dpo_steps", type=int, default=300)
+    p.add_argument("--lcm_steps", type=int, default=200, help="distillation steps for each 4-step student")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     w = os.path.abspath(args.work_dir)
@@ -173,8 +198,24 @@ def main():
         "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", dpo_dir,
         "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--seed", str(args.seed)]))
 
-    from myutils.img_util import image_grid, load_image, load_mask
+    # LCM distillation into 4-step students, plain and reward-weighted, on the scored training results
+    # (true removals, failures and remover outputs as "GT"): weighting by the discriminator's score of
+    # each GT (filter at 0.5) keeps the failures out of the starting points the student learns from
+    lcm_dir, rlcm_dir = f"{w}/lcm", f"{w}/lcm_rewarded"
+    lcm_args = ["--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", model_dir, "--pretrained_teacher_unet",
+                f"{remover_dir}/unet", "--meta_path", scored_train, "--validation_meta_path", held_meta, "--discriminator_path", disc_dir,
+                "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--seed", str(args.seed)]
+    stage("LCM", f"{lcm_dir}/final_metrics.json", lambda: run(["train_RORem_lcm.py", *lcm_args, "--weighting", "none",
+                                                               "--output_dir", lcm_dir]))
+    stage("reward-weighted LCM", f"{rlcm_dir}/final_metrics.json", lambda: run([
+        "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", "data", "--weighting", "filter", "--reward_threshold", "0.5",
+        "--output_dir", rlcm_dir]))
+
+    import torch
+
+    from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
     from myutils.metrics import border_fill, masked_mse
+    from myutils.reward_utils import load_reward_model
 
     print(f"[evaluate] {args.heldout_samples} held-out inputs, {args.eval_steps}-step sampling from noise, seed {args.seed}")
     entries = read_meta(held_meta, "triplet")
@@ -182,20 +223,36 @@ def main():
     masks = [load_mask(e.paths["mask"]) for e in entries]
     gts = [load_image(e.paths["GT"]) for e in entries]
     fills = [border_fill(s, m) for s, m in zip(sources, masks)]
+    reward = load_reward_model(model_dir, disc_dir, resolution=32)
+    source_t = torch.stack([pil_to_tensor(im) for im in sources])
+    mask_t = (torch.stack([pil_to_tensor(m.convert("RGB")) for m in masks])[:, :1] > 0).float()
+
+    def disc_scores(images):
+        return reward.score_pixels(source_t, mask_t, torch.stack([pil_to_tensor(im) for im in images])).tolist()
+
     systems = {"border fill (classical)": [masked_mse(f, g, m) for f, g, m in zip(fills, gts, masks)]}
-    grids = {}
-    for name, unet_dir, lora in [("untrained remover", None, None), ("trained remover", f"{remover_dir}/unet", None),
-                                 ("DPO LoRA on the trained remover", f"{remover_dir}/unet", dpo_dir)]:
-        grids[name] = remove_objects(model_dir, unet_dir, sources, masks, args.eval_steps, args.seed, lora)
+    scores, calls, grids = {"border fill (classical)": disc_scores(fills)}, {"border fill (classical)": 0}, {}
+    unet = f"{remover_dir}/unet"
+    for name, unet_dir, lora, steps, sched in [
+            ("untrained remover", None, None, args.eval_steps, "default"),
+            ("trained remover (teacher)", unet, None, args.eval_steps, "default"),
+            ("DPO LoRA on the trained remover", unet, dpo_dir, args.eval_steps, "default"),
+            ("trained remover, 4 LCM steps, not distilled", unet, None, 4, "lcm"),
+            ("LCM student, 4 steps", unet, lcm_dir, 4, "lcm"),
+            ("reward-weighted LCM student, 4 steps", unet, rlcm_dir, 4, "lcm")]:
+        grids[name], calls[name] = remove_objects(model_dir, unet_dir, sources, masks, steps, args.seed, lora, sched)
         systems[name] = [masked_mse(r, g, m) for r, g, m in zip(grids[name], gts, masks)]
+        scores[name] = disc_scores(grids[name])
 
     n = 8
-    grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + grids["untrained remover"][:n] + grids["trained remover"][:n]
-                      + grids["DPO LoRA on the trained remover"][:n] + fills[:n] + gts[:n], rows=7, cols=n)
+    shown = ["untrained remover", "trained remover (teacher)", "DPO LoRA on the trained remover", "LCM student, 4 steps",
+             "reward-weighted LCM student, 4 steps"]
+    grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + [im for k in shown for im in grids[k][:n]]
+                      + fills[:n] + gts[:n], rows=4 + len(shown), cols=n)
     grid = grid.resize((grid.width * 4, grid.height * 4), 0)
     os.makedirs(f"{w}/report", exist_ok=True)
     grid.save(f"{w}/report/before_after.png")
-    rows = [(k, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v)))) for k, v in systems.items()]
+    rows = [(k, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v))), float(np.mean(scores[k])), calls[k]) for k, v in systems.items()]
     with open(scored_held) as f:
         held_scored = json.load(f)
     disc_lines = ["## Discriminator (reward model)", "",
@@ -208,27 +265,37 @@ def main():
             first, last, step = disc_metrics[tag]
             disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
     dpo_lines = dpo_report(w, args)
-    table = ["| system | masked MSE (lower is better) | std. error |", "|---|---|---|"]
-    table += [f"| {k} | {m:.4f} | {s:.4f} |" for k, m, s in rows]
-    diff = np.asarray(systems["DPO LoRA on the trained remover"]) - np.asarray(systems["trained remover"])
-    table += ["", f"Paired difference DPO - trained remover, same inputs and seeds: {diff.mean():+.4f} "
-              f"(std. error {diff.std() / np.sqrt(len(diff)):.4f}; DPO lower on {int((diff < 0).sum())} of {len(diff)} inputs)."]
+    table = ["| system | UNet calls / image | masked MSE (lower is better) | std. error | mean discriminator score |",
+             "|---|---|---|---|---|"]
+    table += [f"| {k} | {c:g} | {m:.4f} | {s:.4f} | {d:.3f} |" for k, m, s, d, c in rows]
+
+    def paired(a, b, what):
+        diff = np.asarray(systems[a]) - np.asarray(systems[b])
+        return (f"{what}: {diff.mean():+.4f} (std. error {diff.std() / np.sqrt(len(diff)):.4f}; lower on "
+                f"{int((diff < 0).sum())} of {len(diff)} inputs)")
+
+    table += ["", "Paired masked-MSE differences, same inputs and seeds: "
+              + paired("DPO LoRA on the trained remover", "trained remover (teacher)", "DPO - trained remover") + "; "
+              + paired("reward-weighted LCM student, 4 steps", "LCM student, 4 steps", "reward-weighted - plain LCM student") + "."]
+    lcm_lines = lcm_report(w, rows)
     report = "\n".join([
         "# Toy-world demo: supervised remover", "",
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
-        "![rows: source, mask, untrained, trained, DPO, border fill, GT](before_after.png)", "", *disc_lines, "",
-        *dpo_lines, "",
+        "![rows: source, mask, untrained, trained, DPO, LCM, reward-weighted LCM, border fill, GT](before_after.png)", "", *disc_lines, "",
+        *dpo_lines, "", *lcm_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])
     with open(f"{w}/report/README.md", "w") as f:
         f.write(report)
     with open(f"{w}/report/results.json", "w") as f:
-        json.dump({k: {"masked_mse": m, "stderr": s} for k, m, s in rows}, f, indent=1)
-    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines))
+        json.dump({k: {"masked_mse": m, "stderr": s, "discriminator_score": d, "unet_calls_per_image": c} for k, m, s, d, c in rows},
+                  f, indent=1)
+    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines)
+          + "\n\n" + "\n".join(lcm_lines))
     print(f"\nreport: {w}/report/README.md   grid: {w}/report/before_after.png   ({time.time() - start:.0f} s)")
-    untrained, trained = systems["untrained remover"], systems["trained remover"]
+    untrained, trained = systems["untrained remover"], systems["trained remover (teacher)"]
     if np.mean(trained) >= np.mean(untrained):
         sys.exit("the trained remover did not beat the untrained one: something is wrong")
     if "val_auc" in disc_metrics and disc_metrics["val_auc"][1] < 0.75:

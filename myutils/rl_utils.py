@@ -1,0 +1,137 @@
+"""Online RL for diffusion (DDPO, Black et al. 2023; GRPO-style group advantages): each denoising
+step is a Gaussian policy, a trajectory's reward comes at the end. DESIGN.md section 7.
+
+    DDIM step with eta > 0:  var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev),  std = eta * sqrt(var)
+                             mean = sqrt(a_prev) x0 + sqrt(1 - a_prev - std^2) eps
+    log_prob = mean over non-batch dims of  -(x_prev - mean)^2 / (2 std^2) - log std - log sqrt(2 pi)
+(averaged, not summed: summing over 16k latent dims made training blow up). Everything in fp32.
+"""
+import collections
+import math
+
+import numpy as np
+import torch
+
+
+def _per_sample(values, like):
+    return values.float().view(-1, *[1] * (like.dim() - 1))
+
+
+def ddim_step_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
+    """(mean, std) of the DDIM step's Gaussian from `timestep` to the previous timestep of the
+    scheduler's schedule (set_timesteps called). timestep: int or (B,) tensor."""
+    if eta <= 0:
+        raise ValueError("eta must be > 0 to train: a deterministic DDIM step (eta = 0) has no variance, hence no log-prob")
+    sample, model_output = sample.float(), model_output.float()
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1).long()
+    t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    ac = scheduler.alphas_cumprod.to(sample.device).float()
+    a_t = _per_sample(ac[t], sample)
+    a_prev = _per_sample(torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.as_tensor(float(scheduler.final_alpha_cumprod),
+                                                                                       device=sample.device)), sample)
+    if scheduler.config.prediction_type == "epsilon":
+        x0, eps = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * sample - (1 - a_t).sqrt() * model_output
+        eps = a_t.sqrt() * model_output + (1 - a_t).sqrt() * sample
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).clamp(min=0).sqrt() * eps
+    return mean, std
+
+
+def gaussian_log_prob(x, mean, std):
+    """Log-density of x under N(mean, std^2) per element, averaged over the non-batch dims."""
+    lp = -((x.float() - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return lp.mean(dim=tuple(range(1, lp.dim())))
+
+
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
+    """(prev_sample, log_prob): one stochastic DDIM step, sampled (per-sample generators, or one
+    generator) unless `prev_sample` is given, whose log-prob is then re-evaluated."""
+    mean, std = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * mean.shape[0]
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device="cpu") for g in gens]).to(mean.device)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.float()
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
+def gaussian_kl(mean_a, mean_b, std):
+    """KL(N(mean_a, std^2) || N(mean_b, std^2)) per element, averaged over non-batch dims: the
+    per-step KL between the policy and the reference (same std, different means)."""
+    kl = (mean_a.float() - mean_b.float()) ** 2 / (2 * std ** 2)
+    return kl.mean(dim=tuple(range(1, kl.dim())))
+
+
+# ----------------------------------------------------------------------------- advantages
+
+class PerInputStatTracker:
+    """Reward normalisation per input (DDPO's per-prompt tracker; here the key is a content hash of
+    source and mask, myutils/img_util.content_key). Each input keeps its last `buffer_size` rewards;
+    with fewer than `min_count`, the statistics of the whole batch are used instead."""
+
+    def __init__(self, buffer_size=32, min_count=16):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers = {}
+
+    def update(self, keys, rewards, eps=1e-6):
+        rewards = np.asarray(rewards, dtype=np.float64)
+        keys = list(keys)
+        advantages = np.empty_like(rewards)
+        batch_mean, batch_std = rewards.mean(), rewards.std()
+        for key in dict.fromkeys(keys):
+            mine = np.array([k == key for k in keys])
+            buf = self.buffers.setdefault(key, collections.deque(maxlen=self.buffer_size))
+            buf.extend(rewards[mine].tolist())
+            mean, std = (np.mean(buf), np.std(buf)) if len(buf) >= self.min_count else (batch_mean, batch_std)
+            advantages[mine] = (rewards[mine] - mean) / (std + eps)
+        return advantages
+
+    def state_dict(self):
+        return {"buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state):
+        self.buffers = {k: collections.deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
+
+
+def group_advantages(rewards, keys, eps=1e-6):
+    """GRPO: (r - mean of its group) / (std of its group + eps), a group being the samples of one
+    input (same key) in this batch; a group of one gets advantage 0."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    keys = list(keys)
+    advantages = np.zeros_like(rewards)
+    for key in dict.fromkeys(keys):
+        mine = np.array([k == key for k in keys])
+        if mine.sum() > 1:
+            group = rewards[mine]
+            advantages[mine] = (group - group.mean()) / (group.std() + eps)
+    return advantages
+
+
+def clip_advantages(advantages, max_abs):
+    return np.clip(advantages, -max_abs, max_abs)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """(loss, approx_kl, clip_fraction): mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) with
+    r = exp(log_prob - old_log_prob); approx_kl = mean((log_prob - old)^2) / 2."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl, clip_fraction
+
+
+def reinforce_loss(log_prob, advantages):
+    """-mean(A * log_prob): the plain policy gradient (one update per batch)."""
+    return -(advantages * log_prob).mean()

@@ -1,0 +1,73 @@
+"""myutils/rl_utils.py against diffusers' DDIM step, an independent Gaussian density and hand values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from myutils.rl_utils import (PerInputStatTracker, clip_advantages, ddim_step_with_logprob, gaussian_kl, group_advantages, ppo_loss,
+                              reinforce_loss)
+
+
+def _scheduler(prediction_type):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                      prediction_type=prediction_type)
+    s.set_timesteps(10)
+    return s
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_step_matches_diffusers_and_log_prob_is_the_gaussian_density(prediction_type):
+    sched = _scheduler(prediction_type)
+    g = torch.Generator().manual_seed(0)
+    sample, out = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    t = int(sched.timesteps[3])
+    prev, log_prob = ddim_step_with_logprob(sched, out, t, sample, eta=1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    z = torch.stack([torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    want = sched.step(out, t, sample, eta=1.0, variance_noise=z).prev_sample  # diffusers' own stochastic DDIM step
+    assert torch.allclose(prev, want, atol=1e-5)
+    std = math.sqrt(sched._get_variance(t, t - 100))  # 1000 // 10 steps
+    mean = want - std * z
+    density = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(log_prob, density, atol=1e-4)
+    again = ddim_step_with_logprob(sched, out, t, sample, eta=1.0, prev_sample=prev)[1]
+    assert torch.equal(torch.exp(again - log_prob), torch.ones(2))  # re-evaluated with unchanged weights: ratio exactly 1
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        ddim_step_with_logprob(sched, out, t, sample, eta=0.0)
+
+
+def test_gaussian_kl_by_hand():
+    assert gaussian_kl(torch.ones(1, 2), torch.zeros(1, 2), torch.tensor(0.5)).item() == pytest.approx(2.0)  # 1 / (2 * 0.25)
+
+
+def test_stat_tracker_per_input_with_batch_fallback():
+    tracker = PerInputStatTracker(buffer_size=4, min_count=3)
+    adv = tracker.update(["a", "a", "b"], [1.0, 3.0, 5.0])  # both below min_count: batch mean 3, std sqrt(8/3)
+    assert adv == pytest.approx([(1 - 3) / math.sqrt(8 / 3), 0.0, (5 - 3) / math.sqrt(8 / 3)], rel=1e-5)
+    adv = tracker.update(["a", "b"], [5.0, 5.0])  # a has [1, 3, 5]: mean 3, std sqrt(8/3); b has 2 (< 3): batch stats (std 0)
+    assert adv[0] == pytest.approx(2 / math.sqrt(8 / 3), rel=1e-5) and adv[1] == 0.0
+    tracker.update(["a", "a"], [7.0, 9.0])  # the buffer keeps the last 4: [3, 5, 7, 9]
+    assert list(tracker.buffers["a"]) == [3.0, 5.0, 7.0, 9.0]
+    restored = PerInputStatTracker(buffer_size=4, min_count=3)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.update(["a"], [6.0]) == pytest.approx(tracker.update(["a"], [6.0]))
+
+
+def test_group_advantages_and_clipping():
+    adv = group_advantages([1.0, 3.0, 5.0, 2.0, 2.0], ["a", "a", "b", "c", "c"])
+    assert adv == pytest.approx([-1.0, 1.0, 0.0, 0.0, 0.0], abs=1e-5)  # a: mean 2, std 1; b alone: 0; c: all equal
+    assert clip_advantages(np.array([-9.0, 0.5, 7.0]), 5).tolist() == [-5.0, 0.5, 5.0]
+
+
+def test_ppo_and_reinforce_losses_by_hand():
+    ratio = torch.tensor([0.5, 1.0, 1.5])
+    old = torch.zeros(3)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, kl, clipfrac = ppo_loss(torch.log(ratio), old, adv, clip_range=0.2)
+    # per sample max(-A r, -A clip(r)): max(-0.5, -0.8) = -0.5; max(1, 1) = 1; max(-3, -2.4) = -2.4
+    assert loss.item() == pytest.approx((-0.5 + 1.0 - 2.4) / 3)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert kl.item() == pytest.approx(0.5 * (math.log(0.5) ** 2 + math.log(1.5) ** 2) / 3)
+    assert reinforce_loss(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, -1.0])).item() == pytest.approx(-0.5)  # -(-1 + 2) / 2

@@ -268,3 +268,51 @@ class ScoreMemory:
 
     def get(self, indices):
         return torch.tensor([self.scores[int(i)] for i in indices.tolist()])
+
+
+# ----------------------------------------------------------------------------- rewards for online RL
+
+REWARDS = ("discriminator", "preserve", "gt", "jpeg")
+
+
+def parse_reward_spec(spec):
+    """'discriminator=1,preserve=0.5' -> {"discriminator": 1.0, "preserve": 0.5}; a bare name has weight 1."""
+    out = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, weight = part.partition("=")
+        if name not in REWARDS:
+            raise UserError(f"--reward: unknown reward {name!r} (one of {', '.join(REWARDS)})")
+        try:
+            out[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise UserError(f"--reward: weight of {name!r} is not a number: {weight!r}") from None
+    if not out:
+        raise UserError("--reward: give at least one name=weight")
+    return out
+
+
+def preservation_reward(result, source, mask):
+    """-(mean squared difference to the source outside the mask), pixels in [-1, 1], mask 1 = hole:
+    0 for a result that leaves everything outside the hole untouched."""
+    keep = (mask < 0.5).float().expand_as(result)
+    return -(((result.float() - source.float()) ** 2) * keep).sum((1, 2, 3)) / keep.sum((1, 2, 3)).clamp(min=1)
+
+
+def gt_reward(result, gt, mask):
+    """-(mean squared error against GT inside the mask): agreement with the true background."""
+    hole = (mask >= 0.5).float().expand_as(result)
+    return -(((result.float() - gt.float()) ** 2) * hole).sum((1, 2, 3)) / hole.sum((1, 2, 3)).clamp(min=1)
+
+
+def jpeg_reward(result, quality=95):
+    """-(JPEG size in kB) of each image: a cheap reward with a known answer (flat images compress)."""
+    import io
+
+    from .img_util import tensor_to_pil
+
+    sizes = []
+    for image in result:
+        buf = io.BytesIO()
+        tensor_to_pil(image).save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return -torch.tensor(sizes)

@@ -100,6 +100,14 @@ def _scale(z, vae_config):
     return (z - shift) * vae_config.scaling_factor
 
 
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Scaled latents (what the UNet denoises) -> pixels in [-1, 1], decoded in the VAE's dtype."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents / vae.config.scaling_factor + shift
+    return vae.decode(z.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+
 def posterior_mean_latents(params, vae_config):
     """The posterior mean, shifted and scaled: deterministic latents of an image (for scoring)."""
     return _scale(params.chunk(2, dim=1)[0], vae_config)

@@ -125,3 +125,21 @@ def test_reward_weightings_on_a_fixed_score_vector():
     assert memory.stale(idx, 2).tolist() == [False, False] and memory.stale(idx, 3).tolist() == [True, True]
     memory.update(idx, torch.tensor([0.9]), 3, torch.tensor([False, True]))
     assert memory.get(idx).tolist() == pytest.approx([0.1, 0.9])
+
+
+def test_rl_rewards_by_hand():
+    from myutils.reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
+
+    source = torch.zeros(1, 3, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :2] = 1  # a 2x2 hole: 4 of 16 pixels
+    result = torch.zeros(1, 3, 4, 4)
+    result[..., 0, 0] = 1.0  # inside the hole
+    result[..., 3, 3] = 0.5  # outside: one of 12 pixels off by 0.5
+    assert preservation_reward(result, source, mask).item() == pytest.approx(-0.25 / 12)
+    assert gt_reward(result, source, mask).item() == pytest.approx(-1.0 / 4)
+    flat, noisy = torch.zeros(1, 3, 32, 32), torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert jpeg_reward(flat).item() > jpeg_reward(noisy).item()  # flat images compress: a higher (less negative) reward
+    assert parse_reward_spec("discriminator=1, preserve=0.5,jpeg") == {"discriminator": 1.0, "preserve": 0.5, "jpeg": 1.0}
+    with pytest.raises(UserError, match="unknown reward"):
+        parse_reward_spec("beauty=2")

@@ -1,0 +1,125 @@
+"""train_RORem_ddpo.py and pipelines/rl_sampler.py: the recorded trajectory, strength, ratio 1 on
+re-evaluation, each algorithm trains only the LoRA, resume equality, rewards by hand, errors."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_RORem_ddpo as tddpo
+from myutils import train_util as tu
+from myutils.errors import UserError
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", out, "--resolution", "32",
+            "--report_to", "none", "--sample_steps", "4", "--sample_batch_size", "2", "--sample_batches_per_epoch", "2",
+            "--train_batch_size", "2", "--num_train_epochs", "2", "--learning_rate", "1e-3", "--eval_samples", "2",
+            "--num_validation_images", "2", "--lora_rank", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, toy_meta, tmp_path_factory):
+    from accelerate import Accelerator
+
+    from myutils.data import RemovalDataset, read_meta
+
+    args = tddpo.parse_args(_args(tiny_model_dir, toy_meta, str(tmp_path_factory.mktemp("x")), "--reward", "preserve=1"))
+    comps = tu.Components(args, Accelerator(), torch.float32, guidance_prompts=("", ""))
+    tu.add_lora(comps.unet, args, torch.float32)
+    ds = RemovalDataset(read_meta(toy_meta, "input"), "input", 32)
+    batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)])
+             for k in ("source", "mask", "original_size", "crop_top_left", "index", "epoch")}
+    return args, comps, tddpo.expand_batch(batch, comps, args, 1)
+
+
+def test_strength_half_denoises_half_the_steps_from_the_noised_source(setup):
+    from myutils.rng import sample_generators
+    from pipelines.rl_sampler import rl_scheduler, sample_with_logprob
+
+    args, comps, b = setup
+    sched = rl_scheduler(comps.sample_scheduler_config, 10)
+    kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    traj = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 0.5, 1.0, gens)
+    assert traj["log_probs"].shape == (3, 5) and traj["latents"].shape == (3, 6, 4, 16, 16)
+    assert traj["timesteps"].tolist() == sched.timesteps[5:].tolist()
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    noise = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
+    start = sched.add_noise(b["source_latents"], noise, sched.timesteps[5:6].repeat(3))
+    assert torch.allclose(traj["latents"][:, 0], start)  # the source noised to the first remaining timestep
+    full = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 1.0, 1.0,
+                               sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    assert full["log_probs"].shape == (3, 10) and torch.equal(full["latents"][:, 0], noise)  # strength 1: pure noise
+
+
+def test_reevaluating_a_recorded_step_gives_ratio_one(setup):
+    """The training pass recomputes each recorded step's log-prob exactly as the sampler did."""
+    from myutils.rl_utils import ddim_step_mean_std, gaussian_log_prob
+    from myutils.rng import sample_generators
+    from pipelines.rl_sampler import predict, rl_scheduler, sample_with_logprob
+
+    args, comps, b = setup
+    with torch.no_grad():
+        for n, p in comps.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a policy different from the base model
+    sched = rl_scheduler(comps.sample_scheduler_config, 4)
+    kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
+    traj = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 1.0, 1.0,
+                               sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    for j, t in enumerate(traj["timesteps"]):
+        out = predict(comps.unet, traj["latents"][:, j], t, b["mask_latent"], b["masked_latents"], kw)  # with grad, as in training
+        mean, std = ddim_step_mean_std(sched, out, t, traj["latents"][:, j], 1.0)
+        ratio = torch.exp(gaussian_log_prob(traj["latents"][:, j + 1], mean, std) - traj["log_probs"][:, j])
+        assert torch.equal(ratio.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo", "grpo"])
+def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script, monkeypatch, algorithm):
+    from diffusers import UNet2DConditionModel
+
+    saved = {}
+    real_final = tu.save_final
+    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+                                                                               real_final(acc, args, model, save, **kw)))
+    out = str(tmp_path / algorithm)
+    extra = ["--algorithm", algorithm, "--discriminator_path", disc_dir, "--reward", "discriminator=1,preserve=0.5,jpeg=0.01",
+             "--kl_coef", "0.1", "--clip_range", "0.2"]
+    if algorithm == "grpo":
+        extra += ["--group_size", "2", "--sample_batch_size", "1"]
+    final = run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *extra))
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    trained = {k.replace(".base_layer", ""): v for k, v in saved["m"].state_dict().items() if "lora" not in k}
+    assert all(torch.equal(trained[k].float(), base[k].float()) for k in base)
+    lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+    assert {"start_eval_reward", "eval_reward", "eval_reward_discriminator", "eval_reward_preserve", "eval_reward_jpeg",
+            "eval_kl_to_start"} <= set(final)
+    assert final["start_eval_kl_to_start"] == 0.0 and final["eval_kl_to_start"] > 0  # the policy moved away from its start
+    assert os.path.isfile(os.path.join(out, "checkpoint-4", "custom_checkpoint_0.pkl"))  # the reward tracker is checkpointed
+    assert os.path.isfile(os.path.join(out, "validation", "step-000004.png"))
+
+
+def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script):
+    common = ["--reward", "preserve=1", "--algorithm", "ppo", "--clip_range", "0.2", "--stat_min_count", "2"]
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common))
+    half = str(tmp_path / "resumed")
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, half, *common) + ["--num_train_epochs", "1"])
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_argument_errors(tiny_model_dir, toy_meta, tmp_path):
+    base = ["--meta_path", toy_meta, "--output_dir", str(tmp_path)]
+    for extra, message in [(["--reward", "preserve=1", "--algorithm", "grpo"], "--group_size must be at least 2"),
+                           (["--reward", "preserve=1", "--eta", "0"], "--eta must be > 0"),
+                           (["--reward", "discriminator=1"], "needs --discriminator_path"),
+                           (["--reward", "beauty=1"], "unknown reward 'beauty'"),
+                           (["--reward", "preserve=x"], "not a number"),
+                           (["--reward", "preserve=1", "--train_batch_size", "3"], "must divide"),
+                           (["--reward", "preserve=1", "--no-use_lora"], "trains a LoRA")]:
+        with pytest.raises(UserError, match=message):
+            tddpo.parse_args(base + extra)

@@ -198,6 +198,7 @@ def main(argv=None):
         raw.train()
         history.setdefault("start", metrics)
         history["final"] = metrics
+        history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics})
         accelerator.log(metrics, step=step)
         tu.logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if "images" not in history:

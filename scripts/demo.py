@@ -129,6 +129,25 @@ def lcm_report(w, rows):
             f"{m.get('val_win_rate_high', float('nan')):.3f}])"]
 
 
+def rl_report(w):
+    with open(f"{w}/rl/final_metrics.json") as f:
+        final = json.load(f)
+    m, a = final["metrics"], final["args"]
+    with open(f"{w}/rl/reward_history.json") as f:
+        history = json.load(f)
+    return ["## Online RL (GRPO on a LoRA of the trained remover, discriminator reward)", "",
+            f"{a['num_train_epochs']} epochs of {a['sample_batch_size'] * a['sample_batches_per_epoch']} training inputs x "
+            f"{a['group_size']} samples, {a['sample_steps']} DDIM steps at eta {a['eta']:g}, lr {a['learning_rate']:g}, clip range "
+            f"{a['clip_range']:g} (`configs/toy_ddpo.yaml`). Held out: {a['eval_samples']} inputs, deterministic DDIM from fixed "
+            "noises, the same before and after.", "",
+            "| held-out measure | start | after RL |", "|---|---|---|",
+            f"| discriminator reward | {m['start_eval_reward_discriminator']:.4f} | {m['eval_reward_discriminator']:.4f} |",
+            f"| mean per-step KL to the start (eta {a['eta']:g} Gaussians) | 0 | {m['eval_kl_to_start']:.4f} |", "",
+            f"Reward curve: `tensorboard --logdir {w}/rl/logs` (reward_discriminator_mean per epoch); grids of start vs "
+            f"current: `{w}/rl/validation/`. Held-out reward at each evaluation: "
+            + ", ".join(f"epoch {e['epoch']}: {e['eval_reward']:.4f}" for e in history.get("evals", [])) + "."]
+
+
 def discriminator_metrics(disc_dir):
     """Held-out accuracy and AUC at the first and last validation, from the run's tensorboard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -211,6 +230,13 @@ def main():
         "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", "data", "--weighting", "filter", "--reward_threshold", "0.5",
         "--output_dir", rlcm_dir]))
 
+    # online RL (GRPO) from the trained remover with the discriminator as reward
+    rl_dir = f"{w}/rl"
+    stage("online RL", f"{rl_dir}/final_metrics.json", lambda: run([
+        "train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
+        "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
+        "--discriminator_path", disc_dir, "--output_dir", rl_dir, "--seed", str(args.seed)]))
+
     import torch
 
     from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
@@ -237,6 +263,7 @@ def main():
             ("untrained remover", None, None, args.eval_steps, "default"),
             ("trained remover (teacher)", unet, None, args.eval_steps, "default"),
             ("DPO LoRA on the trained remover", unet, dpo_dir, args.eval_steps, "default"),
+            ("RL (GRPO) LoRA on the trained remover", unet, rl_dir, args.eval_steps, "default"),
             ("trained remover, 4 LCM steps, not distilled", unet, None, 4, "lcm"),
             ("LCM student, 4 steps", unet, lcm_dir, 4, "lcm"),
             ("reward-weighted LCM student, 4 steps", unet, rlcm_dir, 4, "lcm")]:
@@ -245,7 +272,8 @@ def main():
         scores[name] = disc_scores(grids[name])
 
     n = 8
-    shown = ["untrained remover", "trained remover (teacher)", "DPO LoRA on the trained remover", "LCM student, 4 steps",
+    shown = ["untrained remover", "trained remover (teacher)", "DPO LoRA on the trained remover", "RL (GRPO) LoRA on the trained remover",
+             "LCM student, 4 steps",
              "reward-weighted LCM student, 4 steps"]
     grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + [im for k in shown for im in grids[k][:n]]
                       + fills[:n] + gts[:n], rows=4 + len(shown), cols=n)
@@ -276,14 +304,15 @@ def main():
 
     table += ["", "Paired masked-MSE differences, same inputs and seeds: "
               + paired("DPO LoRA on the trained remover", "trained remover (teacher)", "DPO - trained remover") + "; "
+              + paired("RL (GRPO) LoRA on the trained remover", "trained remover (teacher)", "RL - trained remover") + "; "
               + paired("reward-weighted LCM student, 4 steps", "LCM student, 4 steps", "reward-weighted - plain LCM student") + "."]
-    lcm_lines = lcm_report(w, rows)
+    lcm_lines = lcm_report(w, rows) + [""] + rl_report(w)
     report = "\n".join([
         "# Toy-world demo: supervised remover", "",
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
-        "![rows: source, mask, untrained, trained, DPO, LCM, reward-weighted LCM, border fill, GT](before_after.png)", "", *disc_lines, "",
+        "![rows: source, mask, untrained, trained, DPO, RL, LCM, reward-weighted LCM, border fill, GT](before_after.png)", "", *disc_lines, "",
         *dpo_lines, "", *lcm_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])

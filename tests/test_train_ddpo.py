@@ -123,3 +123,29 @@ def test_argument_errors(tiny_model_dir, toy_meta, tmp_path):
                            (["--reward", "preserve=1", "--no-use_lora"], "trains a LoRA")]:
         with pytest.raises(UserError, match=message):
             tddpo.parse_args(base + extra)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_reward_on_the_image_rises_either_way(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch, sign):
+    """A task with a known answer: reward = +-(mean of the result's latents). Whichever way it points,
+    REINFORCE moves the held-out reward (fixed inputs and noises, deterministic sampler) that way."""
+    def mean_latent_reward(args, reward_model, vae, final_latents, batch):
+        r = sign * final_latents.float().mean((1, 2, 3)).cpu()
+        return {"mean_latent": r}, r
+
+    monkeypatch.setattr(tddpo, "compute_rewards", mean_latent_reward)
+    final = run_script(tddpo, _args(tiny_model_dir, toy_meta, str(tmp_path / "run"), "--reward", "preserve=1", "--algorithm",
+                                    "reinforce", "--sample_batch_size", "12", "--sample_batches_per_epoch", "1", "--train_batch_size",
+                                    "12", "--num_train_epochs", "20", "--learning_rate", "1e-2", "--eval_samples", "4",
+                                    "--checkpointing_epochs", "0", "--stat_min_count", "1000"))
+    assert final["eval_reward"] > final["start_eval_reward"]
+
+
+def test_configs_parse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    real = tddpo.parse_args(["--config", os.path.join(root, "configs", "ddpo_config.yaml"), "--meta_path", "m.json",
+                             "--output_dir", "o", "--discriminator_path", "d"])
+    assert real.algorithm == "ppo" and real.rewards == {"discriminator": 1.0, "preserve": 0.1} and real.clip_range == 1e-4
+    toy = tddpo.parse_args(["--config", os.path.join(root, "configs", "toy_ddpo.yaml"), "--meta_path", "m.json",
+                            "--output_dir", "o", "--discriminator_path", "d"])
+    assert toy.algorithm == "grpo" and toy.group_size == 4

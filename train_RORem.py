@@ -73,11 +73,7 @@ def main(argv=None):
     params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see every param
 
     dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT", "masked"))
-    loader = tu.make_dataloader(args, dataset, accelerator)
-    max_steps, num_epochs = tu.step_budget(args, loader)
-    optimizer = tu.make_optimizer(args, params, accelerator)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
     if ema is not None:
         ema.to(accelerator.device)
     tu.register_checkpoint_hooks(accelerator, lambda m, d: tu.save_unet(m, d, args.use_lora),

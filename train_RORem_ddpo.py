@@ -199,8 +199,7 @@ def main(argv=None):
         history.setdefault("start", metrics)
         history["final"] = metrics
         history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics})
-        accelerator.log(metrics, step=step)
-        tu.logger.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        tu.log_validation(accelerator, {**metrics, "eval_epoch": epoch}, step)
         if "images" not in history:
             history["images"] = images
         n = args.num_validation_images

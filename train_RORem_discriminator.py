@@ -126,11 +126,7 @@ def main(argv=None):
 
     dataset = tu.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "source"))
     val_dataset = RemovalDataset(val_entries, "scored", args.resolution)
-    loader = tu.make_dataloader(args, dataset, accelerator)
-    max_steps, num_epochs = tu.step_budget(args, loader)
-    optimizer = tu.make_optimizer(args, params, accelerator)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
-    disc, optimizer, lr_scheduler = accelerator.prepare(disc, optimizer, lr_scheduler)
+    disc, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, disc, params, dataset)
     save = lambda m, d: save_discriminator(m, d, lora=not args.train_full)  # noqa: E731
     tu.register_checkpoint_hooks(accelerator, save, load_discriminator_weights)
     tu.init_trackers(accelerator, args, "train_RORem_discriminator")

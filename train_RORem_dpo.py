@@ -119,11 +119,7 @@ def main(argv=None):
     params = [p for p in unet.parameters() if p.requires_grad]
 
     dataset = tu.make_train_dataset(args, entries, "pair", accelerator, comps.vae, cache_keys=("preferred", "rejected", "masked"))
-    loader = tu.make_dataloader(args, dataset, accelerator)
-    max_steps, num_epochs = tu.step_budget(args, loader)
-    optimizer = tu.make_optimizer(args, params, accelerator)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
     save = lambda m, d: tu.save_unet(m, d, args.use_lora)  # noqa: E731
     tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, args.use_lora))
     tu.init_trackers(accelerator, args, "train_RORem_dpo")
@@ -152,8 +148,7 @@ def main(argv=None):
         metrics.update(tu.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
                                                  reward, reference))
         model.train()
-        accelerator.log(metrics, step=step)
-        tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        tu.log_validation(accelerator, metrics, step)
         return metrics
 
     global_step, final = tu.resume(accelerator, args), None

@@ -203,11 +203,7 @@ def main(argv=None, rewarded=False):
 
     keys = ("GT", "masked", "source") if reward and args.reward_source != "data" else ("GT", "masked")
     dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
-    loader = tu.make_dataloader(args, dataset, accelerator)
-    max_steps, num_epochs = tu.step_budget(args, loader)
-    optimizer = tu.make_optimizer(args, params, accelerator)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, max_steps, accelerator)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
     if ema is not None:
         ema.to(accelerator.device)
     save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
@@ -235,9 +231,7 @@ def main(argv=None, rewarded=False):
 
         metrics = tu.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache,
                                             mse_key="GT")
-        accelerator.log(metrics, step=step)
-        if metrics:
-            tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        tu.log_validation(accelerator, metrics, step)
         return metrics
 
     global_step, final = tu.resume(accelerator, args), None

@@ -250,6 +250,24 @@ def make_dataloader(args, dataset, accelerator):
                                        generator=torch.Generator().manual_seed(args.seed))
 
 
+def prepare_training(args, accelerator, model, params, dataset):
+    """The data loader, step budget, optimizer and lr schedule, with model, optimizer and schedule
+    passed through accelerator.prepare: (model, optimizer, lr_scheduler, loader, max_steps, num_epochs)."""
+    loader = make_dataloader(args, dataset, accelerator)
+    max_steps, num_epochs = step_budget(args, loader)
+    optimizer = make_optimizer(args, params, accelerator)
+    lr_scheduler = make_lr_scheduler(args, optimizer, max_steps, accelerator)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    return model, optimizer, lr_scheduler, loader, max_steps, num_epochs
+
+
+def log_validation(accelerator, metrics, step):
+    """Validation metrics to the trackers and the log."""
+    accelerator.log(metrics, step=step)
+    if metrics:
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
 def step_budget(args, loader):
     """(max_train_steps, num_epochs): --max_train_steps, or --num_train_epochs worth of steps."""
     batches = loader.sampler.batches_per_epoch

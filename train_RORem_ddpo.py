@@ -147,7 +147,8 @@ def evaluate(unet, comps, args, samples, sched, reward_model):
     parts, total = compute_rewards(args, reward_model, comps.vae, latents, b)
     metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
     metrics.update(eval_reward=total.mean().item(), eval_kl_to_start=float(np.mean(kls)))
-    return metrics, decode_latents(comps.vae, latents).cpu()
+    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
+    return metrics, decode_latents(comps.vae, latents).cpu(), per_sample
 
 
 def main(argv=None):
@@ -194,18 +195,21 @@ def main(argv=None):
         if not eval_samples:
             return
         raw.eval()
-        metrics, images = evaluate(raw, comps, args, eval_samples, sched, reward_model)
+        metrics, images, per_sample = evaluate(raw, comps, args, eval_samples, sched, reward_model)
         raw.train()
         history.setdefault("start", metrics)
         history["final"] = metrics
-        history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics})
+        history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics, "per_sample": per_sample})
         tu.log_validation(accelerator, {**metrics, "eval_epoch": epoch}, step)
         if "images" not in history:
             history["images"] = images
         n = args.num_validation_images
         source, mask = tu.input_rows(eval_samples[:n])
-        tu.save_validation_grid(accelerator, args, [source, mask, [tensor_to_pil(x) for x in history["images"][:n]],
-                                                    [tensor_to_pil(x) for x in images[:n]]], step)
+        path = tu.save_validation_grid(accelerator, args, [source, mask, [tensor_to_pil(x) for x in history["images"][:n]],
+                                                           [tensor_to_pil(x) for x in images[:n]]], step)
+        with open(path.replace(".png", ".json"), "w") as f:  # each column's rewards, start and current
+            json.dump({"rows": ["source", "mask", "start", "current"], "start": history["evals"][0]["per_sample"][:n],
+                       "current": per_sample[:n]}, f, indent=1)
 
     global_step = tu.resume(accelerator, args)
     first_epoch = global_step // steps_per_epoch

@@ -99,6 +99,9 @@ def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta,
     assert final["start_eval_kl_to_start"] == 0.0 and final["eval_kl_to_start"] > 0  # the policy moved away from its start
     assert os.path.isfile(os.path.join(out, "checkpoint-4", "custom_checkpoint_0.pkl"))  # the reward tracker is checkpointed
     assert os.path.isfile(os.path.join(out, "validation", "step-000004.png"))
+    import json
+    shown = json.load(open(os.path.join(out, "validation", "step-000004.json")))  # the grid's columns with their rewards
+    assert len(shown["current"]) == 2 and {"reward", "discriminator", "preserve", "jpeg"} <= set(shown["current"][0])
 
 
 def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script):

@@ -135,3 +135,42 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
 def reinforce_loss(log_prob, advantages):
     """-mean(A * log_prob): the plain policy gradient (one update per batch)."""
     return -(advantages * log_prob).mean()
+
+
+# ----------------------------------------------------------------------------- flow matching (DESIGN.md section 8)
+
+def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise_level=0.7, prev_sample=None, generator=None,
+                                naive=False):
+    """One stochastic step of a flow-matching (rectified flow) sampler with its log-prob, for
+    diffusers' FlowMatchEulerDiscreteScheduler (set_timesteps called). Returns (prev_sample, log_prob,
+    prev_sample_mean, std_dev_t); the step's Gaussian has scale std_dev_t * sqrt(-dt).
+
+    Default (Flow-GRPO): the SDE with the same marginals as the Euler ODE, dt = sigma_next - sigma < 0,
+        std_dev_t = noise_level * sqrt(sigma / (1 - sigma))   (sigma_max = sigmas[1] in the denominator when sigma = 1)
+        mean = x (1 + std^2 / (2 sigma) dt) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt
+    noise_level = 0 gives back the Euler step x + v dt. naive=True: the Euler step plus Gaussian noise of
+    scale noise_level * sqrt(-dt), which does NOT keep the marginals (kept to compare; see the README).
+    The log-prob is averaged over the non-batch dims; everything in fp32."""
+    x, v = sample.float(), model_output.float()
+    sigmas = scheduler.sigmas.to(x.device).float()
+    t = torch.as_tensor(timestep).reshape(-1)
+    idx = torch.tensor([scheduler.index_for_timestep(tt.to(scheduler.timesteps.device)) for tt in t], device=x.device)
+    idx = idx.expand(x.shape[0]) if idx.numel() == 1 else idx
+    sigma, sigma_next = _per_sample(sigmas[idx], x), _per_sample(sigmas[idx + 1], x)
+    dt = sigma_next - sigma
+    if naive:
+        std_dev_t = torch.full_like(sigma, float(noise_level))
+        mean = x + v * dt
+    else:
+        denominator = 1 - torch.where(sigma >= 1, sigmas[1].expand_as(sigma), sigma)
+        std_dev_t = noise_level * torch.sqrt(sigma / denominator)
+        mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+    scale = std_dev_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * x.shape[0]
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+        prev_sample = mean + scale * noise
+    prev_sample = prev_sample.float()
+    if noise_level == 0:
+        return prev_sample, torch.zeros(x.shape[0], device=x.device), mean, std_dev_t
+    return prev_sample, gaussian_log_prob(prev_sample, mean, scale), mean, std_dev_t

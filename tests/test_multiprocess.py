@@ -186,3 +186,26 @@ def test_grpo_groups_span_two_ranks(tmp_path, tiny_model_dir, toy_meta, disc_dir
     ckpt = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
     assert ckpt and os.path.isfile(os.path.join(out, ckpt[0], "random_states_1.pkl"))
     assert json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]["eval_kl_to_start"] > 0
+
+
+def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
+    """Softmax weights are computed over the global batch (scores gathered from both ranks), so two
+    ranks x batch 2 train exactly like one rank x batch 4."""
+    import train_RORem_lcm_rewarded
+    from safetensors.torch import load_file
+
+    def argv(out, batch):
+        return ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out, "--resolution", "32",
+                "--report_to", "none", "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", str(batch),
+                "--lora_rank", "4", "--num_ddim_timesteps", "10", "--w_min", "0", "--w_max", "2", "--discriminator_path", disc_dir,
+                "--weighting", "softmax", "--reward_temperature", "0.01", "--learning_rate", "1e-2", "--adam_epsilon", "1.0",
+                "--adam_weight_decay", "0"]
+
+    two = str(tmp_path / "two")
+    res = launch_two_ranks("train_RORem_lcm_rewarded.py", argv(two, 2), str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.isfile(os.path.join(two, "checkpoint-2", "random_states_1.pkl"))
+    one = str(tmp_path / "one")
+    run_script(train_RORem_lcm_rewarded, argv(one, 4))
+    a, b = (load_file(os.path.join(d, "pytorch_lora_weights.safetensors")) for d in (two, one))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -90,11 +90,9 @@ def main(argv=None):
             loss = diffusion_loss(unet, comps, batch, args.resolution, args.seed)
             if run.loss_is_finite(loss):
                 accelerator.backward(loss)
-            run.optimizer_step(optimizer, lr_scheduler, params)
+            run.optimizer_step(optimizer, lr_scheduler, params, ema)
         if not run.end_of_step():
             continue
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
         if args.validation_steps and run.global_step % args.validation_steps == 0:
             tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
     run.finish()

@@ -258,11 +258,9 @@ def main(argv=None, rewarded=False):
                 loss = (weights * losses).mean()
                 if run.loss_is_finite(loss):
                     accelerator.backward(loss)
-            run.optimizer_step(optimizer, lr_scheduler, params)
+            run.optimizer_step(optimizer, lr_scheduler, params, ema)
         if not run.end_of_step(**metrics):
             continue
-        if ema is not None:
-            ema.step(params)
         if args.validation_steps and run.global_step % args.validation_steps == 0:
             final = validate(run.global_step)
     run.finish()

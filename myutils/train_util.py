@@ -698,14 +698,17 @@ class TrainingRun:
         values every rank shares (a gathered batch), so all ranks skip alike."""
         self.window_skipped = True
 
-    def optimizer_step(self, optimizer, lr_scheduler, params):
+    def optimizer_step(self, optimizer, lr_scheduler, params, ema=None):
         """Clip (a list of params, so clipping sees all of them) and step at accumulation
-        boundaries; a window with a non-finite loss is discarded instead."""
+        boundaries, then the EMA of `params` if one is kept (before end_of_step checkpoints, so a
+        checkpoint holds the EMA of its own step); a window with a non-finite loss is discarded."""
         self.lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.acc.sync_gradients and self.window_finite and not self.window_skipped:
             if self.args.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.step(params)
         lr_scheduler.step()  # every step, so the lr stays a function of global_step
         optimizer.zero_grad(set_to_none=True)
 

@@ -57,9 +57,9 @@ class _Killed(Exception):
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
     """4 steps straight == killed right after checkpoint-2, resumed from latest for the rest
-    (random flips, gradient accumulation, and a warmup + linear decay schedule that must be restored)."""
+    (random flips, gradient accumulation, a warmup + linear decay schedule and the EMA that must be restored)."""
     common = ["--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
-              "--lr_warmup_steps", "2", "--checkpointing_steps", "2", "--max_train_steps", "4"]
+              "--lr_warmup_steps", "2", "--checkpointing_steps", "2", "--max_train_steps", "4", "--use_ema", "--ema_decay", "0.5"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight) + common)
 

@@ -185,3 +185,28 @@ def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pa
     capsys.readouterr()
     assert sweep.main(argv) == rows  # finished runs are skipped, the table is rebuilt from their files
     assert "done before, skipped" in capsys.readouterr().out
+
+
+def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
+    """Killed right after checkpoint-1 and resumed: equal to a straight run (the beta schedule, which
+    depends on the step, included)."""
+    from safetensors.torch import load_file
+
+    common = ["--use_lora", "--random_flip", "--checkpointing_steps", "1", "--beta_schedule", "linear", "--beta_end", "100",
+              "--max_train_steps", "3"]
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "straight"), *common))
+    real_save = tu.save_checkpoint
+
+    def save_then_die(accelerator, args, step):
+        real_save(accelerator, args, step)
+        raise KeyboardInterrupt
+
+    half = str(tmp_path / "resumed")
+    monkeypatch.setattr(tu, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common))
+    monkeypatch.setattr(tu, "save_checkpoint", real_save)
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -81,6 +81,10 @@ def parse_args(argv=None):
     if per_epoch % args.train_batch_size:
         raise UserError(f"--train_batch_size {args.train_batch_size} must divide the {per_epoch} samples per epoch per process "
                         "(sample_batch_size x sample_batches_per_epoch x group_size)")
+    train_batches = args.num_inner_epochs * per_epoch // args.train_batch_size
+    if train_batches % args.gradient_accumulation_steps:
+        raise UserError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide the {train_batches} training "
+                        "batches of an epoch (num_inner_epochs x samples per epoch / train_batch_size): updates never span epochs")
     return args
 
 
@@ -172,12 +176,10 @@ def main(argv=None):
         raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
 
     dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-                                seed=args.seed)
+                             seed=args.seed)
     loader = tu.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
     samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
     steps_per_epoch = args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation
-    if steps_per_epoch < 1:
-        raise UserError("one epoch makes no optimizer step: lower --gradient_accumulation_steps or raise the sample counts")
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch) if args.max_train_steps else args.num_train_epochs
     optimizer = tu.make_optimizer(args, params, accelerator)
     lr_scheduler = tu.make_lr_scheduler(args, optimizer, num_epochs * steps_per_epoch, accelerator)

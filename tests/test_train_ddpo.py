@@ -123,7 +123,8 @@ def test_argument_errors(tiny_model_dir, toy_meta, tmp_path):
                            (["--reward", "beauty=1"], "unknown reward 'beauty'"),
                            (["--reward", "preserve=x"], "not a number"),
                            (["--reward", "preserve=1", "--train_batch_size", "3"], "must divide"),
-                           (["--reward", "preserve=1", "--no-use_lora"], "trains a LoRA")]:
+                           (["--reward", "preserve=1", "--no-use_lora"], "trains a LoRA"),
+                           (["--reward", "preserve=1", "--gradient_accumulation_steps", "3"], "never span epochs")]:
         with pytest.raises(UserError, match=message):
             tddpo.parse_args(base + extra)
 

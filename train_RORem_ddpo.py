@@ -130,8 +130,10 @@ def content_ids(entries, indices, cache):
 
 @torch.no_grad()
 def evaluate(unet, comps, args, samples, sched, reward_model):
-    """Deterministic DDIM (eta 0) from fixed noises on fixed held-out inputs: each reward's mean, and
-    the mean per-step KL (at --eta) between the policy and the start (LoRA off) along the way."""
+    """Held-out evaluation on fixed inputs from fixed noises: the deterministic DDIM sampler (eta 0;
+    eval_reward*, and the mean per-step KL at --eta between the policy and the start, LoRA off, along
+    its path), and the stochastic sampler that training optimises (eta = --eta, fixed per-sample
+    seeds; eval_sde_reward*)."""
     b = expand_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(comps.vae.device) for k in samples[0]}, comps, args, 1)
     kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (args.resolution, args.resolution))
     gens = sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed, "cpu")
@@ -151,6 +153,10 @@ def evaluate(unet, comps, args, samples, sched, reward_model):
     parts, total = compute_rewards(args, reward_model, comps.vae, latents, b)
     metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
     metrics.update(eval_reward=total.mean().item(), eval_kl_to_start=float(np.mean(kls)))
+    gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed, "cpu")
+    sde = sample_with_logprob(unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, args.strength, args.eta, gens)
+    sde_parts, sde_total = compute_rewards(args, reward_model, comps.vae, sde["latents"][:, -1], b)
+    metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde_parts.items()}, eval_sde_reward=sde_total.mean().item())
     per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
     return metrics, decode_latents(comps.vae, latents).cpu(), per_sample
 

@@ -141,11 +141,15 @@ def rl_report(w):
             f"{a['clip_range']:g} (`configs/toy_ddpo.yaml`). Held out: {a['eval_samples']} inputs, deterministic DDIM from fixed "
             "noises, the same before and after.", "",
             "| held-out measure | start | after RL |", "|---|---|---|",
-            f"| discriminator reward | {m['start_eval_reward_discriminator']:.4f} | {m['eval_reward_discriminator']:.4f} |",
+            f"| discriminator reward, stochastic sampler RL trains (eta {a['eta']:g}, fixed seeds) | "
+            f"{m['start_eval_sde_reward_discriminator']:.4f} | {m['eval_sde_reward_discriminator']:.4f} |",
+            f"| discriminator reward, deterministic DDIM (eta 0) | {m['start_eval_reward_discriminator']:.4f} | "
+            f"{m['eval_reward_discriminator']:.4f} |",
             f"| mean per-step KL to the start (eta {a['eta']:g} Gaussians) | 0 | {m['eval_kl_to_start']:.4f} |", "",
             f"Reward curve: `tensorboard --logdir {w}/rl/logs` (reward_discriminator_mean per epoch); grids of start vs "
-            f"current: `{w}/rl/validation/`. Held-out reward at each evaluation: "
-            + ", ".join(f"epoch {e['epoch']}: {e['eval_reward']:.4f}" for e in history.get("evals", [])) + "."]
+            f"current: `{w}/rl/validation/`. Held-out reward at each evaluation (stochastic / deterministic): "
+            + ", ".join(f"epoch {e['epoch']}: {e['eval_sde_reward']:.4f} / {e['eval_reward']:.4f}" for e in history.get("evals", []))
+            + "."]
 
 
 def discriminator_metrics(disc_dir):

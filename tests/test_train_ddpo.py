@@ -94,7 +94,7 @@ def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta,
     assert all(torch.equal(trained[k].float(), base[k].float()) for k in base)
     lora = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
-    assert {"start_eval_reward", "eval_reward", "eval_reward_discriminator", "eval_reward_preserve", "eval_reward_jpeg",
+    assert {"start_eval_reward", "eval_reward", "eval_reward_discriminator", "eval_reward_preserve", "eval_reward_jpeg", "eval_sde_reward",
             "eval_kl_to_start"} <= set(final)
     assert final["start_eval_kl_to_start"] == 0.0 and final["eval_kl_to_start"] > 0  # the policy moved away from its start
     assert os.path.isfile(os.path.join(out, "checkpoint-4", "custom_checkpoint_0.pkl"))  # the reward tracker is checkpointed

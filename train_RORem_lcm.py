@@ -141,7 +141,10 @@ def distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, key
 
     def teacher(x, t):  # the base model: the LoRA off
         with tu.adapters_disabled(raw):
-            return call(raw, comps.guidance[0], x, t), call(raw, comps.guidance[1], x, t)
+            cond = call(raw, comps.guidance[0], x, t)
+            if args.w_max == 0:  # w = 0 everywhere: the unconditional branch would be multiplied by 0
+                return cond, cond
+            return cond, call(raw, comps.guidance[1], x, t)
 
     def target_net(x, t):  # the student itself, or its EMA
         if ema is None:

@@ -599,9 +599,11 @@ def compare_with_reference(accelerator, args, samples, results, reference, step,
     from .metrics import masked_mse, win_rate
     from .reward_utils import score_results
 
+    if mse_key:
+        _, masks, truths = input_rows(samples, mse_key)  # once, not per scored set
+
     def mean_mse(images):
-        source, mask, truth = input_rows(samples, mse_key)
-        return sum(masked_mse(r, g, m) for r, g, m in zip(images, truth, mask)) / len(images)
+        return sum(masked_mse(r, g, m) for r, g, m in zip(images, truths, masks)) / len(images)
 
     cache = {} if cache is None else cache
     if "results" not in cache:

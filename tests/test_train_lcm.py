@@ -168,3 +168,61 @@ def test_rewarded_lcm_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # EMA target and optimizer state restored
+
+
+def test_distillation_step_on_a_tiny_unet_matches_diffusers_schedulers(tiny_model_dir, toy_meta, tmp_path):
+    """The script's own student prediction and target, recomputed independently: the base UNet (LoRA
+    off) for the guided teacher, diffusers' DDIM (trailing) step, LCMScheduler's boundary output."""
+    from accelerate import Accelerator
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    from myutils.data import RemovalDataset, read_meta
+    from myutils.lcm_utils import DDIMSolver
+    from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
+    from myutils.sdxl_inpaint import sample_latents, unet_input
+
+    args = tlcm.parse_args(_args(tiny_model_dir, toy_meta, str(tmp_path), "--w_min", "2", "--w_max", "2",
+                                 "--teacher_prompt", "sharp", "--teacher_negative_prompt", "blurry"))
+    acc = Accelerator()
+    comps = tu.Components(args, acc, torch.float32, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
+    unet = comps.unet
+    tu.add_lora(unet, args, torch.float32)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # the student differs from its teacher
+    ds = RemovalDataset(read_meta(toy_meta, "triplet"), "triplet", 32)
+    batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(2)])
+             for k in ("source", "mask", "GT", "original_size", "crop_top_left", "index", "epoch")}
+    sched = comps.noise_scheduler
+    solver = DDIMSolver(sched.alphas_cumprod, 1000, args.num_ddim_timesteps)
+    pred, target, _, b = tlcm.distillation_tensors(unet, acc, comps, batch, args, solver, None, ("GT", "masked"))
+
+    gens = sample_generators(b, args.seed, "cpu")  # the same per-sample draws, in the script's order
+    latents = sample_latents(b["params:GT"], comps.vae.config, gens)
+    masked = sample_latents(b["params:masked"], comps.vae.config, gens)
+    noise = randn_per_sample(gens, latents.shape[1:], "cpu")
+    index = randint_per_sample(gens, args.num_ddim_timesteps, "cpu")
+    ddim = DDIMScheduler.from_config(sched.config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False)
+    ddim.set_timesteps(args.num_ddim_timesteps)
+    lcm = LCMScheduler.from_config(sched.config, clip_sample=False)
+    size = (b["original_size"], b["crop_top_left"], (32, 32))
+    with torch.no_grad():
+        for i in range(2):
+            start = int(solver.ddim_timesteps[index[i]])
+            prev = max(start - 1000 // args.num_ddim_timesteps, 0)
+            sl = slice(i, i + 1)
+            kw = {c: cond.unet_kwargs(size[0][sl], size[1][sl], size[2])
+                  for c, cond in (("s", comps.condition), ("c", comps.guidance[0]), ("u", comps.guidance[1]))}
+            x = sched.add_noise(latents[sl], noise[sl], torch.tensor([start]))
+            inp = lambda z: unet_input(z, b["mask_latent"][sl], masked[sl])  # noqa: E731
+            lcm.set_timesteps(timesteps=[start])
+            want_pred = lcm.step(unet(inp(x), start, **kw["s"]).sample, start, x).denoised
+            unet.disable_adapters()
+            c, u = unet(inp(x), start, **kw["c"]).sample, unet(inp(x), start, **kw["u"]).sample
+            unet.enable_adapters()
+            x_prev = ddim.step(c + 2.0 * (c - u), start, x, eta=0.0).prev_sample
+            lcm.set_timesteps(timesteps=[prev])
+            want_target = lcm.step(unet(inp(x_prev), prev, **kw["s"]).sample, prev, x_prev).denoised
+            assert torch.allclose(pred[sl], want_pred, atol=1e-4)
+            assert torch.allclose(target[sl], want_target, atol=1e-4)

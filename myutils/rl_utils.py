@@ -139,18 +139,17 @@ def reinforce_loss(log_prob, advantages):
 
 # ----------------------------------------------------------------------------- flow matching (DESIGN.md section 8)
 
-def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise_level=0.7, prev_sample=None, generator=None,
-                                naive=False):
-    """One stochastic step of a flow-matching (rectified flow) sampler with its log-prob, for
-    diffusers' FlowMatchEulerDiscreteScheduler (set_timesteps called). Returns (prev_sample, log_prob,
-    prev_sample_mean, std_dev_t); the step's Gaussian has scale std_dev_t * sqrt(-dt).
+def flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level=0.7, naive=False):
+    """(mean, scale, std_dev_t) of one flow-matching step from `timestep` to the next sigma of
+    diffusers' FlowMatchEulerDiscreteScheduler (set_timesteps called); the step's Gaussian is
+    N(mean, scale^2), scale = std_dev_t * sqrt(-dt), dt = sigma_next - sigma < 0.
 
-    Default (Flow-GRPO): the SDE with the same marginals as the Euler ODE, dt = sigma_next - sigma < 0,
+    Default (Flow-GRPO): the SDE with the same marginals as the Euler ODE,
         std_dev_t = noise_level * sqrt(sigma / (1 - sigma))   (sigma_max = sigmas[1] in the denominator when sigma = 1)
         mean = x (1 + std^2 / (2 sigma) dt) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt
     noise_level = 0 gives back the Euler step x + v dt. naive=True: the Euler step plus Gaussian noise of
     scale noise_level * sqrt(-dt), which does NOT keep the marginals (kept to compare; see the README).
-    The log-prob is averaged over the non-batch dims; everything in fp32."""
+    Everything in fp32."""
     x, v = sample.float(), model_output.float()
     sigmas = scheduler.sigmas.to(x.device).float()
     t = torch.as_tensor(timestep).reshape(-1)
@@ -165,7 +164,17 @@ def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise
         denominator = 1 - torch.where(sigma >= 1, sigmas[1].expand_as(sigma), sigma)
         std_dev_t = noise_level * torch.sqrt(sigma / denominator)
         mean = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
-    scale = std_dev_t * torch.sqrt(-dt)
+    return mean, std_dev_t * torch.sqrt(-dt), std_dev_t
+
+
+def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise_level=0.7, prev_sample=None, generator=None,
+                                naive=False):
+    """One stochastic flow-matching step with its log-prob (flowmatch_step_mean_std has the
+    formulas): sampled with per-sample generators (or one) unless `prev_sample` is given, whose
+    log-prob is then re-evaluated. Returns (prev_sample, log_prob, prev_sample_mean, std_dev_t); the
+    log-prob is averaged over the non-batch dims (0 for the deterministic noise_level = 0)."""
+    x = sample.float()
+    mean, scale, std_dev_t = flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level, naive)
     if prev_sample is None:
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * x.shape[0]
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
@@ -174,3 +183,26 @@ def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise
     if noise_level == 0:
         return prev_sample, torch.zeros(x.shape[0], device=x.device), mean, std_dev_t
     return prev_sample, gaussian_log_prob(prev_sample, mean, scale), mean, std_dev_t
+
+
+# ----------------------------------------------------------------------------- pairwise preference (D3PO-style)
+
+def pair_preferences(rewards, eps=1e-12):
+    """Per-sample labels for consecutive pairs (2p, 2p + 1): +1 for the sample with the higher reward,
+    -1 for the other, 0 for both when they tie (a tie carries no preference)."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, 2)
+    first = np.sign(r[:, 0] - r[:, 1]) * (np.abs(r[:, 0] - r[:, 1]) > eps)
+    return np.stack([first, -first], 1).reshape(-1)
+
+
+def pairwise_preference_loss(log_prob, old_log_prob, preference, beta, clip_range):
+    """DPO-style loss for one denoising step of consecutive pairs (2p = first, 2p + 1 = second):
+    ratio = clamp(exp(log_prob - old_log_prob), 1 - eps, 1 + eps) per sample against the policy that
+    sampled the pair (the reference of the step); loss = -log sigmoid(beta * (log ratio_w - log ratio_l))
+    averaged over pairs that have a preference. preference: per-sample labels from pair_preferences.
+    The clamp is a trust region: outside it a sample's ratio carries no gradient."""
+    log_ratio = torch.log(torch.clamp(torch.exp(log_prob - old_log_prob), 1.0 - clip_range, 1.0 + clip_range)).view(-1, 2)
+    first = preference.view(-1, 2)[:, 0]
+    margin = beta * first * (log_ratio[:, 0] - log_ratio[:, 1])
+    labelled = (first != 0).float()
+    return -(torch.nn.functional.logsigmoid(margin) * labelled).sum() / labelled.sum().clamp(min=1.0)

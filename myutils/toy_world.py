@@ -275,3 +275,50 @@ def train_toy_vae(vae, images, steps=1200, batch_size=32, lr=2e-3, seed=0, held_
     vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     mse = float(((rec - test) / 2).pow(2).mean())  # in [0, 1] units
     return 10 * np.log10(1.0 / mse), time.time() - start
+
+
+def write_unigram_t5_tokenizer(folder):
+    """A T5 tokenizer (Unigram, sentencepiece-style word starts) over printable ASCII, written by
+    us: the FLUX text encoder 2's tokenizer class with a vocabulary small enough for a toy model."""
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=32)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_flux_fill_pipeline(image_size=64, seed=0, tmp_dir=None):
+    """A random-init FLUX.1-Fill pipeline (diffusers' FluxFillPipeline, the real folder layout) for
+    the flow-matching toy: a 16-channel VAE with the real factor 8 (the Fill mask packing assumes
+    it), a 384-channel-input transformer (packed latents 64 + masked-image latents 64 + mask 256),
+    guidance embedding, a CLIP and a T5 text encoder with tokenizers written here."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    root = tmp_dir or tempfile.mkdtemp()
+    clip_tok = write_byte_tokenizer(os.path.join(root, "tokenizer"))
+    t5_tok = write_unigram_t5_tokenizer(os.path.join(root, "tokenizer_2"))
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                        vocab_size=len(clip_tok), max_position_embeddings=77, projection_dim=32,
+                                        bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
+                                        pad_token_id=clip_tok.eos_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 32), layers_per_block=1,
+                        latent_channels=16, norm_num_groups=8, mid_block_add_attention=False, sample_size=image_size,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5,
+                            tokenizer_2=t5_tok, transformer=transformer)

@@ -363,37 +363,47 @@ def make_lr_scheduler(args, optimizer, max_steps, accelerator):
 
 # ----------------------------------------------------------------------------- saving
 
-def save_unet(unet, output_dir, lora):
-    """Write the UNet in a format diffusers loads without our code.
+def _lora_pipeline(model):
+    """(pipeline class, key prefix) whose save/load_lora_weights fit the model: a FLUX transformer's
+    LoRA loads with FluxFillPipeline under "transformer.", a UNet's with the SDXL pipelines under "unet."."""
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from diffusers import FluxPipeline
+        return FluxPipeline, "transformer"
+    from diffusers import StableDiffusionXLInpaintPipeline
+    return StableDiffusionXLInpaintPipeline, "unet"
 
-    LoRA: <output_dir>/pytorch_lora_weights.safetensors (diffusers keys, for pipe.load_lora_weights).
-    Full: <output_dir>/unet (a diffusers UNet folder)."""
+
+def save_unet(unet, output_dir, lora, adapter="default"):
+    """Write the UNet (or flow transformer) in a format diffusers loads without our code.
+
+    LoRA: <output_dir>/pytorch_lora_weights.safetensors (for pipe.load_lora_weights), the adapter
+    named `adapter`. Full: <output_dir>/unet (a diffusers UNet folder)."""
     if lora:
-        from diffusers import StableDiffusionXLInpaintPipeline
         from peft.utils import get_peft_model_state_dict
 
         # PEFT keys as they are: diffusers' key conversion renames only attention layers, and a file
         # mixing both namings loads without the attention LoRA. The config keeps rank and alpha.
-        config = getattr(unet, "peft_config", {}).get("default")
-        StableDiffusionXLInpaintPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=get_peft_model_state_dict(unet),
-            unet_lora_adapter_metadata=config.to_dict() if config is not None else None)
+        pipeline, prefix = _lora_pipeline(unet)
+        config = getattr(unet, "peft_config", {}).get(adapter)
+        pipeline.save_lora_weights(output_dir, **{f"{prefix}_lora_layers": get_peft_model_state_dict(unet, adapter_name=adapter),
+                                                  f"{prefix}_lora_adapter_metadata": config.to_dict() if config else None})
     else:
         unet.save_pretrained(os.path.join(output_dir, "unet"))
 
 
-def load_unet_weights(unet, input_dir, lora):
+def load_unet_weights(unet, input_dir, lora, adapter="default"):
     """Inverse of save_unet, into an existing (possibly LoRA-wrapped) model."""
     if lora:
-        from diffusers import StableDiffusionXLInpaintPipeline
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        state, _ = StableDiffusionXLInpaintPipeline.lora_state_dict(input_dir)
-        state = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
-        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+        pipeline, prefix = _lora_pipeline(unet)
+        state = pipeline.lora_state_dict(input_dir)
+        state = state[0] if isinstance(state, tuple) else state
+        state = convert_unet_state_dict_to_peft({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+        result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
         if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{input_dir}: LoRA weights do not fit this UNet (unexpected keys, e.g. {result.unexpected_keys[0]})")
+            raise UserError(f"{input_dir}: LoRA weights do not fit this model (unexpected keys, e.g. {result.unexpected_keys[0]})")
     else:
         loaded = load_unet(os.path.join(input_dir, "unet"))
         unet.load_state_dict(loaded.state_dict())

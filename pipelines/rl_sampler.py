@@ -1,10 +1,19 @@
-"""The inpainting sampler for online RL: stochastic DDIM (eta > 0) that records every latent, each
-step's log-prob and the timesteps, starting from the input noised to `strength` (DESIGN.md section 7)."""
+"""Samplers for online RL that record every latent and each step's log-prob.
+
+A sampler holds the frozen parts of a model family (VAE, prompt embeddings, scheduler) and knows
+the Gaussian of each denoising step; the trainable network (UNet or flow transformer) is passed in,
+so a LoRA policy and its LoRA-off reference share one base. Same methods for both families:
+    condition(batch) -> batch + conditioning tensors     start(cond, generators) -> first latents
+    distribution(model, x, j, cond, deterministic) -> (mean, scale) of step j (scale None: deterministic)
+    decode(latents) -> pixels in [-1, 1]                   timesteps, num_train_steps
+SDXLInpaintSampler here (stochastic DDIM, DESIGN.md section 7); FlowFillSampler in
+pipelines/flow_inpaint.py (the marginal-preserving SDE, section 8).
+"""
 import torch
 
-from myutils.rl_utils import ddim_step_with_logprob
+from myutils.rl_utils import ddim_step_mean_std, gaussian_log_prob
 from myutils.rng import randn_per_sample
-from myutils.sdxl_inpaint import unet_input
+from myutils.sdxl_inpaint import batch_latent_params, decode_latents, posterior_mean_latents, unet_input
 
 
 def rl_scheduler(config, num_steps):
@@ -38,22 +47,64 @@ def predict(unet, latents, t, mask_latent, masked_latents, condition_kwargs, gui
     return u + guidance_scale * (c - u)
 
 
+class SDXLInpaintSampler:
+    """Stochastic DDIM (eta > 0) for the SDXL-inpainting UNet; deterministic = DDIM at eta 0. The
+    start is the source noised to --strength * T (pure noise at 1), as in the inpainting pipeline."""
+
+    family = "sdxl"
+
+    def __init__(self, comps, num_steps, strength, eta, resolution, guidance_scale=1.0):
+        self.vae, self.model = comps.vae, comps.unet
+        self.prompt, self.negative = comps.guidance
+        self.scheduler = rl_scheduler(comps.sample_scheduler_config, num_steps)
+        self.timesteps = denoising_timesteps(self.scheduler, strength)
+        self.num_train_steps = len(self.timesteps)  # every DDIM step has a variance
+        self.strength, self.eta, self.resolution, self.guidance_scale = strength, eta, resolution, guidance_scale
+
+    @torch.no_grad()
+    def condition(self, batch):
+        params = batch_latent_params(self.vae, batch, ["masked", "source"])
+        return {**batch, "masked_latents": posterior_mean_latents(params["params:masked"], self.vae.config),
+                "source_latents": posterior_mean_latents(params["params:source"], self.vae.config), "mask_latent": params["mask_latent"]}
+
+    def start(self, cond, generators):
+        noise = randn_per_sample(generators, cond["source_latents"].shape[1:], "cpu").to(cond["source_latents"].device)
+        if self.strength >= 1:
+            return noise
+        return self.scheduler.add_noise(cond["source_latents"].float(), noise, self.timesteps[:1].repeat(len(noise)))
+
+    def distribution(self, model, x, j, cond, deterministic=False):
+        size = (self.resolution, self.resolution)
+        kw = self.prompt.unet_kwargs(cond["original_size"], cond["crop_top_left"], size)
+        ukw = self.negative.unet_kwargs(cond["original_size"], cond["crop_top_left"], size) if self.guidance_scale > 1 else None
+        t = self.timesteps[j]
+        out = predict(model, x, t, cond["mask_latent"], cond["masked_latents"], kw, self.guidance_scale, ukw)
+        if deterministic:
+            return self.scheduler.step(out, t, x.float(), eta=0.0).prev_sample, None
+        return ddim_step_mean_std(self.scheduler, out, t, x, self.eta)
+
+    def decode(self, latents):
+        return decode_latents(self.vae, latents)
+
+
 @torch.no_grad()
-def sample_with_logprob(unet, scheduler, source_latents, mask_latent, masked_latents, condition_kwargs, strength, eta, generators,
-                        guidance_scale=1.0, uncond_kwargs=None):
-    """Sample a batch and record the trajectory. Returns {"latents": (B, S+1, C, h, w) from the start
-    to the result, "log_probs": (B, S), "timesteps": (S,)}; S = int(N * strength). At strength 1 the
-    start is pure noise, below it the source latents noised to the first timestep (the inpainting
-    pipeline's convention). Per-sample generators make a sample independent of its batch."""
-    timesteps = denoising_timesteps(scheduler, strength)
-    if len(timesteps) == 0:
-        raise ValueError(f"strength {strength} with {scheduler.num_inference_steps} steps denoises no step")
-    noise = randn_per_sample(generators, source_latents.shape[1:], "cpu").to(source_latents.device)
-    latents = noise if strength >= 1 else scheduler.add_noise(source_latents.float(), noise, timesteps[:1].repeat(len(noise)))
-    trajectory, log_probs = [latents.float()], []
-    for t in timesteps:
-        out = predict(unet, trajectory[-1], t, mask_latent, masked_latents, condition_kwargs, guidance_scale, uncond_kwargs)
-        latents, log_prob = ddim_step_with_logprob(scheduler, out, t, trajectory[-1], eta, generator=generators)
-        trajectory.append(latents)
-        log_probs.append(log_prob)
-    return {"latents": torch.stack(trajectory, 1), "log_probs": torch.stack(log_probs, 1), "timesteps": timesteps}
+def sample_trajectory(sampler, model, cond, generators, deterministic=False, start_generators=None):
+    """Sample a batch and record it: {"latents": (B, S + 1, ...) from the start to the result,
+    "log_probs": (B, sampler.num_train_steps)}. Steps from num_train_steps on (the flow sampler's
+    last) and all steps when deterministic are taken at their mean. Per-sample generators make a
+    sample independent of its batch; start_generators (default: generators) draw the start, so two
+    samples can share a start and still differ in their step noise."""
+    x = sampler.start(cond, start_generators or generators)
+    latents, log_probs = [x.float()], []
+    for j in range(len(sampler.timesteps)):
+        stochastic = not deterministic and j < sampler.num_train_steps
+        mean, scale = sampler.distribution(model, latents[-1], j, cond, deterministic=not stochastic)
+        if stochastic:
+            x = mean + scale * randn_per_sample(generators, mean.shape[1:], "cpu").to(mean.device)
+            log_probs.append(gaussian_log_prob(x, mean, scale))
+        else:
+            x = mean.float()
+        latents.append(x)
+    b = latents[0].shape[0]
+    return {"latents": torch.stack(latents, 1),
+            "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(b, 0, device=latents[0].device)}

@@ -21,6 +21,16 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny random-init FLUX.1-Fill pipeline folder (32 px images: 4x4 latents, 4 tokens)."""
+    from myutils.toy_world import tiny_flux_fill_pipeline
+
+    out = tmp_path_factory.mktemp("tiny_flux")
+    tiny_flux_fill_pipeline(image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
+    return str(out / "pipe")
+
+
+@pytest.fixture(scope="session")
 def toy_meta(tmp_path_factory):
     from myutils.toy_world import write_toy_dataset
 

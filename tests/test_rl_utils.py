@@ -71,3 +71,43 @@ def test_ppo_and_reinforce_losses_by_hand():
     assert clipfrac.item() == pytest.approx(2 / 3)
     assert kl.item() == pytest.approx(0.5 * (math.log(0.5) ** 2 + math.log(1.5) ** 2) / 3)
     assert reinforce_loss(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, -1.0])).item() == pytest.approx(-0.5)  # -(-1 + 2) / 2
+
+
+def test_pair_preferences_label_the_higher_reward_and_skip_ties():
+    from myutils.rl_utils import pair_preferences
+
+    assert pair_preferences([1.0, 0.0, 0.5, 0.5, -1.0, 2.0]).tolist() == [1, -1, 0, 0, -1, 1]
+
+
+def test_pairwise_preference_loss_by_hand():
+    import math
+
+    from myutils.rl_utils import pairwise_preference_loss
+
+    log_prob = torch.tensor([0.1, -0.05, 0.5, 0.0, 0.3, 0.2], requires_grad=True)
+    old = torch.zeros(6)
+    pref = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0, 0.0])  # pair 1: first preferred, pair 2: second, pair 3: tie
+    loss = pairwise_preference_loss(log_prob, old, pref, beta=2.0, clip_range=0.2)
+    first = math.log(1 + math.exp(-2.0 * (0.1 - (-0.05))))            # -log sigmoid(beta (log r_w - log r_l))
+    second = math.log(1 + math.exp(-2.0 * (0.0 - math.log(1.2))))     # exp(0.5) clamped to 1.2; w is the second sample
+    assert loss.item() == pytest.approx((first + second) / 2, rel=1e-5)
+    loss.backward()
+    assert log_prob.grad[0] < 0 < log_prob.grad[1]  # descent raises the preferred sample's log-prob, lowers the other's
+    assert log_prob.grad[2] == 0 and log_prob.grad[4] == 0 and log_prob.grad[5] == 0  # clamped ratio; tie
+
+
+def test_flowmatch_mean_std_scale_is_std_times_sqrt_minus_dt():
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from myutils.rl_utils import flowmatch_step_mean_std
+
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    s.set_timesteps(6)
+    x, v = torch.randn(2, 5), torch.randn(2, 5)
+    mean, scale, std = flowmatch_step_mean_std(s, v, s.timesteps[2], x, 0.5)
+    dt = float(s.sigmas[3] - s.sigmas[2])
+    assert scale.flatten()[0].item() == pytest.approx(std.flatten()[0].item() * math.sqrt(-dt), rel=1e-6)
+    euler, zero, _ = flowmatch_step_mean_std(s, v, s.timesteps[2], x, 0.0)
+    assert torch.allclose(euler, x + v * dt, atol=1e-6) and zero.abs().max() == 0

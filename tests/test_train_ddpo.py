@@ -30,47 +30,74 @@ def setup(tiny_model_dir, toy_meta, tmp_path_factory):
     ds = RemovalDataset(read_meta(toy_meta, "input"), "input", 32)
     batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)])
              for k in ("source", "mask", "original_size", "crop_top_left", "index", "epoch")}
-    return args, comps, tddpo.expand_batch(batch, comps, args, 1)
+    return args, comps, batch
+
+
+def _sampler(comps, steps, strength):
+    from pipelines.rl_sampler import SDXLInpaintSampler
+
+    return SDXLInpaintSampler(comps, steps, strength, 1.0, 32)
 
 
 def test_strength_half_denoises_half_the_steps_from_the_noised_source(setup):
     from myutils.rng import sample_generators
-    from pipelines.rl_sampler import rl_scheduler, sample_with_logprob
+    from pipelines.rl_sampler import sample_trajectory
 
-    args, comps, b = setup
-    sched = rl_scheduler(comps.sample_scheduler_config, 10)
-    kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
+    args, comps, batch = setup
+    sampler = _sampler(comps, 10, 0.5)
+    b = tddpo.expand_batch(batch, sampler, 1)
     gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
-    traj = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 0.5, 1.0, gens)
+    traj = sample_trajectory(sampler, comps.unet, b, gens)
+    sched = sampler.scheduler
     assert traj["log_probs"].shape == (3, 5) and traj["latents"].shape == (3, 6, 4, 16, 16)
-    assert traj["timesteps"].tolist() == sched.timesteps[5:].tolist()
+    assert sampler.timesteps.tolist() == sched.timesteps[5:].tolist()
     gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
     noise = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
     start = sched.add_noise(b["source_latents"], noise, sched.timesteps[5:6].repeat(3))
     assert torch.allclose(traj["latents"][:, 0], start)  # the source noised to the first remaining timestep
-    full = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 1.0, 1.0,
-                               sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    full_sampler = _sampler(comps, 10, 1.0)
+    full = sample_trajectory(full_sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
     assert full["log_probs"].shape == (3, 10) and torch.equal(full["latents"][:, 0], noise)  # strength 1: pure noise
+
+
+def test_sampler_step_is_diffusers_ddim_step(setup):
+    """The recorded step is diffusers' own DDIM step at eta 1 with the same noise, and the
+    deterministic step is its eta-0 step."""
+    from myutils.rng import sample_generators
+    from pipelines.rl_sampler import predict, sample_trajectory
+
+    args, comps, batch = setup
+    sampler = _sampler(comps, 4, 1.0)
+    b = tddpo.expand_batch(batch, sampler, 1)
+    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
+    x, t = traj["latents"][:, 1], sampler.timesteps[1]
+    with torch.no_grad():
+        out = predict(comps.unet, x, t, b["mask_latent"], b["masked_latents"], kw)
+        mean, std = sampler.distribution(comps.unet, x, 1, b)
+        z = (traj["latents"][:, 2] - mean) / std
+        want = sampler.scheduler.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
+        assert torch.allclose(traj["latents"][:, 2], want, atol=1e-5)
+        det = sampler.distribution(comps.unet, x, 1, b, deterministic=True)
+        assert det[1] is None and torch.allclose(det[0], sampler.scheduler.step(out, t, x, eta=0.0).prev_sample, atol=1e-6)
 
 
 def test_reevaluating_a_recorded_step_gives_ratio_one(setup):
     """The training pass recomputes each recorded step's log-prob exactly as the sampler did."""
-    from myutils.rl_utils import ddim_step_mean_std, gaussian_log_prob
+    from myutils.rl_utils import gaussian_log_prob
     from myutils.rng import sample_generators
-    from pipelines.rl_sampler import predict, rl_scheduler, sample_with_logprob
+    from pipelines.rl_sampler import sample_trajectory
 
-    args, comps, b = setup
+    args, comps, batch = setup
     with torch.no_grad():
         for n, p in comps.unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # a policy different from the base model
-    sched = rl_scheduler(comps.sample_scheduler_config, 4)
-    kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
-    traj = sample_with_logprob(comps.unet, sched, b["source_latents"], b["mask_latent"], b["masked_latents"], kw, 1.0, 1.0,
-                               sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
-    for j, t in enumerate(traj["timesteps"]):
-        out = predict(comps.unet, traj["latents"][:, j], t, b["mask_latent"], b["masked_latents"], kw)  # with grad, as in training
-        mean, std = ddim_step_mean_std(sched, out, t, traj["latents"][:, j], 1.0)
+    sampler = _sampler(comps, 4, 1.0)
+    b = tddpo.expand_batch(batch, sampler, 1)
+    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    for j in range(len(sampler.timesteps)):
+        mean, std = sampler.distribution(comps.unet, traj["latents"][:, j], j, b)  # with grad, as in training
         ratio = torch.exp(gaussian_log_prob(traj["latents"][:, j + 1], mean, std) - traj["log_probs"][:, j])
         assert torch.equal(ratio.detach(), torch.ones(3))
 
@@ -129,19 +156,21 @@ def test_argument_errors(tiny_model_dir, toy_meta, tmp_path):
             tddpo.parse_args(base + extra)
 
 
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_a_reward_on_the_image_rises_either_way(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch, sign):
+@pytest.mark.parametrize("sign,algorithm", [(1.0, "reinforce"), (-1.0, "reinforce"), (1.0, "pairwise"), (-1.0, "pairwise")])
+def test_a_reward_on_the_image_rises_either_way(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch, sign, algorithm):
     """A task with a known answer: reward = +-(mean of the result's latents). Whichever way it points,
-    REINFORCE moves the held-out reward (fixed inputs and noises, deterministic sampler) that way."""
-    def mean_latent_reward(args, reward_model, vae, final_latents, batch):
+    REINFORCE moves the held-out reward (fixed inputs and noises, deterministic sampler) that way; so
+    does the pairwise-preference loss with the reward as the judge of each pair."""
+    def mean_latent_reward(args, reward_model, sampler, final_latents, batch):
         r = sign * final_latents.float().mean((1, 2, 3)).cpu()
         return {"mean_latent": r}, r
 
     monkeypatch.setattr(tddpo, "compute_rewards", mean_latent_reward)
+    extra = ["--group_size", "2", "--sample_batch_size", "6", "--beta", "2", "--clip_range", "0.5"] if algorithm == "pairwise" else []
     final = run_script(tddpo, _args(tiny_model_dir, toy_meta, str(tmp_path / "run"), "--reward", "preserve=1", "--algorithm",
-                                    "reinforce", "--sample_batch_size", "12", "--sample_batches_per_epoch", "1", "--train_batch_size",
+                                    algorithm, "--sample_batch_size", "12", "--sample_batches_per_epoch", "1", "--train_batch_size",
                                     "12", "--num_train_epochs", "20", "--learning_rate", "1e-2", "--eval_samples", "4",
-                                    "--checkpointing_epochs", "0", "--stat_min_count", "1000"))
+                                    "--checkpointing_epochs", "0", "--stat_min_count", "1000", *extra))
     assert final["eval_reward"] > final["start_eval_reward"]
 
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Write a tiny random-init SDXL-inpainting pipeline in the Hugging Face folder layout.
+"""Write a tiny random-init SDXL-inpainting (or FLUX.1-Fill) pipeline in the Hugging Face folder layout.
 
     python scripts/make_tiny_models.py --out models/tiny                      # random init (tests)
     python scripts/make_tiny_models.py --out models/toy --prediction_type v_prediction \
         --vae_train_meta data/toy_train/meta.json --vae_steps 1200              # toy world (demo)
+    python scripts/make_tiny_models.py --out models/toy_flux --family flux-fill \
+        --vae_train_meta data/toy_train/meta.json --vae_steps 300               # flow-matching toy
 
-The folder loads with AutoPipelineForInpainting.from_pretrained(out). With --vae_train_meta the VAE
+The folder loads with AutoPipelineForInpainting.from_pretrained(out) (FluxFillPipeline for flux-fill). With --vae_train_meta the VAE
 is first fitted to the toy images so latents reconstruct them (random VAE latents carry no image).
 """
 import argparse
@@ -20,6 +22,7 @@ from myutils.errors import UserError, run_cli  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--out", required=True)
+    p.add_argument("--family", choices=["sdxl", "flux-fill"], default="sdxl")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
                    help="SDXL-inpainting is epsilon; the toy remover learns much faster with v")
     p.add_argument("--image_size", type=int, default=32)
@@ -30,18 +33,22 @@ def main(argv=None):
     if args.vae_train_meta and not os.path.isfile(args.vae_train_meta):
         raise UserError(f"--vae_train_meta {args.vae_train_meta}: file not found")
 
-    from myutils.toy_world import load_toy_images, tiny_pipeline, train_toy_vae
+    from myutils.toy_world import load_toy_images, tiny_flux_fill_pipeline, tiny_pipeline, train_toy_vae
 
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = tiny_pipeline(args.prediction_type, args.image_size, args.seed, tmp_dir=tmp)
+        if args.family == "flux-fill":
+            pipe = tiny_flux_fill_pipeline(args.image_size, args.seed, tmp_dir=tmp)
+        else:
+            pipe = tiny_pipeline(args.prediction_type, args.image_size, args.seed, tmp_dir=tmp)
     if args.vae_train_meta:
         images = load_toy_images(args.vae_train_meta)
         psnr, secs = train_toy_vae(pipe.vae, images, steps=args.vae_steps, seed=args.seed)
         print(f"toy VAE: held-out PSNR {psnr:.1f} dB after {args.vae_steps} steps ({secs:.0f} s), "
               f"scaling_factor {pipe.vae.config.scaling_factor:.4f}")
     pipe.save_pretrained(args.out)
-    n = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"wrote {args.out} (UNet {n / 1e6:.2f}M parameters, prediction_type {args.prediction_type})")
+    net = pipe.transformer if args.family == "flux-fill" else pipe.unet
+    what = "flow transformer" if args.family == "flux-fill" else f"UNet, prediction_type {args.prediction_type}"
+    print(f"wrote {args.out} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {what})")
 
 
 if __name__ == "__main__":

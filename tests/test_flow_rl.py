@@ -147,3 +147,13 @@ def test_flow_argument_errors(tiny_flux_dir, toy_meta, tmp_path):
                            (["--algorithm", "pairwise", "--group_size", "3"], "--group_size must be 2")]:
         with pytest.raises(UserError, match=message):
             tddpo.parse_args(base + extra)
+
+
+def test_flow_configs_parse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    real = tddpo.parse_args(["--config", os.path.join(root, "configs", "flow_grpo_config.yaml"), "--pretrained_model_name_or_path",
+                             "black-forest-labs/FLUX.1-Fill-dev", "--meta_path", "m.json", "--output_dir", "o", "--discriminator_path", "d"])
+    assert real.family == "flow" and real.noise_level == 0.7 and real.kl_coef == 0.04 and real.lora_alpha == 64
+    toy = tddpo.parse_args(["--config", os.path.join(root, "configs", "toy_flow_grpo.yaml"), "--pretrained_model_name_or_path",
+                            "toy/flux-fill", "--meta_path", "m.json", "--output_dir", "o"])
+    assert toy.rewards == {"gt": 1.0, "preserve": 1.0} and toy.sample_steps == 8

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_RORem_ddpo as tddpo
+from myutils import rl_loop
 from myutils.rng import sample_generators
 
 
@@ -26,7 +27,7 @@ def flow(tiny_flux_dir, toy_meta):
     ds = RemovalDataset(read_meta(toy_meta, "input"), "input", 32)
     batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)])
              for k in ("source", "mask", "original_size", "crop_top_left", "index", "epoch")}
-    return sampler, tddpo.expand_batch(batch, sampler, 1)
+    return sampler, rl_loop.expand_batch(batch, sampler, 1)
 
 
 def test_family_is_read_from_the_model_index(tiny_flux_dir, tiny_model_dir):
@@ -121,8 +122,10 @@ def test_flow_grpo_trains_a_lora_the_stock_pipeline_loads(tmp_path, tiny_flux_di
 
 
 def test_pairwise_mode_pairs_share_their_start(tmp_path, tiny_flux_dir, toy_meta, run_script, monkeypatch):
+    import pipelines.rl_sampler
+
     seen = {}
-    real = tddpo.sample_trajectory
+    real = pipelines.rl_sampler.sample_trajectory
 
     def spy(sampler, model, cond, generators, deterministic=False, start_generators=None):
         traj = real(sampler, model, cond, generators, deterministic, start_generators)
@@ -130,7 +133,7 @@ def test_pairwise_mode_pairs_share_their_start(tmp_path, tiny_flux_dir, toy_meta
             seen.setdefault("traj", traj)
         return traj
 
-    monkeypatch.setattr(tddpo, "sample_trajectory", spy)
+    monkeypatch.setattr(pipelines.rl_sampler, "sample_trajectory", spy)
     final = run_script(tddpo, _args(tiny_flux_dir, toy_meta, str(tmp_path / "pw"), "--algorithm", "pairwise", "--group_size", "2",
                                     "--reward", "gt=1", "--clip_range", "0.2", "--beta", "1.0"))
     lat = seen["traj"]["latents"]

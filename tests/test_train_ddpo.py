@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_RORem_ddpo as tddpo
+from myutils import rl_loop
 from myutils import train_util as tu
 from myutils.errors import UserError
 
@@ -45,7 +46,7 @@ def test_strength_half_denoises_half_the_steps_from_the_noised_source(setup):
 
     args, comps, batch = setup
     sampler = _sampler(comps, 10, 0.5)
-    b = tddpo.expand_batch(batch, sampler, 1)
+    b = rl_loop.expand_batch(batch, sampler, 1)
     gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
     traj = sample_trajectory(sampler, comps.unet, b, gens)
     sched = sampler.scheduler
@@ -68,7 +69,7 @@ def test_sampler_step_is_diffusers_ddim_step(setup):
 
     args, comps, batch = setup
     sampler = _sampler(comps, 4, 1.0)
-    b = tddpo.expand_batch(batch, sampler, 1)
+    b = rl_loop.expand_batch(batch, sampler, 1)
     traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
     kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
     x, t = traj["latents"][:, 1], sampler.timesteps[1]
@@ -94,7 +95,7 @@ def test_reevaluating_a_recorded_step_gives_ratio_one(setup):
             if "lora_B" in n:
                 p.normal_(0, 0.1)  # a policy different from the base model
     sampler = _sampler(comps, 4, 1.0)
-    b = tddpo.expand_batch(batch, sampler, 1)
+    b = rl_loop.expand_batch(batch, sampler, 1)
     traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
     for j in range(len(sampler.timesteps)):
         mean, std = sampler.distribution(comps.unet, traj["latents"][:, j], j, b)  # with grad, as in training
@@ -165,7 +166,7 @@ def test_a_reward_on_the_image_rises_either_way(tmp_path, tiny_model_dir, toy_me
         r = sign * final_latents.float().mean((1, 2, 3)).cpu()
         return {"mean_latent": r}, r
 
-    monkeypatch.setattr(tddpo, "compute_rewards", mean_latent_reward)
+    monkeypatch.setattr(rl_loop, "compute_rewards", mean_latent_reward)
     extra = ["--group_size", "2", "--sample_batch_size", "6", "--beta", "2", "--clip_range", "0.5"] if algorithm == "pairwise" else []
     final = run_script(tddpo, _args(tiny_model_dir, toy_meta, str(tmp_path / "run"), "--reward", "preserve=1", "--algorithm",
                                     algorithm, "--sample_batch_size", "12", "--sample_batches_per_epoch", "1", "--train_batch_size",

@@ -1,0 +1,253 @@
+"""The online-RL loop shared by train_RORem_ddpo.py and train_RORem_morl.py: arguments, rewards,
+sampling an epoch of trajectories, the held-out evaluation and the policy-gradient pass over the
+recorded steps. The math (log-probs, advantages, losses) is in myutils/rl_utils.py; the samplers in
+pipelines/rl_sampler.py and pipelines/flow_inpaint.py."""
+import math
+
+import numpy as np
+import torch
+
+from . import train_util as tu
+from .errors import UserError
+from .img_util import content_key
+from .reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
+from .rl_utils import gaussian_kl, gaussian_log_prob, pairwise_preference_loss, ppo_loss, reinforce_loss
+from .rng import sample_generators
+
+
+def add_rl_args(parser):
+    g = parser.add_argument_group("online RL")
+    g.add_argument("--algorithm", choices=["reinforce", "ppo", "grpo", "pairwise"], default="ppo")
+    g.add_argument("--reward", default="discriminator=1", help="name=weight,...: discriminator, preserve, gt, jpeg")
+    g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
+    g.add_argument("--discriminator_base_model", default=None,
+                   help="the SDXL-inpainting model the discriminator was built on (default: --pretrained_model_name_or_path)")
+    g.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the sampler")
+    g.add_argument("--strength", type=float, default=1.0, help="start from the source noised to strength * T")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (> 0: a log-prob exists)")
+    g.add_argument("--noise_level", type=float, default=0.7, help="flow models: the SDE's noise level (> 0)")
+    g.add_argument("--naive_sde", action="store_true", help="flow models: Euler step + noise instead of the SDE (changes marginals)")
+    g.add_argument("--flow_guidance", type=float, default=30.0, help="flow models: the distilled guidance embedding (FLUX-Fill: 30)")
+    g.add_argument("--max_sequence_length", type=int, default=512, help="flow models: T5 prompt length")
+    g.add_argument("--beta", type=float, default=0.1, help="pairwise: scale of the log-ratio margin in -log sigmoid(beta * margin)")
+    g.add_argument("--guidance_scale", type=float, default=1.0)
+    g.add_argument("--negative_prompt", default="")
+    g.add_argument("--sample_batch_size", type=int, default=8, help="inputs per sampling batch per process")
+    g.add_argument("--sample_batches_per_epoch", type=int, default=4)
+    g.add_argument("--group_size", type=int, default=1, help="samples per input in a batch (grpo: at least 2)")
+    g.add_argument("--num_inner_epochs", type=int, default=1)
+    g.add_argument("--timestep_fraction", type=float, default=1.0)
+    g.add_argument("--clip_range", type=float, default=1e-4)
+    g.add_argument("--adv_clip_max", type=float, default=5.0)
+    g.add_argument("--kl_coef", type=float, default=0.0, help="penalty on the per-step KL to the reference (LoRA off)")
+    g.add_argument("--stat_buffer_size", type=int, default=32)
+    g.add_argument("--stat_min_count", type=int, default=16)
+    g.add_argument("--eval_epochs", type=int, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
+    g.add_argument("--eval_samples", type=int, default=16)
+    g.add_argument("--checkpointing_epochs", type=int, default=1)
+
+
+def check_rl_args(args, script):
+    """Parse --reward into args.rewards, set args.family from the model, and reject combinations
+    that cannot train (one line each, naming the flag)."""
+    from pipelines.flow_inpaint import model_family
+
+    args.rewards = parse_reward_spec(args.reward)
+    if not args.use_lora:
+        raise UserError(f"{script} trains a LoRA (the reference is the LoRA-off model): drop --no-use_lora")
+    args.family = model_family(args.pretrained_model_name_or_path)
+    if args.family == "sdxl" and args.eta <= 0:
+        raise UserError("--eta must be > 0: a deterministic DDIM step has no variance, hence no log-prob to train")
+    if args.family == "flow" and args.noise_level <= 0:
+        raise UserError("--noise_level must be > 0: the flow ODE step has no variance, hence no log-prob to train")
+    if args.family == "flow" and args.pretrained_unet:
+        raise UserError("--pretrained_unet is for SDXL-inpainting models; a flow model's transformer comes from its own folder")
+    if "discriminator" in args.rewards and not args.discriminator_path:
+        raise UserError("--reward discriminator needs --discriminator_path")
+    if args.algorithm == "grpo" and args.group_size < 2:
+        raise UserError("--algorithm grpo compares samples of the same input: --group_size must be at least 2")
+    if args.algorithm == "pairwise" and (args.group_size != 2 or args.train_batch_size % 2):
+        raise UserError("--algorithm pairwise trains on pairs from the same start: --group_size must be 2 and --train_batch_size even")
+    per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
+    if per_epoch % args.train_batch_size:
+        raise UserError(f"--train_batch_size {args.train_batch_size} must divide the {per_epoch} samples per epoch per process "
+                        "(sample_batch_size x sample_batches_per_epoch x group_size)")
+    train_batches = args.num_inner_epochs * per_epoch // args.train_batch_size
+    if train_batches % args.gradient_accumulation_steps:
+        raise UserError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide the {train_batches} training "
+                        "batches of an epoch (num_inner_epochs x samples per epoch / train_batch_size): updates never span epochs")
+
+
+def train_timesteps(args):
+    """How many recorded steps of each trajectory a training batch uses (the flow sampler's last
+    step is never trained)."""
+    trainable = int(args.sample_steps * args.strength) - (args.family == "flow")
+    return max(1, math.ceil(trainable * args.timestep_fraction))
+
+
+def compute_rewards(args, reward_model, sampler, final_latents, batch):
+    """{component: (B,) tensor} and the weighted total, for final latents of a batch (no paste-back:
+    preservation judges the raw output outside the mask). The discriminator reads SDXL latents
+    directly; a flow model's results are decoded and re-encoded by the discriminator's VAE."""
+    out, pixels = {}, None
+    if sampler.family != "sdxl" or any(n in args.rewards for n in ("preserve", "gt", "jpeg")):
+        pixels = sampler.decode(final_latents)
+    if "discriminator" in args.rewards:
+        if sampler.family == "sdxl":
+            scores = reward_model.score_latents(batch["source_latents"], batch["mask_latent"], final_latents, batch["original_size"],
+                                                batch["crop_top_left"])
+        else:
+            scores = reward_model.score_pixels(batch["source"], batch["mask"], pixels, batch["original_size"], batch["crop_top_left"])
+        out["discriminator"] = scores.float().cpu()
+    if "preserve" in args.rewards:
+        out["preserve"] = preservation_reward(pixels.cpu(), batch["source"].cpu(), batch["mask"].cpu())
+    if "gt" in args.rewards:
+        out["gt"] = gt_reward(pixels.cpu(), batch["GT"].cpu(), batch["mask"].cpu())
+    if "jpeg" in args.rewards:
+        out["jpeg"] = jpeg_reward(pixels.cpu())
+    total = sum(w * out[n] for n, w in args.rewards.items())
+    return out, total
+
+
+def expand_batch(batch, sampler, group_size):
+    """The batch repeated group_size times per input (sample j of input i is keyed i * K + j for
+    its noise), with the sampler's conditioning."""
+    b = {k: v.repeat_interleave(group_size, 0) if torch.is_tensor(v) else v for k, v in batch.items()}
+    b["noise_index"] = (batch["index"].repeat_interleave(group_size) * group_size
+                        + torch.arange(group_size, device=batch["index"].device).repeat(len(batch["index"])))
+    return sampler.condition(b)
+
+
+def load_sampler(args, accelerator, dtype):
+    """The model family's sampler (SDXL: DDIM; FLUX-Fill: the flow SDE); sampler.model is the network to train."""
+    from pipelines.flow_inpaint import FlowFillSampler
+    from pipelines.rl_sampler import SDXLInpaintSampler
+
+    if args.family == "flow":
+        sampler = FlowFillSampler(args.pretrained_model_name_or_path, accelerator.device, dtype, args.sample_steps, args.strength,
+                                  args.resolution, args.noise_level, args.naive_sde, args.prompt, args.flow_guidance,
+                                  args.max_sequence_length, args.variant, args.revision)
+        if args.gradient_checkpointing:
+            sampler.model.enable_gradient_checkpointing()
+        return sampler
+    comps = tu.Components(args, accelerator, dtype, guidance_prompts=(args.prompt, args.negative_prompt))
+    sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, args.eta, args.resolution, args.guidance_scale)
+    if len(sampler.timesteps) == 0:
+        raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
+    return sampler
+
+
+def content_ids(entries, indices, cache):
+    """60-bit integer ids of the inputs' content (gatherable across processes), hashed once per input."""
+    for i in indices.tolist():
+        if i not in cache:
+            cache[i] = int(content_key(entries[i].paths["source"], entries[i].paths["mask"])[:15], 16)
+    return torch.tensor([cache[i] for i in indices.tolist()])
+
+
+@torch.no_grad()
+def evaluate(model, sampler, args, samples, reward_model):
+    """Held-out evaluation on fixed inputs from fixed noises: the deterministic sampler (DDIM eta 0 /
+    the flow ODE; eval_reward*, and the mean per-step KL between the stochastic policy and the
+    start, LoRA off, along its path), and the stochastic sampler that training optimises (fixed
+    per-sample seeds; eval_sde_reward*)."""
+    device = sampler.vae.device
+    b = expand_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device) for k in samples[0]}, sampler, 1)
+    x = sampler.start(b, sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed, "cpu"))
+    kls = []
+    for j in range(len(sampler.timesteps)):
+        if j < sampler.num_train_steps:
+            mean, scale = sampler.distribution(model, x, j, b)
+            with tu.adapters_disabled(model):
+                ref_mean, _ = sampler.distribution(model, x, j, b)
+            kls.append(gaussian_kl(mean, ref_mean, scale).mean().item())
+        x = sampler.distribution(model, x, j, b, deterministic=True)[0]
+    parts, total = compute_rewards(args, reward_model, sampler, x, b)
+    metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
+    metrics.update(eval_reward=total.mean().item(), eval_kl_to_start=float(np.mean(kls)))
+    from pipelines.rl_sampler import sample_trajectory
+
+    gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed, "cpu")
+    sde = sample_trajectory(sampler, model, b, gens)
+    sde_parts, sde_total = compute_rewards(args, reward_model, sampler, sde["latents"][:, -1], b)
+    metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde_parts.items()}, eval_sde_reward=sde_total.mean().item())
+    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
+    return metrics, sampler.decode(x).cpu(), per_sample
+
+
+
+
+@torch.no_grad()
+def collect_samples(args, sampler, model, stream, pool, reward_model, device):
+    """Sample --sample_batches_per_epoch batches (each input --group_size times) with the current
+    policy, recording trajectories; rewards are computed in `pool` while the next batch samples.
+    Returns (batches, total rewards (N,), {component: (N,)}) for this process."""
+    from pipelines.rl_sampler import sample_trajectory
+
+    batches, futures = [], []
+    for _ in range(args.sample_batches_per_epoch):
+        _, batch = next(stream)
+        b = expand_batch({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, sampler, args.group_size)
+        gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, args.seed, "cpu")
+        # pairwise: both samples of an input start from the same latents (own seed space), their steps differ
+        starts = (sample_generators({"epoch": b["epoch"] + 2_000_000, "index": b["index"]}, args.seed, "cpu")
+                  if args.algorithm == "pairwise" else None)
+        b.update(sample_trajectory(sampler, model, b, gens, start_generators=starts))
+        futures.append(pool.submit(compute_rewards, args, reward_model, sampler, b["latents"][:, -1], b))
+        batches.append(b)
+    parts = [f.result() for f in futures]
+    return batches, torch.cat([total for _, total in parts]), {k: torch.cat([p[k] for p, _ in parts]) for k in parts[0][0]}
+
+
+def reward_logs(accelerator, components, step):
+    """Mean/std of each reward component over all processes (and a histogram of each)."""
+    logs = {}
+    for k, v in components.items():
+        all_v = accelerator.gather(v.to(accelerator.device))
+        logs[f"reward_{k}_mean"], logs[f"reward_{k}_std"] = all_v.mean().item(), all_v.std(unbiased=False).item()
+        tu.log_histogram(accelerator, f"reward_{k}", all_v, step)
+    return logs
+
+
+def policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizer, lr_scheduler, params, seed, logs):
+    """--num_inner_epochs passes over the samples: for a random --timestep_fraction of the trainable
+    steps of each trajectory, re-evaluate the recorded step's log-prob under the current LoRA and take
+    the REINFORCE, PPO-clipped or pairwise loss (+ --kl_coef x the per-step KL to the LoRA-off
+    reference), accumulating gradients over the steps; each micro-batch ends with run.end_of_step."""
+    raw = accelerator.unwrap_model(model)
+    data = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])}
+    n_steps = train_timesteps(args)
+    raw.train()
+    for inner in range(args.num_inner_epochs):
+        g = torch.Generator().manual_seed(seed * 101 + inner)
+        if args.algorithm == "pairwise":  # shuffle pairs, keep each pair's two samples next to each other
+            order = (2 * torch.randperm(len(advantages) // 2, generator=g)[:, None] + torch.arange(2)).reshape(-1)
+        else:
+            order = torch.randperm(len(advantages), generator=g)
+        for start in range(0, len(order), args.train_batch_size):
+            idx = order[start:start + args.train_batch_size].to(accelerator.device)
+            steps = torch.randperm(sampler.num_train_steps, generator=g)[:n_steps]
+            cond = {k: v[idx] for k, v in data.items()}
+            metrics = {}
+            for j in steps.tolist():
+                with accelerator.accumulate(model):
+                    x = cond["latents"][:, j]
+                    mean, scale = sampler.distribution(model, x, j, cond)
+                    log_prob = gaussian_log_prob(cond["latents"][:, j + 1], mean, scale)
+                    if args.algorithm == "reinforce":
+                        loss = reinforce_loss(log_prob, advantages[idx])
+                    elif args.algorithm == "pairwise":
+                        loss = pairwise_preference_loss(log_prob, cond["log_probs"][:, j], advantages[idx], args.beta, args.clip_range)
+                    else:
+                        loss, approx_kl, clip_fraction = ppo_loss(log_prob, cond["log_probs"][:, j], advantages[idx], args.clip_range)
+                        metrics.update(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
+                    if args.kl_coef > 0:
+                        with torch.no_grad(), tu.adapters_disabled(raw):
+                            ref_mean, _ = sampler.distribution(raw, x, j, cond)
+                        kl = gaussian_kl(mean, ref_mean, scale).mean()
+                        loss = loss + args.kl_coef * kl
+                        metrics["kl_to_reference"] = kl.item()
+                    if run.loss_is_finite(loss):
+                        accelerator.backward(loss)
+                    run.optimizer_step(optimizer, lr_scheduler, params)
+                run.end_of_step(**metrics, **logs)

@@ -146,17 +146,19 @@ def content_ids(entries, indices, cache):
 
 
 @torch.no_grad()
-def evaluate(model, sampler, args, samples, reward_model):
+def evaluate(model, sampler, args, samples, reward_model, full=True):
     """Held-out evaluation on fixed inputs from fixed noises: the deterministic sampler (DDIM eta 0 /
     the flow ODE; eval_reward*, and the mean per-step KL between the stochastic policy and the
     start, LoRA off, along its path), and the stochastic sampler that training optimises (fixed
-    per-sample seeds; eval_sde_reward*)."""
+    per-sample seeds; eval_sde_reward*). full=False: the deterministic rewards only."""
+    from pipelines.rl_sampler import sample_trajectory
+
     device = sampler.vae.device
     b = expand_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device) for k in samples[0]}, sampler, 1)
     x = sampler.start(b, sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed, "cpu"))
     kls = []
     for j in range(len(sampler.timesteps)):
-        if j < sampler.num_train_steps:
+        if full and j < sampler.num_train_steps:
             mean, scale = sampler.distribution(model, x, j, b)
             with tu.adapters_disabled(model):
                 ref_mean, _ = sampler.distribution(model, x, j, b)
@@ -164,17 +166,16 @@ def evaluate(model, sampler, args, samples, reward_model):
         x = sampler.distribution(model, x, j, b, deterministic=True)[0]
     parts, total = compute_rewards(args, reward_model, sampler, x, b)
     metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
-    metrics.update(eval_reward=total.mean().item(), eval_kl_to_start=float(np.mean(kls)))
-    from pipelines.rl_sampler import sample_trajectory
-
+    metrics["eval_reward"] = total.mean().item()
+    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
+    if not full:
+        return metrics, sampler.decode(x).cpu(), per_sample
+    metrics["eval_kl_to_start"] = float(np.mean(kls))
     gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed, "cpu")
     sde = sample_trajectory(sampler, model, b, gens)
     sde_parts, sde_total = compute_rewards(args, reward_model, sampler, sde["latents"][:, -1], b)
     metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde_parts.items()}, eval_sde_reward=sde_total.mean().item())
-    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
     return metrics, sampler.decode(x).cpu(), per_sample
-
-
 
 
 @torch.no_grad()

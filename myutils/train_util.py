@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 
 import torch
 import yaml
@@ -156,9 +157,11 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------- accelerator
 
-def make_accelerator(args):
+def make_accelerator(args, find_unused_parameters=False):
+    """find_unused_parameters: for models whose forward uses only part of the trainable weights
+    (one LoRA of several), so DDP does not wait for gradients that never come."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     check_args(args)
     report_to = None if args.report_to in (None, "none") else args.report_to
@@ -168,6 +171,7 @@ def make_accelerator(args):
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
     )  # no cpu=True here: it would silently switch DeepSpeed off; without CUDA accelerate uses the CPU anyway
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.state.deepspeed_plugin is not None:
@@ -325,17 +329,21 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
-def add_lora(unet, args, dtype):
-    """Freeze the base UNet (in the compute dtype) and add a trainable LoRA kept in fp32."""
+def add_lora(unet, args, dtype, adapter_name="default"):
+    """Freeze the base UNet (in the compute dtype) and add a trainable LoRA kept in fp32; returns
+    its parameters. Several adapters on one model share its base weights (one copy in memory)."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     unet.to(dtype=dtype)
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
-                                init_lora_weights="gaussian", target_modules=list(args.lora_target_modules)))
-    for p in unet.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # fp16 LoRA params break the grad scaler's unscale
+    with warnings.catch_warnings():  # peft warns about every adapter after the first: several are intended here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=list(args.lora_target_modules)), adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()  # fp16 LoRA params break the grad scaler's unscale
+    return params
 
 
 def make_optimizer(args, params, accelerator):

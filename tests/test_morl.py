@@ -1,0 +1,141 @@
+"""Multi-objective RL: hypervolume on hand-made fronts, dominance and the Pareto archive, sparsity,
+the improvement predictor and task selection (myutils/morl_utils.py); train_RORem_morl.py keeps one
+base model for the whole population and writes loadable LoRAs, an index and front plots."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from myutils import morl_utils as mo
+
+
+def test_hypervolume_of_hand_made_fronts():
+    assert mo.hypervolume([[1, 2], [2, 1]], [0, 0]) == pytest.approx(3.0)  # 2 + 2 - the shared unit square
+    assert mo.hypervolume([[3, 1]], [1, 0]) == pytest.approx(2.0)
+    assert mo.hypervolume([[1, 2], [2, 1], [0.5, 0.5]], [0, 0]) == pytest.approx(3.0)  # a dominated point adds nothing
+    assert mo.hypervolume([[-1, 5]], [0, 0]) == 0.0  # not better than the reference in every objective
+    # three objectives: two boxes of volume 2 overlapping in a unit cube
+    assert mo.hypervolume([[2, 1, 1], [1, 2, 1]], [0, 0, 0]) == pytest.approx(3.0)
+    assert mo.hypervolume([[1, 1, 1], [2, 2, 0.5]], [0, 0, 0]) == pytest.approx(1 + 4 * 0.5 - 1 * 0.5)
+
+
+def test_dominance_front_and_archive():
+    assert mo.dominates([1, 1], [1, 0]) and not mo.dominates([1, 0], [0, 1]) and not mo.dominates([1, 1], [1, 1])
+    assert mo.pareto_indices([[1, 0], [0, 1], [0.5, 0.5], [0.2, 0.2], [1, 0]]) == [0, 1, 2]
+    archive = mo.ParetoArchive()
+    assert archive.add({"name": "a", "objectives": [1, 0]}) == (True, [])
+    assert archive.add({"name": "b", "objectives": [0, 1]}) == (True, [])
+    assert archive.add({"name": "c", "objectives": [0.5, 0.2]}) == (True, [])
+    assert archive.add({"name": "d", "objectives": [0.4, 0.1]}) == (False, [])  # dominated by c
+    assert archive.add({"name": "e", "objectives": [1, 0.5]}) == (True, ["a", "c"])  # dominates a and c
+    assert [e["name"] for e in archive.entries] == ["b", "e"]
+    restored = mo.ParetoArchive()
+    restored.load_state_dict(json.loads(json.dumps(archive.state_dict())))
+    assert restored.points.tolist() == [[0, 1], [1, 0.5]]
+
+
+def test_sparsity_by_hand():
+    # sorted x: 0, 1, 3 -> gaps 1, 2; sorted y: 0, 2, 3 -> gaps 2, 1; (1 + 4 + 4 + 1) / 2
+    assert mo.sparsity([[0, 3], [1, 2], [3, 0]]) == pytest.approx(5.0)
+    assert mo.sparsity([[1, 1]]) == 0.0
+
+
+def test_weights_on_the_simplex():
+    w = mo.initial_weights(2, 5)
+    assert np.allclose(w[:, 0], [0, 0.25, 0.5, 0.75, 1]) and np.allclose(w.sum(1), 1)
+    w3 = mo.initial_weights(3, 6)
+    assert w3.shape == (6, 3) and np.allclose(w3.sum(1), 1) and (w3 >= -1e-9).all()
+    assert len(mo.candidate_weights(2, 4)) == 5
+
+
+def test_predictor_recovers_a_linear_response():
+    # improvement in objective 0 = 0.1 + 0.5 w0, in objective 1 = -0.2 + 0.3 w1
+    records = [{"policy": p, "weights": [w, 1 - w], "delta": [0.1 + 0.5 * w, -0.2 + 0.3 * (1 - w)]}
+               for p, w in enumerate([0.0, 0.3, 0.6, 1.0])]
+    pred = mo.predict_improvement(records, 0, [0.8, 0.2], ridge=1e-9)
+    assert pred == pytest.approx([0.1 + 0.4, -0.2 + 0.06], abs=1e-6)
+    assert mo.predict_improvement([], 0, [0.5, 0.5]).tolist() == [0, 0]
+
+
+def test_selection_fills_the_gap_in_the_front():
+    front = [[1.0, 0.0], [0.0, 1.0]]
+    candidates = [("a", [0.9, 0.1], np.array([0.95, 0.05])), ("b", [0.5, 0.5], np.array([0.7, 0.7])),
+                  ("c", [0.1, 0.9], np.array([0.05, 0.95]))]
+    picked = mo.select_tasks(front, candidates, 2, [-0.1, -0.1], sparsity_weight=0.5)
+    assert picked[0][0] == "b"  # the middle of the front adds the most hypervolume
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", out, "--resolution", "32",
+            "--report_to", "none", "--sample_steps", "3", "--sample_batch_size", "2", "--sample_batches_per_epoch", "1",
+            "--group_size", "2", "--train_batch_size", "4", "--learning_rate", "1e-2", "--eval_samples", "2", "--lora_rank", "4",
+            "--objectives", "preserve,jpeg", "--population", "3", "--generations", "3", "--warmup_generations", "1",
+            "--weight_partitions", "4", *extra]
+
+
+def test_population_trains_on_one_base_and_writes_loadable_policies(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    import train_RORem_morl as morl
+    from myutils import train_util as tu
+
+    seen = {}
+    real = tu.add_lora
+
+    def spy(model, args, dtype, adapter_name="default"):
+        seen.setdefault("models", set()).add(id(model))
+        return real(model, args, dtype, adapter_name)
+
+    monkeypatch.setattr(tu, "add_lora", spy)
+    out = str(tmp_path / "morl")
+    summary = run_script(morl, _args(tiny_model_dir, toy_meta, out))
+    assert len(seen["models"]) == 1  # every policy is an adapter on the same model: one base in memory
+    assert len(summary["hypervolume_per_generation"]) == 3 and summary["reference"] and summary["start"]
+    pop = [p for p in summary["policies"] if p["name"].startswith("policy_")]
+    assert len(pop) == 3 and all(len(p["weights"]) == 2 and len(p["objectives"]) == 2 for p in pop)
+    front = [p for p in summary["policies"] if p["name"].startswith("gen")]
+    assert front and all(os.path.isfile(os.path.join(p["path"], "pytorch_lora_weights.safetensors")) for p in front)
+    pts = np.array([p["objectives"] for p in front])
+    assert mo.pareto_indices(pts) == list(range(len(pts)))  # the archive holds no dominated policy
+    for name in ("front.png", "fronts/gen-00.png", "fronts/gen-02.png", "final_metrics.json", "checkpoint-9"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+    # a saved policy loads into the stock pipeline and moves its weights away from the base
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(pop[0]["path"])
+    pipe.fuse_lora()
+    after = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items()}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_morl_argument_errors(tiny_model_dir, toy_meta, tmp_path):
+    import train_RORem_morl as morl
+    from myutils.errors import UserError
+
+    base = ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", str(tmp_path)]
+    for extra, message in [(["--objectives", "preserve"], "at least two"),
+                           (["--objectives", "preserve,beauty"], "unknown: beauty"),
+                           (["--objectives", "preserve,jpeg", "--algorithm", "ppo"], "use --algorithm grpo"),
+                           (["--objectives", "preserve,jpeg", "--hv_reference", "1"], "needs 2 values")]:
+        with pytest.raises(UserError, match=message):
+            morl.parse_args(base + extra)
+
+
+def test_resume_from_a_generation_checkpoint_equals_the_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script):
+    import train_RORem_morl as morl
+    from safetensors.torch import load_file
+
+    straight = str(tmp_path / "straight")
+    run_script(morl, _args(tiny_model_dir, toy_meta, straight, "--objectives", "preserve,gt"))
+    resumed = str(tmp_path / "resumed")
+    run_script(morl, _args(tiny_model_dir, toy_meta, resumed, "--objectives", "preserve,gt", "--resume_from_checkpoint",
+                           os.path.join(straight, "checkpoint-6")))  # the state after generation 1 (tasks for 2 chosen)
+    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (straight, resumed))
+    assert a["hypervolume_per_generation"] == b["hypervolume_per_generation"]
+    for k in range(3):
+        wa = load_file(os.path.join(straight, f"policy_{k}", "pytorch_lora_weights.safetensors"))
+        wb = load_file(os.path.join(resumed, f"policy_{k}", "pytorch_lora_weights.safetensors"))
+        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6

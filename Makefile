@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean-demo
+.PHONY: demo demo-flow demo-morl test install clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --work_dir .demo
+
+demo-flow: $(STAMP)  # only the flow-matching RL part (make demo runs it too)
+	$(BIN)/python scripts/demo.py --work_dir .demo --part flow
+
+demo-morl: $(STAMP)  # only the multi-objective RL part and what it needs (make demo runs it too)
+	$(BIN)/python scripts/demo.py --work_dir .demo --part morl
 
 clean-demo:
 	rm -rf .demo

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     tu.add_common_args(parser, meta_kind="input")
     rl_loop.add_rl_args(parser)
     g = parser.add_argument_group("multi-objective (PGMORL)")
-    g.add_argument("--objectives", required=True, help="comma-separated rewards to trade off, e.g. discriminator,preserve")
+    g.add_argument("--objectives", default="", help="comma-separated rewards to trade off, e.g. discriminator,preserve")
     g.add_argument("--population", type=int, default=6, help="LoRA policies trained side by side on one base model")
     g.add_argument("--generations", type=int, default=6, help="in all, warm-up included")
     g.add_argument("--warmup_generations", type=int, default=2, help="generations with the initial weights")
@@ -116,7 +116,7 @@ def copy_adapters(model, assignments):
                 params[name.replace(f".policy_{parent}.", f".policy_{child}.")].data.copy_(value)
 
 
-def plot_front(path, names, population_points, archive_points, start, reference, predicted=None, title=""):
+def plot_front(path, names, population_points, archive_points, start, predicted=None, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,8 +130,6 @@ def plot_front(path, names, population_points, archive_points, start, reference,
     ax.scatter([start[0]], [start[1]], marker="*", c="k", s=80, label="start (LoRA off)")
     if predicted is not None and len(predicted):
         ax.scatter(predicted[:, 0], predicted[:, 1], marker="x", c="C2", s=25, label="predicted (next tasks)")
-    ax.axvline(reference[0], color="grey", lw=0.5, ls="--")
-    ax.axhline(reference[1], color="grey", lw=0.5, ls="--")
     ax.set_xlabel(names[0])
     ax.set_ylabel(names[1])
     ax.set_title(title, fontsize=9)
@@ -272,8 +270,8 @@ def main(argv=None):
         if accelerator.is_main_process:
             pop = np.array([e["objectives"] for e in trained])
             if len(names) == 2:
-                plot_front(os.path.join(args.output_dir, "fronts", f"gen-{gen:02d}.png"), names, pop, points, state.start,
-                           state.reference, predicted, f"generation {gen}: hypervolume {hv:.4g}, {len(points)} on the front")
+                plot_front(os.path.join(args.output_dir, "fronts", f"gen-{gen:02d}.png"), names, pop, points, state.start, predicted,
+                           f"generation {gen}: hypervolume {hv:.4g}, {len(points)} on the front")
         tu.save_checkpoint(accelerator, args, run.global_step)
     pool.shutdown()
     run.finish()
@@ -302,7 +300,7 @@ def write_outputs(accelerator, args, raw, state, slots, names):
         json.dump(summary, f, indent=1)
     if len(names) == 2:
         plot_front(os.path.join(args.output_dir, "front.png"), names, np.array(state.objectives), state.archive.points, state.start,
-                   state.reference, title=f"final: hypervolume {hv[-1]:.4g} (generation 0: {hv[0]:.4g})")
+                   title=f"final: hypervolume {hv[-1]:.4g} (generation 0: {hv[0]:.4g})")
     metrics = {"hypervolume": hv[-1], "hypervolume_first_generation": hv[0], "front_size": len(state.archive.entries)}
     with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
         json.dump({"metrics": metrics, "history": state.history}, f, indent=1)

@@ -152,6 +152,62 @@ def rl_report(w):
             + "."]
 
 
+def flow_part(w, train_meta, held_meta, args):
+    """Flow-GRPO on the tiny FLUX-Fill model (random transformer, toy-fitted VAE): held-out reward
+    with the ODE before and after, and the naive Euler-plus-noise step with the same settings."""
+    flux_dir = f"{w}/models/toy_flux_fill"
+    stage("flow model", f"{flux_dir}/model_index.json", lambda: run([
+        "scripts/make_tiny_models.py", "--family", "flux-fill", "--out", flux_dir, "--vae_train_meta", train_meta,
+        "--vae_steps", str(args.flow_vae_steps), "--seed", str(args.seed)]))
+    common = ["train_RORem_ddpo.py", "--config", "configs/toy_flow_grpo.yaml", "--pretrained_model_name_or_path", flux_dir,
+              "--meta_path", train_meta, "--validation_meta_path", held_meta, "--seed", str(args.seed)]
+    stage("flow RL (SDE)", f"{w}/flow_rl/final_metrics.json", lambda: run([*common, "--output_dir", f"{w}/flow_rl"]))
+    stage("flow RL (naive step)", f"{w}/flow_rl_naive/final_metrics.json", lambda: run([
+        *common, "--naive_sde", "--output_dir", f"{w}/flow_rl_naive"]))
+    rows = []
+    for name, folder in (("SDE step (default)", "flow_rl"), ("naive Euler + noise", "flow_rl_naive")):
+        with open(f"{w}/{folder}/final_metrics.json") as f:
+            m, a = (lambda d: (d["metrics"], d["args"]))(json.load(f))
+        rows.append(f"| {name} | {m['start_eval_reward']:.4f} | {m['eval_reward']:.4f} | {m['eval_reward'] - m['start_eval_reward']:+.4f} "
+                    f"| {m['eval_reward_gt']:.4f} | {m['eval_reward_preserve']:.4f} | {m['eval_kl_to_start']:.3f} |")
+    return ["## Flow-matching RL (Flow-GRPO on a tiny FLUX-Fill model)", "",
+            f"A random-init FLUX.1-Fill transformer (diffusers' FluxFillPipeline layout, its VAE fitted to the toy images for "
+            f"{args.flow_vae_steps} steps), trained from scratch by GRPO for {a['num_train_epochs']} epochs of "
+            f"{a['sample_batch_size'] * a['sample_batches_per_epoch']} inputs x {a['group_size']} samples, {a['sample_steps']} "
+            f"steps (the last one the ODE step, untrained), noise level {a['noise_level']:g}, lr {a['learning_rate']:g} "
+            "(`configs/toy_flow_grpo.yaml`); reward gt + preserve (-MSE to GT inside the hole, to the source outside). Held out: "
+            f"{a['eval_samples']} inputs, the ODE from fixed noises.", "",
+            "| sampler used for training | held-out reward, start | after | change | gt part | preserve part | KL to start |",
+            "|---|---|---|---|---|---|---|", *rows, "",
+            f"Grids: `{w}/flow_rl/validation/`; curves: `tensorboard --logdir {w}/flow_rl/logs`."]
+
+
+def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
+    """PGMORL: 4 LoRA policies on the trained remover trading the discriminator against preservation."""
+    out = f"{w}/morl"
+    stage("multi-objective RL", f"{out}/policies.json", lambda: run([
+        "train_RORem_morl.py", "--config", "configs/toy_morl.yaml", "--pretrained_model_name_or_path", model_dir,
+        "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
+        "--discriminator_path", disc_dir, "--output_dir", out, "--seed", str(args.seed)]))
+    with open(f"{out}/policies.json") as f:
+        summary = json.load(f)
+    hv = summary["hypervolume_per_generation"]
+    names = summary["objectives"]
+    front = sorted((p for p in summary["policies"] if p["name"].startswith("gen")), key=lambda p: p["objectives"][0])
+    return ["## Multi-objective RL (PGMORL, discriminator vs preservation)", "",
+            f"4 LoRA policies on one copy of the trained remover, 6 generations (2 of warm-up with weights evenly spread on "
+            f"[0, 1]), one GRPO epoch per policy and generation (`configs/toy_morl.yaml`). Objectives on {32} held-out inputs "
+            f"(deterministic DDIM): {names[0]} and {names[1]}; start (LoRA off): "
+            + ", ".join(f"{v:.4f}" for v in summary["start"]) + "; hypervolume reference: "
+            + ", ".join(f"{v:.4f}" for v in summary["reference"]) + ".", "",
+            "Hypervolume of the archive per generation: " + ", ".join(f"{h:.5f}" for h in hv) + ".", "",
+            "| on the front | weights | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
+            *[f"| {p['name']} | " + ", ".join(f"{x:.2f}" for x in p["weights"]) + " | " + " | ".join(f"{v:.4f}" for v in p["objectives"])
+              + " |" for p in front], "",
+            "![front](../morl/front.png)", "",
+            f"Per generation: `{out}/fronts/`; every policy: `{out}/policies.json` (each a LoRA that diffusers loads)."]
+
+
 def discriminator_metrics(disc_dir):
     """Held-out accuracy and AUC at the first and last validation, from the run's tensorboard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -168,6 +224,13 @@ def discriminator_metrics(disc_dir):
     return out
 
 
+def write_part(w, name, lines, start):
+    os.makedirs(f"{w}/report", exist_ok=True)
+    with open(f"{w}/report/{name}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines) + f"\n\nreport: {w}/report/{name}.md   ({time.time() - start:.0f} s)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", default=".demo")
@@ -180,6 +243,9 @@ def main():
     p.add_argument("--pair_inputs", type=int, default=64, help="training inputs that also get remover candidates judged by the discriminator")
     p.add_argument("--dpo_steps", type=int, default=300)
     p.add_argument("--lcm_steps", type=int, default=200, help="distillation steps for each 4-step student")
+    p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
+    p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
+                   help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     w = os.path.abspath(args.work_dir)
@@ -190,6 +256,8 @@ def main():
     stage("data", held_meta, lambda: (
         run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/train", "--num", str(args.train_samples), "--seed", "0"]),
         run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/heldout", "--num", str(args.heldout_samples), "--seed", "1"])))
+    if args.part == "flow":
+        return write_part(w, "flow", flow_part(w, train_meta, held_meta, args), start)
     stage("tiny models", f"{model_dir}/model_index.json", lambda: run([
         "scripts/make_tiny_models.py", "--out", model_dir, "--prediction_type", "v_prediction",
         "--vae_train_meta", train_meta, "--vae_steps", str(args.vae_steps), "--seed", str(args.seed)]))
@@ -210,6 +278,8 @@ def main():
         "--pretrained_model_name_or_path", model_dir, "--meta_path", scored_train, "--val_meta_path", scored_held,
         "--output_dir", disc_dir, "--seed", str(args.seed)]))
     disc_metrics = discriminator_metrics(disc_dir)
+    if args.part == "morl":
+        return write_part(w, "morl", morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args), start)
 
     # Diffusion-DPO: natural pairs (true removal or a good remover result against a failure of the
     # same input), plus best-against-worst of 4 remover candidates judged by the discriminator
@@ -240,6 +310,10 @@ def main():
         "train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
         "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
         "--discriminator_path", disc_dir, "--output_dir", rl_dir, "--seed", str(args.seed)]))
+
+    # flow-matching RL (tiny FLUX-Fill) and multi-objective RL (a population of LoRAs on the remover)
+    flow_lines = flow_part(w, train_meta, held_meta, args)
+    morl_lines = morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args)
 
     import torch
 
@@ -317,7 +391,7 @@ def main():
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
         "![rows: source, mask, untrained, trained, DPO, RL, LCM, reward-weighted LCM, border fill, GT](before_after.png)", "", *disc_lines, "",
-        *dpo_lines, "", *lcm_lines, "",
+        *dpo_lines, "", *lcm_lines, "", *flow_lines, "", *morl_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])
     with open(f"{w}/report/README.md", "w") as f:
@@ -326,7 +400,7 @@ def main():
         json.dump({k: {"masked_mse": m, "stderr": s, "discriminator_score": d, "unet_calls_per_image": c} for k, m, s, d, c in rows},
                   f, indent=1)
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines)
-          + "\n\n" + "\n".join(lcm_lines))
+          + "\n\n" + "\n".join(lcm_lines) + "\n\n" + "\n".join(flow_lines) + "\n\n" + "\n".join(morl_lines))
     print(f"\nreport: {w}/report/README.md   grid: {w}/report/before_after.png   ({time.time() - start:.0f} s)")
     untrained, trained = systems["untrained remover"], systems["trained remover (teacher)"]
     if np.mean(trained) >= np.mean(untrained):

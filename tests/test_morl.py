@@ -139,3 +139,23 @@ def test_resume_from_a_generation_checkpoint_equals_the_straight_run(tmp_path, t
         wa = load_file(os.path.join(straight, f"policy_{k}", "pytorch_lora_weights.safetensors"))
         wb = load_file(os.path.join(resumed, f"policy_{k}", "pytorch_lora_weights.safetensors"))
         assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6
+
+
+def test_weighted_advantages_normalise_each_objective_within_groups():
+    import train_RORem_morl as morl
+
+    ids = [7, 7, 9, 9]
+    comps = {"a": np.array([1.0, 3.0, 0.0, 0.0]), "b": np.array([100.0, 0.0, 5.0, 7.0])}  # b has a much larger scale
+    adv = morl.weighted_group_advantages(comps, ["a", "b"], [0.25, 0.75], ids)
+    # within group 7: a -> (-1, +1), b -> (+1, -1); group 9: a ties (0, 0), b -> (-1, +1); up to the 1e-6 eps
+    assert adv == pytest.approx([0.25 * -1 + 0.75 * 1, 0.25 * 1 + 0.75 * -1, 0.75 * -1, 0.75 * 1], abs=1e-5)
+
+
+def test_morl_configs_parse():
+    import train_RORem_morl as morl
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("morl_config.yaml", "toy_morl.yaml"):
+        args = morl.parse_args(["--config", os.path.join(root, "configs", name), "--meta_path", "m.json", "--output_dir", "o",
+                                "--discriminator_path", "d"])
+        assert args.objective_names == ["discriminator", "preserve"] and args.rewards == {"discriminator": 1.0, "preserve": 1.0}

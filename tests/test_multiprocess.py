@@ -209,3 +209,19 @@ def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, 
     run_script(train_RORem_lcm_rewarded, argv(one, 4))
     a, b = (load_file(os.path.join(d, "pytorch_lora_weights.safetensors")) for d in (two, one))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_morl_population_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
+    """Every adapter of the population is trained under DDP (only the active one is used per forward)
+    and the main process's held-out objectives reach every rank, so both take the same tasks."""
+    out = str(tmp_path / "morl")
+    res = launch_two_ranks("train_RORem_morl.py",
+                           ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
+                            "--resolution", "32", "--report_to", "none", "--objectives", "preserve,jpeg", "--population", "2",
+                            "--generations", "2", "--warmup_generations", "1", "--group_size", "2", "--sample_steps", "2",
+                            "--sample_batch_size", "1", "--sample_batches_per_epoch", "1", "--train_batch_size", "2",
+                            "--eval_samples", "2", "--weight_partitions", "2", "--learning_rate", "1e-2"], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.load(open(os.path.join(out, "policies.json")))
+    assert len(summary["hypervolume_per_generation"]) == 2
+    assert os.path.isfile(os.path.join(out, "checkpoint-4", "random_states_1.pkl"))

@@ -59,3 +59,34 @@ def win_rate(scores_a, scores_b, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return p, (float(centre - half), float(centre + half))
+
+
+def masked_psnr(result, gt, mask):
+    """PSNR in dB over the masked region, pixels in [0, 1] (peak 1); inf for a perfect match."""
+    m = _mask(mask)
+    if not m.any():
+        raise ValueError("masked_psnr: the mask is empty")
+    mse = float((((_arr(result) - _arr(gt)) / 2) ** 2)[m].mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def frechet_distance(features_a, features_b):
+    """FID between two feature sets (rows = images): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)),
+    by pytorch-fid's own implementation."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("frechet_distance needs at least two images per set")
+    return float(calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+
+
+def masked_means(values, mask):
+    """Per-image means of a (N, 1, H, W) map inside and outside a (N, 1, H, W) {0, 1} mask: (inside,
+    outside), NaN where a region is empty."""
+    import torch
+
+    m = (mask >= 0.5).float()
+    inside = (values * m).sum((1, 2, 3)) / m.sum((1, 2, 3))
+    outside = (values * (1 - m)).sum((1, 2, 3)) / (1 - m).sum((1, 2, 3))
+    return torch.nan_to_num(inside, nan=float("nan")), outside

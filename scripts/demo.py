@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -31,27 +33,6 @@ def stage(name, output, fn):
     start = time.time()
     fn()
     print(f"[{name}] done in {time.time() - start:.0f} s")
-
-
-def remove_objects(model_dir, unet_dir, sources, masks, steps, seed, lora_path=None, scheduler="default"):
-    """Run a remover (the pipeline's own UNet, or unet_dir, plus an optional LoRA) on every input
-    with fixed seeds (input i: seed + i), 16 at a time; results pasted into their sources, and the
-    number of UNet calls per image."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from pipelines.inpaint import count_unet_calls, load_remover, remove_objects as remove
-
-    spec = SimpleNamespace(pretrained_model=model_dir, RORem_unet=unet_dir, lora_path=lora_path, fuse_lora=False, scheduler=scheduler,
-                           variant=None, prompt="", negative_prompt="", resolution=sources[0].size[0], inference_steps=steps,
-                           strength=1.0, guidance_scale=1.0)
-    pipe, cond, uncond = load_remover(spec, "cpu", torch.float32)
-    calls = count_unet_calls(pipe)
-    results = []
-    for i in range(0, len(sources), 16):
-        results += remove(pipe, cond, uncond, sources[i:i + 16], masks[i:i + 16], spec, seed + i)
-    return results, calls[0] / -(-len(sources) // 16)
 
 
 def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
@@ -154,7 +135,7 @@ def rl_report(w):
 
 def flow_part(w, train_meta, held_meta, args):
     """Flow-GRPO on the tiny FLUX-Fill model (random transformer, toy-fitted VAE): held-out reward
-    with the ODE before and after, and the naive Euler-plus-noise step with the same settings."""
+    with the ODE before and after (and with --flow_compare_naive the naive Euler-plus-noise step)."""
     flux_dir = f"{w}/models/toy_flux_fill"
     stage("flow model", f"{flux_dir}/model_index.json", lambda: run([
         "scripts/make_tiny_models.py", "--family", "flux-fill", "--out", flux_dir, "--vae_train_meta", train_meta,
@@ -162,10 +143,13 @@ def flow_part(w, train_meta, held_meta, args):
     common = ["train_RORem_ddpo.py", "--config", "configs/toy_flow_grpo.yaml", "--pretrained_model_name_or_path", flux_dir,
               "--meta_path", train_meta, "--validation_meta_path", held_meta, "--seed", str(args.seed)]
     stage("flow RL (SDE)", f"{w}/flow_rl/final_metrics.json", lambda: run([*common, "--output_dir", f"{w}/flow_rl"]))
-    stage("flow RL (naive step)", f"{w}/flow_rl_naive/final_metrics.json", lambda: run([
-        *common, "--naive_sde", "--output_dir", f"{w}/flow_rl_naive"]))
+    runs = [("SDE step (default)", "flow_rl")]
+    if args.flow_compare_naive:
+        stage("flow RL (naive step)", f"{w}/flow_rl_naive/final_metrics.json", lambda: run([
+            *common, "--naive_sde", "--output_dir", f"{w}/flow_rl_naive"]))
+        runs.append(("naive Euler + noise", "flow_rl_naive"))
     rows = []
-    for name, folder in (("SDE step (default)", "flow_rl"), ("naive Euler + noise", "flow_rl_naive")):
+    for name, folder in runs:
         with open(f"{w}/{folder}/final_metrics.json") as f:
             m, a = (lambda d: (d["metrics"], d["args"]))(json.load(f))
         rows.append(f"| {name} | {m['start_eval_reward']:.4f} | {m['eval_reward']:.4f} | {m['eval_reward'] - m['start_eval_reward']:+.4f} "
@@ -208,6 +192,54 @@ def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
             f"Per generation: `{out}/fronts/`; every policy: `{out}/policies.json` (each a LoRA that diffusers loads)."]
 
 
+def scalar_series(log_dir, tag):
+    """(steps, values) of a tensorboard scalar from every event file under log_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, values = [], []
+    for d, _, files in os.walk(log_dir):
+        for name in files:
+            if name.startswith("events"):
+                acc = EventAccumulator(os.path.join(d, name))
+                acc.Reload()
+                if tag in acc.Tags().get("scalars", []):
+                    for e in acc.Scalars(tag):
+                        steps.append(e.step)
+                        values.append(e.value)
+    order = np.argsort(steps, kind="stable")
+    return np.asarray(steps)[order], np.asarray(values)[order]
+
+
+def plot_curves(w, path):
+    """One PNG of the training curves of every stage that logged them; returns a caption line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("remover: loss", "remover", "loss"), ("discriminator: held-out AUC", "discriminator", "val_auc"),
+              ("DPO: loss", "dpo", "loss"), ("LCM: loss", "lcm", "loss"), ("reward-weighted LCM: loss", "lcm_rewarded", "loss"),
+              ("GRPO: mean discriminator reward", "rl", "reward_discriminator_mean"), ("GRPO: held-out reward", "rl", "eval_reward"),
+              ("flow GRPO: held-out reward (ODE)", "flow_rl", "eval_reward"), ("PGMORL: hypervolume", "morl", "hypervolume")]
+    found = [(title, *scalar_series(f"{w}/{run}/logs", tag)) for title, run, tag in panels if os.path.isdir(f"{w}/{run}/logs")]
+    found = [f for f in found if len(f[1])]
+    cols = 3
+    fig, axes = plt.subplots(-(-len(found) // cols), cols, figsize=(12, 3 * -(-len(found) // cols)), dpi=100, squeeze=False)
+    for ax, (title, x, y) in zip(axes.flat, found):
+        if len(y) > 50:  # a running mean keeps noisy per-step losses readable
+            k = len(y) // 25
+            y = np.convolve(y, np.ones(k) / k, mode="valid")
+            x = x[k - 1:]
+        ax.plot(x, y, marker="o" if len(y) < 30 else None, ms=3)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(found):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [f"Training curves (from each run's tensorboard log): {', '.join(t for t, _, _ in found)}."]
+
+
 def discriminator_metrics(disc_dir):
     """Held-out accuracy and AUC at the first and last validation, from the run's tensorboard log."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -244,6 +276,7 @@ def main():
     p.add_argument("--dpo_steps", type=int, default=300)
     p.add_argument("--lcm_steps", type=int, default=200, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
+    p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
     p.add_argument("--seed", type=int, default=0)
@@ -265,8 +298,6 @@ def main():
         "train_RORem.py", "--config", "configs/toy_RORem.yaml", "--pretrained_model_name_or_path", model_dir,
         "--meta_path", train_meta, "--validation_meta_path", held_meta, "--output_dir", remover_dir,
         "--max_train_steps", str(args.remover_steps), "--seed", str(args.seed)]))
-
-    import numpy as np
 
     from myutils.data import read_meta
     # the discriminator: scored results (true removals, deliberate failures, the remover's outputs
@@ -315,50 +346,35 @@ def main():
     flow_lines = flow_part(w, train_meta, held_meta, args)
     morl_lines = morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args)
 
-    import torch
+    # evaluation: every system on the held-out inputs with evaluate_RORem.py (same seeds for all)
+    from myutils.img_util import load_image, load_mask
+    from myutils.metrics import border_fill
 
-    from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
-    from myutils.metrics import border_fill, masked_mse
-    from myutils.reward_utils import load_reward_model
-
-    print(f"[evaluate] {args.heldout_samples} held-out inputs, {args.eval_steps}-step sampling from noise, seed {args.seed}")
     entries = read_meta(held_meta, "triplet")
-    sources = [load_image(e.paths["source"]) for e in entries]
-    masks = [load_mask(e.paths["mask"]) for e in entries]
-    gts = [load_image(e.paths["GT"]) for e in entries]
-    fills = [border_fill(s, m) for s, m in zip(sources, masks)]
-    reward = load_reward_model(model_dir, disc_dir, resolution=32)
-    source_t = torch.stack([pil_to_tensor(im) for im in sources])
-    mask_t = (torch.stack([pil_to_tensor(m.convert("RGB")) for m in masks])[:, :1] > 0).float()
-
-    def disc_scores(images):
-        return reward.score_pixels(source_t, mask_t, torch.stack([pil_to_tensor(im) for im in images])).tolist()
-
-    systems = {"border fill (classical)": [masked_mse(f, g, m) for f, g, m in zip(fills, gts, masks)]}
-    scores, calls, grids = {"border fill (classical)": disc_scores(fills)}, {"border fill (classical)": 0}, {}
+    fill_dir = f"{w}/baselines/border_fill"
+    if not os.path.isdir(fill_dir):
+        os.makedirs(fill_dir)
+        for i, e in enumerate(entries):
+            border_fill(load_image(e.paths["source"]), load_mask(e.paths["mask"])).save(f"{fill_dir}/{i:05d}.png")
     unet = f"{remover_dir}/unet"
-    for name, unet_dir, lora, steps, sched in [
-            ("untrained remover", None, None, args.eval_steps, "default"),
-            ("trained remover (teacher)", unet, None, args.eval_steps, "default"),
-            ("DPO LoRA on the trained remover", unet, dpo_dir, args.eval_steps, "default"),
-            ("RL (GRPO) LoRA on the trained remover", unet, rl_dir, args.eval_steps, "default"),
-            ("trained remover, 4 LCM steps, not distilled", unet, None, 4, "lcm"),
-            ("LCM student, 4 steps", unet, lcm_dir, 4, "lcm"),
-            ("reward-weighted LCM student, 4 steps", unet, rlcm_dir, 4, "lcm")]:
-        grids[name], calls[name] = remove_objects(model_dir, unet_dir, sources, masks, steps, args.seed, lora, sched)
-        systems[name] = [masked_mse(r, g, m) for r, g, m in zip(grids[name], gts, masks)]
-        scores[name] = disc_scores(grids[name])
-
-    n = 8
-    shown = ["untrained remover", "trained remover (teacher)", "DPO LoRA on the trained remover", "RL (GRPO) LoRA on the trained remover",
-             "LCM student, 4 steps",
-             "reward-weighted LCM student, 4 steps"]
-    grid = image_grid(sources[:n] + [m.convert("RGB") for m in masks[:n]] + [im for k in shown for im in grids[k][:n]]
-                      + fills[:n] + gts[:n], rows=4 + len(shown), cols=n)
-    grid = grid.resize((grid.width * 4, grid.height * 4), 0)
+    systems = [("border fill (classical)", f"results:{fill_dir}"), ("untrained remover", "base"),
+               ("trained remover (teacher)", f"unet:{unet}"), ("DPO LoRA on the trained remover", f"lora:{dpo_dir}"),
+               ("RL (GRPO) LoRA on the trained remover", f"lora:{rl_dir}"),
+               ("trained remover, 4 LCM steps, not distilled", f"unet:{unet},steps=4,strength=1,scheduler=lcm"),
+               ("LCM student, 4 steps", f"lcm:{lcm_dir}"), ("reward-weighted LCM student, 4 steps", f"lcm:{rlcm_dir}")]
+    eval_dir = f"{w}/evaluation"
+    stage("evaluate", f"{eval_dir}/results.json", lambda: run([
+        "evaluate_RORem.py", "--meta_path", held_meta, "--output_dir", eval_dir, "--pretrained_model", model_dir, "--base_unet", unet,
+        "--resolution", "32", "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--batch_size", "16",
+        "--seed", str(args.seed), "--discriminator_path", disc_dir, "--num_grid_inputs", "8",
+        *[a for name, spec in systems for a in ("--system", f"{name}={spec}")]]))
+    with open(f"{eval_dir}/results.json") as f:
+        evaluation = json.load(f)
+    per_input = {k: v["masked_mse"] for k, v in evaluation["per_input"].items()}
+    rows = [(r["system"], r["masked_mse"], r["masked_mse_stderr"], r["discriminator_score"], r.get("unet_calls_per_image", 0))
+            for r in evaluation["systems"]]
     os.makedirs(f"{w}/report", exist_ok=True)
-    grid.save(f"{w}/report/before_after.png")
-    rows = [(k, float(np.mean(v)), float(np.std(v) / np.sqrt(len(v))), float(np.mean(scores[k])), calls[k]) for k, v in systems.items()]
+    curves = plot_curves(w, f"{w}/report/curves.png")
     with open(scored_held) as f:
         held_scored = json.load(f)
     disc_lines = ["## Discriminator (reward model)", "",
@@ -376,7 +392,7 @@ def main():
     table += [f"| {k} | {c:g} | {m:.4f} | {s:.4f} | {d:.3f} |" for k, m, s, d, c in rows]
 
     def paired(a, b, what):
-        diff = np.asarray(systems[a]) - np.asarray(systems[b])
+        diff = np.asarray(per_input[a]) - np.asarray(per_input[b])
         return (f"{what}: {diff.mean():+.4f} (std. error {diff.std() / np.sqrt(len(diff)):.4f}; lower on "
                 f"{int((diff < 0).sum())} of {len(diff)} inputs)")
 
@@ -390,7 +406,10 @@ def main():
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
-        "![rows: source, mask, untrained, trained, DPO, RL, LCM, reward-weighted LCM, border fill, GT](before_after.png)", "", *disc_lines, "",
+        f"All metrics (masked PSNR, LPIPS, CLIP, FID where weights are given; success rate, speed), the discriminator's "
+        f"pairwise win rates and the grids: `{eval_dir}/results.md`, `win_rates.md`, `index.html`.", "",
+        "![rows: source, mask, GT, then each system in the table's order](../evaluation/grids/grid_00.png)", "",
+        "![training curves](curves.png)", "", *curves, "", *disc_lines, "",
         *dpo_lines, "", *lcm_lines, "", *flow_lines, "", *morl_lines, "",
         f"Validation grids during training: `{remover_dir}/validation/`; curves: "
         f"`tensorboard --logdir {remover_dir}/logs`.", ""])
@@ -401,8 +420,9 @@ def main():
                   f, indent=1)
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines)
           + "\n\n" + "\n".join(lcm_lines) + "\n\n" + "\n".join(flow_lines) + "\n\n" + "\n".join(morl_lines))
-    print(f"\nreport: {w}/report/README.md   grid: {w}/report/before_after.png   ({time.time() - start:.0f} s)")
-    untrained, trained = systems["untrained remover"], systems["trained remover (teacher)"]
+    print(f"\nreport: {w}/report/README.md   curves: {w}/report/curves.png   evaluation: {eval_dir}/index.html "
+          f"({time.time() - start:.0f} s)")
+    untrained, trained = per_input["untrained remover"], per_input["trained remover (teacher)"]
     if np.mean(trained) >= np.mean(untrained):
         sys.exit("the trained remover did not beat the untrained one: something is wrong")
     if "val_auc" in disc_metrics and disc_metrics["val_auc"][1] < 0.75:

@@ -1,0 +1,114 @@
+"""The pretrained networks behind the evaluation metrics (FID's Inception, LPIPS, CLIP), loaded from
+local weight files only. Each loader returns None when its weights are not given, so the metric is
+reported as unavailable with the argument that enables it; random-weight stand-ins (for tests) are
+built only when asked for and are marked as such in every output."""
+import contextlib
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's FID Inception weights
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, LPIPS's backbone
+
+
+@contextlib.contextmanager
+def hub_checkpoint(path, filename):
+    """Make torch.hub find `path` as the cached download `filename`, so a library that would download
+    its weights (pytorch-fid, torchvision via lpips) loads the local file instead."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: weights file not found")
+    old = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "checkpoints"))
+        os.symlink(os.path.abspath(path), os.path.join(tmp, "checkpoints", filename))
+        torch.hub.set_dir(tmp)
+        try:
+            yield
+        finally:
+            torch.hub.set_dir(old)
+
+
+def load_inception(weights=None, random_stand_in=False, dims=2048):
+    """pytorch-fid's InceptionV3 (features of `dims`: 2048 = the standard FID pool features; 64, 192
+    or 768 = earlier blocks, cheaper) from --inception_weights; None without them."""
+    import pytorch_fid.inception as pi
+
+    if weights:
+        with hub_checkpoint(weights, INCEPTION_FILE):
+            return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+    if not random_stand_in:
+        return None
+    state = pi._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
+    real = pi.load_state_dict_from_url
+    pi.load_state_dict_from_url = lambda *a, **k: state  # the FID architecture with random weights
+    try:
+        return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+    finally:
+        pi.load_state_dict_from_url = real
+
+
+@torch.no_grad()
+def inception_features(model, images):
+    """(N, dims) features of images (N, 3, H, W) in [0, 1] (the model resizes to 299 itself; earlier
+    blocks are average-pooled to one vector per image, as pytorch-fid does)."""
+    f = model(images.float())[0]
+    if f.shape[-1] != 1 or f.shape[-2] != 1:
+        f = torch.nn.functional.adaptive_avg_pool2d(f, (1, 1))
+    return f.flatten(1).cpu().numpy()
+
+
+def load_lpips(backbone_weights=None, random_stand_in=False):
+    """LPIPS (AlexNet, spatial maps; its linear heads ship with the lpips package) with the AlexNet
+    backbone from --lpips_backbone_weights; None without them."""
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation of `pretrained=`
+        if backbone_weights:
+            with hub_checkpoint(backbone_weights, ALEXNET_FILE):
+                return lpips.LPIPS(net="alex", spatial=True, verbose=False).eval()
+        if random_stand_in:
+            return lpips.LPIPS(net="alex", spatial=True, pnet_rand=True, verbose=False).eval()
+    return None
+
+
+@torch.no_grad()
+def lpips_maps(model, a, b, min_size=64):
+    """Per-pixel LPIPS distance maps (N, 1, H, W) between images in [0, 1]; small images are
+    upsampled to min_size first (AlexNet's strides need room) and the maps brought back."""
+    size = a.shape[-2:]
+    if min(size) < min_size:
+        scale = min_size / min(size)
+        a, b = (F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in (a, b))
+    maps = model(a * 2 - 1, b * 2 - 1)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False) if maps.shape[-2:] != size else maps
+
+
+def load_clip(model_name="ViT-B-32", weights=None, random_stand_in=False):
+    """(model, preprocess) of open_clip from a local --clip_weights file; None without it."""
+    import open_clip
+
+    if not weights and not random_stand_in:
+        return None
+    if weights and not os.path.isfile(weights):
+        raise UserError(f"--clip_weights {weights}: file not found")
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights or None)
+    return model.eval(), preprocess
+
+
+@torch.no_grad()
+def clip_similarity(clip, results, targets):
+    """Cosine similarity of the CLIP image embeddings of PIL results and targets, per pair."""
+    model, preprocess = clip
+
+    def embed(images):
+        e = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        return e / e.norm(dim=-1, keepdim=True)
+
+    return (embed(results) * embed(targets)).sum(-1).tolist()

@@ -1,0 +1,137 @@
+"""evaluate_RORem.py and the metrics behind it: each metric against a hand-computed case, a run on a
+tiny test set writing the table, CSV, JSON, win rates and grids, resuming, results folders,
+unavailable metrics named with their argument, and input errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate_RORem as ev
+from myutils import eval_models as em
+from myutils.errors import UserError
+from myutils.metrics import frechet_distance, masked_means, masked_psnr, win_rate
+
+
+def test_frechet_distance_by_hand():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)  # identical feature sets
+    # independent dims: FID = |mu_a - mu_b|^2 + sum (s_a - s_b)^2 for standard deviations s
+    b = a * np.array([1.0, 2.0, 1.0]) + np.array([3.0, 0.0, 0.0])
+    sa, sb = a.std(0, ddof=1), b.std(0, ddof=1)
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + ((sa - sb) ** 2).sum()
+    assert frechet_distance(a, b) == pytest.approx(want, rel=0.05)
+
+
+def test_masked_psnr_and_means_by_hand():
+    gt = Image.new("RGB", (8, 8), (100, 100, 100))
+    result = Image.new("RGB", (8, 8), (100, 100, 100))
+    result.paste((125, 125, 125), (0, 0, 4, 8))  # off by 25/255 in the left half
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    assert masked_psnr(result, gt, mask) == pytest.approx(10 * np.log10(1 / (25 / 255) ** 2), rel=1e-6)
+    assert masked_psnr(gt, gt, mask) == float("inf")
+    values = torch.arange(4.0).view(1, 1, 2, 2)
+    m = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    inside, outside = masked_means(values, m)
+    assert inside.item() == pytest.approx(1.5) and outside.item() == pytest.approx(1.5)
+
+
+def test_lpips_of_identical_images_is_zero_and_win_rate_of_identical_systems_is_half():
+    net = em.load_lpips(random_stand_in=True)
+    x = torch.rand(2, 3, 32, 32)
+    assert em.lpips_maps(net, x, x).abs().max().item() == 0.0
+    assert em.lpips_maps(net, x, torch.rand(2, 3, 32, 32)).mean().item() > 0
+    assert win_rate([0.3, 0.7, 0.5], [0.3, 0.7, 0.5])[0] == 0.5
+
+
+def test_missing_weights_are_reported_not_faked(tmp_path):
+    assert em.load_inception() is None and em.load_lpips() is None and em.load_clip() is None
+    with pytest.raises(UserError, match="weights file not found"):
+        em.load_inception(str(tmp_path / "missing.pth"))
+
+
+def _args(meta, out, *extra):
+    return ["--meta_path", meta, "--output_dir", out, "--resolution", "32", "--inference_steps", "3", "--strength", "1.0",
+            "--batch_size", "4", "--limit", "6", "--num_grid_inputs", "6", *extra]
+
+
+def test_evaluation_writes_table_csv_json_grids_and_resumes(tmp_path, tiny_model_dir, toy_meta, disc_dir):
+    out = str(tmp_path / "eval")
+    # a results folder in inference_RORem.py's layout: here the GT itself, so its masked MSE is 0
+    from myutils.data import read_meta
+
+    entries = read_meta(toy_meta, "triplet")[:6]
+    os.makedirs(tmp_path / "gt_results")
+    with open(tmp_path / "gt_results" / "meta.json", "w") as f:
+        json.dump([{"source": e.paths["source"], "mask": e.paths["mask"], "GT": e.paths["GT"]} for e in entries], f)
+    argv = _args(toy_meta, out, "--pretrained_model", tiny_model_dir, "--system", "base=base", "--system",
+                 f"oracle=results:{tmp_path / 'gt_results'}", "--system", "base again=base,steps=3", "--discriminator_path", disc_dir,
+                 "--stand_in_weights", "--fid_dims", "64", "--clip_model", "ViT-S-32")  # small stand-ins: FID's 2048-d sqrtm is slow
+    summary = ev.main(argv)
+    rows = {r["system"]: r for r in summary["systems"]}
+    assert rows["oracle"]["masked_mse"] == 0.0 and rows["oracle"]["masked_psnr"] == 100.0
+    assert rows["oracle"]["lpips_in_mask"] == 0.0 and rows["oracle"]["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert rows["oracle"]["clip_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["base"]["masked_mse"] > 0 and rows["base"]["unet_calls_per_image"] == 3 and rows["base"]["seconds_per_image"] > 0
+    assert rows["base"]["masked_mse"] == rows["base again"]["masked_mse"]  # same seeds, same results
+    same = [w for w in summary["win_rates"] if {w["a"], w["b"]} == {"base", "base again"}][0]
+    assert same["win_rate"] == 0.5
+    assert sorted(summary["stand_ins"]) == ["clip", "fid", "lpips"]
+    for name in ("results.md", "results.csv", "results.json", "win_rates.md", "index.html", "grids/grid_00.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    table = open(os.path.join(out, "results.md")).read()
+    assert "(random stand-in)" in table and "Those numbers mean nothing" in table
+    assert len(os.listdir(os.path.join(out, "results", "base"))) == 6
+    # a rerun reuses every result (nothing generated, so no speed figures) and gives the same metrics
+    again = {r["system"]: r for r in ev.main(argv)["systems"]}
+    assert again["base"]["masked_mse"] == rows["base"]["masked_mse"] and "seconds_per_image" not in again["base"]
+
+
+def test_unavailable_metrics_name_their_argument(tmp_path, toy_meta):
+    from myutils.data import read_meta
+
+    entries = read_meta(toy_meta, "triplet")[:3]
+    folder = tmp_path / "res"
+    os.makedirs(folder)
+    for i, e in enumerate(entries):
+        Image.open(e.paths["GT"]).save(folder / f"{i:05d}.png")
+    out = str(tmp_path / "eval")
+    summary = ev.main(["--meta_path", toy_meta, "--output_dir", out, "--limit", "3", "--resolution", "32", "--system",
+                       f"mine=results:{folder}"])
+    assert summary["systems"][0]["masked_mse"] == 0.0 and "fid" not in summary["systems"][0]
+    table = open(os.path.join(out, "results.md")).read()
+    for flag in ("--inception_weights", "--lpips_backbone_weights", "--clip_weights", "--discriminator_path"):
+        assert f"unavailable ({flag})" in table
+    assert json.load(open(os.path.join(out, "results.json")))["unavailable"]["fid"] == "--inception_weights"
+
+
+def test_input_errors(tmp_path, toy_meta, run_script):
+    base = ["--meta_path", toy_meta, "--output_dir", str(tmp_path)]
+    for extra, message in [(["--system", "x"], "expected NAME=KIND:PATH"),
+                           (["--system", "x=lora:"], "lora needs a path"),
+                           (["--system", f"x=unet:{tmp_path / 'nope'}"], "not found"),
+                           (["--system", "x=base,speed=2"], "unknown option 'speed'"),
+                           (["--system", "x=base", "--system", "x=base"], "names must differ"),
+                           (["--system", "x=base", "--inception_weights", str(tmp_path / "w.pth")], "--inception_weights .*file not found")]:
+        with pytest.raises(UserError, match=message):
+            ev.parse_args(base + extra)
+    empty = tmp_path / "empty"
+    os.makedirs(empty)
+    with pytest.raises(UserError, match="no result for entry 0"):
+        ev.main(base + ["--system", f"x=results:{empty}", "--limit", "2", "--resolution", "32"])
+
+
+def test_cli_missing_weights_is_one_line_without_traceback(tmp_path, toy_meta):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "evaluate_RORem.py"), "--meta_path", toy_meta, "--output_dir",
+                          str(tmp_path / "o"), "--system", "x=base", "--lpips_backbone_weights", str(tmp_path / "alexnet.pth")],
+                         capture_output=True, text=True, cwd=str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--lpips_backbone_weights {tmp_path / 'alexnet.pth'}: file not found" in out.stderr

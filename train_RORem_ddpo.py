@@ -38,10 +38,8 @@ import torch
 
 from myutils import rl_loop
 from myutils import train_util as tu
-from myutils.data import RemovalDataset
 from myutils.errors import run_cli
 from myutils.img_util import tensor_to_pil
-from myutils.reward_utils import load_reward_model
 from myutils.rl_utils import PerInputStatTracker, clip_advantages, group_advantages, pair_preferences
 
 
@@ -68,14 +66,8 @@ def main(argv=None):
     unet = sampler.model
     tu.add_lora(unet, args, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
-    reward_model = (load_reward_model(args.discriminator_base_model or args.pretrained_model_name_or_path, args.discriminator_path,
-                                      args.resolution, accelerator.device, dtype, args.variant) if args.discriminator_path else None)
-
-    dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-                             seed=args.seed)
-    loader = tu.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
-    samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
-    steps_per_epoch = args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation
+    reward_model = rl_loop.load_reward(args, accelerator, dtype)
+    loader, steps_per_epoch = rl_loop.sampling_loader(args, entries, kind, accelerator, user_accumulation)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch) if args.max_train_steps else args.num_train_epochs
     optimizer = tu.make_optimizer(args, params, accelerator)
     lr_scheduler = tu.make_lr_scheduler(args, optimizer, num_epochs * steps_per_epoch, accelerator)

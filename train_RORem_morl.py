@@ -35,9 +35,8 @@ import torch
 from myutils import morl_utils as mo
 from myutils import rl_loop
 from myutils import train_util as tu
-from myutils.data import RemovalDataset
 from myutils.errors import UserError, run_cli
-from myutils.reward_utils import REWARDS, load_reward_model
+from myutils.reward_utils import REWARDS
 from myutils.rl_utils import clip_advantages, group_advantages
 
 
@@ -153,13 +152,8 @@ def main(argv=None):
     params = [tu.add_lora(model, args, dtype, adapter_name=name) for name in slots]  # one base, one LoRA per policy
     for p in sum(params, []):
         p.requires_grad_(True)  # the active adapter decides what a forward uses; DDP sees all of them
-    reward_model = (load_reward_model(args.discriminator_base_model or args.pretrained_model_name_or_path, args.discriminator_path,
-                                      args.resolution, accelerator.device, dtype, args.variant) if args.discriminator_path else None)
-    dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-                             seed=args.seed)
-    loader = tu.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
-    samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
-    steps_per_epoch = args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation
+    reward_model = rl_loop.load_reward(args, accelerator, dtype)
+    loader, steps_per_epoch = rl_loop.sampling_loader(args, entries, kind, accelerator, user_accumulation)
     steps_per_generation = steps_per_epoch * args.epochs_per_generation * args.population
     total_steps = steps_per_generation * args.generations
     optimizers = [tu.make_optimizer(args, p, accelerator) for p in params]

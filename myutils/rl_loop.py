@@ -137,6 +137,30 @@ def load_sampler(args, accelerator, dtype):
     return sampler
 
 
+def load_reward(args, accelerator, dtype):
+    """The discriminator as reward (None without --discriminator_path), on the SDXL-inpainting model
+    it was built on (--discriminator_base_model, default the model being trained)."""
+    from .reward_utils import load_reward_model
+
+    if not args.discriminator_path:
+        return None
+    return load_reward_model(args.discriminator_base_model or args.pretrained_model_name_or_path, args.discriminator_path,
+                             args.resolution, accelerator.device, dtype, args.variant)
+
+
+def sampling_loader(args, entries, kind, accelerator, user_accumulation):
+    """(loader of --sample_batch_size inputs, optimizer steps per epoch)."""
+    import argparse
+
+    from .data import RemovalDataset
+
+    dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
+                             seed=args.seed)
+    loader = tu.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
+    samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
+    return loader, args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation
+
+
 def content_ids(entries, indices, cache):
     """60-bit integer ids of the inputs' content (gatherable across processes), hashed once per input."""
     for i in indices.tolist():

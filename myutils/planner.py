@@ -31,12 +31,13 @@ def meta_unet(config_path, dtype=torch.float32):
         return UNet2DConditionModel.from_config(read_config(config_path)).to(dtype)
 
 
-def meta_discriminator(config_path, dtype=torch.float32):
-    """RORem's discriminator (the UNet's encoder and mid block + its head) on the meta device."""
+def meta_discriminator(config_path, dtype=torch.float32, unet=None):
+    """RORem's discriminator (the UNet's encoder and mid block + its head) on the meta device, built
+    from `unet` (whose blocks it shares: gradient checkpointing is switched on that UNet)."""
     from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 
     with torch.device("meta"):
-        return UNetSDXLDiscriminator.from_unet(meta_unet(config_path)).to(dtype)
+        return UNetSDXLDiscriminator.from_unet(unet if unet is not None else meta_unet(config_path)).to(dtype)
 
 
 def meta_vae(config_path, dtype=torch.float32):
@@ -51,7 +52,12 @@ def add_meta_lora(unet, rank, targets=("to_q", "to_k", "to_v", "to_out.0")):
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
+    else:  # RORem's discriminator is a plain module: the LoRA goes in as train_RORem_discriminator.py puts it
+        from .reward_utils import add_discriminator_lora
+
+        add_discriminator_lora(unet, rank, list(targets))
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 

@@ -77,7 +77,7 @@ def plan(args):
         key = (res, lora_rank, backward, checkpointing, precision, discriminator)
         if key not in measured:
             unet = pl.meta_unet(unet_cfg, pl.DTYPES[precision])
-            d = pl.meta_discriminator(unet_cfg, pl.DTYPES[precision]) if discriminator else None
+            d = pl.meta_discriminator(unet_cfg, pl.DTYPES[precision], unet) if discriminator else None
             if lora_rank:
                 pl.add_meta_lora(d if d is not None else unet, lora_rank)
             measured[key] = pl.measure_unet(unet, res, 1, backward, checkpointing, discriminator=d)
@@ -86,7 +86,7 @@ def plan(args):
     for name in args.scripts:
         spec, sa = SCRIPTS[name], script_args(name, args.batch_size)
         precision = sa.mixed_precision if sa.mixed_precision in ("fp16", "bf16") else "fp32"
-        lora = bool(getattr(sa, "use_lora", False))
+        lora = not sa.train_full if hasattr(sa, "train_full") else bool(getattr(sa, "use_lora", False))
         rank = getattr(sa, "lora_rank", None) or getattr(sa, "rank", 4)
         is_disc = spec.get("discriminator", False)
         base, base_tensors = (n_disc, n_disc_tensors) if is_disc else (n_unet, n_unet_tensors)
@@ -107,8 +107,10 @@ def plan(args):
                     other += n_unet * pl.DTYPE_BYTES[precision]  # a frozen copy (reference, teacher)
                 if spec.get("reward"):
                     other += n_disc * pl.DTYPE_BYTES[precision]
-                train = measure(res, rank if lora else 0, True, False, precision, is_disc)
+                train_plain = measure(res, rank if lora else 0, True, False, precision, is_disc)
                 train_ckpt = measure(res, rank if lora else 0, True, True, precision, is_disc)
+                ckpt = bool(getattr(sa, "gradient_checkpointing", False))
+                train = train_ckpt if ckpt else train_plain  # checkpointing recomputes the forward: more FLOPs
                 fwd = measure(res, 0, False, False, precision)["forward_flops"]
                 if name == "train_RORem_ddpo.py":
                     samples = sa.sample_batch_size * sa.sample_batches_per_epoch * sa.group_size
@@ -121,8 +123,7 @@ def plan(args):
                     enc = 0 if getattr(sa, "cache_latents", False) else spec["encodes"] * pl.vae_encode_flops(vae, res)
                     flops = b * sa.gradient_accumulation_steps * (spec["train"] * train["step_flops"] + spec["frozen"] * fwd + enc)
                     micro = b * spec["train"]
-                ckpt = bool(getattr(sa, "gradient_checkpointing", False))
-                act, act_ckpt = micro * train["saved_bytes"], micro * train_ckpt["saved_bytes"]
+                act, act_ckpt = micro * train_plain["saved_bytes"], micro * train_ckpt["saved_bytes"]
                 total = sum(state.values()) + other + (act_ckpt if ckpt else act)
                 seconds = flops / (args.peak_tflops * 1e12 * args.utilisation)
                 rows.append({"script": name, "res": res, "mode": mode, "batch": b, "passes": spec["what"], **{k: gb(v) for k, v in state.items()},

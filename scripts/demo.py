@@ -26,12 +26,22 @@ def run(args):
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
 
 
+ONLY, DONE = set(), set()  # --only: the stages to run; the ones before them must already have their outputs
+
+
 def stage(name, output, fn):
     if os.path.exists(output):
         print(f"[{name}] {output} exists, skipped")
+        DONE.add(name)
         return
+    if ONLY and name not in ONLY:
+        if ONLY <= DONE:  # everything asked for has run; later stages are not wanted
+            print(f"--only {', '.join(sorted(ONLY))}: done (run the demo without --only for the rest and the report)")
+            sys.exit(0)
+        sys.exit(f"error: stage '{name}' has not run ({output} is missing): add it to --only, or run the demo without --only")
     start = time.time()
     fn()
+    DONE.add(name)
     print(f"[{name}] done in {time.time() - start:.0f} s")
 
 
@@ -280,7 +290,10 @@ def main():
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=[], metavar="STAGE",
+                   help="run just these stages (e.g. 'DPO' 'online RL'); the stages before them must have run")
     args = p.parse_args()
+    ONLY.update(args.only)
     w = os.path.abspath(args.work_dir)
     train_meta, held_meta = f"{w}/data/train/meta.json", f"{w}/data/heldout/meta.json"
     model_dir, remover_dir = f"{w}/models/toy_sdxl_inpaint", f"{w}/remover"

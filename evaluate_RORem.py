@@ -155,12 +155,13 @@ def generate(args, system, entries, device, dtype):
     with tqdm(total=len(todo), desc=system["name"]) as bar:
         while done < len(todo):
             first = todo[done]  # a batch: consecutive entries still to do, all of one size
-            size = load_image(entries[first].paths["source"]).size
-            batch = [first]
-            while (done + len(batch) < len(todo) and len(batch) < args.batch_size and todo[done + len(batch)] == batch[-1] + 1
-                   and load_image(entries[batch[-1] + 1].paths["source"]).size == size):
+            batch, images = [first], [load_image(entries[first].paths["source"])]
+            while done + len(batch) < len(todo) and len(batch) < args.batch_size and todo[done + len(batch)] == batch[-1] + 1:
+                image = load_image(entries[batch[-1] + 1].paths["source"])
+                if image.size != images[0].size:
+                    break
                 batch.append(batch[-1] + 1)
-            images = [load_image(entries[i].paths["source"]) for i in batch]
+                images.append(image)
             masks = [load_mask(entries[i].paths["mask"]) for i in batch]
             for i, result in zip(batch, remove_objects(pipe, cond, uncond, images, masks, spec, args.seed + first)):
                 result.save(result_path(args, system, i))
@@ -208,18 +209,17 @@ def compute_metrics(args, results, inputs, nets, stand_ins):
     score) for paired comparisons. PSNR is capped at 100 dB (a perfect match)."""
     sources, masks, gts = inputs
     size = args.resolution
+    src11, g01, mask01 = nets["input_tensors"]
     mse = [masked_mse(r, g, k) for r, g, k in zip(results, gts, masks)]
     m = {"masked_mse": float(np.mean(mse)), "masked_mse_stderr": float(np.std(mse) / np.sqrt(len(mse))),
          "masked_psnr": float(np.mean([min(masked_psnr(r, g, k), 100.0) for r, g, k in zip(results, gts, masks)]))}
-    r01, g01 = square_batch(results, size), square_batch(gts, size)
-    mask01 = square_batch(masks, size, "L")[:, :1]
+    r01 = square_batch(results, size)
     scores = None
     if nets["discriminator"] is not None:
         scores = []
         for i in range(0, len(results), args.batch_size):
             part = slice(i, i + args.batch_size)
-            src = square_batch(sources[part], size) * 2 - 1
-            scores += nets["discriminator"].score_pixels(src, (mask01[part] > 0.5).float(), r01[part] * 2 - 1).tolist()
+            scores += nets["discriminator"].score_pixels(src11[part], (mask01[part] > 0.5).float(), r01[part] * 2 - 1).tolist()
         m["discriminator_score"] = float(np.mean(scores))
         m["success_rate"] = float(np.mean([s >= args.success_threshold for s in scores]))
     if nets["lpips"] is not None:
@@ -341,8 +341,9 @@ def main(argv=None):
 
         nets["discriminator"] = load_reward_model(args.pretrained_model, args.discriminator_path, args.resolution, device, torch.float32,
                                                   args.variant)
+    g01 = square_batch(inputs[2], args.resolution)  # the inputs at metric size, once for every system
+    nets["input_tensors"] = (square_batch(inputs[0], args.resolution) * 2 - 1, g01, square_batch(inputs[1], args.resolution, "L")[:, :1])
     if nets["inception"] is not None:
-        g01 = square_batch(inputs[2], args.resolution)
         nets["gt_features"] = np.concatenate([em.inception_features(nets["inception"], g01[i:i + args.batch_size])
                                               for i in range(0, len(g01), args.batch_size)])
     rows, per_input, results_by_system = [], {}, {}

@@ -64,8 +64,7 @@ def main(argv=None):
     dtype = tu.weight_dtype(accelerator)
     sampler = rl_loop.load_sampler(args, accelerator, dtype)
     unet = sampler.model
-    tu.add_lora(unet, args, dtype)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = tu.add_lora(unet, args, dtype)
     reward_model = rl_loop.load_reward(args, accelerator, dtype)
     loader, steps_per_epoch = rl_loop.sampling_loader(args, entries, kind, accelerator, user_accumulation)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch) if args.max_train_steps else args.num_train_epochs

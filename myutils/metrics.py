@@ -84,9 +84,7 @@ def frechet_distance(features_a, features_b):
 def masked_means(values, mask):
     """Per-image means of a (N, 1, H, W) map inside and outside a (N, 1, H, W) {0, 1} mask: (inside,
     outside), NaN where a region is empty."""
-    import torch
-
     m = (mask >= 0.5).float()
     inside = (values * m).sum((1, 2, 3)) / m.sum((1, 2, 3))
     outside = (values * (1 - m)).sum((1, 2, 3)) / (1 - m).sum((1, 2, 3))
-    return torch.nan_to_num(inside, nan=float("nan")), outside
+    return inside, outside

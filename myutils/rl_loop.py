@@ -182,12 +182,13 @@ def evaluate(model, sampler, args, samples, reward_model, full=True):
     x = sampler.start(b, sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed, "cpu"))
     kls = []
     for j in range(len(sampler.timesteps)):
+        out = sampler.output(model, x, j, b)  # one policy pass serves both the KL and the deterministic step
         if full and j < sampler.num_train_steps:
-            mean, scale = sampler.distribution(model, x, j, b)
+            mean, scale = sampler.step(out, j, x)
             with tu.adapters_disabled(model):
                 ref_mean, _ = sampler.distribution(model, x, j, b)
             kls.append(gaussian_kl(mean, ref_mean, scale).mean().item())
-        x = sampler.distribution(model, x, j, b, deterministic=True)[0]
+        x = sampler.step(out, j, x, deterministic=True)[0]
     parts, total = compute_rewards(args, reward_model, sampler, x, b)
     metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
     metrics["eval_reward"] = total.mean().item()

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from .rng import randn_per_sample
+
 
 def _per_sample(values, like):
     return values.float().view(-1, *[1] * (like.dim() - 1))
@@ -177,8 +179,7 @@ def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise
     mean, scale, std_dev_t = flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level, naive)
     if prev_sample is None:
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * x.shape[0]
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
-        prev_sample = mean + scale * noise
+        prev_sample = mean + scale * randn_per_sample(gens, x.shape[1:], "cpu").to(x.device)
     prev_sample = prev_sample.float()
     if noise_level == 0:
         return prev_sample, torch.zeros(x.shape[0], device=x.device), mean, std_dev_t

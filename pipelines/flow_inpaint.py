@@ -113,7 +113,7 @@ class FlowFillSampler:
         sigma = self.scheduler.sigmas[self.scheduler.index_for_timestep(self.timesteps[0])].item()
         return sigma * noise + (1 - sigma) * cond["source_latents"].float()  # scheduler.scale_noise
 
-    def velocity(self, model, x, j, cond):
+    def output(self, model, x, j, cond):
         b = x.shape[0]
         t = self.timesteps[j].to(x.device)
         guidance = self.guidance.to(x.device).expand(b) if self.guidance is not None else None
@@ -122,11 +122,13 @@ class FlowFillSampler:
                      pooled_projections=self.pooled.expand(b, -1), encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
                      txt_ids=self.text_ids, img_ids=self.img_ids, return_dict=False)[0].float()
 
-    def distribution(self, model, x, j, cond, deterministic=False):
-        v = self.velocity(model, x, j, cond)
+    def step(self, v, j, x, deterministic=False):
         noise_level = 0.0 if deterministic else self.noise_level
         mean, scale, _ = flowmatch_step_mean_std(self.scheduler, v, self.timesteps[j], x, noise_level, self.naive)
         return mean, (None if deterministic else scale)
+
+    def distribution(self, model, x, j, cond, deterministic=False):
+        return self.step(self.output(model, x, j, cond), j, x, deterministic)
 
     @torch.no_grad()
     def decode(self, latents):

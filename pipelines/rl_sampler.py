@@ -4,7 +4,8 @@ A sampler holds the frozen parts of a model family (VAE, prompt embeddings, sche
 the Gaussian of each denoising step; the trainable network (UNet or flow transformer) is passed in,
 so a LoRA policy and its LoRA-off reference share one base. Same methods for both families:
     condition(batch) -> batch + conditioning tensors     start(cond, generators) -> first latents
-    distribution(model, x, j, cond, deterministic) -> (mean, scale) of step j (scale None: deterministic)
+    distribution(model, x, j, cond, deterministic) -> (mean, scale) of step j (scale None: deterministic),
+        = step(output(model, x, j, cond), j, x, deterministic)
     decode(latents) -> pixels in [-1, 1]                   timesteps, num_train_steps
 SDXLInpaintSampler here (stochastic DDIM, DESIGN.md section 7); FlowFillSampler in
 pipelines/flow_inpaint.py (the marginal-preserving SDE, section 8).
@@ -73,15 +74,20 @@ class SDXLInpaintSampler:
             return noise
         return self.scheduler.add_noise(cond["source_latents"].float(), noise, self.timesteps[:1].repeat(len(noise)))
 
-    def distribution(self, model, x, j, cond, deterministic=False):
+    def output(self, model, x, j, cond):
         size = (self.resolution, self.resolution)
         kw = self.prompt.unet_kwargs(cond["original_size"], cond["crop_top_left"], size)
         ukw = self.negative.unet_kwargs(cond["original_size"], cond["crop_top_left"], size) if self.guidance_scale > 1 else None
+        return predict(model, x, self.timesteps[j], cond["mask_latent"], cond["masked_latents"], kw, self.guidance_scale, ukw)
+
+    def step(self, out, j, x, deterministic=False):
         t = self.timesteps[j]
-        out = predict(model, x, t, cond["mask_latent"], cond["masked_latents"], kw, self.guidance_scale, ukw)
         if deterministic:
             return self.scheduler.step(out, t, x.float(), eta=0.0).prev_sample, None
         return ddim_step_mean_std(self.scheduler, out, t, x, self.eta)
+
+    def distribution(self, model, x, j, cond, deterministic=False):
+        return self.step(self.output(model, x, j, cond), j, x, deterministic)
 
     def decode(self, latents):
         return decode_latents(self.vae, latents)

@@ -92,7 +92,7 @@ def test_sde_records_all_but_the_last_step_and_reevaluates_to_ratio_one(flow):
         mean, scale = sampler.distribution(sampler.model, traj["latents"][:, j], j, b)
         ratio = torch.exp(gaussian_log_prob(traj["latents"][:, j + 1], mean, scale) - traj["log_probs"][:, j])
         assert torch.equal(ratio, torch.ones(3))
-        v = sampler.velocity(sampler.model, traj["latents"][:, j], j, b)
+        v = sampler.output(sampler.model, traj["latents"][:, j], j, b)
         lp = flowmatch_step_with_logprob(sampler.scheduler, v, sampler.timesteps[j], traj["latents"][:, j], 0.7,
                                          prev_sample=traj["latents"][:, j + 1])[1]
         assert torch.allclose(lp, traj["log_probs"][:, j], atol=1e-5)

@@ -19,7 +19,8 @@ trained. The start is the source noised to --strength (pure noise at 1.0), so on
 strength) steps are denoised. Rewards are computed in a worker thread while the next batch samples.
 (2) Advantages: per-input running statistics keyed by the content of (source, mask) (reinforce,
 ppo), within each input's group across all processes (grpo), or +-1 labels of the two samples of a
-pair, which share their start (pairwise). Clipped to +-adv_clip_max. (3) --num_inner_epochs passes
+pair, which share their start (pairwise; or labels given by hand: --export_pairs writes an epoch's pairs and exits, --pair_labels
+trains one epoch on them once labelled). Clipped to +-adv_clip_max. (3) --num_inner_epochs passes
 over the samples: for a random --timestep_fraction of the trainable steps of each trajectory,
 re-evaluate the log-prob of the recorded step under the current LoRA and take the REINFORCE,
 PPO-clipped or pairwise loss (+ --kl_coef x the per-step KL to the LoRA-off reference), accumulating
@@ -38,7 +39,7 @@ import torch
 
 from myutils import rl_loop
 from myutils import train_util as tu
-from myutils.errors import run_cli
+from myutils.errors import UserError, run_cli
 from myutils.img_util import tensor_to_pil
 from myutils.rl_utils import PerInputStatTracker, clip_advantages, group_advantages, pair_preferences
 
@@ -104,26 +105,36 @@ def main(argv=None):
     first_epoch = global_step // steps_per_epoch
     stream = tu.epoch_batches(loader, first_epoch * args.sample_batches_per_epoch, 1, 10 ** 9)
     run = tu.TrainingRun(accelerator, args, None, num_epochs * steps_per_epoch, num_epochs, global_step)
-    if first_epoch == 0:
+    if first_epoch == 0 and not args.export_pairs:
         run_eval(0, 0)
+    last_epoch = first_epoch + 1 if args.pair_labels else num_epochs  # labelled pairs: one epoch per labelling round
+    if args.pair_labels and first_epoch >= num_epochs:
+        raise UserError(f"--pair_labels: {args.output_dir} has already trained all {num_epochs} epochs (--num_train_epochs)")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # rewards overlap the next batch's sampling
-    for epoch in range(first_epoch, num_epochs):
-        # 1. sample trajectories with the current policy, no grad
+    for epoch in range(first_epoch, last_epoch):
         raw.eval()
-        batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-
-        # 2. advantages over what every process sampled
-        ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
-        all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
-        all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
-        if args.algorithm == "grpo":
-            adv = group_advantages(all_rewards, all_ids)
-        elif args.algorithm == "pairwise":
-            adv = pair_preferences(all_rewards)
+        if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
+            batches, all_rewards, adv = rl_loop.load_labelled_pairs(args, accelerator, run.global_step)
+            components = {}
         else:
-            adv = tracker.update(all_ids, all_rewards)
+            # 1. sample trajectories with the current policy, no grad
+            batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
+            # 2. advantages over what every process sampled
+            ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
+            all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
+            all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
+            if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
+                rl_loop.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
+                break
+            if args.algorithm == "grpo":
+                adv = group_advantages(all_rewards, all_ids)
+            elif args.algorithm == "pairwise":
+                adv = pair_preferences(all_rewards)
+            else:
+                adv = tracker.update(all_ids, all_rewards)
         adv = clip_advantages(adv, args.adv_clip_max)
-        mine = slice(accelerator.process_index * len(rewards), (accelerator.process_index + 1) * len(rewards))
+        n_local = sum(len(b["index"]) for b in batches)
+        mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
         advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
         logs = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()), "epoch": epoch,
                 **rl_loop.reward_logs(accelerator, components, run.global_step + 1)}
@@ -132,12 +143,15 @@ def main(argv=None):
         rl_loop.policy_update(args, accelerator, run, unet, sampler, batches, advantages, optimizer, lr_scheduler, params,
                               args.seed * 7919 + epoch, logs)
         # 4. checkpoint and evaluate at epoch ends
-        if args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0:
-            tu.save_checkpoint(accelerator, args, run.global_step)
-        if (args.eval_epochs and (epoch + 1) % args.eval_epochs == 0) or epoch + 1 == num_epochs:
+        if (args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0) or args.pair_labels:
+            tu.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it
+        if (args.eval_epochs and (epoch + 1) % args.eval_epochs == 0) or epoch + 1 == last_epoch:
             run_eval(epoch + 1, run.global_step)
     pool.shutdown()
     run.finish()
+    if args.export_pairs:
+        accelerator.end_training()
+        return None
     final = None
     if accelerator.is_main_process and "start" in history:
         final = {**{f"start_{k}": v for k, v in history["start"].items()}, **history["final"]}

@@ -188,6 +188,28 @@ def test_grpo_groups_span_two_ranks(tmp_path, tiny_model_dir, toy_meta, disc_dir
     assert json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]["eval_kl_to_start"] > 0
 
 
+def test_pairs_for_labelling_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
+    """--export_pairs gathers both ranks' pairs into one pairs.json (rank-major numbering, one
+    trajectory file per rank); --pair_labels on two ranks trains on them and saves both ranks' state."""
+    out, pairs_dir = str(tmp_path / "pw2"), tmp_path / "pairs"
+    common = ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out, "--resolution", "32",
+              "--report_to", "none", "--algorithm", "pairwise", "--group_size", "2", "--reward", "preserve=1", "--sample_steps", "3",
+              "--sample_batch_size", "1", "--sample_batches_per_epoch", "2", "--train_batch_size", "2", "--num_train_epochs", "1",
+              "--eval_samples", "2", "--num_validation_images", "2"]
+    res = launch_two_ranks("train_RORem_ddpo.py", common + ["--export_pairs", str(pairs_dir)], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.load(open(pairs_dir / "pairs.json"))
+    assert [p["pair"] for p in doc["pairs"]] == [0, 1, 2, 3] and doc["num_processes"] == 2
+    assert {"trajectories-rank0.pt", "trajectories-rank1.pt", "pair-00003.png"} <= set(os.listdir(pairs_dir))
+    for p, label in zip(doc["pairs"], ["a", "b", "b", None]):
+        p["label"] = label
+    json.dump(doc, open(pairs_dir / "pairs.json", "w"))
+    res = launch_two_ranks("train_RORem_ddpo.py", common + ["--pair_labels", str(pairs_dir / "pairs.json")], str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))  # 4 samples per rank, batch 2
+    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+
+
 def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
     """Softmax weights are computed over the global batch (scores gathered from both ranks), so two
     ranks x batch 2 train exactly like one rank x batch 4."""

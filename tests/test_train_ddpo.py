@@ -1,9 +1,11 @@
 """train_RORem_ddpo.py and pipelines/rl_sampler.py: the recorded trajectory, strength, ratio 1 on
 re-evaluation, each algorithm trains only the LoRA, resume equality, rewards by hand, errors."""
+import json
 import os
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_RORem_ddpo as tddpo
@@ -183,3 +185,70 @@ def test_configs_parse():
     toy = tddpo.parse_args(["--config", os.path.join(root, "configs", "toy_ddpo.yaml"), "--meta_path", "m.json",
                             "--output_dir", "o", "--discriminator_path", "d"])
     assert toy.algorithm == "grpo" and toy.group_size == 4
+
+
+def _label_by_reward(path):
+    """Fill an exported pairs.json's labels the way pair_preferences judges by the reward."""
+    with open(path) as f:
+        doc = json.load(f)
+    for p in doc["pairs"]:
+        p["label"] = "a" if p["reward_a"] > p["reward_b"] else "b" if p["reward_b"] > p["reward_a"] else "tie"
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return doc
+
+
+PAIRWISE = ["--reward", "preserve=1", "--algorithm", "pairwise", "--group_size", "2", "--beta", "2", "--clip_range", "0.5",
+            "--learning_rate", "1e-2"]
+
+
+def test_pairs_labelled_by_hand_train_exactly_like_the_reward_that_labelled_them(tmp_path, tiny_model_dir, toy_meta, run_script):
+    """Two labelling rounds (export, label, train on the labels, export from the trained policy...)
+    with labels copied from the reward give the same LoRA as two online pairwise epochs judged by
+    that reward: the label path feeds the same trajectories and preferences to the same update."""
+    online = str(tmp_path / "online")
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, online, *PAIRWISE))
+    out = str(tmp_path / "labelled")
+    for r in range(2):
+        pairs_dir = tmp_path / f"round{r}"
+        assert run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *PAIRWISE, "--export_pairs", pairs_dir,
+                                       "--resume_from_checkpoint", "latest")) is None
+        doc = _label_by_reward(pairs_dir / "pairs.json")
+        assert doc["global_step"] == 4 * r  # the policy each round samples with: the previous round's
+        assert len(doc["pairs"]) == 4 and sorted(os.listdir(pairs_dir)) == [
+            "pair-00000.png", "pair-00001.png", "pair-00002.png", "pair-00003.png", "pairs.json", "trajectories-rank0.pt"]
+        assert Image.open(pairs_dir / "pair-00000.png").size == (4 * 32 * 4, 32 * 4)  # source | mask | a | b, upscaled
+        run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *PAIRWISE, "--pair_labels", pairs_dir / "pairs.json",
+                                "--resume_from_checkpoint", "latest"))
+    assert tu.list_checkpoints(out) == tu.list_checkpoints(online)
+    a = load_file(os.path.join(online, "pytorch_lora_weights.safetensors"))
+    b = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_pair_label_errors(tmp_path, tiny_model_dir, toy_meta, run_script):
+    pairs_dir, out = tmp_path / "pairs", str(tmp_path / "run")
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *PAIRWISE, "--export_pairs", pairs_dir))
+    path = pairs_dir / "pairs.json"
+    with open(path) as f:
+        doc = json.load(f)
+
+    def train_with(labels, *extra):
+        for p, label in zip(doc["pairs"], labels):
+            p["label"] = label
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *PAIRWISE, "--pair_labels", path, *extra))
+
+    with pytest.raises(UserError, match=r"pairs\.json: pairs\[1\] \(pair-00001\.png\): label must be .*got 'left'"):
+        train_with(["a", "left", None, None])
+    with pytest.raises(UserError, match="no pair is labelled"):
+        train_with(["tie", None, None, None])
+    with pytest.raises(UserError, match="sampled with --sample_steps 4, this run has 3"):
+        train_with(["a", "b", None, "tie"], "--sample_steps", "3")
+    train_with(["a", "b", None, "tie"])
+    with pytest.raises(UserError, match="sampled by the policy at step 0, but this run resumes at step 4"):
+        train_with(["a", "b", None, "tie"], "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserError, match="--export_pairs is for --algorithm pairwise"):
+        tddpo.parse_args(_args(tiny_model_dir, toy_meta, out, "--reward", "preserve=1", "--export_pairs", "x"))

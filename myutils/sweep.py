@@ -47,7 +47,7 @@ def run_all(args, script, runs):
             print(f"[{name}] done before, skipped")
         else:
             print(f"[{name}] " + shlex.join(cmd), flush=True)
-            if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            if subprocess.run(cmd).returncode != 0:  # in the caller's folder: relative paths mean what they typed
                 sys.exit(f"error: sweep run {name} failed (its log is above; rerun the sweep to resume it)")
         with open(done) as f:
             finals.append({"name": name, **json.load(f)})

@@ -494,18 +494,18 @@ def resume(accelerator, args):
 
 
 def save_final(accelerator, args, model, save_model, ema=None, metrics=None):
-    """Save the final model (EMA weights if kept) and, if given, the final validation metrics as
-    <output_dir>/final_metrics.json (with the arguments, so a sweep can tabulate its runs)."""
+    """Save the final model (EMA weights if kept) and <output_dir>/final_metrics.json: the final
+    validation metrics (null without validation) and the arguments, so a sweep can tabulate its runs."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(model.parameters())
         save_model(model, args.output_dir)
-        if metrics is not None:
-            with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
-                json.dump({"metrics": metrics, "args": {k: v for k, v in vars(args).items()
-                                                        if isinstance(v, (int, float, str, bool, list, type(None)))}}, f, indent=1)
+        # written also without validation (metrics null): a sweep sees the run finished, and with which arguments
+        with open(os.path.join(args.output_dir, "final_metrics.json"), "w") as f:
+            json.dump({"metrics": metrics, "args": {k: v for k, v in vars(args).items()
+                                                    if isinstance(v, (int, float, str, bool, list, type(None)))}}, f, indent=1)
         logger.info("saved the final model to %s", args.output_dir)
     accelerator.end_training()
 

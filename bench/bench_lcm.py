@@ -39,14 +39,14 @@ def train_seconds(argv):
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--resolution", type=int, default=64, help="pixels (the tiny VAE halves it)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--many_steps", type=int, default=50)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--steps", type=int, nargs=2, default=[3, 13], help="the two training lengths whose difference is timed")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work = tempfile.mkdtemp(prefix="bench_lcm_")
     model = os.path.join(work, "pipe")

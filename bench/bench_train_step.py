@@ -93,12 +93,12 @@ def bench(latent, cache, steps, batch, work):
     return per_step, unet_share, {k: v / wall for k, v in t.total.items()}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--latent_sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--batch_size", type=int, default=8)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as work:

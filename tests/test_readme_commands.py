@@ -39,6 +39,8 @@ TINY = {
     "inference_RORem_4S.py": ["--resolution", "32"],
     "inference_RORem_discriminator.py": ["--resolution", "32"],
     "evaluate_RORem.py": ["--resolution", "32", "--inference_steps", "2", "--batch_size", "4"],
+    "bench_train_step.py": ["--latent_sizes", "16", "--steps", "1", "--batch_size", "2"],
+    "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",
                        "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json"],  # the tiny model's
 }
@@ -136,7 +138,7 @@ def sandbox(tmp_path_factory, tiny_model_dir, tiny_flux_dir, toy_meta, disc_dir)
 
 def _run_in_process(script, argv, box, monkeypatch, run_script):
     path = os.path.join(ROOT, script)
-    if script.startswith("scripts/"):
+    if "/" in script:  # scripts/, bench/
         spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3], path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -177,7 +178,7 @@ def flow_part(w, train_meta, held_meta, args):
 
 
 def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
-    """PGMORL: 4 LoRA policies on the trained remover trading the discriminator against preservation."""
+    """PGMORL: a population of LoRA policies on the trained remover trading the discriminator against preservation."""
     out = f"{w}/morl"
     stage("multi-objective RL", f"{out}/policies.json", lambda: run([
         "train_RORem_morl.py", "--config", "configs/toy_morl.yaml", "--pretrained_model_name_or_path", model_dir,
@@ -185,12 +186,15 @@ def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
         "--discriminator_path", disc_dir, "--output_dir", out, "--seed", str(args.seed)]))
     with open(f"{out}/policies.json") as f:
         summary = json.load(f)
+    with open(os.path.join(ROOT, "configs", "toy_morl.yaml")) as f:
+        cfg = yaml.safe_load(f)
     hv = summary["hypervolume_per_generation"]
     names = summary["objectives"]
     front = sorted((p for p in summary["policies"] if p["name"].startswith("gen")), key=lambda p: p["objectives"][0])
     return ["## Multi-objective RL (PGMORL, discriminator vs preservation)", "",
-            f"4 LoRA policies on one copy of the trained remover, 6 generations (2 of warm-up with weights evenly spread on "
-            f"[0, 1]), one GRPO epoch per policy and generation (`configs/toy_morl.yaml`). Objectives on {32} held-out inputs "
+            f"{cfg['population']} LoRA policies on one copy of the trained remover, {cfg['generations']} generations "
+            f"({cfg['warmup_generations']} of warm-up with weights evenly spread on [0, 1]), {cfg['epochs_per_generation']} GRPO "
+            f"epoch(s) per policy and generation (`configs/toy_morl.yaml`). Objectives on {cfg['eval_samples']} held-out inputs "
             f"(deterministic DDIM): {names[0]} and {names[1]}; start (LoRA off): "
             + ", ".join(f"{v:.4f}" for v in summary["start"]) + "; hypervolume reference: "
             + ", ".join(f"{v:.4f}" for v in summary["reference"]) + ".", "",
@@ -279,13 +283,13 @@ def main():
     p.add_argument("--train_samples", type=int, default=2000)
     p.add_argument("--heldout_samples", type=int, default=64)
     p.add_argument("--vae_steps", type=int, default=500)
-    p.add_argument("--remover_steps", type=int, default=500, help="at batch 32")
+    p.add_argument("--remover_steps", type=int, default=600, help="at batch 32")
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--scored_inputs", type=int, default=200, help="training inputs that get scored results for the discriminator")
     p.add_argument("--pair_inputs", type=int, default=32, help="training inputs that also get remover candidates judged by the discriminator")
     p.add_argument("--dpo_steps", type=int, default=150)
     p.add_argument("--lcm_steps", type=int, default=100, help="distillation steps for each 4-step student")
-    p.add_argument("--flow_vae_steps", type=int, default=200, help="fitting the tiny FLUX-Fill VAE to the toy images")
+    p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")

@@ -119,13 +119,13 @@ def main(argv=None):
         else:
             # 1. sample trajectories with the current policy, no grad
             batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-            # 2. advantages over what every process sampled
-            ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
             all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
-            all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
             if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
                 rl_loop.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
                 break
+            # 2. advantages over what every process sampled
+            ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
+            all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
             if args.algorithm == "grpo":
                 adv = group_advantages(all_rewards, all_ids)
             elif args.algorithm == "pairwise":

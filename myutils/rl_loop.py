@@ -304,7 +304,7 @@ def export_pairs(args, accelerator, sampler, entries, batches, all_rewards, glob
     DIR/pairs.json with the policy's step, the sampler settings and one entry per pair, label null."""
     from accelerate.utils import gather_object
 
-    from .img_util import image_grid, tensor_to_pil
+    from .img_util import tensor_to_pil
 
     out = args.export_pairs
     os.makedirs(out, exist_ok=True)
@@ -314,16 +314,14 @@ def export_pairs(args, accelerator, sampler, entries, batches, all_rewards, glob
     index = torch.cat([b["index"] for b in batches]).cpu()
     n_local = len(index) // 2
     rewards = all_rewards[rank * 2 * n_local:(rank + 1) * 2 * n_local]
-    scale = max(1, 128 // args.resolution)
     rows, p = [], 0
     for b in batches:
         pixels = sampler.decode(b["latents"][:, -1]).cpu()
         for i in range(0, len(pixels), 2):
             k = rank * n_local + p
-            tiles = [tensor_to_pil(b["source"][i]), tensor_to_pil(b["mask"][i].expand(3, -1, -1) * 2 - 1),
-                     tensor_to_pil(pixels[i]), tensor_to_pil(pixels[i + 1])]
-            grid = image_grid(tiles, 1, 4)
-            grid.resize((grid.width * scale, grid.height * scale), resample=0).save(os.path.join(out, f"pair-{k:05d}.png"))
+            source, mask = (row[0] for row in tu.input_rows([{"source": b["source"][i], "mask": b["mask"][i]}]))
+            tu.viewable_grid([[source, mask, tensor_to_pil(pixels[i]), tensor_to_pil(pixels[i + 1])]], args.resolution).save(
+                os.path.join(out, f"pair-{k:05d}.png"))
             e = entries[int(index[2 * p])]
             rows.append({"pair": k, "image": f"pair-{k:05d}.png", "source": e.paths["source"], "mask": e.paths["mask"],
                          "reward_a": float(rewards[2 * p]), "reward_b": float(rewards[2 * p + 1]), "label": None})

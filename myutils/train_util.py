@@ -572,14 +572,18 @@ def sample_validation(accelerator, args, comps, model, samples, seed=None, steps
     return [paste_back(r, s, m.convert("L")) for r, s, m in zip(results, sources, masks)]
 
 
-def save_validation_grid(accelerator, args, rows, step):
-    """A grid of equally long rows of PIL images under <output_dir>/validation/step-N.png, sent to
-    the trackers; toy-sized images are upscaled so a person can see them."""
+def viewable_grid(rows, resolution):
+    """A grid of equally long rows of PIL images; toy-sized images are upscaled so a person can see them."""
     from .img_util import image_grid
 
     grid = image_grid([im for row in rows for im in row], rows=len(rows), cols=len(rows[0]))
-    scale = max(1, 128 // args.resolution)
-    grid = grid.resize((grid.width * scale, grid.height * scale), resample=0)
+    scale = max(1, 128 // resolution)
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0)
+
+
+def save_validation_grid(accelerator, args, rows, step):
+    """viewable_grid of the rows under <output_dir>/validation/step-N.png, sent to the trackers."""
+    grid = viewable_grid(rows, args.resolution)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     path = os.path.join(args.output_dir, "validation", f"step-{step:06d}.png")
     grid.save(path)

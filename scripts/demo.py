@@ -12,9 +12,8 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import multiprocessing
 import os
-import runpy
+import subprocess
 import sys
 import threading
 import time
@@ -26,44 +25,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-# Every stage runs a script of this repository exactly as `python <script> <args>` would, in a child
-# forked from one server process that imported torch, diffusers and myutils once: a fresh interpreter
-# spends about 12 s on those imports, and the demo runs about 20 scripts.
-PRELOAD = ["torch", "diffusers", "transformers", "peft", "accelerate", "torch.utils.tensorboard", "pipelines.inpaint",
-           "model.unet_sdxl_discriminator", "myutils.train_util", "myutils.sdxl_inpaint", "myutils.rl_loop", "myutils.eval_models",
-           "myutils.reward_utils", "myutils.morl_utils", "myutils.metrics", "myutils.toy_world"]
-FORK = multiprocessing.get_context("forkserver")
-FORK.set_forkserver_preload(PRELOAD)
-
 # Two stages that do not depend on each other run side by side, one CPU thread each: on 2 cores two
-# 1-thread processes do about 1.7x the work of one 2-thread process on these tiny models (2.38 vs
-# 2.85 remover steps/s). A stage run that way writes its output to <work_dir>/logs/<stage>.log.
+# 1-thread processes do 1.3-1.6x the work of one 2-thread process on these tiny models (remover:
+# 2 x 1.85 vs 2.85 steps/s; the VAE fit 1.6x). A stage run that way writes its output to
+# <work_dir>/logs/<stage>.log. (Forking the stages from one process that imported torch and diffusers
+# once saves ~12 s of imports per script, but the forked children trained 10-25% slower: measured, dropped.)
 LANE = threading.local()
 LOG_DIR = [None]
 
 
-def script_main(args, log):
-    """In the forked child: output to the stage's log (one thread when it has one), then the script's __main__."""
-    if log:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        import torch
-        torch.set_num_threads(1)
-    os.chdir(ROOT)
-    sys.argv = list(args)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))  # as `python <script>` does
-    runpy.run_path(args[0], run_name="__main__")
-
-
 def run(args):
     log = getattr(LANE, "log", None)
-    print("+ " + " ".join(args) + (f"\n  (output: {log})" if log else ""), flush=True)
-    child = FORK.Process(target=script_main, args=(args, log))
-    child.start()
-    child.join()
-    if child.exitcode:
-        sys.exit(f"error: {args[0]} failed" + (f"; its output is in {log}" if log else ""))
+    if log is None:
+        print("+ " + " ".join(args), flush=True)
+        subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+        return
+    print(f"+ {' '.join(args)}\n  (output: {log})", flush=True)
+    with open(log, "a") as f:
+        code = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")).returncode
+    if code:
+        sys.exit(f"error: {args[0]} failed; its output is in {log}")
 
 
 @contextlib.contextmanager
@@ -344,11 +326,11 @@ def main():
     p.add_argument("--train_samples", type=int, default=2000)
     p.add_argument("--heldout_samples", type=int, default=64)
     p.add_argument("--vae_steps", type=int, default=500)
-    p.add_argument("--remover_steps", type=int, default=600, help="at batch 32")
+    p.add_argument("--remover_steps", type=int, default=400, help="at batch 32")
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--scored_inputs", type=int, default=200, help="training inputs that get scored results for the discriminator")
     p.add_argument("--pair_inputs", type=int, default=32, help="training inputs that also get remover candidates judged by the discriminator")
-    p.add_argument("--dpo_steps", type=int, default=150)
+    p.add_argument("--dpo_steps", type=int, default=120)
     p.add_argument("--lcm_steps", type=int, default=100, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
@@ -369,33 +351,33 @@ def main():
         run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/heldout", "--num", str(args.heldout_samples), "--seed", "1"])))
     if args.part == "flow":
         return write_part(w, "flow", flow_part(w, train_meta, held_meta, args), start)
-    # side by side (not with --only, which runs stages in turn): the flow-matching part beside the
-    # remover (which loses less from one thread than the VAE fit: 1.2x against 1.6x), then preference
-    # pairs, DPO and LCM beside online RL and multi-objective RL
+    # side by side (not with --only, which runs stages in turn): the flow-matching part beside the scored
+    # data and the discriminator, then preference pairs, DPO and LCM beside online RL and multi-objective
+    # RL. The VAE fit and the remover get both threads: everything after them needs them.
     parallel = not ONLY and args.part == "all"
     LOG_DIR[0] = f"{w}/logs"
     pool = concurrent.futures.ThreadPoolExecutor(1)
     stage("tiny models", f"{model_dir}/model_index.json", lambda: run([
         "scripts/make_tiny_models.py", "--out", model_dir, "--prediction_type", "v_prediction",
         "--vae_train_meta", train_meta, "--vae_steps", str(args.vae_steps), "--seed", str(args.seed)]))
-    flow_lines = pool.submit(in_lane, flow_part, w, train_meta, held_meta, args) if parallel else None
-    with side_by_side(parallel):
-        stage("remover", f"{remover_dir}/unet/config.json", lambda: run([
-            "train_RORem.py", "--config", "configs/toy_RORem.yaml", "--pretrained_model_name_or_path", model_dir,
-            "--meta_path", train_meta, "--validation_meta_path", held_meta, "--output_dir", remover_dir,
-            "--max_train_steps", str(args.remover_steps), "--seed", str(args.seed)]))
-    if parallel:
-        flow_lines = flow_lines.result()  # before the scored data take both cores
+    stage("remover", f"{remover_dir}/unet/config.json", lambda: run([
+        "train_RORem.py", "--config", "configs/toy_RORem.yaml", "--pretrained_model_name_or_path", model_dir,
+        "--meta_path", train_meta, "--validation_meta_path", held_meta, "--output_dir", remover_dir,
+        "--max_train_steps", str(args.remover_steps), "--seed", str(args.seed)]))
 
     from myutils.data import read_meta
     # the discriminator: scored results (true removals, deliberate failures, the remover's outputs
     # labelled by their error against GT) for some training inputs and all held-out ones
+    flow_lines = pool.submit(in_lane, flow_part, w, train_meta, held_meta, args) if parallel else None
     scored_train, scored_held, disc_dir = f"{w}/scored/train/meta.json", f"{w}/scored/heldout/meta.json", f"{w}/discriminator"
-    stage("scored data", scored_held, lambda: make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args))
-    stage("discriminator", f"{disc_dir}/cls_pred_branch.pt", lambda: run([
-        "train_RORem_discriminator.py", "--config", "configs/toy_RORem_discriminator.yaml",
-        "--pretrained_model_name_or_path", model_dir, "--meta_path", scored_train, "--val_meta_path", scored_held,
-        "--output_dir", disc_dir, "--seed", str(args.seed)]))
+    with side_by_side(parallel):
+        stage("scored data", scored_held, lambda: make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args))
+        stage("discriminator", f"{disc_dir}/cls_pred_branch.pt", lambda: run([
+            "train_RORem_discriminator.py", "--config", "configs/toy_RORem_discriminator.yaml",
+            "--pretrained_model_name_or_path", model_dir, "--meta_path", scored_train, "--val_meta_path", scored_held,
+            "--output_dir", disc_dir, "--seed", str(args.seed)]))
+    if parallel:
+        flow_lines = flow_lines.result()  # before the next two lanes take both cores
     disc_metrics = discriminator_metrics(disc_dir)
     if args.part == "morl":
         return write_part(w, "morl", morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args), start)

@@ -120,48 +120,59 @@ def make_pairs(w, model_dir, remover_dir, disc_dir, args):
     run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/heldout/meta.json", "--output_dir", f"{w}/pairs/heldout"])
 
 
-def dpo_report(w, args):
+def win_of(evaluation, a, b):
+    """System a's discriminator win rate against b and its 95% interval, from evaluate_RORem.py's results."""
+    for r in evaluation["win_rates"]:
+        if (r["a"], r["b"]) == (a, b):
+            return r["win_rate"], r["low"], r["high"]
+        if (r["a"], r["b"]) == (b, a):  # the Wilson interval of 1 - p is 1 - the interval of p
+            return 1 - r["win_rate"], 1 - r["high"], 1 - r["low"]
+    raise KeyError(f"no win rate of {a} against {b} in the evaluation")
+
+
+def dpo_report(w, args, evaluation, teacher, dpo):
     with open(f"{w}/dpo/final_metrics.json") as f:
-        m = json.load(f)["metrics"]
+        final = json.load(f)
+    m, steps = final["metrics"], final["args"]["max_train_steps"]
     with open(f"{w}/pairs/train/report.json") as f:
         built = json.load(f)
     with open(f"{w}/pairs/heldout/meta.json") as f:
         held = len(json.load(f))
     nat, gen = built["natural"], built["generated"]
+    score = {r["system"]: r["discriminator_score"] for r in evaluation["systems"]}
+    win, low, high = win_of(evaluation, dpo, teacher)
     return ["## Diffusion-DPO (LoRA rank 8 on the trained remover)", "",
             f"Pairs: {nat['pairs']} natural (a true removal or a good remover result against a failure of the same input) and "
             f"{gen['pairs']} generated (best against worst of 4 remover candidates, discriminator margin > {gen['min_margin']}; "
-            f"{gen['inputs_below_margin']} of {gen['inputs']} inputs fell below it). {args.dpo_steps} steps of 16 pairs, "
+            f"{gen['inputs_below_margin']} of {gen['inputs']} inputs fell below it). {steps} steps of 16 pairs, "
             f"beta 2000 (mean-error units), lr 1e-4 (`configs/toy_dpo.yaml`).", "",
             "| held-out measure | start (= reference) | DPO |", "|---|---|---|",
             f"| preference accuracy ({held} natural pairs, 2 noises x 5 timesteps) | 0.500 | {m['val_preference_accuracy']:.3f} |",
-            f"| discriminator win rate vs start, same seeds ({args.heldout_samples} inputs) [95% CI] | 0.500 | "
-            f"{m['val_win_rate']:.3f} [{m['val_win_rate_low']:.3f}, {m['val_win_rate_high']:.3f}] |",
-            f"| mean discriminator score | {m['val_reference_score']:.3f} | {m['val_score']:.3f} |", "",
-            ("DPO wins more often than its start: the interval lies above 0.5." if m["val_win_rate_low"] > 0.5 else
+            f"| discriminator win rate vs start, same seeds ({args.heldout_samples} inputs, the evaluation) [95% CI] | 0.500 | "
+            f"{win:.3f} [{low:.3f}, {high:.3f}] |",
+            f"| mean discriminator score (the evaluation) | {score[teacher]:.3f} | {score[dpo]:.3f} |", "",
+            ("DPO wins more often than its start: the interval lies above 0.5." if low > 0.5 else
              "**DPO does not clearly beat its start here**: the win-rate interval includes 0.5 or lies below it.")
             + " The masked MSE against GT of the DPO model is in the first table."]
 
 
-def lcm_report(w, rows):
+def lcm_report(w, rows, evaluation):
     by = {k: (m, d, c) for k, m, s, d, c in rows}
-    t, u, p, r = (by[k] for k in ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
-                                 "reward-weighted LCM student, 4 steps"))
-    finals = {}
-    for name in ("lcm", "lcm_rewarded"):
-        with open(f"{w}/{name}/final_metrics.json") as f:
-            finals[name] = json.load(f)
-    m = finals["lcm_rewarded"]["metrics"]
+    names = ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
+             "reward-weighted LCM student, 4 steps")
+    t, u, p, r = (by[k] for k in names)
+    with open(f"{w}/lcm/final_metrics.json") as f:
+        steps = json.load(f)["args"]["max_train_steps"]
+    win, low, high = win_of(evaluation, names[3], names[0])
     return ["## LCM distillation (4-step students of the trained remover)", "",
-            f"LoRA rank 16, {finals['lcm']['args']['max_train_steps']} steps of 16, lr 1e-4, l2 (`configs/toy_lcm.yaml`), on the "
+            f"LoRA rank 16, {steps} steps of 16, lr 1e-4, l2 (`configs/toy_lcm.yaml`), on the "
             "scored training results (true removals, failures and remover outputs as targets). Reward-weighted: the discriminator "
             "scores each training target once and the filter keeps those >= 0.5.", "",
             f"- teacher ({t[2]:g} UNet calls): masked MSE {t[0]:.4f}, discriminator {t[1]:.3f}",
             f"- the same teacher run for 4 LCM steps without distillation: {u[0]:.4f}, {u[1]:.3f}",
             f"- plain LCM student, 4 steps: {p[0]:.4f}, {p[1]:.3f}",
-            f"- reward-weighted LCM student, 4 steps: {r[0]:.4f}, {r[1]:.3f} (win rate vs the teacher at validation "
-            f"{m.get('val_win_rate', float('nan')):.3f} [{m.get('val_win_rate_low', float('nan')):.3f}, "
-            f"{m.get('val_win_rate_high', float('nan')):.3f}])"]
+            f"- reward-weighted LCM student, 4 steps: {r[0]:.4f}, {r[1]:.3f} (discriminator win rate against the 20-step teacher "
+            f"{win:.3f} [{low:.3f}, {high:.3f}])"]
 
 
 def rl_report(w):
@@ -330,8 +341,8 @@ def main():
     p.add_argument("--eval_steps", type=int, default=20)
     p.add_argument("--scored_inputs", type=int, default=200, help="training inputs that get scored results for the discriminator")
     p.add_argument("--pair_inputs", type=int, default=32, help="training inputs that also get remover candidates judged by the discriminator")
-    p.add_argument("--dpo_steps", type=int, default=120)
-    p.add_argument("--lcm_steps", type=int, default=100, help="distillation steps for each 4-step student")
+    p.add_argument("--dpo_steps", type=int, default=100)
+    p.add_argument("--lcm_steps", type=int, default=80, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
@@ -400,18 +411,22 @@ def main():
         # Diffusion-DPO: natural pairs (true removal or a good remover result against a failure of the
         # same input), plus best-against-worst of 4 remover candidates judged by the discriminator
         stage("preference pairs", f"{pairs}/heldout/meta.json", lambda: make_pairs(w, model_dir, remover_dir, disc_dir, args))
+        # (validation here needs only its grids and the preference accuracy, hence 8 win-rate inputs: the
+        # evaluation at the end measures the win rates of every system on all held-out inputs)
         stage("DPO", f"{dpo_dir}/final_metrics.json", lambda: run([
             "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
             "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{pairs}/train/meta.json",
             "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", dpo_dir,
-            "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--seed", str(args.seed)]))
+            "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--win_rate_samples", "8",
+            "--seed", str(args.seed)]))
 
         # LCM distillation into 4-step students, plain and reward-weighted, on the scored training results
         # (true removals, failures and remover outputs as "GT"): weighting by the discriminator's score of
         # each GT (filter at 0.5) keeps the failures out of the starting points the student learns from
         lcm_args = ["--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", model_dir, "--pretrained_teacher_unet",
                     f"{remover_dir}/unet", "--meta_path", scored_train, "--validation_meta_path", held_meta, "--discriminator_path", disc_dir,
-                    "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--seed", str(args.seed)]
+                    "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--win_rate_samples", "8",
+                    "--seed", str(args.seed)]
         stage("LCM", f"{lcm_dir}/final_metrics.json", lambda: run(["train_RORem_lcm.py", *lcm_args, "--weighting", "none",
                                                                    "--output_dir", lcm_dir]))
         stage("reward-weighted LCM", f"{rlcm_dir}/final_metrics.json", lambda: run([
@@ -465,7 +480,7 @@ def main():
         if tag in disc_metrics:
             first, last, step = disc_metrics[tag]
             disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
-    dpo_lines = dpo_report(w, args)
+    dpo_lines = dpo_report(w, args, evaluation, "trained remover (teacher)", "DPO LoRA on the trained remover")
     table = ["| system | UNet calls / image | masked MSE (lower is better) | std. error | mean discriminator score |",
              "|---|---|---|---|---|"]
     table += [f"| {k} | {c:g} | {m:.4f} | {s:.4f} | {d:.3f} |" for k, m, s, d, c in rows]
@@ -479,7 +494,7 @@ def main():
               + paired("DPO LoRA on the trained remover", "trained remover (teacher)", "DPO - trained remover") + "; "
               + paired("RL (GRPO) LoRA on the trained remover", "trained remover (teacher)", "RL - trained remover") + "; "
               + paired("reward-weighted LCM student, 4 steps", "LCM student, 4 steps", "reward-weighted - plain LCM student") + "."]
-    lcm_lines = lcm_report(w, rows) + [""] + rl_report(w)
+    lcm_lines = lcm_report(w, rows, evaluation) + [""] + rl_report(w)
     report = "\n".join([
         "# Toy-world demo: supervised remover", "",
         f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "

@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 # 1-thread processes do 1.3-1.6x the work of one 2-thread process on these tiny models (remover:
 # 2 x 1.85 vs 2.85 steps/s; the VAE fit 1.6x). A stage run that way writes its output to
 # <work_dir>/logs/<stage>.log. (Forking the stages from one process that imported torch and diffusers
-# once saves ~12 s of imports per script, but the forked children trained 10-25% slower: measured, dropped.)
+# once saves ~12 s of imports per script, but the forked children trained about 5% slower at one
+# thread and 20-30% at two: measured, dropped.)
 LANE = threading.local()
 LOG_DIR = [None]
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,3 +16,27 @@ def test_only_a_stage_without_its_prerequisites_fails_clearly(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"stage 'data' has not run ({work}/data/heldout/meta.json is missing)" in out.stderr
     assert not work.exists()
+
+
+def test_demo_report_reads_a_win_rate_in_either_orientation():
+    """The report takes DPO's and the student's win rates from evaluate_RORem.py's pairs, which are
+    stored one way round only; the other way must equal the metric computed with the sides swapped."""
+    import importlib.util
+
+    import numpy as np
+
+    from myutils.metrics import win_rate
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "scripts", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rng = np.random.default_rng(0)
+    a, b = rng.random(40), rng.random(40)
+    b[:5] = a[:5]  # some ties
+    p, (low, high) = win_rate(a, b)
+    evaluation = {"win_rates": [{"a": "A", "b": "B", "win_rate": p, "low": low, "high": high}]}
+    assert demo.win_of(evaluation, "A", "B") == (p, low, high)
+    q, (qlow, qhigh) = win_rate(b, a)
+    assert np.allclose(demo.win_of(evaluation, "B", "A"), (q, qlow, qhigh))
+    with pytest.raises(KeyError, match="A against C"):
+        demo.win_of(evaluation, "A", "C")

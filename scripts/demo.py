@@ -131,7 +131,7 @@ def win_of(evaluation, a, b):
     raise KeyError(f"no win rate of {a} against {b} in the evaluation")
 
 
-def dpo_report(w, args, evaluation, teacher, dpo):
+def dpo_report(w, args, rows, evaluation):
     with open(f"{w}/dpo/final_metrics.json") as f:
         final = json.load(f)
     m, steps = final["metrics"], final["args"]["max_train_steps"]
@@ -140,7 +140,8 @@ def dpo_report(w, args, evaluation, teacher, dpo):
     with open(f"{w}/pairs/heldout/meta.json") as f:
         held = len(json.load(f))
     nat, gen = built["natural"], built["generated"]
-    score = {r["system"]: r["discriminator_score"] for r in evaluation["systems"]}
+    teacher, dpo = "trained remover (teacher)", "DPO LoRA on the trained remover"
+    score = {k: d for k, m, s, d, c in rows}
     win, low, high = win_of(evaluation, dpo, teacher)
     return ["## Diffusion-DPO (LoRA rank 8 on the trained remover)", "",
             f"Pairs: {nat['pairs']} natural (a true removal or a good remover result against a failure of the same input) and "
@@ -481,7 +482,7 @@ def main():
         if tag in disc_metrics:
             first, last, step = disc_metrics[tag]
             disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
-    dpo_lines = dpo_report(w, args, evaluation, "trained remover (teacher)", "DPO LoRA on the trained remover")
+    dpo_lines = dpo_report(w, args, rows, evaluation)
     table = ["| system | UNet calls / image | masked MSE (lower is better) | std. error | mean discriminator score |",
              "|---|---|---|---|---|"]
     table += [f"| {k} | {c:g} | {m:.4f} | {s:.4f} | {d:.3f} |" for k, m, s, d, c in rows]

@@ -35,7 +35,7 @@ def diffusion_loss(unet, comps, batch, resolution, seed):
     sched, vae = comps.noise_scheduler, comps.vae
     if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
         batch = {**batch, **batch_latent_params(vae, batch, ["GT", "masked"])}
-    gens = sample_generators(batch, seed, batch["params:GT"].device)  # per-sample: same on any number of ranks
+    gens = sample_generators(batch, seed)  # per-sample: same on any number of ranks
     latents = sample_latents(batch["params:GT"], vae.config, gens)
     masked_latents = sample_latents(batch["params:masked"], vae.config, gens)
     noise = randn_per_sample(gens, latents.shape[1:], latents.device)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 from myutils import train_util as tu
-from myutils.data import RemovalDataset
+from myutils.data import RemovalDataset, stack_samples, to_device
 from myutils.errors import UserError, run_cli
 from myutils.metrics import accuracy_at, roc_auc
 from myutils.reward_utils import add_discriminator_lora, load_discriminator_weights, save_discriminator
@@ -72,7 +72,7 @@ def discriminator_input(comps, batch, resolution, generators=None):
 
 
 def discriminator_loss(disc, comps, batch, args):
-    x, kw = discriminator_input(comps, batch, args.resolution, sample_generators(batch, args.seed, comps.vae.device))
+    x, kw = discriminator_input(comps, batch, args.resolution, sample_generators(batch, args.seed))
     logits = disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"], return_logits=True)
     if args.loss == "bce":
         return F.binary_cross_entropy_with_logits(logits, batch["score"].float())
@@ -86,7 +86,7 @@ def evaluate(disc, comps, dataset, args, device):
     scores, labels = [], []
     for start in range(0, len(dataset), args.train_batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + args.train_batch_size))]
-        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
+        batch = to_device(stack_samples(items), device)
         x, kw = discriminator_input(comps, batch, args.resolution)
         scores.append(disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"]).float().cpu())
         labels.append(batch["score"].float().cpu())

@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 from myutils import train_util as tu
+from myutils.data import stack_samples, to_device
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import run_cli
 from myutils.reward_utils import load_reward_model
@@ -51,7 +52,7 @@ def pair_inputs(comps, batch, resolution, seed, timestep=None):
     sched, vae = comps.noise_scheduler, comps.vae
     if "params:masked" not in batch:
         batch = {**batch, **batch_latent_params(vae, batch, ["preferred", "rejected", "masked"])}
-    gens = sample_generators(batch, seed, batch["params:masked"].device)
+    gens = sample_generators(batch, seed)
     lat_w = sample_latents(batch["params:preferred"], vae.config, gens)
     lat_l = sample_latents(batch["params:rejected"], vae.config, gens)
     masked = sample_latents(batch["params:masked"], vae.config, gens)
@@ -90,8 +91,8 @@ def preference_accuracy(unet, ref_unet, comps, samples, resolution):
     """Held-out preference accuracy: per pair, the DPO margin -((err_w - err_l) - (ref_err_w - ref_err_l))
     averaged over fixed noises and timesteps; the fraction of pairs where it is positive (ties half).
     0.5 when the policy equals the reference."""
-    batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(comps.vae.device)
-             for k in ("source", "mask", "preferred", "rejected", "original_size", "crop_top_left", "index", "epoch")}
+    batch = to_device(stack_samples(samples, ("source", "mask", "preferred", "rejected", "original_size", "crop_top_left",
+                                              "index", "epoch")), comps.vae.device)
     margin = torch.zeros(len(samples))
     for seed in EVAL_SEEDS:
         for timestep in EVAL_TIMESTEPS:

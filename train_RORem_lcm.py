@@ -126,7 +126,7 @@ def distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, key
     vae, dtype = comps.vae, comps.condition.prompt_embeds.dtype
     if "params:GT" not in batch:
         batch = {**batch, **batch_latent_params(vae, batch, list(keys))}
-    gens = sample_generators(batch, args.seed, batch["params:GT"].device)
+    gens = sample_generators(batch, args.seed)
     latents = sample_latents(batch["params:GT"], vae.config, gens)
     masked = sample_latents(batch["params:masked"], vae.config, gens)
     noise = randn_per_sample(gens, latents.shape[1:], latents.device)

@@ -203,6 +203,21 @@ class RemovalDataset(Dataset):
         return item
 
 
+BOOKKEEPING_KEYS = ("index", "epoch", "noise_index")
+
+
+def stack_samples(samples, keys=None):
+    """Dataset items (dicts) -> one batch dict, the given keys (default: all of the first item's)."""
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in (keys or samples[0])}
+
+
+def to_device(batch, device):
+    """A batch's tensors on `device`, except its bookkeeping (sample index, epoch), which stays on the
+    CPU: it seeds the per-sample generators and looks up entries, never meets a model, and reading it
+    back from a GPU would synchronise once per sample."""
+    return {k: v.to(device) if torch.is_tensor(v) and k not in BOOKKEEPING_KEYS else v for k, v in batch.items()}
+
+
 class EpochSampler(Sampler):
     """Shuffled (seed, epoch) order, sharded so the ranks together see exactly one global batch per step.
 
@@ -229,7 +244,7 @@ class EpochSampler(Sampler):
     def __iter__(self):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g, device=g.device).tolist()
         else:
             perm = list(range(self.n))
         G = self.bs * self.world

@@ -7,6 +7,8 @@ latents appended (myutils/sdxl_inpaint.unet_input), which `unet_fn` below takes 
 import numpy as np
 import torch
 
+from .rng import rand_per_sample
+
 
 class DDIMSolver:
     """DDIM over N of the T training timesteps: t_n = (n + 1) * T // N - 1, i.e. 19, 39, ..., 999 for
@@ -80,7 +82,7 @@ def per_sample_lcm_loss(pred, target, loss_type="l2", huber_c=0.001):
 
 def sample_guidance_scale(generators, w_min, w_max, device):
     """w ~ U[w_min, w_max] per sample, from the per-sample generators."""
-    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
+    u = rand_per_sample(generators, device)
     return w_min + (w_max - w_min) * u
 
 

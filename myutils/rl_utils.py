@@ -57,7 +57,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta=1.0, p
     mean, std = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * mean.shape[0]
-        noise = torch.stack([torch.randn(mean.shape[1:], generator=g, device="cpu") for g in gens]).to(mean.device)
+        noise = randn_per_sample(gens, mean.shape[1:], mean.device)
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
     return prev_sample, gaussian_log_prob(prev_sample, mean, std)
@@ -141,7 +141,7 @@ def reinforce_loss(log_prob, advantages):
 
 # ----------------------------------------------------------------------------- flow matching (DESIGN.md section 8)
 
-def flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level=0.7, naive=False):
+def flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level=0.7, naive=False, step_index=None):
     """(mean, scale, std_dev_t) of one flow-matching step from `timestep` to the next sigma of
     diffusers' FlowMatchEulerDiscreteScheduler (set_timesteps called); the step's Gaussian is
     N(mean, scale^2), scale = std_dev_t * sqrt(-dt), dt = sigma_next - sigma < 0.
@@ -151,12 +151,16 @@ def flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_lev
         mean = x (1 + std^2 / (2 sigma) dt) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt
     noise_level = 0 gives back the Euler step x + v dt. naive=True: the Euler step plus Gaussian noise of
     scale noise_level * sqrt(-dt), which does NOT keep the marginals (kept to compare; see the README).
-    Everything in fp32."""
+    Everything in fp32. `step_index` (the position of `timestep` in the schedule), when the caller
+    knows it, saves looking the timestep up (a device sync per step)."""
     x, v = sample.float(), model_output.float()
     sigmas = scheduler.sigmas.to(x.device).float()
-    t = torch.as_tensor(timestep).reshape(-1)
-    idx = torch.tensor([scheduler.index_for_timestep(tt.to(scheduler.timesteps.device)) for tt in t], device=x.device)
-    idx = idx.expand(x.shape[0]) if idx.numel() == 1 else idx
+    if step_index is not None:
+        idx = torch.full((x.shape[0],), int(step_index), device=x.device)
+    else:
+        t = torch.as_tensor(timestep).reshape(-1)
+        idx = torch.tensor([scheduler.index_for_timestep(tt.to(scheduler.timesteps.device)) for tt in t], device=x.device)
+        idx = idx.expand(x.shape[0]) if idx.numel() == 1 else idx
     sigma, sigma_next = _per_sample(sigmas[idx], x), _per_sample(sigmas[idx + 1], x)
     dt = sigma_next - sigma
     if naive:
@@ -179,7 +183,7 @@ def flowmatch_step_with_logprob(scheduler, model_output, timestep, sample, noise
     mean, scale, std_dev_t = flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_level, naive)
     if prev_sample is None:
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * x.shape[0]
-        prev_sample = mean + scale * randn_per_sample(gens, x.shape[1:], "cpu").to(x.device)
+        prev_sample = mean + scale * randn_per_sample(gens, x.shape[1:], x.device)
     prev_sample = prev_sample.float()
     if noise_level == 0:
         return prev_sample, torch.zeros(x.shape[0], device=x.device), mean, std_dev_t

@@ -31,14 +31,19 @@ def unet_input(noisy_latents, mask_latents, masked_image_latents):
     return torch.cat([noisy_latents, mask_latents.to(noisy_latents.dtype), masked_image_latents.to(noisy_latents.dtype)], dim=1)
 
 
-def add_time_ids(original_size, crop_top_left, target_size, aesthetic_score=None):
-    """SDXL micro-conditioning, (B, 6) or (B, 5) with an aesthetic score. Sizes are (h, w) per sample."""
-    original_size = torch.as_tensor(original_size, dtype=torch.float32).reshape(-1, 2)
-    crop_top_left = torch.as_tensor(crop_top_left, dtype=torch.float32).reshape(-1, 2)
+def add_time_ids(original_size, crop_top_left, target_size, aesthetic_score=None, device=None):
+    """SDXL micro-conditioning, (B, 6) or (B, 5) with an aesthetic score. Sizes are (h, w) per sample
+    (or one (h, w) for all). Every part is built on `device` (default: original_size's), so a batch's
+    sizes on the GPU never meet a target size made on the CPU."""
+    if device is None:
+        device = original_size.device if torch.is_tensor(original_size) else None
+    original_size = torch.as_tensor(original_size, dtype=torch.float32, device=device).reshape(-1, 2)
+    b, device = original_size.shape[0], original_size.device
+    crop_top_left = torch.as_tensor(crop_top_left, dtype=torch.float32, device=device).reshape(-1, 2).expand(b, 2)
     if aesthetic_score is not None:
-        last = torch.full((original_size.shape[0], 1), float(aesthetic_score))
+        last = torch.full((b, 1), float(aesthetic_score), device=device)
     else:
-        last = torch.as_tensor(target_size, dtype=torch.float32).reshape(-1, 2).expand(original_size.shape[0], 2)
+        last = torch.as_tensor(target_size, dtype=torch.float32, device=device).reshape(-1, 2).expand(b, 2)
     return torch.cat([original_size, crop_top_left, last], dim=1)
 
 
@@ -57,13 +62,13 @@ class PromptCondition:
 
     def unet_kwargs(self, original_size, crop_top_left, target_size):
         """encoder_hidden_states and added_cond_kwargs for a batch (size from original_size)."""
-        b = torch.as_tensor(original_size).reshape(-1, 2).shape[0]
         ids = add_time_ids(original_size, crop_top_left, target_size,
-                           self.aesthetic_score if self.requires_aesthetics_score else None)
+                           self.aesthetic_score if self.requires_aesthetics_score else None, device=self.prompt_embeds.device)
+        b = ids.shape[0]
         return {
             "encoder_hidden_states": self.prompt_embeds.expand(b, -1, -1),
             "added_cond_kwargs": {"text_embeds": self.pooled_prompt_embeds.expand(b, -1),
-                                  "time_ids": ids.to(self.prompt_embeds.device, self.prompt_embeds.dtype)},
+                                  "time_ids": ids.to(self.prompt_embeds.dtype)},
         }
 
 

@@ -253,14 +253,14 @@ def train_toy_vae(vae, images, steps=1200, batch_size=32, lr=2e-3, seed=0, held_
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(images), generator=g)
+    perm = torch.randperm(len(images), generator=g, device=g.device)
     test, train = images[perm[:held_out]], images[perm[held_out:]]
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     vae.train()
     start = time.time()
     for step in tqdm(range(steps), desc="toy VAE"):
-        x = train[torch.randint(0, len(train), (batch_size,), generator=g)]
+        x = train[torch.randint(0, len(train), (batch_size,), generator=g, device=g.device)]
         dist = vae.encode(x).latent_dist
         rec = vae.decode(dist.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * dist.kl().mean()

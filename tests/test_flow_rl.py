@@ -60,7 +60,7 @@ def test_ode_sampler_equals_the_fill_pipeline(flow, tiny_flux_dir):
     from pipelines.rl_sampler import sample_trajectory
 
     sampler, b = flow
-    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0)
     ours = sample_trajectory(sampler, sampler.model, b, gens, deterministic=True)
     assert ours["log_probs"].shape == (3, 0) and ours["latents"].shape == (3, 5, 4, 64)
     pipe = FluxFillPipeline.from_pretrained(tiny_flux_dir)
@@ -85,7 +85,7 @@ def test_sde_records_all_but_the_last_step_and_reevaluates_to_ratio_one(flow):
     with torch.no_grad():
         for n, p in sampler.model.named_parameters():
             p.add_(0)  # no-op: the base model is the policy here
-    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0)
     traj = sample_trajectory(sampler, sampler.model, b, gens)
     assert sampler.num_train_steps == 3 and traj["log_probs"].shape == (3, 3)
     for j in range(3):

@@ -198,7 +198,7 @@ def test_distillation_step_on_a_tiny_unet_matches_diffusers_schedulers(tiny_mode
     solver = DDIMSolver(sched.alphas_cumprod, 1000, args.num_ddim_timesteps)
     pred, target, _, b = tlcm.distillation_tensors(unet, acc, comps, batch, args, solver, None, ("GT", "masked"))
 
-    gens = sample_generators(b, args.seed, "cpu")  # the same per-sample draws, in the script's order
+    gens = sample_generators(b, args.seed)  # the same per-sample draws, in the script's order
     latents = sample_latents(b["params:GT"], comps.vae.config, gens)
     masked = sample_latents(b["params:masked"], comps.vae.config, gens)
     noise = randn_per_sample(gens, latents.shape[1:], "cpu")

@@ -92,14 +92,18 @@ def write_json(path, obj):
     os.replace(tmp, path)  # a record is there whole or not at all
 
 
-def generate_candidates(args, entries, todo, records_dir):
-    """For each input index in `todo`: K candidates with fixed seeds, scored; one record file each."""
+def generate_candidates(args, entries, chosen, records_dir):
+    """For each input index in `chosen` without a record yet: K candidates with fixed seeds, scored;
+    one record file each."""
     from accelerate import PartialState
 
     from myutils.reward_utils import load_reward_model, score_entries
 
     state = PartialState()
-    mine = todo[state.process_index::state.num_processes]
+    # the split is fixed by position, not by which records exist: a rank that lists the folder after
+    # another has started writing would otherwise shift its share onto inputs the other rank is doing
+    mine = [i for k, i in enumerate(chosen)
+            if k % state.num_processes == state.process_index and not os.path.isfile(os.path.join(records_dir, f"{i:06d}.json"))]
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.device == "auto" and state.num_processes > 1:
         device = str(state.device)
@@ -153,7 +157,7 @@ def main(argv=None):
         os.makedirs(records_dir, exist_ok=True)
         todo = [i for i in chosen if not os.path.isfile(os.path.join(records_dir, f"{i:06d}.json"))]
         print(f"generating for {len(chosen)} of {len(entries)} inputs ({len(chosen) - len(todo)} already done)")
-        if not generate_candidates(args, entries, todo, records_dir):
+        if not generate_candidates(args, entries, chosen, records_dir):
             return None  # other ranks: the main process writes the files
         records = []
         for i in chosen:

@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--scored_meta_path", default=None, help="batch mode: write the entries with discriminator scores")
     p.add_argument("--raw_scores", action="store_true", help="scored meta gets clamp(score, 0, 1) instead of the 0/1 verdict")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--conditioning", choices=["auto", "rorem", "per_sample"], default="auto",
+                   help="auto: what the discriminator was trained with (RORem's release: fixed time ids (512, 512, 0, 0, 512, 512) "
+                        "and add_noise at t = 0; ours: each image's own size and crop)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
@@ -61,7 +64,8 @@ def main(argv=None):
                          {"source": args.image_path, "mask": args.mask_path, "GT": args.edited_path})]
     for warning in check_entries(entries, progress=len(entries) > 200):
         print(f"warning: {warning}")
-    reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype)
+    reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype,
+                               conditioning=args.conditioning)
     scores = score_entries(reward, entries, args.resolution, args.batch_size)
     if not args.meta_path:
         verdict = "success" if scores[0] >= args.threshold else "failure"

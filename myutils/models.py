@@ -90,3 +90,53 @@ def resolve_device_dtype(device="auto", dtype="auto"):
     """--device/--dtype as the inference scripts take them: auto = CUDA in fp16 if present, else CPU in fp32."""
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     return device, (DTYPES[dtype] if dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32))
+
+
+# ----------------------------------------------------------------------------- LoRA files
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
+    """A LoRA file, or the folder holding pytorch_lora_weights.safetensors, as ({key: tensor} in peft
+    naming without the `prefix`, the adapter metadata diffusers saved or None).
+
+    Every naming RORem and diffusers wrote loads: peft's lora_A/lora_B, the older lora.down/lora.up,
+    and files that mix both. RORem's 4-step LCM LoRA is such a file (diffusers 0.30 renamed only the
+    attention keys), and today's diffusers converts a file only when its FIRST key lacks lora_A, so it
+    silently drops every attention LoRA of it; here each key is converted on its own."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    if pipeline_cls is None:
+        from diffusers import StableDiffusionXLInpaintPipeline as pipeline_cls
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path}: not found")
+    folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    if name is None and not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
+        raise UserError(f"{flag} {path}: no {LORA_WEIGHTS} in this folder")
+    try:
+        state, _, metadata = pipeline_cls.lora_state_dict(folder or ".", weight_name=name, return_lora_metadata=True)
+    except Exception as e:  # a damaged or foreign file: say which, in one line
+        raise UserError(f"{flag} {path}: not a readable LoRA file ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
+    state = state[0] if isinstance(state, tuple) else state
+    ours = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    if not ours:
+        raise UserError(f"{flag} {path}: no {prefix}.* LoRA weights in the file")
+    return convert_unet_state_dict_to_peft(ours), metadata
+
+
+def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
+    """Put a LoRA file on the pipeline's UNet (read_lora: any naming) and check that every one of its
+    weights landed; returns the adapter's name. diffusers only warns about keys it could not place."""
+    from peft.utils import get_peft_model_state_dict
+
+    state, metadata = read_lora(path, flag)
+    before = set(getattr(pipe.unet, "peft_config", {}) or {})
+    pipe.load_lora_into_unet({f"unet.{k}": v for k, v in state.items()}, network_alphas=None, unet=pipe.unet, metadata=metadata,
+                             _pipeline=pipe)
+    added = [n for n in pipe.unet.peft_config if n not in before]
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=added[0]) if added else {}
+    missing = [k for k in state if k not in loaded]
+    if missing:
+        raise UserError(f"{flag} {path}: {len(missing)} of its {len(state)} LoRA weights do not fit this UNet (e.g. {missing[0]})")
+    return added[0]

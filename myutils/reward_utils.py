@@ -17,12 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 
+from .data import RemovalDataset, stack_samples
 from .errors import UserError
+from .models import read_lora
 from .sdxl_inpaint import batch_latent_params, encode_prompt_once, posterior_mean_latents, unet_input
 
 LORA_FILE, HEAD_FILE, FULL_FILE, CONFIG_FILE = ("pytorch_lora_weights.safetensors", "cls_pred_branch.pt",
                                                 "discriminator.safetensors", "discriminator_config.json")
 DISCRIMINATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+HEAD_PREFIX = "cls_pred_branch."
 
 
 # ----------------------------------------------------------------------------- file format
@@ -43,9 +46,24 @@ def save_discriminator(disc, folder, lora):
     else:
         state = {k: v.detach().contiguous().cpu() for k, v in disc.state_dict().items() if not k.startswith("cls_pred_branch.")}
         save_file(state, os.path.join(folder, FULL_FILE))
-    torch.save({k: v.cpu() for k, v in disc.cls_pred_branch.state_dict().items()}, os.path.join(folder, HEAD_FILE))
+    # keys keep the module prefix, as RORem writes them: its loader (load_state_dict(strict=False) on the
+    # whole model) finds the head only under cls_pred_branch.*
+    torch.save({f"{HEAD_PREFIX}{k}": v.cpu() for k, v in disc.cls_pred_branch.state_dict().items()}, os.path.join(folder, HEAD_FILE))
     with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump({"head_activation": disc.head_activation, "lora": bool(lora)}, f)
+        json.dump({"head_activation": disc.head_activation, "lora": bool(lora), "conditioning": "per_sample"}, f)
+
+
+def read_head(path):
+    """The head's state dict from cls_pred_branch.pt, keys without the module prefix. RORem's file (a
+    filter of the whole UNet's state dict) and ours keep the `cls_pred_branch.` prefix; files written
+    before we did lack it. Both load."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable discriminator head ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: expected a state dict of the discriminator head, found a {type(state).__name__}")
+    return {k[len(HEAD_PREFIX):] if k.startswith(HEAD_PREFIX) else k: v for k, v in state.items()}
 
 
 def _lora_rank(state):
@@ -58,13 +76,12 @@ def _lora_rank(state):
 def load_discriminator_weights(disc, folder):
     """Load a discriminator folder into `disc` (adding the LoRA layers if the folder has a LoRA and
     `disc` does not yet). LoRA keys of the up path, which the discriminator does not have, are ignored."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     head = os.path.join(folder, HEAD_FILE)
     if not os.path.isfile(head):
         raise UserError(f"{folder}: no {HEAD_FILE} (expected a RORem discriminator folder)")
-    disc.cls_pred_branch.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
+    disc.cls_pred_branch.load_state_dict(read_head(head))
     if os.path.isfile(os.path.join(folder, FULL_FILE)):
         missing, unexpected = disc.load_state_dict(load_file(os.path.join(folder, FULL_FILE)), strict=False)
         if unexpected or [k for k in missing if not k.startswith("cls_pred_branch.")]:
@@ -73,41 +90,73 @@ def load_discriminator_weights(disc, folder):
     lora_path = os.path.join(folder, LORA_FILE)
     if not os.path.isfile(lora_path):
         raise UserError(f"{folder}: neither {LORA_FILE} nor {FULL_FILE}")
-    state = {k[len("unet."):]: v for k, v in load_file(lora_path).items() if k.startswith("unet.")}
+    state, _ = read_lora(lora_path, "--RORem_discriminator")  # RORem's lora.down/lora.up keys or peft's
     state = {k: v for k, v in state.items() if not k.startswith(("up_blocks.", "conv_out", "conv_norm_out"))}
     if not any("lora" in n for n, _ in disc.named_parameters()):
         add_discriminator_lora(disc, rank=_lora_rank(state))
-    result = set_peft_model_state_dict(disc, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    result = set_peft_model_state_dict(disc, state, adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"{lora_path}: LoRA keys do not fit this UNet (e.g. {result.unexpected_keys[0]})")
     return disc
 
 
-def read_head_activation(folder):
+CONDITIONINGS = ("rorem", "per_sample")
+RORem_TIME_IDS = (512, 512, 0, 0, 512, 512)  # original size, crop top-left, target size: fixed in RORem's scripts
+
+
+def read_discriminator_config(folder):
+    """{"head_activation", "conditioning"} of a discriminator folder. RORem's release has no config:
+    softplus head, RORem's conditioning. Ours records both; folders we wrote before recording the
+    conditioning were trained with per-sample time ids."""
     path = os.path.join(folder, CONFIG_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f).get("head_activation", "softplus")
-    return "softplus"  # RORem's release
+    if not os.path.isfile(path):
+        return {"head_activation": "softplus", "conditioning": "rorem"}  # RORem's release
+    with open(path) as f:
+        cfg = json.load(f)
+    return {"head_activation": cfg.get("head_activation", "softplus"), "conditioning": cfg.get("conditioning", "per_sample")}
 
 
 # ----------------------------------------------------------------------------- scoring
 
 class DiscriminatorReward:
-    """Batched, no-grad scores (B,) from the discriminator, on pixels or directly on latents."""
+    """Batched, no-grad scores (B,) from the discriminator, on pixels or directly on latents.
 
-    def __init__(self, disc, vae, condition, resolution):
+    conditioning "per_sample" (ours): SDXL time ids from each sample's original size and crop, the
+    edited latents as they are. "rorem" (RORem's release, as its scripts train and score it): fixed time
+    ids (512, 512, 0, 0, 512, 512) and the edited latents through the scheduler's add_noise at t = 0,
+    sqrt(a0) x + sqrt(1 - a0) noise; the noise is one fixed draw (seed 0), so a score stays a
+    deterministic function of the images."""
+
+    def __init__(self, disc, vae, condition, resolution, conditioning="per_sample", alpha_t0=None):
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        if conditioning == "rorem" and alpha_t0 is None:
+            raise ValueError("RORem's conditioning needs alphas_cumprod[0] of the noise schedule (alpha_t0)")
         self.disc, self.vae, self.resolution = disc.eval(), vae, resolution
         self.condition = condition.to(disc.device, disc.dtype)
+        self.conditioning, self.alpha_t0 = conditioning, alpha_t0
+
+    def _rorem_noised(self, latents):
+        g = torch.Generator("cpu").manual_seed(0)
+        noise = torch.randn(latents.shape[1:], generator=g, device=g.device).to(latents.device, torch.float32)
+        return self.alpha_t0 ** 0.5 * latents.float() + (1 - self.alpha_t0) ** 0.5 * noise
 
     @torch.no_grad()
     def score_latents(self, source_latents, mask_latent, edited_latents, original_size=None, crop_top_left=None):
         """Latents already scaled by the VAE's scaling factor (what a sampler produces): no decode."""
-        b = edited_latents.shape[0]
-        original_size = original_size if original_size is not None else torch.tensor([[self.resolution] * 2] * b)
-        crop_top_left = crop_top_left if crop_top_left is not None else torch.zeros(b, 2)
-        x = unet_input(edited_latents, mask_latent, source_latents).to(self.disc.device, self.disc.dtype)
-        kw = self.condition.unet_kwargs(original_size, crop_top_left, (self.resolution, self.resolution))
+        b, device = edited_latents.shape[0], self.disc.device
+        if self.conditioning == "rorem":
+            edited_latents = self._rorem_noised(edited_latents)
+            original_size = torch.tensor([RORem_TIME_IDS[:2]], device=device).expand(b, 2)
+            crop_top_left, target = torch.tensor([RORem_TIME_IDS[2:4]], device=device).expand(b, 2), RORem_TIME_IDS[4:]
+        else:
+            target = (self.resolution, self.resolution)
+            if original_size is None:
+                original_size = torch.full((b, 2), self.resolution, device=device)
+            if crop_top_left is None:
+                crop_top_left = torch.zeros(b, 2, device=device)
+        x = unet_input(edited_latents, mask_latent, source_latents).to(device, self.disc.dtype)
+        kw = self.condition.unet_kwargs(original_size, crop_top_left, target)
         return self.disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"]).float()
 
     @torch.no_grad()
@@ -125,13 +174,12 @@ def score_entries(reward, entries, resolution, batch_size):
     discriminator's training resolution)."""
     from tqdm.auto import tqdm
 
-    from .data import RemovalDataset
 
     dataset = RemovalDataset(entries, "triplet", resolution)
     scores = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="scoring", disable=len(dataset) <= batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        b = {k: torch.stack([it[k] for it in items]) for k in ("source", "mask", "GT", "original_size", "crop_top_left")}
+        b = stack_samples(items, ("source", "mask", "GT", "original_size", "crop_top_left"))
         scores += reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]).tolist()
     return scores
 
@@ -144,25 +192,32 @@ def score_results(reward, samples, results, batch_size=16):
     scores = []
     for i in range(0, len(samples), batch_size):
         part = samples[i:i + batch_size]
-        stack = {k: torch.stack([torch.as_tensor(s[k]) for s in part]) for k in ("source", "mask", "original_size", "crop_top_left")}
+        stack = stack_samples(part, ("source", "mask", "original_size", "crop_top_left"))
         edited = torch.stack([pil_to_tensor(r) for r in results[i:i + batch_size]])
         scores += reward.score_pixels(stack["source"], stack["mask"], edited, stack["original_size"], stack["crop_top_left"]).tolist()
     return scores
 
 
-def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None):
-    """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder."""
+def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None,
+                      conditioning="auto"):
+    """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder. conditioning
+    "auto": what the folder was trained with (RORem's release: RORem's; ours: per sample)."""
+    from diffusers import DDPMScheduler
+
     from .models import load_inpaint_pipeline
 
     if not os.path.isdir(discriminator_path):
         raise UserError(f"--RORem_discriminator {discriminator_path}: folder not found")
+    cfg = read_discriminator_config(discriminator_path)
     pipe = load_inpaint_pipeline(pretrained_model, variant=variant)
     condition = encode_prompt_once(pipe, "")
-    disc = UNetSDXLDiscriminator.from_unet(pipe.unet, read_head_activation(discriminator_path))
+    alpha_t0 = float(DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[0])
+    disc = UNetSDXLDiscriminator.from_unet(pipe.unet, cfg["head_activation"])
     load_discriminator_weights(disc, discriminator_path)
     vae = pipe.vae.to(device)
     del pipe
-    return DiscriminatorReward(disc.to(device, dtype), vae, condition, resolution)
+    return DiscriminatorReward(disc.to(device, dtype), vae, condition, resolution,
+                               cfg["conditioning"] if conditioning == "auto" else conditioning, alpha_t0)
 
 
 # ----------------------------------------------------------------------------- normalisations

@@ -1,14 +1,13 @@
 """Sampling with the stock diffusers SDXL-inpainting pipeline, from precomputed prompt embeddings,
 and the remover as the inference scripts load and run it (one set of arguments for all of them)."""
 import argparse
-import os
 
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 
 from myutils.errors import UserError
 from myutils.img_util import paste_back, processing_size
-from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline
+from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline, load_lora_into_pipeline
 from myutils.sdxl_inpaint import encode_prompt_pair
 
 
@@ -76,10 +75,7 @@ def load_remover(args, device, dtype):
     """The pipeline with the remover (and LoRA) in place, and the prompt pair encoded once."""
     pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype)
     if args.lora_path:
-        if not os.path.exists(args.lora_path):
-            raise UserError(f"--lora_path {args.lora_path}: not found")
-        folder, name = (args.lora_path, None) if os.path.isdir(args.lora_path) else os.path.split(args.lora_path)
-        pipe.load_lora_weights(folder, weight_name=name)
+        load_lora_into_pipeline(pipe, args.lora_path, "--RORem_LoRA")
         if args.fuse_lora:
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # the merged weights stay; the LoRA layers go

@@ -63,7 +63,9 @@ def test_lora_and_head_round_trip_through_the_rorem_format(tmp_path, tiny_model_
     assert sorted(os.listdir(tmp_path / "d")) == ["cls_pred_branch.pt", "discriminator_config.json", "pytorch_lora_weights.safetensors"]
     keys = list(load_file(tmp_path / "d" / "pytorch_lora_weights.safetensors"))
     assert all(k.startswith("unet.") and ".lora" in k for k in keys)
-    assert set(torch.load(tmp_path / "d" / "cls_pred_branch.pt")) == {f"{i}.{w}" for i in (0, 1, 3, 4, 6, 7, 9) for w in ("weight", "bias")}
+    # RORem's key names, prefix included: its loader finds the head only under cls_pred_branch.*
+    assert set(torch.load(tmp_path / "d" / "cls_pred_branch.pt")) == {f"cls_pred_branch.{i}.{w}" for i in (0, 1, 3, 4, 6, 7, 9)
+                                                                       for w in ("weight", "bias")}
     fresh = load_discriminator_weights(_disc(tiny_model_dir), str(tmp_path / "d"))
     src, mask, edited = _batch()
     a, b = _reward(tiny_model_dir, disc).score_pixels(src, mask, edited), _reward(tiny_model_dir, fresh).score_pixels(src, mask, edited)

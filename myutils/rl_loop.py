@@ -11,6 +11,7 @@ import torch
 
 from . import train_util as tu
 from .errors import UserError
+from .data import stack_samples, to_device
 from .img_util import content_key
 from .reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
 from .rl_utils import gaussian_kl, gaussian_log_prob, pairwise_preference_loss, ppo_loss, reinforce_loss
@@ -190,8 +191,8 @@ def evaluate(model, sampler, args, samples, reward_model, full=True):
     from pipelines.rl_sampler import sample_trajectory
 
     device = sampler.vae.device
-    b = expand_batch({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(device) for k in samples[0]}, sampler, 1)
-    x = sampler.start(b, sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed, "cpu"))
+    b = expand_batch(to_device(stack_samples(samples), device), sampler, 1)
+    x = sampler.start(b, sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed))
     kls = []
     for j in range(len(sampler.timesteps)):
         out = sampler.output(model, x, j, b)  # one policy pass serves both the KL and the deterministic step
@@ -208,7 +209,7 @@ def evaluate(model, sampler, args, samples, reward_model, full=True):
     if not full:
         return metrics, sampler.decode(x).cpu(), per_sample
     metrics["eval_kl_to_start"] = float(np.mean(kls))
-    gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed, "cpu")
+    gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed)
     sde = sample_trajectory(sampler, model, b, gens)
     sde_parts, sde_total = compute_rewards(args, reward_model, sampler, sde["latents"][:, -1], b)
     metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde_parts.items()}, eval_sde_reward=sde_total.mean().item())
@@ -225,10 +226,10 @@ def collect_samples(args, sampler, model, stream, pool, reward_model, device):
     batches, futures = [], []
     for _ in range(args.sample_batches_per_epoch):
         _, batch = next(stream)
-        b = expand_batch({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, sampler, args.group_size)
-        gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, args.seed, "cpu")
+        b = expand_batch(to_device(batch, device), sampler, args.group_size)
+        gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, args.seed)
         # pairwise: both samples of an input start from the same latents (own seed space), their steps differ
-        starts = (sample_generators({"epoch": b["epoch"] + 2_000_000, "index": b["index"]}, args.seed, "cpu")
+        starts = (sample_generators({"epoch": b["epoch"] + 2_000_000, "index": b["index"]}, args.seed)
                   if args.algorithm == "pairwise" else None)
         b.update(sample_trajectory(sampler, model, b, gens, start_generators=starts))
         futures.append(pool.submit(compute_rewards, args, reward_model, sampler, b["latents"][:, -1], b))
@@ -259,13 +260,14 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
     for inner in range(args.num_inner_epochs):
         g = torch.Generator().manual_seed(seed * 101 + inner)
         if args.algorithm == "pairwise":  # shuffle pairs, keep each pair's two samples next to each other
-            order = (2 * torch.randperm(len(advantages) // 2, generator=g)[:, None] + torch.arange(2)).reshape(-1)
+            order = (2 * torch.randperm(len(advantages) // 2, generator=g, device=g.device)[:, None] + torch.arange(2)).reshape(-1)
         else:
-            order = torch.randperm(len(advantages), generator=g)
+            order = torch.randperm(len(advantages), generator=g, device=g.device)
         for start in range(0, len(order), args.train_batch_size):
-            idx = order[start:start + args.train_batch_size].to(accelerator.device)
-            steps = torch.randperm(sampler.num_train_steps, generator=g)[:n_steps]
-            cond = {k: v[idx] for k, v in data.items()}
+            idx = order[start:start + args.train_batch_size]
+            steps = torch.randperm(sampler.num_train_steps, generator=g, device=g.device)[:n_steps]
+            cond = {k: v[idx.to(v.device)] for k, v in data.items()}  # bookkeeping stays on the CPU
+            adv = advantages[idx.to(advantages.device)]
             metrics = {}
             for j in steps.tolist():
                 with accelerator.accumulate(model):
@@ -273,11 +275,11 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                     mean, scale = sampler.distribution(model, x, j, cond)
                     log_prob = gaussian_log_prob(cond["latents"][:, j + 1], mean, scale)
                     if args.algorithm == "reinforce":
-                        loss = reinforce_loss(log_prob, advantages[idx])
+                        loss = reinforce_loss(log_prob, adv)
                     elif args.algorithm == "pairwise":
-                        loss = pairwise_preference_loss(log_prob, cond["log_probs"][:, j], advantages[idx], args.beta, args.clip_range)
+                        loss = pairwise_preference_loss(log_prob, cond["log_probs"][:, j], adv, args.beta, args.clip_range)
                     else:
-                        loss, approx_kl, clip_fraction = ppo_loss(log_prob, cond["log_probs"][:, j], advantages[idx], args.clip_range)
+                        loss, approx_kl, clip_fraction = ppo_loss(log_prob, cond["log_probs"][:, j], adv, args.clip_range)
                         metrics.update(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
                     if args.kl_coef > 0:
                         with torch.no_grad(), tu.adapters_disabled(raw):
@@ -371,8 +373,7 @@ def load_labelled_pairs(args, accelerator, global_step):
     traj = os.path.join(os.path.dirname(path), f"trajectories-rank{accelerator.process_index}.pt")
     if not os.path.isfile(traj):
         raise UserError(f"--pair_labels {path}: {traj} is missing; keep the labels file in its --export_pairs folder")
-    batches = [{k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b in torch.load(traj, map_location="cpu", weights_only=False)]
+    batches = [to_device(b, accelerator.device) for b in torch.load(traj, map_location="cpu", weights_only=False)]
     if sum(len(b["index"]) for b in batches) * accelerator.num_processes != len(prefs):
         raise UserError(f"--pair_labels {path}: {len(pairs)} pairs listed, but {traj} holds another number of samples per process")
     rewards = np.array([r for pair in pairs for r in (pair.get("reward_a", np.nan), pair.get("reward_b", np.nan))], dtype=np.float64)

@@ -17,9 +17,9 @@ import warnings
 import torch
 import yaml
 
-from .data import EpochSampler, RemovalDataset, check_entries, read_meta
+from .data import EpochSampler, RemovalDataset, check_entries, read_meta, to_device
 from .errors import UserError
-from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet
+from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet, read_lora
 from .sdxl_inpaint import encode_prompt_once, encode_prompt_pair
 
 logger = logging.getLogger("rorem")
@@ -329,13 +329,25 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
+def cast_base_weights(model, dtype):
+    """Cast a model's parameters and buffers to `dtype`, except LoRA adapter weights: model.to(dtype)
+    would also turn adapters added earlier (trainable, kept in fp32) into fp16, which the grad scaler
+    then refuses to unscale."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "lora_" not in name and t.is_floating_point() and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+
+
 def add_lora(unet, args, dtype, adapter_name="default"):
     """Freeze the base UNet (in the compute dtype) and add a trainable LoRA kept in fp32; returns
-    its parameters. Several adapters on one model share its base weights (one copy in memory)."""
+    its parameters. Several adapters on one model share its base weights (one copy in memory), and
+    adding one leaves the others' weights as they were."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
-    unet.to(dtype=dtype)
+    for name, p in unet.named_parameters():
+        if "lora_" not in name:
+            p.requires_grad_(False)
+    cast_base_weights(unet, dtype)
     with warnings.catch_warnings():  # peft warns about every adapter after the first: several are intended here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian",
@@ -402,13 +414,10 @@ def save_unet(unet, output_dir, lora, adapter="default"):
 def load_unet_weights(unet, input_dir, lora, adapter="default"):
     """Inverse of save_unet, into an existing (possibly LoRA-wrapped) model."""
     if lora:
-        from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
         pipeline, prefix = _lora_pipeline(unet)
-        state = pipeline.lora_state_dict(input_dir)
-        state = state[0] if isinstance(state, tuple) else state
-        state = convert_unet_state_dict_to_peft({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+        state, _ = read_lora(input_dir, "checkpoint", pipeline, prefix)
         result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
         if getattr(result, "unexpected_keys", None):
             raise UserError(f"{input_dir}: LoRA weights do not fit this model (unexpected keys, e.g. {result.unexpected_keys[0]})")
@@ -550,6 +559,45 @@ def validation_samples(args, entries, kind="triplet", count=None):
     return [dataset[i] for i in range(len(dataset))]
 
 
+@contextlib.contextmanager
+def mixed_precision_unet(accelerator, unet):
+    """Only the UNet's forward runs under the training's autocast, its output cast back to its input's
+    dtype, so the pipeline around it keeps one dtype. Autocast around the whole pipeline would run the
+    VAE's convolutions in fp16 too, where the SDXL VAE overflows (black or NaN images)."""
+    forward = unet.forward
+    own = "forward" in vars(unet)  # already wrapped (e.g. a call counter): put that back afterwards
+
+    def autocast_forward(sample, *args, **kwargs):
+        with accelerator.autocast():
+            out = forward(sample, *args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.to(sample.dtype) if torch.is_tensor(o) else o for o in out)
+        out.sample = out.sample.to(sample.dtype)
+        return out
+
+    unet.forward = autocast_forward
+    try:
+        yield unet
+    finally:
+        if own:
+            unet.forward = forward
+        else:
+            del unet.forward
+
+
+@contextlib.contextmanager
+def vae_dtype_kept(vae):
+    """The stock SDXL pipeline encodes and decodes in fp32 when the VAE's config says force_upcast (the
+    SDXL VAE does), but afterwards casts the VAE it was given to the UNet's dtype: the VAE that training
+    shares would then encode in fp16 from the first validation on. Put its dtype back."""
+    dtype = vae.dtype
+    try:
+        yield vae
+    finally:
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
+
+
 @torch.no_grad()
 def sample_validation(accelerator, args, comps, model, samples, seed=None, steps=None, scheduler=None):
     """Inpaint validation samples with the unwrapped `model`, image i with seed (seed or --seed) + i,
@@ -564,7 +612,7 @@ def sample_validation(accelerator, args, comps, model, samples, seed=None, steps
     sources, masks = input_rows(samples)
     results = []
     for i in range(0, len(samples), 16):  # bounded memory for long win-rate sets
-        with accelerator.autocast():
+        with mixed_precision_unet(accelerator, model), vae_dtype_kept(comps.vae):
             results += inpaint(pipe, comps.condition, sources[i:i + 16], masks[i:i + 16], args.resolution,
                                steps or args.validation_inference_steps, args.validation_strength,
                                seed=(args.seed if seed is None else seed) + i)
@@ -695,7 +743,7 @@ class TrainingRun:
         if self.global_step >= self.max_steps:
             return
         for _, batch in epoch_batches(self.loader, self.global_step, self.args.gradient_accumulation_steps, self.num_epochs):
-            yield {k: v.to(self.acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield to_device(batch, self.acc.device)
             if self.global_step >= self.max_steps:
                 return
 

@@ -72,6 +72,8 @@ class FlowFillSampler:
         if resolution % (2 * self.factor):
             raise UserError(f"--resolution {resolution} must be a multiple of {2 * self.factor} for this flow model (VAE factor "
                             f"{self.factor}, 2x2 packing)")
+        pipe.text_encoder.to(device)  # encode_prompt(device=...) moves the token ids, not the encoders
+        pipe.text_encoder_2.to(device)
         with torch.no_grad():
             self.prompt_embeds, self.pooled, self.text_ids = pipe.encode_prompt(prompt, prompt, device=device,
                                                                                 max_sequence_length=max_sequence_length)
@@ -85,7 +87,9 @@ class FlowFillSampler:
                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu, device="cpu")
         init = min(int(num_steps * strength), num_steps)
-        self.timesteps = self.scheduler.timesteps[num_steps - init:]
+        first = num_steps - init  # the schedule's bookkeeping as Python numbers: no device sync to read a step's sigma
+        self.timesteps, self.step_indices = self.scheduler.timesteps.tolist()[first:], list(range(first, num_steps))
+        self.start_sigma = self.scheduler.sigmas.tolist()[first]
         if len(self.timesteps) < 2:
             raise UserError(f"--strength {strength} with --sample_steps {num_steps} leaves {len(self.timesteps)} flow step(s): at "
                             "least 2 are needed (the last step is never trained)")
@@ -107,24 +111,24 @@ class FlowFillSampler:
         return {**batch, "fill_condition": fill, "source_latents": self._encode(batch["source"])}
 
     def start(self, cond, generators):
-        noise = randn_per_sample(generators, cond["source_latents"].shape[1:], "cpu").to(cond["source_latents"].device)
+        noise = randn_per_sample(generators, cond["source_latents"].shape[1:], cond["source_latents"].device)
         if self.strength >= 1:
             return noise
-        sigma = self.scheduler.sigmas[self.scheduler.index_for_timestep(self.timesteps[0])].item()
+        sigma = self.start_sigma
         return sigma * noise + (1 - sigma) * cond["source_latents"].float()  # scheduler.scale_noise
 
     def output(self, model, x, j, cond):
         b = x.shape[0]
-        t = self.timesteps[j].to(x.device)
         guidance = self.guidance.to(x.device).expand(b) if self.guidance is not None else None
         return model(hidden_states=torch.cat([x, cond["fill_condition"]], dim=-1).to(self.dtype),
-                     timestep=(t / 1000).expand(b).to(self.dtype), guidance=guidance,
+                     timestep=(torch.full((b,), self.timesteps[j], device=x.device) / 1000).to(self.dtype), guidance=guidance,
                      pooled_projections=self.pooled.expand(b, -1), encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
                      txt_ids=self.text_ids, img_ids=self.img_ids, return_dict=False)[0].float()
 
     def step(self, v, j, x, deterministic=False):
         noise_level = 0.0 if deterministic else self.noise_level
-        mean, scale, _ = flowmatch_step_mean_std(self.scheduler, v, self.timesteps[j], x, noise_level, self.naive)
+        mean, scale, _ = flowmatch_step_mean_std(self.scheduler, v, self.timesteps[j], x, noise_level, self.naive,
+                                                 step_index=self.step_indices[j])
         return mean, (None if deterministic else scale)
 
     def distribution(self, model, x, j, cond, deterministic=False):

@@ -28,10 +28,12 @@ def rl_scheduler(config, num_steps):
 
 
 def denoising_timesteps(scheduler, strength):
-    """The timesteps a sample at `strength` goes through: the last int(N * strength) of the N."""
+    """The timesteps a sample at `strength` goes through, as Python ints: the last int(N * strength) of
+    the N. Plain numbers: reading one never synchronises a device, and a step's timestep tensor is
+    made where the step runs."""
     n = scheduler.num_inference_steps
     init = min(int(n * strength), n)
-    return scheduler.timesteps[n - init:]
+    return scheduler.timesteps.tolist()[n - init:]
 
 
 def predict(unet, latents, t, mask_latent, masked_latents, condition_kwargs, guidance_scale=1.0, uncond_kwargs=None):
@@ -69,10 +71,11 @@ class SDXLInpaintSampler:
                 "source_latents": posterior_mean_latents(params["params:source"], self.vae.config), "mask_latent": params["mask_latent"]}
 
     def start(self, cond, generators):
-        noise = randn_per_sample(generators, cond["source_latents"].shape[1:], "cpu").to(cond["source_latents"].device)
+        noise = randn_per_sample(generators, cond["source_latents"].shape[1:], cond["source_latents"].device)
         if self.strength >= 1:
             return noise
-        return self.scheduler.add_noise(cond["source_latents"].float(), noise, self.timesteps[:1].repeat(len(noise)))
+        t = torch.full((len(noise),), self.timesteps[0], dtype=torch.long, device=noise.device)
+        return self.scheduler.add_noise(cond["source_latents"].float(), noise, t)
 
     def output(self, model, x, j, cond):
         size = (self.resolution, self.resolution)
@@ -106,7 +109,7 @@ def sample_trajectory(sampler, model, cond, generators, deterministic=False, sta
         stochastic = not deterministic and j < sampler.num_train_steps
         mean, scale = sampler.distribution(model, latents[-1], j, cond, deterministic=not stochastic)
         if stochastic:
-            x = mean + scale * randn_per_sample(generators, mean.shape[1:], "cpu").to(mean.device)
+            x = mean + scale * randn_per_sample(generators, mean.shape[1:], mean.device)
             log_probs.append(gaussian_log_prob(x, mean, scale))
         else:
             x = mean.float()

@@ -49,17 +49,17 @@ def test_strength_half_denoises_half_the_steps_from_the_noised_source(setup):
     args, comps, batch = setup
     sampler = _sampler(comps, 10, 0.5)
     b = rl_loop.expand_batch(batch, sampler, 1)
-    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0)
     traj = sample_trajectory(sampler, comps.unet, b, gens)
     sched = sampler.scheduler
     assert traj["log_probs"].shape == (3, 5) and traj["latents"].shape == (3, 6, 4, 16, 16)
-    assert sampler.timesteps.tolist() == sched.timesteps[5:].tolist()
-    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu")
+    assert sampler.timesteps == sched.timesteps[5:].tolist()
+    gens = sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0)
     noise = torch.stack([torch.randn(4, 16, 16, generator=g) for g in gens])
     start = sched.add_noise(b["source_latents"], noise, sched.timesteps[5:6].repeat(3))
     assert torch.allclose(traj["latents"][:, 0], start)  # the source noised to the first remaining timestep
     full_sampler = _sampler(comps, 10, 1.0)
-    full = sample_trajectory(full_sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    full = sample_trajectory(full_sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0))
     assert full["log_probs"].shape == (3, 10) and torch.equal(full["latents"][:, 0], noise)  # strength 1: pure noise
 
 
@@ -72,7 +72,7 @@ def test_sampler_step_is_diffusers_ddim_step(setup):
     args, comps, batch = setup
     sampler = _sampler(comps, 4, 1.0)
     b = rl_loop.expand_batch(batch, sampler, 1)
-    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0))
     kw = comps.condition.unet_kwargs(b["original_size"], b["crop_top_left"], (32, 32))
     x, t = traj["latents"][:, 1], sampler.timesteps[1]
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_reevaluating_a_recorded_step_gives_ratio_one(setup):
                 p.normal_(0, 0.1)  # a policy different from the base model
     sampler = _sampler(comps, 4, 1.0)
     b = rl_loop.expand_batch(batch, sampler, 1)
-    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0, "cpu"))
+    traj = sample_trajectory(sampler, comps.unet, b, sample_generators({"epoch": b["epoch"], "index": b["noise_index"]}, 0))
     for j in range(len(sampler.timesteps)):
         mean, std = sampler.distribution(comps.unet, traj["latents"][:, j], j, b)  # with grad, as in training
         ratio = torch.exp(gaussian_log_prob(traj["latents"][:, j + 1], mean, std) - traj["log_probs"][:, j])

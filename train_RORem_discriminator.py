@@ -71,6 +71,25 @@ def discriminator_input(comps, batch, resolution, generators=None):
     return x, kw
 
 
+def build_discriminator(args, comps, dtype):
+    """The discriminator on comps.unet's encoder half (the up path is released), built where the UNet
+    was loaded: the whole model trainable (--train_full), or RORem's LoRA + head in fp32 over a frozen
+    base in the compute dtype."""
+    disc = UNetSDXLDiscriminator.from_unet(comps.unet, "sigmoid" if args.loss == "bce" else "softplus")
+    comps.unet = None
+    if args.train_full:
+        disc.requires_grad_(True)
+    else:
+        disc.requires_grad_(False)
+        disc.to(dtype=dtype)  # before the LoRA exists: a cast now cannot touch adapter weights
+        add_discriminator_lora(disc, args.rank)
+        disc.cls_pred_branch.requires_grad_(True)
+        for p in disc.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable weights in fp32
+    return disc
+
+
 def discriminator_loss(disc, comps, batch, args):
     x, kw = discriminator_input(comps, batch, args.resolution, sample_generators(batch, args.seed))
     logits = disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"], return_logits=True)
@@ -109,19 +128,7 @@ def main(argv=None):
     tu.logger.info(describe("held out", val_entries))
     dtype = tu.weight_dtype(accelerator)
     comps = tu.Components(args, accelerator, dtype)
-    disc = UNetSDXLDiscriminator.from_unet(comps.unet, "sigmoid" if args.loss == "bce" else "softplus")
-    comps.unet = None  # the up path is released; the discriminator holds the encoder half
-    if args.train_full:
-        disc.requires_grad_(True)
-    else:
-        disc.requires_grad_(False)
-        disc.to(dtype=dtype)
-        add_discriminator_lora(disc, args.rank)
-        disc.cls_pred_branch.requires_grad_(True)
-        for p in disc.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable weights in fp32
-    disc.to(accelerator.device).train()
+    disc = build_discriminator(args, comps, dtype).to(accelerator.device).train()
     params = [p for p in disc.parameters() if p.requires_grad]
 
     dataset = tu.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "source"))

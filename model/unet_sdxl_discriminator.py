@@ -80,7 +80,7 @@ class UNetSDXLDiscriminator(nn.Module):
 
     def logits(self, feature):
         head = self.cls_pred_branch
-        h = head[:6](feature)
+        h = head[:6](feature.to(head[0].weight.dtype))  # the trainable head may be fp32 over an fp16 encoder
         if h.shape[-1] != 4 or h.shape[-2] != 4:  # not 512 px: pool so the 4x4/4 conv ends at 1x1
             h = F.adaptive_avg_pool2d(h, 4)
         return head[6:](h).mean(dim=(1, 2, 3))

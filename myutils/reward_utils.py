@@ -211,7 +211,7 @@ def load_reward_model(pretrained_model, discriminator_path, resolution=512, devi
     cfg = read_discriminator_config(discriminator_path)
     pipe = load_inpaint_pipeline(pretrained_model, variant=variant)
     condition = encode_prompt_once(pipe, "")
-    alpha_t0 = float(DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[0])
+    alpha_t0 = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.tolist()[0]
     disc = UNetSDXLDiscriminator.from_unet(pipe.unet, cfg["head_activation"])
     load_discriminator_weights(disc, discriminator_path)
     vae = pipe.vae.to(device)

@@ -30,8 +30,8 @@ def ddim_step_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
     prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     ac = scheduler.alphas_cumprod.to(sample.device).float()
     a_t = _per_sample(ac[t], sample)
-    a_prev = _per_sample(torch.where(prev >= 0, ac[prev.clamp(min=0)], torch.as_tensor(float(scheduler.final_alpha_cumprod),
-                                                                                       device=sample.device)), sample)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod.tolist(), device=sample.device)  # tolist: a number, no device op
+    a_prev = _per_sample(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), sample)
     if scheduler.config.prediction_type == "epsilon":
         x0, eps = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output
     elif scheduler.config.prediction_type == "v_prediction":

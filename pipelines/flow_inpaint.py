@@ -77,7 +77,8 @@ class FlowFillSampler:
         with torch.no_grad():
             self.prompt_embeds, self.pooled, self.text_ids = pipe.encode_prompt(prompt, prompt, device=device,
                                                                                 max_sequence_length=max_sequence_length)
-        self.model, self.vae = pipe.transformer.to(device), pipe.vae.to(device, torch.float32)
+        # the transformer stays where it was loaded: LoRA adapters are added there, then accelerator.prepare moves it
+        self.model, self.vae = pipe.transformer, pipe.vae.to(device, torch.float32)
         self.vae.requires_grad_(False)
         self.scheduler = pipe.scheduler
         self.h = self.w = resolution // self.factor

@@ -1,0 +1,156 @@
+"""Fake CUDA on a machine without a GPU (DESIGN.md section 13).
+
+Inside `fake_cuda()` tensors and modules can be moved to "cuda": torch's FakeTensorMode keeps their
+shapes, dtypes and devices but no data, and any op that mixes a CUDA tensor with a CPU one raises
+FakeTensorDeviceMismatchError, as a real GPU would. Forward passes run; backward and reading values
+(.item()) do not. What the harness lets run outside the fake mode, and why:
+- loading weights from disk (from_pretrained, LoRA files, torch.load), building from a config
+  (from_config), building the discriminator and adding LoRA adapters: a real run does these on the CPU
+  too, and fake tensors cannot hold values; the code under test moves what it built to the device;
+- scheduler.set_timesteps: a schedule is CPU bookkeeping that the code reads as Python numbers;
+- the SDXL prompt encoders when they run on the CPU (their default): a CPU computation in a real run
+  too, whose tokenizer checks read values;
+- sample_generators: it reads sample indices as Python ints; a fake tensor has no values, so samples
+  whose bookkeeping was derived inside the mode are seeded by position (the seeds do not matter here).
+"""
+import contextlib
+import sys
+import types
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+
+CUDA = torch.device("cuda")
+
+
+def _outside(fn):
+    def run(*args, **kwargs):
+        with unset_fake_temporarily():
+            return fn(*args, **kwargs)
+    return run
+
+
+def _patch_classmethod(cls, name, patched):
+    orig = cls.__dict__[name]
+    setattr(cls, name, classmethod(_outside(orig.__func__)))
+    patched.append((cls, name, orig))
+
+
+@contextlib.contextmanager
+def fake_cuda():
+    import diffusers
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from transformers import PreTrainedModel
+
+    import myutils.rng as rng
+
+    patched = []
+    from diffusers.configuration_utils import ConfigMixin
+
+    for cls in (DiffusionPipeline, ModelMixin, PreTrainedModel):
+        _patch_classmethod(cls, "from_pretrained", patched)
+    _patch_classmethod(ConfigMixin, "from_config", patched)
+    _patch_classmethod(StableDiffusionXLLoraLoaderMixin, "lora_state_dict", patched)
+    for name in dir(diffusers):
+        cls = getattr(diffusers, name)
+        if isinstance(cls, type) and "set_timesteps" in vars(cls):
+            patched.append((cls, "set_timesteps", cls.set_timesteps))
+            cls.set_timesteps = _outside(cls.set_timesteps)
+    patched.append((torch, "load", torch.load))
+    torch.load = _outside(torch.load)
+
+    # model building on the host: a real run builds and loads models on the CPU, then moves them
+    import model.unet_sdxl_discriminator as ud
+    import myutils.reward_utils as ru
+    import myutils.train_util as tu
+
+    _patch_classmethod(ud.UNetSDXLDiscriminator, "from_unet", patched)
+    def on_host_if_real(fn):  # a model already moved to the (fake) GPU gets its adapters there
+        def run(model, *args, **kwargs):
+            if any(isinstance(p, FakeTensor) for p in model.parameters()):
+                return fn(model, *args, **kwargs)
+            with unset_fake_temporarily():
+                return fn(model, *args, **kwargs)
+        return run
+
+    for module, name in ((ru, "add_discriminator_lora"), (ru, "load_discriminator_weights"), (tu, "add_lora")):
+        real = getattr(module, name)
+        for holder in list(sys.modules.values()):
+            if getattr(holder, name, None) is real:
+                patched.append((holder, name, real))
+                setattr(holder, name, on_host_if_real(real))
+
+    import myutils.sdxl_inpaint as si
+
+    for name in ("encode_prompt_once", "encode_prompt_pair"):
+        real = getattr(si, name)
+
+        def encode(pipe, *args, _real=real, **kwargs):  # on the CPU by design (the default): real; on the GPU: fake
+            device = kwargs.get("device", args[2] if len(args) > 2 else "cpu")
+            if torch.device(device).type == "cpu":
+                with unset_fake_temporarily():
+                    return _real(pipe, *args, **kwargs)
+            return _real(pipe, *args, **kwargs)
+
+        for module in list(sys.modules.values()):
+            if getattr(module, name, None) is real:
+                patched.append((module, name, real))
+                setattr(module, name, encode)
+
+    # fake tensors do not check the devices of an embedding lookup (a real GPU does: CUDA token ids
+    # into an encoder left on the CPU raise in index_select); check them here
+    real_embedding = torch.nn.functional.embedding
+
+    def embedding(input, weight, *args, **kwargs):
+        if input.device.type != weight.device.type:
+            raise RuntimeError(f"Expected all tensors to be on the same device: embedding indices on {input.device}, "
+                               f"weight on {weight.device}")
+        return real_embedding(input, weight, *args, **kwargs)
+
+    patched.append((torch.nn.functional, "embedding", real_embedding))
+    torch.nn.functional.embedding = embedding
+
+    real_generators = rng.sample_generators
+
+    def sample_generators(batch, seed):
+        for key in ("epoch", "index"):
+            value = batch[key]
+            if torch.is_tensor(value) and not isinstance(value, FakeTensor) and value.device.type != "cpu":
+                raise AssertionError(f"batch[{key!r}] is on {value.device}: bookkeeping stays on the CPU")
+        if any(isinstance(batch[k], FakeTensor) for k in ("epoch", "index")):
+            n = len(batch["index"])
+            batch = {"epoch": [0] * n, "index": list(range(n))}
+        with unset_fake_temporarily():
+            return real_generators(batch, seed)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "sample_generators", None) is real_generators:
+            patched.append((module, "sample_generators", real_generators))
+            module.sample_generators = sample_generators
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        for obj, name, orig in reversed(patched):
+            setattr(obj, name, orig)
+
+
+def on_host():
+    """Leave the fake mode for a block that a real run also runs on the CPU (building a model, before
+    it is moved to the GPU). Inside the fake mode a module can change device or dtype once only."""
+    return unset_fake_temporarily()
+
+
+def fake_accelerator():
+    """What the step functions ask of an Accelerator, on the (fake) GPU of one process."""
+    return types.SimpleNamespace(device=CUDA, num_processes=1, process_index=0, is_main_process=True, sync_gradients=True,
+                                 unwrap_model=lambda m: m, gather=lambda t: t, autocast=contextlib.nullcontext)
+
+
+def on_cuda(*tensors):
+    """Assert every tensor is on the fake GPU (fails on a CPU result), and return them."""
+    for t in tensors:
+        assert isinstance(t, FakeTensor) and t.device.type == "cuda", f"expected a CUDA tensor, got {type(t).__name__} on {t.device}"
+    return tensors

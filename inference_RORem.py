@@ -4,6 +4,11 @@
     python inference_RORem.py --RORem_unet path/to/RORem_unet --image_path in.png --mask_path mask.png --save_path out.png
     python inference_RORem.py --RORem_unet ... --meta_path test/meta.json --save_path results/
     python inference_RORem.py --RORem_unet ... --image_path photos/ --mask_path masks/ --save_path results/
+    python inference_RORem.py --RORem_unet ... --image_path validation_data/ --save_path results/   # RORem's layout
+
+Folder mode pairs each image with the mask of the same name in --mask_path, or named mask_<name>:
+RORem's validation_data/ keeps 1.jpg beside mask_1.png (masks may be RGB) in one folder, which is
+the default --mask_path of a folder.
 
 Any size and aspect ratio: the image is processed with its shorter side at --resolution (aspect kept,
 sides rounded to multiples of 8), the result is resized back to the original size and pasted into
@@ -32,7 +37,8 @@ def parse_args(argv=None, four_step=False):
     if four_step:
         p.set_defaults(inference_steps=4, strength=1.0, scheduler="lcm", fuse_lora=True)
     p.add_argument("--image_path", default=None, help="an image, or a folder of images")
-    p.add_argument("--mask_path", default=None, help="its mask (white = remove), or a folder of masks with the same names")
+    p.add_argument("--mask_path", default=None, help="its mask (white = remove), or a folder of masks named like the images or "
+                                                    "mask_<name> (default for a folder of images: that folder)")
     p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask} entries")
     p.add_argument("--save_path", default="result.png", help="output file (single image) or folder (batch modes)")
     p.add_argument("--dilate_size", type=int, default=0, help="grow the mask by this many pixels first")
@@ -42,6 +48,8 @@ def parse_args(argv=None, four_step=False):
     check_remover_args(args)
     if four_step and not args.lora_path:
         raise UserError("--RORem_LoRA is required: the 4-step LoRA from train_RORem_lcm.py (pytorch_lora_weights.safetensors or its folder)")
+    if args.image_path and args.mask_path is None and os.path.isdir(args.image_path):
+        args.mask_path = args.image_path  # RORem's validation_data/: images and mask_<name> files side by side
     if bool(args.meta_path) == bool(args.image_path or args.mask_path):
         raise UserError("give either --meta_path, or --image_path with --mask_path")
     if not args.meta_path and not (args.image_path and args.mask_path):
@@ -58,14 +66,22 @@ def list_jobs(args):
         if not os.path.isdir(args.mask_path):
             raise UserError(f"--image_path {args.image_path} is a folder, so --mask_path must be one too")
         masks = {os.path.splitext(f)[0]: f for f in os.listdir(args.mask_path) if f.lower().endswith(IMAGE_EXTS)}
-        images = sorted(f for f in os.listdir(args.image_path) if f.lower().endswith(IMAGE_EXTS))
+        same_folder = os.path.realpath(args.mask_path) == os.path.realpath(args.image_path)
+        images = sorted(f for f in os.listdir(args.image_path) if f.lower().endswith(IMAGE_EXTS)
+                        and not (same_folder and f.startswith("mask_")))
         if not images:
             raise UserError(f"--image_path {args.image_path}: no images ({', '.join(IMAGE_EXTS)})")
-        missing = [f for f in images if os.path.splitext(f)[0] not in masks]
+
+        def mask_of(f):  # the same name, or RORem's mask_<name>
+            stem = os.path.splitext(f)[0]
+            return masks.get(f"mask_{stem}") if same_folder else masks.get(stem) or masks.get(f"mask_{stem}")
+
+        missing = [f for f in images if not mask_of(f)]
         if missing:
-            raise UserError(f"--mask_path {args.mask_path}: no mask named like {missing[0]!r} ({len(missing)} images without a mask)")
-        entries = [Entry(args.image_path, i, {"source": os.path.join(args.image_path, f),
-                                               "mask": os.path.join(args.mask_path, masks[os.path.splitext(f)[0]])})
+            stem = os.path.splitext(missing[0])[0]
+            raise UserError(f"--mask_path {args.mask_path}: no mask for {missing[0]!r} (looked for {stem}.* and mask_{stem}.*; "
+                            f"{len(missing)} images without a mask)")
+        entries = [Entry(args.image_path, i, {"source": os.path.join(args.image_path, f), "mask": os.path.join(args.mask_path, mask_of(f))})
                    for i, f in enumerate(images)]
         names = [os.path.splitext(f)[0] + ".png" for f in images]
     else:

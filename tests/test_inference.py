@@ -117,7 +117,7 @@ def test_folder_mode_matches_masks_by_name(tmp_path, tiny_model_dir):
     _main(_base(tiny_model_dir, "--image_path", tmp_path / "img", "--mask_path", tmp_path / "msk", "--save_path", tmp_path / "o"))
     assert Image.open(tmp_path / "o" / "a.png").size == (40, 32) and os.path.isfile(tmp_path / "o" / "b.png")
     os.remove(tmp_path / "msk" / "b.png")
-    with pytest.raises(UserError, match=r"no mask named like 'b.png'"):
+    with pytest.raises(UserError, match=r"no mask for 'b.png' \(looked for b.\* and mask_b.\*"):
         _main(_base(tiny_model_dir, "--image_path", tmp_path / "img", "--mask_path", tmp_path / "msk", "--save_path", tmp_path / "o"))
 
 

@@ -127,7 +127,7 @@ def main(argv=None):
             ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
             all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
             if args.algorithm == "grpo":
-                adv = group_advantages(all_rewards, all_ids)
+                adv = group_advantages(all_rewards, all_ids, args.adv_std)
             elif args.algorithm == "pairwise":
                 adv = pair_preferences(all_rewards)
             else:

@@ -53,6 +53,9 @@ def add_lcm_args(parser):
                    help="the target uses an EMA of the LoRA instead of the current LoRA")
     g.add_argument("--ema_decay", type=float, default=0.95)
     g.add_argument("--validation_lcm_steps", type=int, default=4)
+    g.add_argument("--validation_lcm_strength", type=float, default=1.0,
+                   help="the student's strength in validation: 1.0, as inference_RORem_4S.py ships it (at 0.99 the LCM scheduler "
+                        "runs 3 of 4 steps from a partly noised source)")
     g.add_argument("--win_rate_samples", type=int, default=64,
                    help="held-out inputs on which student (LCM steps) and teacher (--validation_inference_steps) are compared")
     g = parser.add_argument_group("reward weighting (with --discriminator_path)")
@@ -80,6 +83,9 @@ def parse_args(argv=None, rewarded=False):
         raise UserError("--discriminator_path is required (the discriminator folder whose scores weight the loss)")
     if not args.use_lora:
         raise UserError("LCM distillation trains a LoRA: the teacher is the same UNet with the LoRA off (drop --no-use_lora)")
+    if args.validation_steps and int(args.validation_lcm_steps * args.validation_lcm_strength) < 1:
+        raise UserError(f"--validation_lcm_steps {args.validation_lcm_steps} at --validation_lcm_strength "
+                        f"{args.validation_lcm_strength} runs no denoising step")
     if args.w_min > args.w_max:
         raise UserError(f"--w_min {args.w_min} is above --w_max {args.w_max}")
     if args.weighting == "percentile" and args.reward_reference and not os.path.isfile(args.reward_reference):
@@ -226,7 +232,8 @@ def main(argv=None, rewarded=False):
 
         model = accelerator.unwrap_model(unet)
         lcm = LCMScheduler.from_config(comps.sample_scheduler_config)
-        results = tu.sample_validation(accelerator, args, comps, model, val_samples, steps=args.validation_lcm_steps, scheduler=lcm)
+        results = tu.sample_validation(accelerator, args, comps, model, val_samples, steps=args.validation_lcm_steps, scheduler=lcm,
+                                       strength=args.validation_lcm_strength)
 
         def teacher_results():
             with tu.adapters_disabled(model):

@@ -78,9 +78,9 @@ def parse_args(argv=None):
     return args
 
 
-def weighted_group_advantages(components, names, weights, ids):
+def weighted_group_advantages(components, names, weights, ids, std="group"):
     """sum_j w_j x GRPO advantage of objective j (each normalised within its input's group)."""
-    return sum(w * group_advantages(components[n], ids) for n, w in zip(names, weights))
+    return sum(w * group_advantages(components[n], ids, std) for n, w in zip(names, weights))
 
 
 class Population:
@@ -157,7 +157,8 @@ def main(argv=None):
     steps_per_generation = steps_per_epoch * args.epochs_per_generation * args.population
     total_steps = steps_per_generation * args.generations
     optimizers = [tu.make_optimizer(args, p, accelerator) for p in params]
-    schedulers = [tu.make_lr_scheduler(args, o, total_steps, accelerator) for o in optimizers]
+    # each policy's schedule steps only while that policy trains: 1/population of all steps
+    schedulers = [tu.make_lr_scheduler(args, o, total_steps // args.population, accelerator) for o in optimizers]
     model, *rest = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = rest[:args.population], rest[args.population:]
     raw = accelerator.unwrap_model(model)
@@ -222,7 +223,8 @@ def main(argv=None):
                 ids = accelerator.gather(torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache)
                                                     for b in batches]).to(accelerator.device)).cpu().tolist()
                 every = {n: accelerator.gather(components[n].to(accelerator.device)).cpu().numpy() for n in names}
-                adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids), args.adv_clip_max)
+                adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids, args.adv_std),
+                                      args.adv_clip_max)
                 n_local = len(components[names[0]])
                 mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
                 advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)

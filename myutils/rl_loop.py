@@ -14,7 +14,8 @@ from .errors import UserError
 from .data import stack_samples, to_device
 from .img_util import content_key
 from .reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
-from .rl_utils import gaussian_kl, gaussian_log_prob, pairwise_preference_loss, ppo_loss, reinforce_loss
+from .rl_utils import (ADV_STDS, KL_UNITS, gaussian_kl, gaussian_log_prob, kl_in_unit, pairwise_preference_loss, ppo_loss,
+                       reinforce_loss)
 from .rng import sample_generators
 
 
@@ -42,7 +43,12 @@ def add_rl_args(parser):
     g.add_argument("--timestep_fraction", type=float, default=1.0)
     g.add_argument("--clip_range", type=float, default=1e-4)
     g.add_argument("--adv_clip_max", type=float, default=5.0)
-    g.add_argument("--kl_coef", type=float, default=0.0, help="penalty on the per-step KL to the reference (LoRA off)")
+    g.add_argument("--kl_coef", type=float, default=0.0, help="penalty on the per-step KL to the reference (LoRA off), in --kl_unit")
+    g.add_argument("--kl_unit", choices=KL_UNITS, default="exact",
+                   help="exact: the step's Gaussian KL; flow_grpo: flow_grpo's formula for flow models (the exact KL times the step "
+                        "length |dt|), the unit its kl_coef 0.04 was tuned in. Same for SDXL's DDIM steps")
+    g.add_argument("--adv_std", choices=ADV_STDS, default="group",
+                   help="grpo: divide by each group's reward std, or by the whole batch's (Flow-GRPO's global_std)")
     g.add_argument("--stat_buffer_size", type=int, default=32)
     g.add_argument("--stat_min_count", type=int, default=16)
     g.add_argument("--eval_epochs", type=int, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
@@ -284,7 +290,7 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                     if args.kl_coef > 0:
                         with torch.no_grad(), tu.adapters_disabled(raw):
                             ref_mean, _ = sampler.distribution(raw, x, j, cond)
-                        kl = gaussian_kl(mean, ref_mean, scale).mean()
+                        kl = kl_in_unit(gaussian_kl(mean, ref_mean, scale).mean(), args.kl_unit, sampler.step_length(j))
                         loss = loss + args.kl_coef * kl
                         metrics["kl_to_reference"] = kl.item()
                     if run.loss_is_finite(loss):

@@ -70,6 +70,20 @@ def gaussian_kl(mean_a, mean_b, std):
     return kl.mean(dim=tuple(range(1, kl.dim())))
 
 
+KL_UNITS = ("exact", "flow_grpo")
+
+
+def kl_in_unit(kl, unit, step_length=1.0):
+    """A per-step KL penalty in the unit its coefficient was tuned for. "exact": the Gaussian KL of the
+    step (for a flow SDE step of scale std sqrt|dt|, mean difference^2 / (2 std^2 |dt|)). "flow_grpo":
+    flow_grpo's formula, mean difference^2 / (2 std^2), i.e. the exact KL times the step length |dt|
+    (10 steps: |dt| 0.05-0.18, so its kl_coef 0.04 is 6-18x weaker than 0.04 of the exact KL).
+    A DDIM step has no dt (step_length 1): both units agree."""
+    if unit not in KL_UNITS:
+        raise ValueError(f"unit must be one of {KL_UNITS}, got {unit!r}")
+    return kl * step_length if unit == "flow_grpo" else kl
+
+
 # ----------------------------------------------------------------------------- advantages
 
 class PerInputStatTracker:
@@ -101,9 +115,16 @@ class PerInputStatTracker:
         self.buffers = {k: collections.deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
 
 
-def group_advantages(rewards, keys, eps=1e-6):
-    """GRPO: (r - mean of its group) / (std of its group + eps), a group being the samples of one
-    input (same key) in this batch; a group of one gets advantage 0."""
+ADV_STDS = ("group", "batch")
+
+
+def group_advantages(rewards, keys, std="group", eps=1e-6):
+    """GRPO: (r - mean of its group) / (std + eps), a group being the samples of one input (same key)
+    in this batch; a group of one gets advantage 0. std "group": the group's own std (DeepSeek's GRPO,
+    DanceGRPO); "batch": the std of every reward in the batch (Flow-GRPO's global_std), which keeps a
+    group whose samples barely differ from getting advantages of +-1."""
+    if std not in ADV_STDS:
+        raise ValueError(f"std must be one of {ADV_STDS}, got {std!r}")
     rewards = np.asarray(rewards, dtype=np.float64)
     keys = list(keys)
     advantages = np.zeros_like(rewards)
@@ -111,7 +132,7 @@ def group_advantages(rewards, keys, eps=1e-6):
         mine = np.array([k == key for k in keys])
         if mine.sum() > 1:
             group = rewards[mine]
-            advantages[mine] = (group - group.mean()) / (group.std() + eps)
+            advantages[mine] = (group - group.mean()) / ((group.std() if std == "group" else rewards.std()) + eps)
     return advantages
 
 

@@ -599,10 +599,10 @@ def vae_dtype_kept(vae):
 
 
 @torch.no_grad()
-def sample_validation(accelerator, args, comps, model, samples, seed=None, steps=None, scheduler=None):
+def sample_validation(accelerator, args, comps, model, samples, seed=None, steps=None, scheduler=None, strength=None):
     """Inpaint validation samples with the unwrapped `model`, image i with seed (seed or --seed) + i,
-    `steps` (default --validation_inference_steps) at --validation_strength with `scheduler` (default:
-    the pipeline's); results pasted into their sources (PIL)."""
+    `steps` (default --validation_inference_steps) at `strength` (default --validation_strength) with
+    `scheduler` (default: the pipeline's); results pasted into their sources (PIL)."""
     from pipelines.inpaint import inpaint, make_pipeline
     from .img_util import paste_back
 
@@ -614,7 +614,7 @@ def sample_validation(accelerator, args, comps, model, samples, seed=None, steps
     for i in range(0, len(samples), 16):  # bounded memory for long win-rate sets
         with mixed_precision_unet(accelerator, model), vae_dtype_kept(comps.vae):
             results += inpaint(pipe, comps.condition, sources[i:i + 16], masks[i:i + 16], args.resolution,
-                               steps or args.validation_inference_steps, args.validation_strength,
+                               steps or args.validation_inference_steps, args.validation_strength if strength is None else strength,
                                seed=(args.seed if seed is None else seed) + i)
     model.train(was_training)
     return [paste_back(r, s, m.convert("L")) for r, s, m in zip(results, sources, masks)]

@@ -90,7 +90,8 @@ class FlowFillSampler:
         init = min(int(num_steps * strength), num_steps)
         first = num_steps - init  # the schedule's bookkeeping as Python numbers: no device sync to read a step's sigma
         self.timesteps, self.step_indices = self.scheduler.timesteps.tolist()[first:], list(range(first, num_steps))
-        self.start_sigma = self.scheduler.sigmas.tolist()[first]
+        sigmas = self.scheduler.sigmas.tolist()
+        self.start_sigma, self.dts = sigmas[first], [sigmas[i] - sigmas[i + 1] for i in self.step_indices]
         if len(self.timesteps) < 2:
             raise UserError(f"--strength {strength} with --sample_steps {num_steps} leaves {len(self.timesteps)} flow step(s): at "
                             "least 2 are needed (the last step is never trained)")
@@ -125,6 +126,10 @@ class FlowFillSampler:
                      timestep=(torch.full((b,), self.timesteps[j], device=x.device) / 1000).to(self.dtype), guidance=guidance,
                      pooled_projections=self.pooled.expand(b, -1), encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
                      txt_ids=self.text_ids, img_ids=self.img_ids, return_dict=False)[0].float()
+
+    def step_length(self, j):
+        """|dt| of step j: sigma_j - sigma_{j+1}."""
+        return self.dts[j]
 
     def step(self, v, j, x, deterministic=False):
         noise_level = 0.0 if deterministic else self.noise_level

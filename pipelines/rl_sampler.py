@@ -7,6 +7,7 @@ so a LoRA policy and its LoRA-off reference share one base. Same methods for bot
     distribution(model, x, j, cond, deterministic) -> (mean, scale) of step j (scale None: deterministic),
         = step(output(model, x, j, cond), j, x, deterministic)
     decode(latents) -> pixels in [-1, 1]                   timesteps, num_train_steps
+    step_length(j) -> |dt| of a flow step (1 for DDIM), for the KL's unit (rl_utils.kl_in_unit)
 SDXLInpaintSampler here (stochastic DDIM, DESIGN.md section 7); FlowFillSampler in
 pipelines/flow_inpaint.py (the marginal-preserving SDE, section 8).
 """
@@ -82,6 +83,10 @@ class SDXLInpaintSampler:
         kw = self.prompt.unet_kwargs(cond["original_size"], cond["crop_top_left"], size)
         ukw = self.negative.unet_kwargs(cond["original_size"], cond["crop_top_left"], size) if self.guidance_scale > 1 else None
         return predict(model, x, self.timesteps[j], cond["mask_latent"], cond["masked_latents"], kw, self.guidance_scale, ukw)
+
+    def step_length(self, j):
+        """A DDIM step has no time step length in the flow sense (myutils/rl_utils.kl_in_unit): 1."""
+        return 1.0
 
     def step(self, out, j, x, deterministic=False):
         t = self.timesteps[j]

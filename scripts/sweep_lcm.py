@@ -41,11 +41,12 @@ def results_row(final):
     weighting = {"none": "plain LCM", "filter": f"filter, score >= {a['reward_threshold']:g}",
                  "softmax": f"softmax, T = {a['reward_temperature']:g}"}.get(a["weighting"], a["weighting"])
     return {"run": final["name"], "weighting": weighting, "source": a["reward_source"] if a["weighting"] != "none" else "-",
-            "steps": a["max_train_steps"], "seed": a["seed"], "unet_calls": a["validation_lcm_steps"],
+            "steps": a["max_train_steps"], "seed": a["seed"],
+            "unet_calls": int(a["validation_lcm_steps"] * a.get("validation_lcm_strength", 1.0)),  # diffusers runs int(steps * strength)
             "win_rate": m.get("val_win_rate"), "win_rate_low": m.get("val_win_rate_low"), "win_rate_high": m.get("val_win_rate_high"),
             "score": m.get("val_score"), "masked_mse": m.get("val_masked_mse"),
             "teacher_score": m.get("val_reference_score"), "teacher_masked_mse": m.get("val_reference_masked_mse"),
-            "teacher_calls": a["validation_inference_steps"]}
+            "teacher_calls": int(a["validation_inference_steps"] * a["validation_strength"])}
 
 
 def main(argv=None):

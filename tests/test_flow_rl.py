@@ -30,6 +30,12 @@ def flow(tiny_flux_dir, toy_meta):
     return sampler, rl_loop.expand_batch(batch, sampler, 1)
 
 
+def test_step_length_is_the_sigma_drop_of_each_step(flow):
+    sampler, _ = flow
+    sigmas = sampler.scheduler.sigmas.tolist()
+    assert [sampler.step_length(j) for j in range(4)] == pytest.approx([sigmas[j] - sigmas[j + 1] for j in range(4)])
+
+
 def test_family_is_read_from_the_model_index(tiny_flux_dir, tiny_model_dir):
     from pipelines.flow_inpaint import model_family
 

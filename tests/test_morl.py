@@ -88,8 +88,12 @@ def test_population_trains_on_one_base_and_writes_loadable_policies(tmp_path, ti
 
     monkeypatch.setattr(tu, "add_lora", spy)
     out = str(tmp_path / "morl")
-    summary = run_script(morl, _args(tiny_model_dir, toy_meta, out))
+    summary = run_script(morl, _args(tiny_model_dir, toy_meta, out, "--lr_scheduler", "linear"))
     assert len(seen["models"]) == 1  # every policy is an adapter on the same model: one base in memory
+    # each policy's linear schedule runs its whole course over that policy's own 3 of the 9 steps
+    for k in range(3):
+        state = torch.load(os.path.join(out, "checkpoint-9", "scheduler.bin" if k == 0 else f"scheduler_{k}.bin"), weights_only=False)
+        assert state["last_epoch"] == 3 and state["_last_lr"] == [0.0]
     assert len(summary["hypervolume_per_generation"]) == 3 and summary["reference"] and summary["start"]
     pop = [p for p in summary["policies"] if p["name"].startswith("policy_")]
     assert len(pop) == 3 and all(len(p["weights"]) == 2 and len(p["objectives"]) == 2 for p in pop)

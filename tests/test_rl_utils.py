@@ -111,3 +111,32 @@ def test_flowmatch_mean_std_scale_is_std_times_sqrt_minus_dt():
     assert scale.flatten()[0].item() == pytest.approx(std.flatten()[0].item() * math.sqrt(-dt), rel=1e-6)
     euler, zero, _ = flowmatch_step_mean_std(s, v, s.timesteps[2], x, 0.0)
     assert torch.allclose(euler, x + v * dt, atol=1e-6) and zero.abs().max() == 0
+
+
+def test_grpo_batch_std_divides_every_group_by_the_std_of_all_rewards():
+    r, keys = [1.0, 3.0, 5.0, 5.5, 2.0, 2.0], ["a", "a", "b", "b", "c", "c"]
+    adv = group_advantages(r, keys, std="batch")
+    s = np.std(r)  # Flow-GRPO's global_std: one scale for the whole batch
+    assert adv == pytest.approx([-1 / s, 1 / s, -0.25 / s, 0.25 / s, 0, 0], rel=1e-5)
+    assert group_advantages(r, keys, std="group")[2:4] == pytest.approx([-1, 1], rel=1e-5)  # each group's own: +-1 however close
+    with pytest.raises(ValueError, match="std must be one of"):
+        group_advantages(r, keys, std="global")
+
+
+def test_kl_units_exact_and_flow_grpo_on_a_flow_step():
+    """flow_grpo's KL is mean((mu - mu_ref)^2) / (2 std^2) with std = noise_level sqrt(sigma / (1 - sigma)),
+    no |dt|; the exact Gaussian KL of the step (scale std sqrt|dt|) is that divided by |dt|."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from myutils.rl_utils import flowmatch_step_mean_std, kl_in_unit
+
+    s = FlowMatchEulerDiscreteScheduler()
+    s.set_timesteps(10)
+    x, v, v_ref = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    mean, scale, std = flowmatch_step_mean_std(s, v, s.timesteps[3], x, 0.7, step_index=3)
+    ref_mean, _, _ = flowmatch_step_mean_std(s, v_ref, s.timesteps[3], x, 0.7, step_index=3)
+    dt = float(s.sigmas[3] - s.sigmas[4])
+    flow_grpo = ((mean - ref_mean) ** 2).mean(dim=(1, 2, 3)) / (2 * std.reshape(-1) ** 2)
+    exact = gaussian_kl(mean, ref_mean, scale)
+    assert torch.allclose(kl_in_unit(exact, "flow_grpo", dt), flow_grpo, rtol=1e-5)
+    assert torch.allclose(kl_in_unit(exact, "exact", dt), flow_grpo / dt, rtol=1e-5) and 5 < 1 / dt < 20

@@ -38,6 +38,8 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
     monkeypatch.setattr(tu, "make_optimizer", recording_optimizer)
     monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
                                                                                real_final(acc, args, model, save, **kw)))
+    sampled, real_sample = [], tu.sample_validation
+    monkeypatch.setattr(tu, "sample_validation", lambda *a, **kw: sampled.append(kw) or real_sample(*a, **kw))
     out = str(tmp_path / "lcm")
     run_script(tlcm, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--w_min", "2", "--w_max", "5",
                            "--max_grad_norm", "1e-4", "--validation_steps", "3", "--num_validation_images", "2",
@@ -52,6 +54,9 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
     assert any("time_emb_proj" in k for k in lora) and any("conv1" in k for k in lora)  # the LCM-LoRA module list
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
     assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
+    # the student is validated as inference_RORem_4S ships it: 4 LCM steps at strength 1 (all 4 run), not 3 of 4 at 0.99
+    student = [kw for kw in sampled if kw.get("scheduler") is not None]
+    assert student and all(kw["steps"] == 4 and kw["strength"] == 1.0 for kw in student)
 
     pipe = load_inpaint_pipeline(tiny_model_dir)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -153,7 +158,8 @@ def test_lcm_sweep_tabulates_teacher_plain_and_weighted(tmp_path, tiny_model_dir
             "--num_validation_images", "2", "--win_rate_samples", "3"]
     rows = sweep.main(argv)
     assert [r["run"] for r in rows] == ["teacher", "plain", "filter_0.5"]
-    assert rows[0]["unet_calls"] == 2 and rows[1]["unet_calls"] == 4 and rows[2]["weighting"] == "filter, score >= 0.5"
+    # the teacher: 2 steps at --validation_strength 0.99 run int(1.98) = 1 UNet call; the students all 4
+    assert rows[0]["unet_calls"] == 1 and rows[1]["unet_calls"] == 4 and rows[2]["weighting"] == "filter, score >= 0.5"
     assert all(0 <= r["win_rate"] <= 1 and r["masked_mse"] >= 0 for r in rows)
     assert "| plain | plain LCM |" in open(tmp_path / "sweep" / "sweep_results.md").read()
 

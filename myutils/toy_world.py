@@ -220,6 +220,41 @@ def tiny_pipeline(prediction_type="epsilon", image_size=32, seed=0, tmp_dir=None
         force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
+def pipeline_from_configs(unet_config, vae_config, tmp_dir=None, seed=0, device="cpu"):
+    """A random-init SDXL-inpainting pipeline with the UNet and VAE of config files (configs/real/:
+    the real 2.57B UNet and SDXL VAE), built on `device` (a GPU builds it in seconds). The two text
+    encoders keep the real hidden sizes the UNet needs (cross_attention_dim = both, pooled = the
+    second's projection) but one small layer each, and the byte tokenizer: the prompt is encoded once,
+    so they add nothing to a training step. For timing and memory, not for images."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .planner import read_config
+
+    torch.manual_seed(seed)
+    ucfg, vcfg = read_config(unet_config), read_config(vae_config)
+    pooled = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]
+    hidden = (ucfg["cross_attention_dim"] - pooled, pooled)
+    tok = write_byte_tokenizer(tmp_dir or tempfile.mkdtemp())
+
+    def text_cfg(h):
+        return CLIPTextConfig(hidden_size=h, intermediate_size=h, num_attention_heads=max(1, h // 64), num_hidden_layers=2,
+                              vocab_size=len(tok), max_position_embeddings=77, projection_dim=h, bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+
+    with torch.device(device):
+        unet, vae = UNet2DConditionModel.from_config(ucfg), AutoencoderKL.from_config(vcfg)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading", prediction_type="epsilon")  # SDXL-inpainting's
+    return StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text_cfg(hidden[0])), text_encoder_2=CLIPTextModelWithProjection(text_cfg(hidden[1])),
+        tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=scheduler, requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
 def calibrate_vae_scaling(vae, seed=0, num=64):
     """Set scaling_factor so latents of toy images have unit variance, as SDXL's 0.13025 does for
     photos (a random tiny VAE at the default 0.18215 gives latents of std ~0.05)."""

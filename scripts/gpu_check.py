@@ -1,0 +1,479 @@
+#!/usr/bin/env python
+"""The one GPU check: what only a GPU shows, in one command of under 8 minutes on one GPU.
+
+    bash scripts/gpu_check.sh                 # on a GPU machine (installs missing packages from .whl/)
+    bash scripts/gpu_check.sh --dry           # on a CPU: the same runs, small, in fp32 (a test runs this)
+
+Part 1, tiny models (built here): every training script for two steps in fp16 and in bf16, with
+validation on (the VAE must stay fp32 under autocast), rewards from a discriminator trained here,
+the FLUX-Fill flow path and the MORL population; train_RORem.py under DeepSpeed ZeRO-2 on one rank;
+the three inference scripts and the evaluation on what those runs saved. A run passes when it ends
+and everything it wrote is finite (weights, validation metrics, scores).
+Part 2, real size: a random-init SDXL-inpainting pipeline from configs/real/ (the 2.57B UNet, the
+SDXL VAE) and a few steps of each training script's shipped configuration (configs/*.yaml) at 512 px,
+LoRA DPO also at 1024: seconds per optimizer step (median after the first), peak GPU memory, and
+scripts/plan_memory.py's prediction for the same configuration, side by side. What differs from the
+shipped configuration is listed in the table (accumulation 1, one short epoch for RL, two MORL
+policies); FLUX.1-Fill at full size (12B + T5-XXL) is not built here.
+Writes <out>/gpu_check.md and <out>/gpu_check.json; exits 1 if any run failed. Runs stop being
+started once --budget_minutes have passed (they are listed as not run).
+"""
+import argparse
+import gc
+import glob
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import torch  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="where gpu_check.md and gpu_check.json go")
+    p.add_argument("--work_dir", default=None, help="models, data and run outputs (default: <out>/work, removed at the end)")
+    p.add_argument("--dry", action="store_true", help="CPU, fp32, tiny 'real' part: proves the check itself runs")
+    p.add_argument("--budget_minutes", type=float, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
+    p.add_argument("--skip_real", action="store_true", help="only part 1")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- running one script
+
+class Check:
+    def __init__(self, args):
+        self.args, self.rows, self.start = args, [], time.time()
+        self.device = "cpu" if args.dry else "cuda"
+
+    def minutes(self):
+        return (time.time() - self.start) / 60
+
+    def run(self, part, name, module, argv, precision="", outputs=(), plan=None, note="", patches=()):
+        """main(argv) of a script in this process; records status, seconds per optimizer step, peak
+        memory and what it wrote being finite."""
+        row = {"part": part, "name": name, "precision": precision, "note": note, "plan": plan}
+        self.rows.append(row)
+        if self.minutes() > self.args.budget_minutes:
+            row["status"] = f"not run (past the {self.args.budget_minutes:g}-minute budget)"
+            return None
+        print(f"\n=== {part}: {name} {precision}".rstrip(), flush=True)
+        from accelerate.state import AcceleratorState, GradientState
+
+        from myutils import train_util as tu
+
+        from myutils import rl_loop
+
+        steps, real_end, real_collect = [], tu.TrainingRun.end_of_step, rl_loop.collect_samples
+
+        def timed_collect(*a, **k):  # RL: a step's time includes sampling (the first sampling starts the clock)
+            if not steps:
+                steps.append(time.perf_counter())
+            return real_collect(*a, **k)
+
+        def timed_end(run, **metrics):
+            done = real_end(run, **metrics)
+            if done:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                steps.append(time.perf_counter())
+            return done
+
+        restore = [(tu.TrainingRun, "end_of_step", real_end), (rl_loop, "collect_samples", real_collect)]
+        restore += [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+        tu.TrainingRun.end_of_step, rl_loop.collect_samples = timed_end, timed_collect
+        for obj, attr, value in patches:
+            setattr(obj, attr, value)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = None
+        try:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+            result = module.main([str(a) for a in argv])
+            bad = [p for p in outputs if not finite_outputs(p)]
+            row["status"] = "ok" if not bad else f"FAILED: non-finite or missing output in {', '.join(bad)}"
+        except BaseException as e:  # a run's failure is a finding: record it and go on with the others
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            row["status"] = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            traceback.print_exc()
+        finally:
+            for obj, attr, value in restore:
+                setattr(obj, attr, value)
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        row["seconds"] = time.perf_counter() - t0
+        # supervised: the median step after the first (warm-up); RL: from the first sampling to the last step, per step
+        rl = module.__name__ in ("train_RORem_ddpo", "train_RORem_morl")
+        gaps = [b - a for a, b in zip(steps, steps[1:])]
+        row["steps"] = len(steps) - (1 if rl and steps else 0)
+        row["s_per_step"] = ((steps[-1] - steps[0]) / (len(steps) - 1) if rl else statistics.median(gaps)) if gaps else None
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+        print(f"=== {row['status']} ({row['seconds']:.1f} s)", flush=True)
+        gc.collect()
+        return result
+
+    def subprocess_run(self, part, name, cmd, env=None, outputs=(), precision=""):
+        row = {"part": part, "name": name, "precision": precision}
+        self.rows.append(row)
+        if self.minutes() > self.args.budget_minutes:
+            row["status"] = f"not run (past the {self.args.budget_minutes:g}-minute budget)"
+            return
+        print(f"\n=== {part}: {name} {precision}\n{' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, env=env, cwd=ROOT, text=True, capture_output=True, timeout=600)
+        sys.stdout.write(res.stdout[-4000:] + res.stderr[-4000:])
+        row["seconds"] = time.perf_counter() - t0
+        bad = [p for p in outputs if not finite_outputs(p)]
+        row["status"] = ("ok" if not bad else f"FAILED: non-finite or missing output in {', '.join(bad)}") if res.returncode == 0 else \
+            f"FAILED: exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1][:300]}"
+        print(f"=== {row['status']} ({row['seconds']:.1f} s)", flush=True)
+
+
+def finite_outputs(path):
+    """Everything numeric a run wrote under `path` is finite: safetensors/pt weights, final_metrics.json,
+    results.json, score files. False when nothing is there."""
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        return False
+    files = [path] if os.path.isfile(path) else glob.glob(os.path.join(path, "**", "*"), recursive=True)
+    seen = 0
+    for f in files:
+        if "checkpoint-" in f or "latent_cache" in f:
+            continue
+        if f.endswith(".safetensors"):
+            tensors = load_file(f).values()
+        elif f.endswith("cls_pred_branch.pt"):
+            tensors = torch.load(f, map_location="cpu", weights_only=True).values()
+        elif os.path.basename(f) in ("final_metrics.json", "results.json", "scores.json"):
+            tensors = [torch.tensor(numbers(json.load(open(f))), dtype=torch.float64)]
+        else:
+            continue
+        seen += 1
+        if not all(torch.isfinite(t.float()).all() for t in tensors):
+            print(f"non-finite values in {f}")
+            return False
+    return seen > 0
+
+
+def numbers(obj):
+    """Every float in a JSON document (NaN and inf included: json writes them as NaN/Infinity)."""
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in numbers(v)]
+    return [float(obj)] if isinstance(obj, float) else []
+
+
+# ----------------------------------------------------------------------------- part 1: tiny models
+
+def tiny_world(work):
+    from myutils.toy_world import tiny_flux_fill_pipeline, tiny_pipeline, write_scored_toy_dataset, write_toy_dataset
+
+    meta = write_toy_dataset(os.path.join(work, "toy"), num=16, resolution=32, seed=0)
+    root = os.path.dirname(meta)
+    entries = json.load(open(meta))
+    scored = write_scored_toy_dataset(meta, os.path.join(work, "scored"), seed=0)
+    pairs = os.path.join(work, "pairs.json")
+    json.dump([{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+                "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])} for e in entries], open(pairs, "w"))
+    tiny_pipeline("epsilon", image_size=32, tmp_dir=os.path.join(work, "tok")).save_pretrained(os.path.join(work, "tiny"))
+    tiny_flux_fill_pipeline(image_size=32, tmp_dir=os.path.join(work, "tok_flux")).save_pretrained(os.path.join(work, "tiny_flux"))
+    return {"meta": meta, "scored": scored, "pairs": pairs, "model": os.path.join(work, "tiny"), "flux": os.path.join(work, "tiny_flux")}
+
+
+def tiny_part(check, work, w):
+    import evaluate_RORem
+    import inference_RORem
+    import inference_RORem_4S
+    import inference_RORem_discriminator
+    import train_RORem
+    import train_RORem_ddpo
+    import train_RORem_discriminator
+    import train_RORem_dpo
+    import train_RORem_lcm
+    import train_RORem_lcm_rewarded
+    import train_RORem_morl
+
+    precisions = ["no"] if check.args.dry else ["fp16", "bf16"]
+    common = ["--pretrained_model_name_or_path", w["model"], "--resolution", "32", "--report_to", "none", "--seed", "0"]
+    steps = ["--max_train_steps", "2", "--train_batch_size", "4", "--checkpointing_steps", "2"]
+    rl = ["--sample_steps", "3", "--sample_batch_size", "2", "--sample_batches_per_epoch", "1", "--train_batch_size", "2",
+          "--num_train_epochs", "1", "--eval_samples", "2", "--num_validation_images", "2", "--lora_rank", "4"]
+    keep = {}
+    for p in precisions:
+        out = lambda name: os.path.join(work, "runs", f"{name}-{p}")  # noqa: E731
+        mp = ["--mixed_precision", p]
+        disc = out("discriminator")
+        check.run("tiny", "train_RORem_discriminator (LoRA + head)", train_RORem_discriminator,
+                  common + steps + mp + ["--meta_path", w["scored"], "--output_dir", disc, "--validation_steps", "2"], p, [disc])
+        val = ["--validation_steps", "2", "--num_validation_images", "2", "--validation_inference_steps", "3"]
+        for name, extra in (("full", []), ("LoRA", ["--use_lora"])):
+            check.run("tiny", f"train_RORem ({name}, validation)", train_RORem,
+                      common + steps + mp + val + ["--meta_path", w["meta"], "--output_dir", out(f"remover-{name}"), *extra], p,
+                      [out(f"remover-{name}")])
+        check.run("tiny", "train_RORem_dpo (LoRA, validation with win rate)", train_RORem_dpo,
+                  common + steps + mp + val + ["--preference_data", w["pairs"], "--output_dir", out("dpo"), "--use_lora",
+                                               "--discriminator_path", disc, "--win_rate_samples", "2"], p, [out("dpo")])
+        lcm = ["--lora_rank", "4", "--num_ddim_timesteps", "10", "--meta_path", w["meta"]]
+        check.run("tiny", "train_RORem_lcm (validation: student vs teacher)", train_RORem_lcm,
+                  common + steps + mp + val + lcm + ["--output_dir", out("lcm")], p, [out("lcm")])
+        check.run("tiny", "train_RORem_lcm_rewarded (teacher scores on latents)", train_RORem_lcm_rewarded,
+                  common + steps + mp + lcm + ["--output_dir", out("lcm_rewarded"), "--discriminator_path", disc, "--reward_source",
+                                              "teacher", "--weighting", "softmax"], p, [out("lcm_rewarded")])
+        check.run("tiny", "train_RORem_ddpo (PPO, discriminator + preserve, CFG, KL)", train_RORem_ddpo,
+                  common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("ddpo"), "--reward", "discriminator=1,preserve=0.5",
+                                      "--discriminator_path", disc, "--guidance_scale", "2", "--kl_coef", "0.01"], p, [out("ddpo")])
+        flow = [a if a != w["model"] else w["flux"] for a in common]
+        check.run("tiny", "train_RORem_ddpo (Flow-GRPO, FLUX-Fill)", train_RORem_ddpo,
+                  flow + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("flow"), "--reward", "gt=1,preserve=1", "--algorithm",
+                                    "grpo", "--group_size", "2", "--kl_coef", "0.04", "--kl_unit", "flow_grpo", "--adv_std", "batch",
+                                    "--max_sequence_length", "16"], p, [out("flow")])
+        check.run("tiny", "train_RORem_morl (2 policies, discriminator + preserve)", train_RORem_morl,
+                  common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("morl"), "--objectives", "discriminator,preserve",
+                                      "--discriminator_path", disc, "--population", "2", "--generations", "2", "--warmup_generations", "1",
+                                      "--group_size", "2", "--weight_partitions", "2"], p, [out("morl")])
+        keep = {"disc": disc, "lora": out("remover-LoRA"), "lcm": out("lcm")}
+
+    deepspeed_run(check, work, w, common)
+    inference_runs(check, work, w, keep, inference_RORem, inference_RORem_4S, inference_RORem_discriminator, evaluate_RORem)
+
+
+def deepspeed_run(check, work, w, common):
+    """train_RORem.py (full fine-tune) through configs/deepspeed_zero2.yaml on one rank."""
+    import yaml
+
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        check.rows.append({"part": "tiny", "name": "train_RORem under DeepSpeed ZeRO-2 (1 rank)", "status": "FAILED: deepspeed is not installed"})
+        return
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "deepspeed_zero2.yaml")))
+    precision = "no" if check.args.dry else "bf16"
+    cfg.update(num_processes=1, mixed_precision=precision)
+    path = os.path.join(work, "ds.yaml")
+    yaml.safe_dump(cfg, open(path, "w"))
+    out = os.path.join(work, "runs", "deepspeed")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(work, "torch_extensions"))
+    env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--main_process_port", "29517",
+           os.path.join(ROOT, "train_RORem.py"), *common, "--meta_path", w["meta"], "--output_dir", out, "--max_train_steps", "2",
+           "--train_batch_size", "4", "--checkpointing_steps", "2", "--validation_steps", "0", "--mixed_precision", precision]
+    check.subprocess_run("tiny", "train_RORem under DeepSpeed ZeRO-2 (1 rank)", cmd, env, [os.path.join(out, "unet")], precision)
+
+
+def inference_runs(check, work, w, keep, inference_RORem, inference_RORem_4S, inference_RORem_discriminator, evaluate_RORem):
+    dtype = ["--device", "cpu", "--dtype", "fp32"] if check.args.dry else []  # auto: CUDA in fp16
+    results = os.path.join(work, "runs", "inference")
+    check.run("inference", "inference_RORem (meta.json, LoRA)", inference_RORem,
+              ["--pretrained_model", w["model"], "--RORem_LoRA", keep["lora"], "--meta_path", w["meta"], "--save_path", results,
+               "--resolution", "32", "--inference_steps", "4", "--batch_size", "4", *dtype], "auto", [])
+    check.run("inference", "inference_RORem_4S (the LCM LoRA, 4 steps)", inference_RORem_4S,
+              ["--pretrained_model", w["model"], "--RORem_LoRA", keep["lcm"], "--meta_path", w["meta"], "--save_path",
+               os.path.join(work, "runs", "inference_4s"), "--resolution", "32", "--batch_size", "4", *dtype], "auto", [])
+    scores = os.path.join(work, "runs", "scores.json")
+    check.run("inference", "inference_RORem_discriminator (batch)", inference_RORem_discriminator,
+              ["--pretrained_model", w["model"], "--RORem_discriminator", keep["disc"], "--meta_path", os.path.join(results, "meta.json"),
+               "--output_path", scores, "--resolution", "32", *dtype], "auto", [scores])
+    ev = os.path.join(work, "runs", "evaluation")
+    check.run("inference", "evaluate_RORem (base, LoRA, LCM; discriminator)", evaluate_RORem,
+              ["--meta_path", w["meta"], "--output_dir", ev, "--pretrained_model", w["model"], "--system", "base=base",
+               "--system", f"lora=lora:{keep['lora']}", "--system", f"lcm=lcm:{keep['lcm']}", "--discriminator_path", keep["disc"],
+               "--resolution", "32", "--inference_steps", "4", "--limit", "8", *dtype], "auto", [os.path.join(ev, "results.json")])
+
+
+# ----------------------------------------------------------------------------- part 2: real size
+
+REAL_RUNS = [  # (script, config, resolution key, extra arguments, what differs from the config)
+    ("train_RORem.py", "train_RORem.yaml", "lo", ["--max_train_steps", "4"], "full fine-tune; final save skipped"),
+    ("train_RORem_dpo.py", "dpo_config.yaml", "lo", ["--max_train_steps", "4", "--gradient_accumulation_steps", "1"],
+     "accumulation 1 (config: 16)"),
+    ("train_RORem_dpo.py", "dpo_config.yaml", "hi", ["--max_train_steps", "3", "--gradient_accumulation_steps", "1"],
+     "accumulation 1 (config: 16)"),
+    ("train_RORem_lcm.py", "lcm_config.yaml", "lo", ["--max_train_steps", "4"], ""),
+    ("train_RORem_discriminator.py", "train_RORem_discriminator.yaml", "lo", ["--max_train_steps", "4"], ""),
+    ("train_RORem_lcm_rewarded.py", "lcm_rewarded_config.yaml", "lo", ["--max_train_steps", "4"], "data scores of 48 inputs first"),
+    ("train_RORem_ddpo.py", "ddpo_config.yaml", "lo", ["--sample_batches_per_epoch", "1", "--num_train_epochs", "1", "--eval_samples", "2",
+                                                      "--checkpointing_epochs", "0"], "one epoch of 8 samples (config: 32/epoch)"),
+    ("train_RORem_morl.py", "morl_config.yaml", "lo", ["--population", "2", "--generations", "1", "--warmup_generations", "1",
+                                                      "--epochs_per_generation", "1", "--sample_batches_per_epoch", "1", "--eval_samples", "2"],
+     "2 policies, 1 generation of 1 epoch (config: 6, 12, 2)"),
+]
+
+
+def real_world(check, work, w):
+    """The real-size pipeline folder (fp16 weights, as RORem releases them), a random discriminator
+    folder for it, and 48 toy inputs (64 px, resized to the run's resolution by the loader)."""
+    from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+    from myutils.reward_utils import add_discriminator_lora, save_discriminator
+    from myutils.toy_world import pipeline_from_configs, write_scored_toy_dataset, write_toy_dataset
+
+    if check.args.dry:  # the tiny model's own configs stand in for configs/real/
+        unet_cfg, vae_cfg = os.path.join(w["model"], "unet", "config.json"), os.path.join(w["model"], "vae", "config.json")
+    else:
+        unet_cfg, vae_cfg = (os.path.join(ROOT, "configs", "real", f) for f in ("sdxl_inpaint_unet.json", "sdxl_vae.json"))
+    t0 = time.perf_counter()
+    pipe = pipeline_from_configs(unet_cfg, vae_cfg, os.path.join(work, "tok_real"), device=check.device)
+    folder = os.path.join(work, "real")
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    disc = UNetSDXLDiscriminator.from_unet(pipe.unet)
+    add_discriminator_lora(disc)
+    save_discriminator(disc, os.path.join(work, "real_disc"), lora=True)
+    del pipe, disc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"real-size pipeline written in {time.perf_counter() - t0:.0f} s", flush=True)
+    meta = write_toy_dataset(os.path.join(work, "real_toy"), num=48, resolution=64, seed=1)
+    root = os.path.dirname(meta)
+    pairs = os.path.join(work, "real_pairs.json")
+    json.dump([{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+                "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])} for e in json.load(open(meta))],
+              open(pairs, "w"))
+    return {"model": folder, "disc": os.path.join(work, "real_disc"), "meta": meta, "pairs": pairs,
+            "scored": write_scored_toy_dataset(meta, os.path.join(work, "real_scored"), seed=1), "unet_cfg": unet_cfg, "vae_cfg": vae_cfg}
+
+
+def planner_rows(check, r, res):
+    """plan_memory.py's rows for one GPU of this machine, keyed (script, resolution)."""
+    import plan_memory
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else 80.0
+    pargs = argparse.Namespace(scripts=list(plan_memory.SCRIPTS), resolutions=res, batch_size=None, num_gpus=1, gpu_memory_gb=total,
+                               peak_tflops=check.args.peak_tflops, utilisation=0.4, unet_config=r["unet_cfg"], vae_config=r["vae_cfg"])
+    rows, _ = plan_memory.plan(pargs)
+    out = {}
+    for row in rows:
+        if "ZeRO" not in row["mode"]:
+            accumulation = plan_memory.script_args(row["script"]).gradient_accumulation_steps
+            out[(row["script"], row["res"])] = {"gib": row["total"], "s_per_step": 3600 / row["steps_per_hour"] / accumulation}
+    return out
+
+
+def real_part(check, work, w):
+    import importlib
+
+    import yaml
+
+    from myutils import train_util as tu
+
+    if check.minutes() > check.args.budget_minutes:
+        check.rows.append({"part": "real", "name": "real-size pipeline", "status": "not run (past the budget)"})
+        return
+    r = real_world(check, work, w)
+    res = {"lo": 32, "hi": 64} if check.args.dry else {"lo": 512, "hi": 1024}
+    # dry: the tiny UNet's planner rows at sizes its discriminator head can take (numbers that mean nothing, the path runs)
+    plan_res = {"lo": 128, "hi": 256} if check.args.dry else res
+    try:
+        plans = planner_rows(check, r, sorted(plan_res.values()))
+    except Exception as e:  # the table still has the measurements
+        traceback.print_exc()
+        check.rows.append({"part": "real", "name": "scripts/plan_memory.py", "status": f"FAILED: {type(e).__name__}: {e}"})
+        plans = {}
+    for script, config, key, extra, note in REAL_RUNS:
+        module = importlib.import_module(script[:-3])
+        out = os.path.join(work, "runs", f"real-{script[:-3]}-{res[key]}")
+        argv = ["--config", os.path.join(ROOT, "configs", config), "--pretrained_model_name_or_path", r["model"], "--variant", "fp16",
+                "--resolution", str(res[key]), "--output_dir", out, "--report_to", "none", "--validation_steps", "0",
+                "--checkpointing_steps", "1000000", *extra]
+        if script in ("train_RORem.py", "train_RORem_lcm.py", "train_RORem_lcm_rewarded.py"):
+            argv += ["--meta_path", r["meta"]]
+        elif script == "train_RORem_dpo.py":
+            argv += ["--preference_data", r["pairs"]]
+        elif script == "train_RORem_discriminator.py":
+            argv += ["--meta_path", r["scored"]]
+        else:
+            argv += ["--meta_path", r["meta"], "--discriminator_path", r["disc"]]
+        if script == "train_RORem_lcm_rewarded.py":
+            argv += ["--discriminator_path", r["disc"]]
+        precision = yaml.safe_load(open(os.path.join(ROOT, "configs", config))).get("mixed_precision", "")
+        if check.args.dry:  # CPU: fp32 (accelerate autocasts fp16 on a GPU only), small batches, few sampling steps
+            precision = "no"
+            argv += ["--mixed_precision", "no", "--train_batch_size", "4"]
+            if script in ("train_RORem_ddpo.py", "train_RORem_morl.py"):
+                argv += ["--sample_steps", "4"]
+        patches = [(tu, "save_final", lambda accelerator, *a, **k: accelerator.end_training())] if script == "train_RORem.py" else []
+        check.run("real", f"{script} ({config})", module, argv, precision, plan=plans.get((script, plan_res[key])),
+                  note=f"{res[key]} px" + (f"; {note}" if note else ""), patches=patches)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+def environment(args):
+    import accelerate
+    import peft
+    import transformers
+
+    try:
+        import diffusers
+        dv = diffusers.__version__
+    except ImportError:
+        dv = "missing"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (dry run on the CPU)"
+    return (f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {dv}, transformers {transformers.__version__}, "
+            f"accelerate {accelerate.__version__}, peft {peft.__version__}; Python {platform.python_version()}")
+
+
+def fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report(check, out):
+    lines = ["# GPU check", "", environment(check.args), "",
+             f"{sum(r.get('status') == 'ok' for r in check.rows)} of {len(check.rows)} runs ok, {check.minutes():.1f} min in all.", "",
+             "| part | run | precision | status | s | s/step | peak GiB | planner GiB | planner s/step | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in check.rows:
+        plan = r.get("plan") or {}
+        lines.append(f"| {r['part']} | {r['name']} | {r.get('precision', '')} | {r.get('status', '')} | {fmt(r.get('seconds'), 1)} | "
+                     f"{fmt(r.get('s_per_step'))} | {fmt(r.get('peak_gib'), 1)} | {fmt(plan.get('gib'), 1)} | "
+                     f"{fmt(plan.get('s_per_step'))} | {r.get('note', '')} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_check.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump({"environment": environment(check.args), "rows": check.rows}, f, indent=1,
+                  default=lambda x: None if isinstance(x, float) and not math.isfinite(x) else str(x))
+    print("\n" + text)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.dry and not torch.cuda.is_available():
+        print("error: no CUDA device; use --dry for the CPU run", file=sys.stderr)
+        return 2
+    work = args.work_dir or os.path.join(args.out, "work")
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)  # a run stopped half-way left it: results there would count as done
+    os.makedirs(work, exist_ok=True)
+    check = Check(args)
+    print(environment(args), flush=True)
+    w = tiny_world(work)
+    tiny_part(check, work, w)
+    if not args.skip_real:
+        real_part(check, work, w)
+    report(check, args.out)
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.get("status") == "ok" for r in check.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,7 @@ TINY = {
     "evaluate_RORem.py": ["--resolution", "32", "--inference_steps", "2", "--batch_size", "4"],
     "bench_train_step.py": ["--latent_sizes", "16", "--steps", "1", "--batch_size", "2"],
     "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
+    "convert_lora.py": [],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",
                        "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json"],  # the tiny model's
 }
@@ -162,6 +163,8 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script):
         cut = args.index("--")
         args = args[:cut] + SWEEP_TINY[name] + args[cut:] + TINY["train_RORem_dpo.py" if "dpo" in name else "train_RORem_lcm.py"]
         args += SWEEP_RUN_TINY
+    elif words[0] == "bash" and name == "gpu_check.sh":  # its dry run (no GPU here) is tests/test_gpu_check.py
+        pytest.skip("run (in its --dry mode) by tests/test_gpu_check.py")
     elif words[0] == "bash":
         trainer = {"run_train_RORem.sh": "train_RORem.py", "run_train_dpo.sh": "train_RORem_dpo.py",
                    "run_train_lcm_rewarded.sh": "train_RORem_lcm_rewarded.py"}[name]

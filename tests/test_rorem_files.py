@@ -104,6 +104,29 @@ def test_the_fixture_mixes_namings_and_stock_diffusers_drops_its_attention_lora(
     assert not any(".to_q." in k for k in loaded)
 
 
+def test_converted_lora_loads_whole_in_stock_diffusers(rorem_lcm_lora, tiny_model_dir, tmp_path):
+    """scripts/convert_lora.py rewrites the mixed file in peft naming: stock load_lora_weights then
+    holds every weight of the original."""
+    import importlib.util
+
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("convert_lora", os.path.join(ROOT, "scripts", "convert_lora.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    convert.main([rorem_lcm_lora, str(tmp_path / "peft")])
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(str(tmp_path / "peft"))
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=list(pipe.unet.peft_config)[0])
+    want = _peft_keys(load_file(rorem_lcm_lora))
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], v) for k, v in want.items())
+    with pytest.raises(UserError, match="would overwrite the input"):
+        convert.main([str(tmp_path / "peft"), str(tmp_path / "peft")])
+
+
 def test_lcm_lora_loads_every_weight_in_the_remover(rorem_lcm_lora, tiny_model_dir):
     from types import SimpleNamespace
 

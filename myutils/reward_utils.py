@@ -19,7 +19,7 @@ from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 
 from .data import RemovalDataset, stack_samples
 from .errors import UserError
-from .models import read_lora
+from .models import load_inpaint_pipeline, read_lora
 from .sdxl_inpaint import batch_latent_params, encode_prompt_once, posterior_mean_latents, unet_input
 
 LORA_FILE, HEAD_FILE, FULL_FILE, CONFIG_FILE = ("pytorch_lora_weights.safetensors", "cls_pred_branch.pt",
@@ -203,8 +203,6 @@ def load_reward_model(pretrained_model, discriminator_path, resolution=512, devi
     """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder. conditioning
     "auto": what the folder was trained with (RORem's release: RORem's; ours: per sample)."""
     from diffusers import DDPMScheduler
-
-    from .models import load_inpaint_pipeline
 
     if not os.path.isdir(discriminator_path):
         raise UserError(f"--RORem_discriminator {discriminator_path}: folder not found")

@@ -95,11 +95,15 @@ def write_json(path, obj):
 def generate_candidates(args, entries, chosen, records_dir):
     """For each input index in `chosen` without a record yet: K candidates with fixed seeds, scored;
     one record file each."""
+    import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from myutils.reward_utils import load_reward_model, score_entries
 
-    state = PartialState()
+    # cpu=True where ranks have no GPU: a plain PartialState() sees the launcher's ranks only on GPUs,
+    # and CPU ranks would each do every input (as Accelerator does, ACCELERATE_USE_CPU forces the CPU)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     # the split is fixed by position, not by which records exist: a rank that lists the folder after
     # another has started writing would otherwise shift its share onto inputs the other rank is doing
     mine = [i for k, i in enumerate(chosen)

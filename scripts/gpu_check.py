@@ -71,9 +71,8 @@ class Check:
         print(f"\n=== {part}: {name} {precision}".rstrip(), flush=True)
         from accelerate.state import AcceleratorState, GradientState
 
-        from myutils import train_util as tu
-
         from myutils import rl_loop
+        from myutils import train_util as tu
 
         steps, real_end, real_collect = [], tu.TrainingRun.end_of_step, rl_loop.collect_samples
 

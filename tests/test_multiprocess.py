@@ -144,6 +144,7 @@ def test_preference_pairs_split_over_two_ranks_equal_one_rank(tmp_path, tiny_mod
 
     res = launch_two_ranks("scripts/build_preference_pairs.py", argv(str(tmp_path / "two")), str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "candidates (rank 1): 100%|██████████| 2/2" in res.stderr  # the work was split: each rank did 2 of the 4
     bpp.main(argv(str(tmp_path / "one")))
     two, one = (json.load(open(tmp_path / d / "meta.json")) for d in ("two", "one"))
     assert len(two) == len(one) == 4

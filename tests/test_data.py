@@ -151,3 +151,29 @@ def test_cli_bad_meta_is_one_line_without_traceback(tmp_path, tiny_model_dir):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert f"error: {meta}: entry 0: 'mask' file not found" in out.stderr
+
+
+def test_loader_defaults_keep_a_gpu_fed_and_the_cpu_free(monkeypatch):
+    """Default workers: on a GPU min(8, cores per rank - 1), with pinned batches, persistent workers and
+    prefetch; on the CPU none (the step uses every core). An explicit --dataloader_num_workers wins."""
+    import argparse
+    import types
+
+    from myutils import train_util as tu
+
+    args = argparse.Namespace(dataloader_num_workers=None, dataloader_prefetch_factor=4, train_batch_size=2, seed=0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert tu.loader_workers(args, "cuda") == 8 and tu.loader_workers(args, "cpu") == 0  # 96 cores / 8 ranks - 1, capped at 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)))
+    assert tu.loader_workers(args, "cuda") == 2  # 24 / 8 - 1
+    args.dataloader_num_workers = 5
+    assert tu.loader_workers(args, "cpu") == 5
+    args.dataloader_num_workers = None
+    gpu = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    dataset = list(range(8))
+    loader = tu.make_dataloader(args, dataset, gpu)  # built, not iterated: no GPU needed
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (8, True, True, 4)
+    cpu = tu.make_dataloader(args, dataset, types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")))
+    assert (cpu.num_workers, cpu.pin_memory, cpu.persistent_workers) == (0, False, False)

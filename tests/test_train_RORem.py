@@ -57,11 +57,13 @@ class _Killed(Exception):
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
     """4 steps straight == killed right after checkpoint-2, resumed from latest for the rest
-    (random flips, gradient accumulation, a warmup + linear decay schedule and the EMA that must be restored)."""
+    (random flips, gradient accumulation, a warmup + linear decay schedule and the EMA that must be restored).
+    The straight run loads in the training process, the split one with 2 persistent loader processes."""
     common = ["--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
               "--lr_warmup_steps", "2", "--checkpointing_steps", "2", "--max_train_steps", "4", "--use_ema", "--ema_decay", "0.5"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight) + common)
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight, "--dataloader_num_workers", "0") + common)
+    common += ["--dataloader_num_workers", "2", "--dataloader_prefetch_factor", "2"]
 
     from myutils import train_util
 

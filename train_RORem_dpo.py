@@ -87,20 +87,25 @@ EVAL_SEEDS, EVAL_TIMESTEPS = (0, 1), (100, 300, 500, 700, 900)
 
 
 @torch.no_grad()
-def preference_accuracy(unet, ref_unet, comps, samples, resolution):
+def preference_accuracy(unet, ref_unet, comps, samples, resolution, chunk=8):
     """Held-out preference accuracy: per pair, the DPO margin -((err_w - err_l) - (ref_err_w - ref_err_l))
     averaged over fixed noises and timesteps; the fraction of pairs where it is positive (ties half).
-    0.5 when the policy equals the reference."""
-    batch = to_device(stack_samples(samples, ("source", "mask", "preferred", "rejected", "original_size", "crop_top_left",
-                                              "index", "epoch")), comps.vae.device)
-    margin = torch.zeros(len(samples))
-    for seed in EVAL_SEEDS:
-        for timestep in EVAL_TIMESTEPS:
-            x, t, target, kw = pair_inputs(comps, batch, resolution, seed, timestep)
-            err = per_sample_error(unet(x, t, **kw).sample, target)
-            ref = per_sample_error(reference_prediction(unet, ref_unet, x, t, kw), target)
-            (w, l_), (rw, rl) = err.chunk(2), ref.chunk(2)
-            margin += (-((w - l_) - (rw - rl))).cpu()
+    0.5 when the policy equals the reference. `chunk` pairs at a time, each image encoded once."""
+    margin = []
+    for i in range(0, len(samples), chunk):
+        batch = to_device(stack_samples(samples[i:i + chunk], ("source", "mask", "preferred", "rejected", "original_size",
+                                                              "crop_top_left", "index", "epoch")), comps.vae.device)
+        batch.update(batch_latent_params(comps.vae, batch, ["preferred", "rejected", "masked"]))  # once, for every noise
+        m = torch.zeros(len(batch["index"]))
+        for seed in EVAL_SEEDS:
+            for timestep in EVAL_TIMESTEPS:
+                x, t, target, kw = pair_inputs(comps, batch, resolution, seed, timestep)
+                err = per_sample_error(unet(x, t, **kw).sample, target)
+                ref = per_sample_error(reference_prediction(unet, ref_unet, x, t, kw), target)
+                (w, l_), (rw, rl) = err.chunk(2), ref.chunk(2)
+                m += (-((w - l_) - (rw - rl))).cpu()
+        margin.append(m)
+    margin = torch.cat(margin)
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
@@ -139,7 +144,8 @@ def main(argv=None):
             return None
         model = accelerator.unwrap_model(unet)
         model.eval()
-        metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution)}
+        metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution,
+                                                                  args.validation_batch_size)}
         results = tu.sample_validation(accelerator, args, comps, model, val_samples)
 
         def reference_results():

@@ -53,6 +53,7 @@ def add_rl_args(parser):
     g.add_argument("--stat_min_count", type=int, default=16)
     g.add_argument("--eval_epochs", type=int, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
     g.add_argument("--eval_samples", type=int, default=16)
+    g.add_argument("--eval_batch_size", type=int, default=8, help="held-out inputs evaluated at a time (bounds its memory)")
     g.add_argument("--checkpointing_epochs", type=int, default=1)
     g.add_argument("--export_pairs", default=None, metavar="DIR",
                    help="pairwise, labelled by hand: sample one epoch with the current policy, write its pairs (images, "
@@ -79,6 +80,8 @@ def check_rl_args(args, script):
         raise UserError("--pretrained_unet is for SDXL-inpainting models; a flow model's transformer comes from its own folder")
     if "discriminator" in args.rewards and not args.discriminator_path:
         raise UserError("--reward discriminator needs --discriminator_path")
+    if args.eval_batch_size < 1:
+        raise UserError(f"--eval_batch_size {args.eval_batch_size}: must be at least 1")
     if args.algorithm == "grpo" and args.group_size < 2:
         raise UserError("--algorithm grpo compares samples of the same input: --group_size must be at least 2")
     if args.algorithm == "pairwise" and (args.group_size != 2 or args.train_batch_size % 2):
@@ -193,7 +196,29 @@ def evaluate(model, sampler, args, samples, reward_model, full=True):
     """Held-out evaluation on fixed inputs from fixed noises: the deterministic sampler (DDIM eta 0 /
     the flow ODE; eval_reward*, and the mean per-step KL between the stochastic policy and the
     start, LoRA off, along its path), and the stochastic sampler that training optimises (fixed
-    per-sample seeds; eval_sde_reward*). full=False: the deterministic rewards only."""
+    per-sample seeds; eval_sde_reward*). full=False: the deterministic rewards only. Runs in chunks of
+    --eval_batch_size inputs, so memory does not grow with --eval_samples; a sample's noise depends on
+    its index only, so the chunk size changes nothing but rounding."""
+    chunks = [_evaluate_chunk(model, sampler, args, samples[i:i + args.eval_batch_size], reward_model, full)
+              for i in range(0, len(samples), args.eval_batch_size)]
+    parts = {k: torch.cat([c["parts"][k] for c in chunks]) for k in chunks[0]["parts"]}
+    total = torch.cat([c["total"] for c in chunks])
+    metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
+    metrics["eval_reward"] = total.mean().item()
+    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
+    images = torch.cat([c["images"] for c in chunks])
+    if not full:
+        return metrics, images, per_sample
+    metrics["eval_kl_to_start"] = torch.cat([c["kl"] for c in chunks]).mean().item()
+    sde = {k: torch.cat([c["sde_parts"][k] for c in chunks]) for k in chunks[0]["sde_parts"]}
+    metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde.items()},
+                   eval_sde_reward=torch.cat([c["sde_total"] for c in chunks]).mean().item())
+    return metrics, images, per_sample
+
+
+def _evaluate_chunk(model, sampler, args, samples, reward_model, full):
+    """evaluate() on one chunk: per-sample rewards (CPU), the KL per sample averaged over steps, the
+    deterministic results decoded (CPU)."""
     from pipelines.rl_sampler import sample_trajectory
 
     device = sampler.vae.device
@@ -206,20 +231,16 @@ def evaluate(model, sampler, args, samples, reward_model, full=True):
             mean, scale = sampler.step(out, j, x)
             with tu.adapters_disabled(model):
                 ref_mean, _ = sampler.distribution(model, x, j, b)
-            kls.append(gaussian_kl(mean, ref_mean, scale).mean().item())
+            kls.append(gaussian_kl(mean, ref_mean, scale).float().cpu())
         x = sampler.step(out, j, x, deterministic=True)[0]
     parts, total = compute_rewards(args, reward_model, sampler, x, b)
-    metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}
-    metrics["eval_reward"] = total.mean().item()
-    per_sample = [{"reward": float(r), **{k: float(v[i]) for k, v in parts.items()}} for i, r in enumerate(total.tolist())]
-    if not full:
-        return metrics, sampler.decode(x).cpu(), per_sample
-    metrics["eval_kl_to_start"] = float(np.mean(kls))
-    gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed)
-    sde = sample_trajectory(sampler, model, b, gens)
-    sde_parts, sde_total = compute_rewards(args, reward_model, sampler, sde["latents"][:, -1], b)
-    metrics.update({f"eval_sde_reward_{k}": v.mean().item() for k, v in sde_parts.items()}, eval_sde_reward=sde_total.mean().item())
-    return metrics, sampler.decode(x).cpu(), per_sample
+    chunk = {"parts": parts, "total": total, "images": sampler.decode(x).cpu()}
+    if full:
+        chunk["kl"] = torch.stack(kls, 1).mean(1)
+        gens = sample_generators({"epoch": [10_001] * len(samples), "index": b["index"]}, args.seed)
+        sde = sample_trajectory(sampler, model, b, gens)
+        chunk["sde_parts"], chunk["sde_total"] = compute_rewards(args, reward_model, sampler, sde["latents"][:, -1], b)
+    return chunk
 
 
 @torch.no_grad()

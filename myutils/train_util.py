@@ -103,6 +103,8 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_inference_steps", type=int, default=50)
     g.add_argument("--validation_strength", type=float, default=0.99)
+    g.add_argument("--validation_batch_size", type=int, default=8,
+                   help="held-out inputs sampled or scored at a time in validation (bounds its memory, not what it computes)")
     return parser
 
 
@@ -144,6 +146,8 @@ def check_args(args):
     if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:
         raise UserError(f"--validation_inference_steps {args.validation_inference_steps} at --validation_strength "
                         f"{args.validation_strength} runs no denoising step (diffusers runs int(steps * strength))")
+    if args.validation_batch_size < 1:
+        raise UserError(f"--validation_batch_size {args.validation_batch_size}: must be at least 1")
     if args.cache_latents and args.random_crop:
         raise UserError("--cache_latents needs central crops: drop --random_crop (random flips are fine)")
     if args.use_8bit_adam:
@@ -631,9 +635,10 @@ def sample_validation(accelerator, args, comps, model, samples, seed=None, steps
     pipe = make_pipeline(comps.vae, model, scheduler or scheduler_from_config(comps.sample_scheduler_config))
     sources, masks = input_rows(samples)
     results = []
-    for i in range(0, len(samples), 16):  # bounded memory for long win-rate sets
+    n = args.validation_batch_size  # bounded memory for long win-rate sets
+    for i in range(0, len(samples), n):
         with mixed_precision_unet(accelerator, model), vae_dtype_kept(comps.vae):
-            results += inpaint(pipe, comps.condition, sources[i:i + 16], masks[i:i + 16], args.resolution,
+            results += inpaint(pipe, comps.condition, sources[i:i + n], masks[i:i + n], args.resolution,
                                steps or args.validation_inference_steps, args.validation_strength if strength is None else strength,
                                seed=(args.seed if seed is None else seed) + i)
     model.train(was_training)

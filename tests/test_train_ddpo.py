@@ -252,3 +252,28 @@ def test_pair_label_errors(tmp_path, tiny_model_dir, toy_meta, run_script):
         train_with(["a", "b", None, "tie"], "--resume_from_checkpoint", "latest")
     with pytest.raises(UserError, match="--export_pairs is for --algorithm pairwise"):
         tddpo.parse_args(_args(tiny_model_dir, toy_meta, out, "--reward", "preserve=1", "--export_pairs", "x"))
+
+
+def test_evaluation_runs_in_bounded_chunks_with_the_same_result(setup, toy_meta):
+    """--eval_batch_size bounds what the UNet and the VAE see at once, however many held-out inputs
+    there are; the metrics and images equal a one-chunk evaluation (noise is keyed by sample index)."""
+    import argparse
+
+    from myutils.data import read_meta
+
+    args, comps, _ = setup
+    sampler = _sampler(comps, 3, 1.0)
+    samples = tu.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
+    seen = {"unet": [], "decode": [], "encode": []}
+    hooks = [comps.unet.conv_in.register_forward_pre_hook(lambda m, i: seen["unet"].append(i[0].shape[0])),
+             comps.vae.decoder.conv_in.register_forward_pre_hook(lambda m, i: seen["decode"].append(i[0].shape[0])),
+             comps.vae.encoder.conv_in.register_forward_pre_hook(lambda m, i: seen["encode"].append(i[0].shape[0]))]
+    try:
+        chunked = rl_loop.evaluate(comps.unet, sampler, argparse.Namespace(**{**vars(args), "eval_batch_size": 2}), samples, None)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(samples) == 6 and max(max(v) for v in seen.values()) <= 2 and sum(seen["decode"]) >= 6
+    whole = rl_loop.evaluate(comps.unet, sampler, argparse.Namespace(**{**vars(args), "eval_batch_size": 6}), samples, None)
+    assert chunked[0].keys() == whole[0].keys() and all(abs(chunked[0][k] - whole[0][k]) < 1e-5 for k in whole[0])
+    assert torch.allclose(chunked[1], whole[1], atol=1e-5) and len(chunked[2]) == 6

@@ -159,7 +159,18 @@ def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, t
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert tdpo.preference_accuracy(unet, None, comps, samples, 32) > 0.5
+    whole = tdpo.preference_accuracy(unet, None, comps, samples, 32, chunk=6)
+    assert whole > 0.5
+    # in chunks of 2 pairs: the same accuracy, no UNet batch above 2 pairs (4 images), each image encoded once
+    seen = {"unet": [], "encode": []}
+    hooks = [unet.conv_in.register_forward_pre_hook(lambda m, i: seen["unet"].append(i[0].shape[0])),
+             comps.vae.encoder.conv_in.register_forward_pre_hook(lambda m, i: seen["encode"].append(i[0].shape[0]))]
+    try:
+        assert tdpo.preference_accuracy(unet, None, comps, samples, 32, chunk=2) == whole
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(seen["unet"]) == 4 and sum(seen["encode"]) == 3 * 6  # preferred, rejected, masked source: once each
 
 
 def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pair_meta, disc_dir, capsys):

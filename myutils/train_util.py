@@ -84,6 +84,9 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="GPU only; PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--ddp_timeout", type=float, default=120.0,
+                   help="minutes a rank waits in a collective (NCCL's default is 10): covers what the main process does "
+                        "alone while the others wait (validation, held-out evaluation, saving a full UNet)")
 
     if lora:
         g = parser.add_argument_group("LoRA")
@@ -146,6 +149,8 @@ def check_args(args):
     if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:
         raise UserError(f"--validation_inference_steps {args.validation_inference_steps} at --validation_strength "
                         f"{args.validation_strength} runs no denoising step (diffusers runs int(steps * strength))")
+    if not args.ddp_timeout > 0:
+        raise UserError(f"--ddp_timeout {args.ddp_timeout}: must be a positive number of minutes")
     if args.validation_batch_size < 1:
         raise UserError(f"--validation_batch_size {args.validation_batch_size}: must be at least 1")
     if args.cache_latents and args.random_crop:
@@ -168,18 +173,23 @@ def check_args(args):
 def make_accelerator(args, find_unused_parameters=False):
     """find_unused_parameters: for models whose forward uses only part of the trainable weights
     (one LoRA of several), so DDP does not wait for gradients that never come."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
     check_args(args)
     report_to = None if args.report_to in (None, "none") else args.report_to
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))]
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
+        kwargs_handlers=handlers,
     )  # no cpu=True here: it would silently switch DeepSpeed off; without CUDA accelerate uses the CPU anyway
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if accelerator.state.deepspeed_plugin is not None:

@@ -109,3 +109,25 @@ def test_skipped_step_changes_nothing(tmp_path, tiny_model_dir, toy_meta, run_sc
     out = str(tmp_path / "one")
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "1"))
     assert _max_diff(_state(os.path.join(out, "unet")), _state(os.path.join(tiny_model_dir, "unet"))) == 0.0
+
+
+def test_process_group_timeout_comes_from_the_argument(tmp_path):
+    """Ranks wait --ddp_timeout minutes (default 120) in a collective, not NCCL's 10: what the main
+    process does alone (validation, evaluation, saving a full UNet) must fit in it."""
+    from datetime import timedelta
+
+    import train_RORem
+    from myutils import train_util as tu
+    from myutils.errors import UserError
+    from tests.conftest import reset_accelerate
+
+    base = ["--meta_path", "m.json", "--output_dir", str(tmp_path), "--report_to", "none"]
+    for extra, minutes in (([], 120), (["--ddp_timeout", "45"], 45)):
+        reset_accelerate()
+        accelerator = tu.make_accelerator(train_RORem.parse_args(base + extra))
+        assert accelerator.init_handler.timeout == timedelta(minutes=minutes)
+        assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}  # what init_process_group gets
+    reset_accelerate()
+    with pytest.raises(UserError, match="--ddp_timeout 0.0: must be a positive"):
+        tu.make_accelerator(train_RORem.parse_args(base + ["--ddp_timeout", "0"]))
+    reset_accelerate()

@@ -119,9 +119,9 @@ def evaluate(disc, comps, dataset, args, device):
 def main(argv=None):
     args = parse_args(argv)
     accelerator = tu.make_accelerator(args)
-    entries = tu.load_entries(args.meta_path, "scored", accelerator, check=not args.skip_data_check)
+    entries = tu.load_entries(args.meta_path, "scored", accelerator, check=not args.skip_data_check, output_dir=args.output_dir)
     if args.val_meta_path:
-        val_entries = tu.load_entries(args.val_meta_path, "scored", accelerator, what="--val_meta_path")
+        val_entries = tu.load_entries(args.val_meta_path, "scored", accelerator, what="--val_meta_path", output_dir=args.output_dir)
     else:
         entries, val_entries = split_by_source(entries, args.val_fraction, args.seed)
     tu.logger.info(describe("train", entries))

@@ -97,11 +97,12 @@ def read_meta(meta_paths, kind):
             paths = {k: os.path.normpath(os.path.join(root, os.path.expanduser(raw[k]))) for k in img_keys}
             extra = {k: v for k, v in raw.items() if k not in img_keys and k not in other_keys}
             entries.append(Entry(meta_path, i, paths, score, extra))
-    _raise_problems(problems)
+    raise_problems(problems)
     return entries
 
 
-def _raise_problems(problems):
+def raise_problems(problems):
+    """One UserError listing the first MAX_PROBLEMS_SHOWN problems (and how many more), if any."""
     if not problems:
         return
     shown = problems[:MAX_PROBLEMS_SHOWN]
@@ -151,16 +152,51 @@ def _check_entry(entry):
     return None, None
 
 
-def check_entries(entries, num_workers=8, progress=False):
-    """Check every entry's files; raise UserError listing the problems; return the list of warnings."""
+def entry_digests(entries, num_workers=16):
+    """A short digest per entry of its image paths, sizes and modification times (stat calls only,
+    in threads): what a data check saw of it. A missing file digests as missing."""
+    import hashlib
+
+    def digest(entry):
+        h = hashlib.sha256()
+        for path in entry.paths.values():
+            try:
+                st = os.stat(path)
+                h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{path}\tmissing\n".encode())
+        return h.hexdigest()[:32]
+
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        return list(pool.map(digest, entries, chunksize=256))
+
+
+def fingerprint(kind, digests):
+    """One key for a data set from its entries' digests in entry order (so the same however many
+    ranks computed them): another file, size or mtime anywhere gives another key."""
+    import hashlib
+
+    h = hashlib.sha256(kind.encode())
+    for d in digests:
+        h.update(d.encode())
+    return h.hexdigest()
+
+
+def scan_entries(entries, num_workers=8, progress=False):
+    """[(problem or None, warning or None)] for each entry, in order, checked in threads."""
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         results = pool.map(_check_entry, entries)
         if progress:
             from tqdm.auto import tqdm
 
             results = tqdm(results, total=len(entries), desc="checking data")
-        results = list(results)
-    _raise_problems([p for p, _ in results if p])
+        return list(results)
+
+
+def check_entries(entries, num_workers=8, progress=False):
+    """Check every entry's files; raise UserError listing the problems; return the list of warnings."""
+    results = scan_entries(entries, num_workers, progress)
+    raise_problems([p for p, _ in results if p])
     return [w for _, w in results if w]
 
 

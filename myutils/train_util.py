@@ -17,7 +17,7 @@ import warnings
 import torch
 import yaml
 
-from .data import EpochSampler, RemovalDataset, check_entries, read_meta, to_device
+from .data import EpochSampler, RemovalDataset, entry_digests, fingerprint, raise_problems, read_meta, scan_entries, to_device
 from .errors import UserError
 from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet, read_lora
 from .sdxl_inpaint import encode_prompt_once, encode_prompt_pair
@@ -220,33 +220,55 @@ def init_trackers(accelerator, args, name):
 
 # ----------------------------------------------------------------------------- data
 
-def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path"):
-    """Read meta files on every process; check the files once, on rank 0, and share the verdict so
-    a bad entry stops every rank with the same message instead of leaving the others at a barrier."""
-    from accelerate.utils import broadcast_object_list
+def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path", output_dir=None):
+    """Read meta files on every process and check their files, shared out: each rank checks every
+    n-th entry in threads and all ranks learn every problem, so a bad entry stops every rank with the
+    same message and no rank waits alone. A passed check is remembered in <output_dir>/data_check.json
+    under a fingerprint of the files (paths, sizes, mtimes): a restart on unchanged data skips it."""
+    from accelerate.utils import gather_object
 
     entries = read_meta(meta_paths, kind)
-    verdict = [None]
-    if check and accelerator.is_main_process:
-        try:
-            for warning in check_entries(entries, progress=len(entries) > 200):
+    if check:
+        record = os.path.join(output_dir, "data_check.json") if output_dir else None
+        rank, world = accelerator.process_index, accelerator.num_processes
+        digests = list(enumerate(entry_digests(entries[rank::world])))  # (k, digest) of entry rank + k * world
+        if world > 1:
+            digests = gather_object([(rank + k * world, d) for k, d in digests])
+        key = fingerprint(kind, [d for _, d in sorted(digests)])
+        passed = {}
+        if record and os.path.isfile(record):
+            try:
+                with open(record) as f:
+                    passed = json.load(f)
+            except (OSError, ValueError):
+                passed = {}  # unreadable: check again and rewrite it
+        if key in passed:
+            logger.info("%s: files unchanged since a passed check (%s), not checked again", what, record)
+        else:
+            mine = scan_entries(entries[rank::world], progress=len(entries) > 200 and rank == 0)
+            found = [(rank + k * world, p, w) for k, (p, w) in enumerate(mine) if p or w]  # (entry position, problem, warning)
+            if world > 1:
+                found = sorted(gather_object(found))
+            raise_problems([p for _, p, _ in found if p])  # the same message on every rank, in entry order
+            for _, _, warning in found:
                 logger.warning("%s", warning)
-        except UserError as e:
-            verdict[0] = str(e)
-    if accelerator.num_processes > 1:
-        broadcast_object_list(verdict)
-    if verdict[0]:
-        raise UserError(verdict[0])
+            if record and accelerator.is_main_process:
+                passed[key] = {"what": what, "entries": len(entries), "meta": [str(m) for m in meta_paths]}
+                tmp = record + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(passed, f, indent=1)
+                os.replace(tmp, record)
     logger.info("%s: %d entries from %d file(s)", what, len(entries), len(meta_paths))
     return entries
 
 
 def load_train_and_validation(args, kind, accelerator):
     """Training entries, and the validation entries (--validation_meta_path, else the training ones)."""
-    entries = load_entries(args.meta_path, kind, accelerator, check=not args.skip_data_check)
+    entries = load_entries(args.meta_path, kind, accelerator, check=not args.skip_data_check, output_dir=args.output_dir)
     if not args.validation_meta_path:
         return entries, entries
-    return entries, load_entries(args.validation_meta_path, kind, accelerator, what="--validation_meta_path")
+    return entries, load_entries(args.validation_meta_path, kind, accelerator, what="--validation_meta_path",
+                                 output_dir=args.output_dir)
 
 
 def make_train_dataset(args, entries, kind, accelerator, vae=None, cache_keys=()):

@@ -177,3 +177,71 @@ def test_loader_defaults_keep_a_gpu_fed_and_the_cpu_free(monkeypatch):
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (8, True, True, 4)
     cpu = tu.make_dataloader(args, dataset, types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")))
     assert (cpu.num_workers, cpu.pin_memory, cpu.persistent_workers) == (0, False, False)
+
+
+def test_a_passed_check_is_remembered_until_a_file_changes(triplet_dir, tmp_path, monkeypatch):
+    """load_entries writes <output_dir>/data_check.json under a fingerprint of paths, sizes and mtimes:
+    the same data is not checked again; a changed file is, and a bad one still stops the run."""
+    import types
+
+    from myutils import data
+    from myutils import train_util as tu
+
+    d = triplet_dir
+    e = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
+    meta = _meta(d, [e] * 5)
+    acc = types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
+    scanned, real = [], data.scan_entries
+    monkeypatch.setattr(tu, "scan_entries", lambda entries, **k: scanned.append(len(entries)) or real(entries, **k))
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    for _ in range(2):
+        assert len(tu.load_entries([meta], "triplet", acc, output_dir=out)) == 5
+    assert scanned == [5]  # the second load trusted the first check
+    from myutils.data import entry_digests, fingerprint
+
+    ents = read_meta(meta, "triplet")  # ranks digest their shares: the key does not depend on how many there were
+    two = sorted([(2 * k, x) for k, x in enumerate(entry_digests(ents[0::2]))] + [(2 * k + 1, x) for k, x in enumerate(entry_digests(ents[1::2]))])
+    assert fingerprint("triplet", [x for _, x in two]) == fingerprint("triplet", entry_digests(ents))
+    record = json.load(open(os.path.join(out, "data_check.json")))
+    assert len(record) == 1 and next(iter(record.values()))["entries"] == 5
+    os.utime(d / "gt/a.png", ns=(1, 1))  # same bytes, another mtime: checked again
+    tu.load_entries([meta], "triplet", acc, output_dir=out)
+    assert scanned == [5, 5]
+    (d / "gt/a.png").write_bytes(b"broken")
+    with pytest.raises(UserError, match=r"entry 0: 'GT' file is not a readable image"):
+        tu.load_entries([meta], "triplet", acc, output_dir=out)
+    assert len(json.load(open(os.path.join(out, "data_check.json")))) == 2  # the failed check is not recorded
+
+
+
+def test_the_check_is_shared_out_and_every_rank_reports_every_problem(triplet_dir, monkeypatch):
+    """Rank r of n checks entries r, r + n, ...; gathering gives every rank every problem in entry order.
+    Here rank 1 of 2, with rank 0's share (entries 0, 2, 4) checked for real as the gather's other half."""
+    import types
+
+    import accelerate.utils
+
+    from myutils import train_util as tu
+
+    d = triplet_dir
+    e = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
+    meta = _meta(d, [e, e, dict(e, GT="gt/none.png"), e, e, dict(e, mask="mask/none.png")])
+    shares = []
+    real_scan = tu.scan_entries
+    monkeypatch.setattr(tu, "scan_entries", lambda entries, **k: shares.append(len(entries)) or real_scan(entries, **k))
+
+    def gather(mine):  # rank 0's part, as the collective would bring it: first the files' digests, then the check
+        from myutils.data import entry_digests
+
+        rank0 = read_meta(meta, "triplet")[0::2]
+        if mine and len(mine[0]) == 2:
+            return [(2 * k, d) for k, d in enumerate(entry_digests(rank0))] + mine
+        return [(2 * k, p, w) for k, (p, w) in enumerate(real_scan(rank0)) if p or w] + mine
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    with pytest.raises(UserError) as err:
+        tu.load_entries([meta], "triplet", types.SimpleNamespace(process_index=1, num_processes=2, is_main_process=False))
+    assert shares == [3]  # rank 1 checked entries 1, 3, 5 only
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and "entry 2: 'GT' file not found" in lines[0] and "entry 5: 'mask' file not found" in lines[1]

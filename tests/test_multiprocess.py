@@ -248,3 +248,18 @@ def test_morl_population_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
     summary = json.load(open(os.path.join(out, "policies.json")))
     assert len(summary["hypervolume_per_generation"]) == 2
     assert os.path.isfile(os.path.join(out, "checkpoint-4", "random_states_1.pkl"))
+
+
+def test_the_data_check_is_shared_out_and_every_rank_reports_every_problem(tmp_path, tiny_model_dir, toy_meta):
+    """Two real ranks with a bad entry in each one's share: the run stops with one-line errors, no
+    traceback, no rank left waiting in a collective (the launcher stops the other rank once one exits,
+    so which rank's message shows varies; that each holds every problem is tested in test_data.py)."""
+    root = os.path.dirname(toy_meta)
+    entries = [{k: os.path.join(root, v) for k, v in e.items()} for e in json.load(open(toy_meta))]
+    entries[2]["GT"] = str(tmp_path / "missing.png")  # rank 0's share
+    entries[3]["mask"] = str(tmp_path / "missing_mask.png")  # rank 1's
+    (tmp_path / "meta.json").write_text(json.dumps(entries))
+    res = launch_two_ranks("train_RORem.py", _common(tiny_model_dir, str(tmp_path / "meta.json"), str(tmp_path / "out")), str(tmp_path))
+    assert res.returncode != 0 and "train_RORem.py\", line" not in res.stderr  # (the launcher prints its own traceback)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all("file not found" in line for line in errors)  # what each rank knows: tests/test_data.py

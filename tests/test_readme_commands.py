@@ -42,6 +42,7 @@ TINY = {
     "bench_train_step.py": ["--latent_sizes", "16", "--steps", "1", "--batch_size", "2"],
     "bench_data.py": ["--resolutions", "64", "--samples", "6", "--batch_size", "2", "--batches", "2", "--workers", "0", "1",
                       "--formats", "jpg"],
+    "bench_data_check.py": ["--entries", "400", "--pool", "4", "--sample", "40", "--resolution", "64"],
     "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
     "convert_lora.py": [],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",

@@ -94,10 +94,15 @@ def encode_prompt_pair(pipe, prompt="", negative_prompt="", device="cpu"):
             PromptCondition(neg.float().cpu(), neg_pooled.float().cpu(), aes))
 
 
+VAE_ENCODE_CHUNK = 4  # images per VAE encode: the fp32 SDXL VAE needs ~2.5 GiB of temporaries per 1024 px image
+
+
 @torch.no_grad()
-def vae_latent_params(vae, pixels):
-    """VAE posterior parameters (mean and logvar stacked on channels, unscaled) for [-1, 1] pixels."""
-    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+def vae_latent_params(vae, pixels, chunk=VAE_ENCODE_CHUNK):
+    """VAE posterior parameters (mean and logvar stacked on channels, unscaled) for [-1, 1] pixels,
+    encoded `chunk` images at a time, so a batch of 16 at 1024 px does not hold 40 GB of temporaries."""
+    return torch.cat([vae.encode(pixels[i:i + chunk].to(vae.device, vae.dtype)).latent_dist.parameters.float()
+                      for i in range(0, len(pixels), chunk)])
 
 
 def _scale(z, vae_config):
@@ -106,11 +111,13 @@ def _scale(z, vae_config):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents):
-    """Scaled latents (what the UNet denoises) -> pixels in [-1, 1], decoded in the VAE's dtype."""
+def decode_latents(vae, latents, chunk=VAE_ENCODE_CHUNK):
+    """Scaled latents (what the UNet denoises) -> pixels in [-1, 1], decoded in the VAE's dtype,
+    `chunk` at a time."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = latents / vae.config.scaling_factor + shift
-    return vae.decode(z.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+    return torch.cat([vae.decode(z[i:i + chunk].to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+                      for i in range(0, len(z), chunk)])
 
 
 def posterior_mean_latents(params, vae_config):

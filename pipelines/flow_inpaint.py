@@ -16,7 +16,7 @@ import torch
 from myutils.errors import UserError
 from myutils.rl_utils import flowmatch_step_mean_std
 from myutils.rng import randn_per_sample
-from myutils.sdxl_inpaint import masked_image
+from myutils.sdxl_inpaint import decode_latents, masked_image, vae_latent_params
 
 FLOW_PIPELINES = ("FluxFillPipeline",)
 
@@ -103,7 +103,7 @@ class FlowFillSampler:
 
     def _encode(self, pixels):
         shift = self.vae.config.shift_factor or 0.0
-        z = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
+        z = vae_latent_params(self.vae, pixels).chunk(2, dim=1)[0]  # the posterior mean, encoded in bounded chunks
         return pack((z - shift) * self.vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -142,5 +142,4 @@ class FlowFillSampler:
 
     @torch.no_grad()
     def decode(self, latents):
-        z = unpack(latents.float(), self.h, self.w) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        return self.vae.decode(z.to(self.vae.device, self.vae.dtype)).sample.float().clamp(-1, 1)
+        return decode_latents(self.vae, unpack(latents.float(), self.h, self.w))  # decode_latents applies shift and scale

@@ -87,3 +87,24 @@ def test_latent_sampling_scales_and_shifts(tiny_model_dir):
     params_det = torch.cat([mean, torch.full_like(logvar, -30.0)], 1)  # std ~ 0: only the scaling is left
     z = sample_latents(params_det, vae.config)
     assert torch.allclose(z, mean * vae.config.scaling_factor, atol=1e-5)
+
+
+def test_vae_encodes_in_bounded_chunks_with_the_same_latents(tiny_model_dir):
+    """A batch is encoded VAE_ENCODE_CHUNK images at a time (bounded temporaries at 1024 px), giving the
+    posterior of encoding it whole."""
+    from diffusers import AutoencoderKL
+
+    from myutils.sdxl_inpaint import VAE_ENCODE_CHUNK, vae_latent_params
+
+    vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    pixels = torch.rand(10, 3, 32, 32) * 2 - 1
+    seen = []
+    hook = vae.encoder.conv_in.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape[0]))
+    try:
+        params = vae_latent_params(vae, pixels)
+    finally:
+        hook.remove()
+    assert seen == [VAE_ENCODE_CHUNK, VAE_ENCODE_CHUNK, 10 - 2 * VAE_ENCODE_CHUNK]
+    with torch.no_grad():
+        whole = vae.encode(pixels).latent_dist.parameters
+    assert params.shape == whole.shape and torch.allclose(params, whole, atol=1e-5)

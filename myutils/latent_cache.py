@@ -3,8 +3,13 @@
 One safetensors file per sample holds both orientations (unflipped and flipped), so random flips
 still work; crops must be central (a random crop would need a new encoding every epoch). A file is
 named by a hash of its image paths, their sizes and modification times, the resolution and a
-fingerprint of the VAE: changing any of them makes the sample encode again.
+fingerprint of the VAE: changing any of them makes the sample encode again. Posteriors are stored in
+fp16 (training sees them rounded to fp16, nothing else changes) and the mask as uint8: about 0.27 MB a
+sample at 512 px, 27 GB per 100K samples (fp32: 0.56 MB); four times that at 1024 px. Each rank
+encodes every world_size-th sample; file names are computed once, in threads, not per read.
 """
+from concurrent.futures import ThreadPoolExecutor
+
 import hashlib
 import json
 import os
@@ -15,6 +20,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .sdxl_inpaint import batch_latent_params
+
+STORAGE = "fp16-v1"  # part of every file's key: files of another storage format are not reused
 
 
 def vae_fingerprint(vae):
@@ -33,12 +40,20 @@ class LatentCache:
             raise ValueError("latent caching needs central crops")
         self.dataset, self.keys, self.dir, self.vae = dataset, tuple(keys), cache_dir, vae
         self.vae_id = vae_fingerprint(vae)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            self.paths = list(pool.map(self._path, range(len(dataset)), chunksize=256))
+
+    def _path(self, index):
+        entry = self.dataset.entries[index]
+        files = []
+        for k, p in sorted(entry.paths.items()):
+            st = os.stat(p)
+            files.append([k, p, st.st_size, st.st_mtime_ns])
+        key = json.dumps([files, self.dataset.resolution, self.keys, self.vae_id, STORAGE])
+        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
     def path(self, index):
-        entry = self.dataset.entries[index]
-        files = [[k, p, os.path.getsize(p), os.stat(p).st_mtime_ns] for k, p in sorted(entry.paths.items())]
-        key = json.dumps([files, self.dataset.resolution, self.keys, self.vae_id])
-        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+        return self.paths[index]
 
     def build(self, accelerator, batch_size=8):
         """Encode the samples not cached yet; each process takes every world_size-th one."""
@@ -54,7 +69,7 @@ class LatentCache:
                 batch = {k: torch.stack([r[k] for r in rows]) for k in {"source", "mask", *self.keys} - {"masked"}}
                 suffix = ":flip" if flip else ""
                 for name, value in batch_latent_params(self.vae, batch, self.keys).items():
-                    encoded[name + suffix] = value.cpu()
+                    encoded[name + suffix] = value.cpu().to(torch.uint8 if name == "mask_latent" else torch.float16)
                 encoded["crop_top_left" + suffix] = torch.stack([r["crop_top_left"] for r in rows])
             for j, i in enumerate(chunk):
                 tensors = {k: v[j].contiguous() for k, v in encoded.items()}
@@ -65,6 +80,7 @@ class LatentCache:
             bar.update(len(chunk))
         bar.close()
         accelerator.wait_for_everyone()
+
 
 class CachedLatentDataset(Dataset):
     """Serves cached posteriors in place of pixels, with the same (epoch, index) keys and flips."""
@@ -84,7 +100,7 @@ class CachedLatentDataset(Dataset):
         item = {"index": index, "epoch": epoch, "original_size": data["original_size"],
                 "crop_top_left": data["crop_top_left" + suffix]}
         for name in [f"params:{k}" for k in self.cache.keys] + ["mask_latent"]:
-            item[name] = data[name + suffix]
+            item[name] = data[name + suffix].float()  # stored as fp16 (the mask as uint8)
         entry = ds.entries[index]
         if entry.score is not None:
             item["score"] = torch.tensor(entry.score, dtype=torch.float32)

@@ -4,6 +4,7 @@ A meta.json is a JSON list of entries (a single dict is accepted too); image pat
 the folder of the meta file. Every entry is checked before training starts, and each problem is
 reported on one line as `<meta file>: entry <i>: <problem>`.
 """
+import hashlib
 import json
 import math
 import os
@@ -154,9 +155,8 @@ def _check_entry(entry):
 
 def entry_digests(entries, num_workers=16):
     """A short digest per entry of its image paths, sizes and modification times (stat calls only,
-    in threads): what a data check saw of it. A missing file digests as missing."""
-    import hashlib
-
+    in threads): what a data check saw of it (and what names a latent-cache file). A missing file
+    digests as missing."""
     def digest(entry):
         h = hashlib.sha256()
         for path in entry.paths.values():
@@ -174,8 +174,6 @@ def entry_digests(entries, num_workers=16):
 def fingerprint(kind, digests):
     """One key for a data set from its entries' digests in entry order (so the same however many
     ranks computed them): another file, size or mtime anywhere gives another key."""
-    import hashlib
-
     h = hashlib.sha256(kind.encode())
     for d in digests:
         h.update(d.encode())

@@ -8,8 +8,6 @@ fp16 (training sees them rounded to fp16, nothing else changes) and the mask as 
 sample at 512 px, 27 GB per 100K samples (fp32: 0.56 MB); four times that at 1024 px. Each rank
 encodes every world_size-th sample; file names are computed once, in threads, not per read.
 """
-from concurrent.futures import ThreadPoolExecutor
-
 import hashlib
 import json
 import os
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .data import entry_digests
 from .sdxl_inpaint import batch_latent_params
 
 STORAGE = "fp16-v1"  # part of every file's key: files of another storage format are not reused
@@ -40,16 +39,11 @@ class LatentCache:
             raise ValueError("latent caching needs central crops")
         self.dataset, self.keys, self.dir, self.vae = dataset, tuple(keys), cache_dir, vae
         self.vae_id = vae_fingerprint(vae)
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            self.paths = list(pool.map(self._path, range(len(dataset)), chunksize=256))
+        # the data check's per-entry digest of paths, sizes and mtimes, once for every entry (stat calls in threads)
+        self.paths = [self._path(d) for d in entry_digests(dataset.entries)]
 
-    def _path(self, index):
-        entry = self.dataset.entries[index]
-        files = []
-        for k, p in sorted(entry.paths.items()):
-            st = os.stat(p)
-            files.append([k, p, st.st_size, st.st_mtime_ns])
-        key = json.dumps([files, self.dataset.resolution, self.keys, self.vae_id, STORAGE])
+    def _path(self, entry_digest):
+        key = json.dumps([entry_digest, self.dataset.resolution, self.keys, self.vae_id, STORAGE])
         return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
     def path(self, index):

@@ -44,7 +44,7 @@ def save_discriminator(disc, folder, lora):
 
         save_unet(disc, folder, lora=True)  # only the LoRA layers, as unet.* keys
     else:
-        state = {k: v.detach().contiguous().cpu() for k, v in disc.state_dict().items() if not k.startswith("cls_pred_branch.")}
+        state = {k: v.detach().contiguous().cpu() for k, v in disc.state_dict().items() if not k.startswith(HEAD_PREFIX)}
         save_file(state, os.path.join(folder, FULL_FILE))
     # keys keep the module prefix, as RORem writes them: its loader (load_state_dict(strict=False) on the
     # whole model) finds the head only under cls_pred_branch.*
@@ -84,7 +84,7 @@ def load_discriminator_weights(disc, folder):
     disc.cls_pred_branch.load_state_dict(read_head(head))
     if os.path.isfile(os.path.join(folder, FULL_FILE)):
         missing, unexpected = disc.load_state_dict(load_file(os.path.join(folder, FULL_FILE)), strict=False)
-        if unexpected or [k for k in missing if not k.startswith("cls_pred_branch.")]:
+        if unexpected or [k for k in missing if not k.startswith(HEAD_PREFIX)]:
             raise UserError(f"{folder}/{FULL_FILE}: weights do not fit this model")
         return disc
     lora_path = os.path.join(folder, LORA_FILE)
@@ -173,7 +173,6 @@ def score_entries(reward, entries, resolution, batch_size):
     """Discriminator scores of (source, mask, GT=edited) entries, in order (centre crop at the
     discriminator's training resolution)."""
     from tqdm.auto import tqdm
-
 
     dataset = RemovalDataset(entries, "triplet", resolution)
     scores = []

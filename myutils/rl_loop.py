@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from . import train_util as tu
-from .errors import UserError
 from .data import stack_samples, to_device
+from .errors import UserError
 from .img_util import content_key
 from .reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
 from .rl_utils import (ADV_STDS, KL_UNITS, gaussian_kl, gaussian_log_prob, kl_in_unit, pairwise_preference_loss, ppo_loss,

@@ -36,84 +36,51 @@ def _patch_classmethod(cls, name, patched):
     patched.append((cls, name, orig))
 
 
-@contextlib.contextmanager
-def fake_cuda():
-    import diffusers
-    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
-    from diffusers.models.modeling_utils import ModelMixin
-    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-    from transformers import PreTrainedModel
+def _patch_everywhere(module, name, make, patched):
+    """Replace function `name` of `module` with make(it), in every module that imported it by name."""
+    real = getattr(module, name)
+    replacement = make(real)
+    for holder in list(sys.modules.values()):
+        if getattr(holder, name, None) is real:
+            patched.append((holder, name, real))
+            setattr(holder, name, replacement)
 
-    import myutils.rng as rng
 
-    patched = []
-    from diffusers.configuration_utils import ConfigMixin
+def _on_host_if_real(fn):
+    """Building on the host, unless the model was already moved to the (fake) GPU: then it gets its adapters there."""
+    def run(model, *args, **kwargs):
+        if any(isinstance(p, FakeTensor) for p in model.parameters()):
+            return fn(model, *args, **kwargs)
+        with unset_fake_temporarily():
+            return fn(model, *args, **kwargs)
+    return run
 
-    for cls in (DiffusionPipeline, ModelMixin, PreTrainedModel):
-        _patch_classmethod(cls, "from_pretrained", patched)
-    _patch_classmethod(ConfigMixin, "from_config", patched)
-    _patch_classmethod(StableDiffusionXLLoraLoaderMixin, "lora_state_dict", patched)
-    for name in dir(diffusers):
-        cls = getattr(diffusers, name)
-        if isinstance(cls, type) and "set_timesteps" in vars(cls):
-            patched.append((cls, "set_timesteps", cls.set_timesteps))
-            cls.set_timesteps = _outside(cls.set_timesteps)
-    patched.append((torch, "load", torch.load))
-    torch.load = _outside(torch.load)
 
-    # model building on the host: a real run builds and loads models on the CPU, then moves them
-    import model.unet_sdxl_discriminator as ud
-    import myutils.reward_utils as ru
-    import myutils.train_util as tu
-
-    _patch_classmethod(ud.UNetSDXLDiscriminator, "from_unet", patched)
-    def on_host_if_real(fn):  # a model already moved to the (fake) GPU gets its adapters there
-        def run(model, *args, **kwargs):
-            if any(isinstance(p, FakeTensor) for p in model.parameters()):
-                return fn(model, *args, **kwargs)
+def _encode_where_asked(fn):
+    """The SDXL prompt encoders run on the CPU by design (their default device): real there, fake on a GPU."""
+    def run(pipe, *args, **kwargs):
+        device = kwargs.get("device", args[2] if len(args) > 2 else "cpu")
+        if torch.device(device).type == "cpu":
             with unset_fake_temporarily():
-                return fn(model, *args, **kwargs)
-        return run
+                return fn(pipe, *args, **kwargs)
+        return fn(pipe, *args, **kwargs)
+    return run
 
-    for module, name in ((ru, "add_discriminator_lora"), (ru, "load_discriminator_weights"), (tu, "add_lora")):
-        real = getattr(module, name)
-        for holder in list(sys.modules.values()):
-            if getattr(holder, name, None) is real:
-                patched.append((holder, name, real))
-                setattr(holder, name, on_host_if_real(real))
 
-    import myutils.sdxl_inpaint as si
-
-    for name in ("encode_prompt_once", "encode_prompt_pair"):
-        real = getattr(si, name)
-
-        def encode(pipe, *args, _real=real, **kwargs):  # on the CPU by design (the default): real; on the GPU: fake
-            device = kwargs.get("device", args[2] if len(args) > 2 else "cpu")
-            if torch.device(device).type == "cpu":
-                with unset_fake_temporarily():
-                    return _real(pipe, *args, **kwargs)
-            return _real(pipe, *args, **kwargs)
-
-        for module in list(sys.modules.values()):
-            if getattr(module, name, None) is real:
-                patched.append((module, name, real))
-                setattr(module, name, encode)
-
-    # fake tensors do not check the devices of an embedding lookup (a real GPU does: CUDA token ids
-    # into an encoder left on the CPU raise in index_select); check them here
-    real_embedding = torch.nn.functional.embedding
-
+def _checked_embedding(real):
+    """Fake tensors do not check the devices of an embedding lookup (a real GPU does: CUDA token ids
+    into an encoder left on the CPU raise in index_select); check them here."""
     def embedding(input, weight, *args, **kwargs):
         if input.device.type != weight.device.type:
             raise RuntimeError(f"Expected all tensors to be on the same device: embedding indices on {input.device}, "
                                f"weight on {weight.device}")
-        return real_embedding(input, weight, *args, **kwargs)
+        return real(input, weight, *args, **kwargs)
+    return embedding
 
-    patched.append((torch.nn.functional, "embedding", real_embedding))
-    torch.nn.functional.embedding = embedding
 
-    real_generators = rng.sample_generators
-
+def _bookkeeping_generators(real):
+    """sample_generators reads indices as Python ints: bookkeeping must be on the CPU; indices derived
+    inside the fake mode have no values, so those samples are seeded by position."""
     def sample_generators(batch, seed):
         for key in ("epoch", "index"):
             value = batch[key]
@@ -123,12 +90,43 @@ def fake_cuda():
             n = len(batch["index"])
             batch = {"epoch": [0] * n, "index": list(range(n))}
         with unset_fake_temporarily():
-            return real_generators(batch, seed)
+            return real(batch, seed)
+    return sample_generators
 
-    for module in list(sys.modules.values()):
-        if getattr(module, "sample_generators", None) is real_generators:
-            patched.append((module, "sample_generators", real_generators))
-            module.sample_generators = sample_generators
+
+@contextlib.contextmanager
+def fake_cuda():
+    import diffusers
+    from diffusers.configuration_utils import ConfigMixin
+    from diffusers.loaders.lora_pipeline import StableDiffusionXLLoraLoaderMixin
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from transformers import PreTrainedModel
+
+    import model.unet_sdxl_discriminator as ud
+    import myutils.reward_utils as ru
+    import myutils.rng as rng
+    import myutils.sdxl_inpaint as si
+    import myutils.train_util as tu
+
+    patched = []
+    for cls in (DiffusionPipeline, ModelMixin, PreTrainedModel):
+        _patch_classmethod(cls, "from_pretrained", patched)
+    for cls, name in ((ConfigMixin, "from_config"), (StableDiffusionXLLoraLoaderMixin, "lora_state_dict"),
+                      (ud.UNetSDXLDiscriminator, "from_unet")):
+        _patch_classmethod(cls, name, patched)
+    for name in dir(diffusers):
+        cls = getattr(diffusers, name)
+        if isinstance(cls, type) and "set_timesteps" in vars(cls):
+            patched.append((cls, "set_timesteps", cls.set_timesteps))
+            cls.set_timesteps = _outside(cls.set_timesteps)
+    _patch_everywhere(torch, "load", _outside, patched)
+    for module, name in ((ru, "add_discriminator_lora"), (ru, "load_discriminator_weights"), (tu, "add_lora")):
+        _patch_everywhere(module, name, _on_host_if_real, patched)
+    for name in ("encode_prompt_once", "encode_prompt_pair"):
+        _patch_everywhere(si, name, _encode_where_asked, patched)
+    _patch_everywhere(torch.nn.functional, "embedding", _checked_embedding, patched)
+    _patch_everywhere(rng, "sample_generators", _bookkeeping_generators, patched)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode

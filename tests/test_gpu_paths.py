@@ -162,9 +162,10 @@ def test_discriminator_scoring_on_pixels(tiny_model_dir, toy_meta, disc_dir):
 
     batch = _batch(toy_meta, "triplet")
     with fake_cuda():
-        reward = load_reward_model(tiny_model_dir, disc_dir, 32, CUDA, torch.float16)
         b = to_device(batch, CUDA)
-        on_cuda(reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]))
+        for conditioning in ("per_sample", "rorem"):  # RORem's: fixed time ids and t = 0 noise, made on the device too
+            reward = load_reward_model(tiny_model_dir, disc_dir, 32, CUDA, torch.float16, conditioning=conditioning)
+            on_cuda(reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]))
 
 
 # ----------------------------------------------------------------------------- dtypes under mixed precision (real tensors)

@@ -195,6 +195,10 @@ def make_accelerator(args, find_unused_parameters=False):
     if accelerator.state.deepspeed_plugin is not None:
         # the script's arguments are the one source of truth; DeepSpeed clips inside its step
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2):  # a skipped window relies on ZeRO-1/2 dropping NaN gradients; ZeRO-3 saving is not handled
+            raise UserError(f"DeepSpeed ZeRO stage {stage} is not supported: use stage 1 or 2 (configs/deepspeed_zero2.yaml), "
+                            "or plain DDP (configs/accelerate_8gpu.yaml)")
         ds["train_micro_batch_size_per_gpu"] = args.train_batch_size
         ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
         ds["gradient_clipping"] = args.max_grad_norm
@@ -431,10 +435,17 @@ def make_optimizer(args, params, accelerator):
 def make_lr_scheduler(args, optimizer, max_steps, accelerator):
     from diffusers.optimization import get_scheduler
 
-    # the prepared scheduler steps once per process per optimizer step, so scale by num_processes
     return get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                         num_training_steps=max_steps * accelerator.num_processes)
+                         num_warmup_steps=args.lr_warmup_steps * scheduler_steps_per_update(accelerator),
+                         num_training_steps=max_steps * scheduler_steps_per_update(accelerator))
+
+
+def scheduler_steps_per_update(accelerator):
+    """accelerate's prepared scheduler steps once per process per optimizer step; under DeepSpeed
+    the engine steps the bare scheduler once per update instead."""
+    from accelerate.utils import DistributedType
+
+    return 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
 
 
 # ----------------------------------------------------------------------------- saving
@@ -810,9 +821,18 @@ class TrainingRun:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(t, "max").item() > 0)
 
+    @property
+    def window_void(self):
+        """This accumulation window gets no update (a non-finite loss or a skipped batch in it)."""
+        return not self.window_finite or self.window_skipped
+
     def loss_is_finite(self, loss):
         """False on every rank if the loss is NaN/inf on any rank (then nobody calls backward, so
-        no rank waits for a gradient all-reduce the others skip); the window gets no update."""
+        no rank waits for a gradient all-reduce the others skip); the window gets no update.
+        Also False for the rest of a window already void: its gradients would be dropped anyway
+        (and under DeepSpeed a backward at the window's end would apply them)."""
+        if self.window_void:  # the same on every rank, so no collective is needed to agree
+            return False
         bad = self._any_rank(not torch.isfinite(loss.detach()).all().item())
         if bad:
             self.window_finite = False
@@ -832,7 +852,9 @@ class TrainingRun:
         boundaries, then the EMA of `params` if one is kept (before end_of_step checkpoints, so a
         checkpoint holds the EMA of its own step); a window with a non-finite loss is discarded."""
         self.lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-        if self.acc.sync_gradients and self.window_finite and not self.window_skipped:
+        if self.acc.sync_gradients and self.window_void and getattr(self.acc, "deepspeed_engine_wrapped", None):
+            self._void_deepspeed_window(params, lr_scheduler)
+        if self.acc.sync_gradients and not self.window_void:
             if self.args.max_grad_norm > 0:
                 self.acc.clip_grad_norm_(params, self.args.max_grad_norm)
             optimizer.step()
@@ -840,6 +862,20 @@ class TrainingRun:
                 ema.step(params)
         lr_scheduler.step()  # every step, so the lr stays a function of global_step
         optimizer.zero_grad(set_to_none=True)
+
+    def _void_deepspeed_window(self, params, lr_scheduler):
+        """DeepSpeed updates inside backward and keeps its own gradient buffers: skipping the
+        window's last backward would leave the earlier micro-batches' gradients to leak into the next
+        window, and a backward there would update from part of this one. So end a void window with a
+        NaN gradient on one weight: ZeRO's overflow check then drops the whole window's gradients and
+        skips the update, as it does for an fp16 overflow (under fp16 it also halves the loss scale,
+        which grows back). The engine does not step the lr schedule on a skipped update; step it here
+        so the lr stays a function of global_step, as without DeepSpeed."""
+        self.acc.backward(params[0].reshape(-1)[:1].sum() * float("nan"))
+        if self.acc.deepspeed_engine_wrapped.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied an update from a window it had to skip (NaN gradients): "
+                               "use ZeRO stage 1 or 2 with its gradient-norm check on")
+        lr_scheduler.scheduler.step()
 
     def end_of_step(self, **metrics):
         """After each micro-batch: returns True when an optimizer step completed, after logging it,

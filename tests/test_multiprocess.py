@@ -61,12 +61,10 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_mode
     assert diff(a, c) > 100 * max(diff(a, b), 1e-8)
 
 
-def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_meta, run_script):
-    """ZeRO-2 through the shipped DeepSpeed launch config (one CPU rank: accelerate runs DeepSpeed only
-    on a non-CPU device, and its multi-process CPU path excludes DeepSpeed, so two CPU ranks cannot
-    be driven here). Checkpoints hold DeepSpeed's state and our diffusers UNet; resume continues."""
+def launch_deepspeed_one_rank(tmp_path, script, args):
+    """One rank under the shipped ZeRO-2 launch config (accelerate runs DeepSpeed only on a non-CPU
+    device, and its multi-process CPU path excludes DeepSpeed, so two CPU ranks cannot be driven here)."""
     import yaml
-    from diffusers import UNet2DConditionModel
 
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "deepspeed_zero2.yaml")))
     assert cfg["distributed_type"] == "DEEPSPEED" and cfg["deepspeed_config"]["zero_stage"] == 2
@@ -75,16 +73,32 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     env.pop("ACCELERATE_USE_CPU", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path),
+           "--main_process_port", str(_free_port()), script, *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _unet_state(path):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path).state_dict()
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_meta, run_script):
+    """Checkpoints hold DeepSpeed's state and our diffusers UNet; resume continues; ZeRO-2 equals
+    plain AdamW."""
     out = str(tmp_path / "ds")
 
     def launch(steps, *extra):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path),
-               "--main_process_port", str(_free_port()), os.path.join(ROOT, "train_RORem.py"),
-               *_common(tiny_model_dir, toy_meta, out), "--train_batch_size", "2", "--checkpointing_steps", "2", *extra]
-        cmd[cmd.index("--max_train_steps") + 1] = str(steps)
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res
+        args = _common(tiny_model_dir, toy_meta, out) + ["--train_batch_size", "2", "--checkpointing_steps", "2", *extra]
+        args[args.index("--max_train_steps") + 1] = str(steps)
+        return launch_deepspeed_one_rank(tmp_path, os.path.join(ROOT, "train_RORem.py"), args)
 
     res = launch(2)
     assert "DeepSpeed Model and Optimizer saved" in res.stderr
@@ -92,9 +106,43 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_
     launch(4, "--resume_from_checkpoint", "latest")
     plain = str(tmp_path / "plain")
     run_script(train_RORem, _common(tiny_model_dir, toy_meta, plain) + ["--train_batch_size", "2", "--max_train_steps", "4"])
-    a = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).state_dict()
-    b = UNet2DConditionModel.from_pretrained(os.path.join(plain, "unet")).state_dict()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5  # ZeRO-2 + resume == plain AdamW
+    assert _max_diff(_unet_state(os.path.join(out, "unet")), _unet_state(os.path.join(plain, "unet"))) <= 1e-5
+
+
+NAN_MICRO_BATCHES = (2, 3)  # with accumulation 2: the end of window 1 (after a backward) and the start of window 2
+
+
+def nan_at(loss_fn, calls_to_spoil):
+    calls = {"n": 0}
+
+    def spoiled(*a, **k):
+        calls["n"] += 1
+        loss = loss_fn(*a, **k)
+        return loss * float("nan") if calls["n"] in calls_to_spoil else loss
+    return spoiled
+
+
+def test_deepspeed_skips_whole_windows_with_accumulation(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    """Under DeepSpeed the engine updates inside backward. A NaN loss at the end of a window must not
+    let the window's first micro-batch leak into the next one, and one at the start must not let the
+    window's second micro-batch update alone: with accumulation 2, windows 1 and 2 are both skipped
+    and window 3 trains at its own lr, exactly as without DeepSpeed."""
+    args = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear"]
+    wrapper = tmp_path / "train_with_nans.py"
+    wrapper.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport train_RORem\n"
+                       f"from myutils.errors import run_cli\nfrom tests.test_multiprocess import nan_at\n"
+                       f"train_RORem.diffusion_loss = nan_at(train_RORem.diffusion_loss, {NAN_MICRO_BATCHES!r})\n"
+                       f"run_cli(train_RORem.main)\n")
+    ds = str(tmp_path / "ds")
+    res = launch_deepspeed_one_rank(tmp_path, str(wrapper), _common(tiny_model_dir, toy_meta, ds) + args)
+    assert res.stderr.count("non-finite loss, update skipped") == 2
+
+    monkeypatch.setattr(train_RORem, "diffusion_loss", nan_at(train_RORem.diffusion_loss, NAN_MICRO_BATCHES))
+    plain = str(tmp_path / "plain")
+    run_script(train_RORem, _common(tiny_model_dir, toy_meta, plain) + args)
+    a, b = _unet_state(os.path.join(ds, "unet")), _unet_state(os.path.join(plain, "unet"))
+    assert _max_diff(a, _unet_state(os.path.join(tiny_model_dir, "unet"))) > 1e-4  # window 3 trained
+    assert _max_diff(a, b) <= 1e-5
 
 
 def test_discriminator_trains_on_two_ranks(tmp_path, tiny_model_dir, run_script):
@@ -263,3 +311,25 @@ def test_the_data_check_is_shared_out_and_every_rank_reports_every_problem(tmp_p
     assert res.returncode != 0 and "train_RORem.py\", line" not in res.stderr  # (the launcher prints its own traceback)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("file not found" in line for line in errors)  # what each rank knows: tests/test_data.py
+
+
+def test_lr_schedule_counts_updates_under_deepspeed():
+    """accelerate steps a prepared scheduler once per process per update, DeepSpeed's engine steps the
+    bare one once per update: with 8 processes a 10-update warmup ends after 10 updates either way
+    (it took 80 under DeepSpeed, and a linear decay went an eighth of the way)."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import DistributedType
+
+    from myutils.train_util import make_lr_scheduler
+
+    args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=10)
+    for kind, calls_per_update in ((DistributedType.DEEPSPEED, 1), (DistributedType.MULTI_GPU, 8)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_lr_scheduler(args, opt, 30, SimpleNamespace(distributed_type=kind, num_processes=8))
+        for update in range(1, 21):
+            for _ in range(calls_per_update):
+                sched.step()
+            want = update / 10 if update <= 10 else (30 - update) / 20  # warmup, then linear to 0 at update 30
+            assert abs(opt.param_groups[0]["lr"] - want) < 1e-9, (kind, update)

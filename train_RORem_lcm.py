@@ -168,19 +168,24 @@ def distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, key
     return model_pred, target, teacher_x0, batch
 
 
-def sample_scores(args, reward, comps, batch, scores_of_data, memory, step, model_pred, teacher_x0):
+def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memory, step, model_pred, teacher_x0):
     """(B,) discriminator scores of this batch's samples from --reward_source; teacher/student
     scores are on latents (no decode) and refreshed at most every --score_every steps."""
     index = batch["index"].cpu()
     if args.reward_source == "data":
         return scores_of_data[index]
     stale = memory.stale(index, step)
+    fresh = torch.zeros(len(index), dtype=torch.float64)
     if stale.any():
         on = stale.to(model_pred.device)
         edited = (teacher_x0 if args.reward_source == "teacher" else model_pred.detach())[on]
         source = posterior_mean_latents(batch["params:source"][on], comps.vae.config)
-        fresh = reward.score_latents(source, batch["mask_latent"][on], edited, batch["original_size"][on], batch["crop_top_left"][on])
-        memory.update(index, fresh.cpu(), step, stale)
+        fresh[stale] = reward.score_latents(source, batch["mask_latent"][on], edited, batch["original_size"][on],
+                                            batch["crop_top_left"][on]).double().cpu()
+    # every rank remembers every rank's scores, so the main process checkpoints the whole memory
+    got = accelerator.gather(torch.stack([index.double(), fresh, stale.double()], 1).to(accelerator.device)).cpu()
+    was_stale = got[:, 2] > 0
+    memory.update(got[:, 0].long(), got[was_stale, 1].float(), step, was_stale)
     return memory.get(index)
 
 
@@ -217,6 +222,7 @@ def main(argv=None, rewarded=False):
         ema.to(accelerator.device)
     save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
     tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True), ema)
+    accelerator.register_for_checkpointing(memory)
     tu.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
     validating = args.validation_steps and accelerator.is_main_process
     count = max(args.win_rate_samples, args.num_validation_images)
@@ -252,7 +258,7 @@ def main(argv=None, rewarded=False):
             losses = per_sample_lcm_loss(model_pred, target, args.loss_type, args.huber_c)
             weights, metrics = torch.ones_like(losses), {}
             if reward is not None:
-                scores = sample_scores(args, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred, teacher_x0)
+                scores = sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred, teacher_x0)
                 all_scores = accelerator.gather(scores.to(accelerator.device))  # weights over the global batch
                 threshold, temperature = weighting_params(args, run.global_step, max_steps)
                 all_weights = reward_weights(all_scores, args.weighting, threshold, temperature, reference)

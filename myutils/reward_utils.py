@@ -305,10 +305,17 @@ def weight_stats(weights):
 
 class ScoreMemory:
     """Scores per training sample (dataset index), refreshed at most every `every` steps; in between a
-    sample's last score is reused. Not checkpointed: after a resume every sample is scored afresh."""
+    sample's last score is reused. Checkpointed (state_dict), so a resumed run reuses what the
+    interrupted one scored."""
 
     def __init__(self, every=1):
         self.every, self.scores, self.stamps = max(1, int(every)), {}, {}
+
+    def state_dict(self):
+        return {"scores": dict(self.scores), "stamps": dict(self.stamps)}
+
+    def load_state_dict(self, state):
+        self.scores, self.stamps = dict(state["scores"]), dict(state["stamps"])
 
     def stale(self, indices, step):
         """Bool mask of the samples that need a fresh score at this step."""

@@ -165,15 +165,19 @@ def test_lcm_sweep_tabulates_teacher_plain_and_weighted(tmp_path, tiny_model_dir
 
 
 def test_rewarded_lcm_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
+    """EMA target, optimizer state and the score memory are restored: with --score_every 4 the steps
+    after the resume reuse scores the first run made (rescoring them changes the weights)."""
     common = ["--w_min", "0", "--w_max", "2", "--discriminator_path", disc_dir, "--reward_source", "teacher", "--weighting", "softmax",
-              "--use_ema_target", "--checkpointing_steps", "1"]
-    run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common, "--max_train_steps", "2"))
+              "--use_ema_target", "--checkpointing_steps", "1", "--score_every", "4", "--reward_temperature", "0.01"]
+    run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common, "--max_train_steps", "5"))
     half = str(tmp_path / "resumed")
-    run_script(trew, _args(tiny_model_dir, toy_meta, half, *common, "--max_train_steps", "1"))
-    run_script(trew, _args(tiny_model_dir, toy_meta, half, *common, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    run_script(trew, _args(tiny_model_dir, toy_meta, half, *common, "--max_train_steps", "3"))
+    memory = torch.load(os.path.join(half, "checkpoint-3", "custom_checkpoint_1.pkl"), weights_only=False)
+    assert len(memory["scores"]) == len(memory["stamps"]) >= 8  # every sample trained on so far
+    run_script(trew, _args(tiny_model_dir, toy_meta, half, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest"))
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6  # EMA target and optimizer state restored
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_distillation_step_on_a_tiny_unet_matches_diffusers_schedulers(tiny_model_dir, toy_meta, tmp_path):

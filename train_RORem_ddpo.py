@@ -103,9 +103,10 @@ def main(argv=None):
 
     global_step = tu.resume(accelerator, args)
     first_epoch = global_step // steps_per_epoch
-    stream = tu.epoch_batches(loader, first_epoch * args.sample_batches_per_epoch, 1, 10 ** 9)
+    stream = tu.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
+                              1, 10 ** 9)
     run = tu.TrainingRun(accelerator, args, None, num_epochs * steps_per_epoch, num_epochs, global_step)
-    if first_epoch == 0 and not args.export_pairs:
+    if global_step == 0 and not args.export_pairs:
         run_eval(0, 0)
     last_epoch = first_epoch + 1 if args.pair_labels else num_epochs  # labelled pairs: one epoch per labelling round
     if args.pair_labels and first_epoch >= num_epochs:
@@ -113,35 +114,39 @@ def main(argv=None):
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # rewards overlap the next batch's sampling
     for epoch in range(first_epoch, last_epoch):
         raw.eval()
-        if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
-            batches, all_rewards, adv = rl_loop.load_labelled_pairs(args, accelerator, run.global_step)
-            components = {}
+        start_step = epoch * steps_per_epoch
+        if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
+            batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
         else:
-            # 1. sample trajectories with the current policy, no grad
-            batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-            all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
-            if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
-                rl_loop.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
-                break
-            # 2. advantages over what every process sampled
-            ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
-            all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
-            if args.algorithm == "grpo":
-                adv = group_advantages(all_rewards, all_ids, args.adv_std)
-            elif args.algorithm == "pairwise":
-                adv = pair_preferences(all_rewards)
+            if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
+                batches, all_rewards, adv = rl_loop.load_labelled_pairs(args, accelerator, run.global_step)
+                components = {}
             else:
-                adv = tracker.update(all_ids, all_rewards)
-        adv = clip_advantages(adv, args.adv_clip_max)
-        n_local = sum(len(b["index"]) for b in batches)
-        mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-        advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
-        logs = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()), "epoch": epoch,
-                **rl_loop.reward_logs(accelerator, components, run.global_step + 1)}
+                # 1. sample trajectories with the current policy, no grad
+                batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
+                all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
+                if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
+                    rl_loop.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
+                    break
+                # 2. advantages over what every process sampled
+                ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
+                all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
+                if args.algorithm == "grpo":
+                    adv = group_advantages(all_rewards, all_ids, args.adv_std)
+                elif args.algorithm == "pairwise":
+                    adv = pair_preferences(all_rewards)
+                else:
+                    adv = tracker.update(all_ids, all_rewards)
+            adv = clip_advantages(adv, args.adv_clip_max)
+            n_local = sum(len(b["index"]) for b in batches)
+            mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+            advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
+            logs = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()), "epoch": epoch,
+                    **rl_loop.reward_logs(accelerator, components, run.global_step + 1)}
 
         # 3. train on random subsets of each trajectory's trainable steps
         rl_loop.policy_update(args, accelerator, run, unet, sampler, batches, advantages, optimizer, lr_scheduler, params,
-                              args.seed * 7919 + epoch, logs)
+                              args.seed * 7919 + epoch, logs, start_step)
         # 4. checkpoint and evaluate at epoch ends
         if (args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0) or args.pair_labels:
             tu.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it

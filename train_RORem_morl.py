@@ -203,7 +203,7 @@ def main(argv=None):
 
     global_step = tu.resume(accelerator, args)
     first_generation = global_step // steps_per_generation
-    stream = tu.epoch_batches(loader, first_generation * args.population * args.epochs_per_generation * args.sample_batches_per_epoch,
+    stream = tu.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
                               1, 10 ** 9)
     run = tu.TrainingRun(accelerator, args, None, total_steps, args.generations, global_step)
     if state.start is None:
@@ -218,19 +218,25 @@ def main(argv=None):
         for k in range(args.population):  # 1. each slot trains on its own weights
             activate(k)
             for e in range(args.epochs_per_generation):
+                start_step = gen * steps_per_generation + (k * args.epochs_per_generation + e) * steps_per_epoch
+                if run.global_step >= start_step + steps_per_epoch:
+                    continue  # trained before the run was resumed
                 raw.eval()
-                batches, _, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-                ids = accelerator.gather(torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache)
-                                                    for b in batches]).to(accelerator.device)).cpu().tolist()
-                every = {n: accelerator.gather(components[n].to(accelerator.device)).cpu().numpy() for n in names}
-                adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids, args.adv_std),
-                                      args.adv_clip_max)
-                n_local = len(components[names[0]])
-                mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-                advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
-                logs = {"generation": gen, "policy": k, **{f"policy_{k}/reward_{n}_mean": float(every[n].mean()) for n in names}}
+                if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
+                    batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
+                else:
+                    batches, _, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
+                    ids = accelerator.gather(torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache)
+                                                        for b in batches]).to(accelerator.device)).cpu().tolist()
+                    every = {n: accelerator.gather(components[n].to(accelerator.device)).cpu().numpy() for n in names}
+                    adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids, args.adv_std),
+                                          args.adv_clip_max)
+                    n_local = len(components[names[0]])
+                    mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+                    advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
+                    logs = {"generation": gen, "policy": k, **{f"policy_{k}/reward_{n}_mean": float(every[n].mean()) for n in names}}
                 rl_loop.policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizers[k], schedulers[k],
-                                      params[k], (args.seed * 7919 + gen) * 1009 + k * 31 + e, logs)
+                                      params[k], (args.seed * 7919 + gen) * 1009 + k * 31 + e, logs, start_step)
         # 2. evaluate every slot; the archive keeps the non-dominated ones
         state.objectives = [evaluate_objectives(k) for k in range(args.population)]
         for k in range(args.population):

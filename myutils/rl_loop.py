@@ -275,11 +275,43 @@ def reward_logs(accelerator, components, step):
     return logs
 
 
-def policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizer, lr_scheduler, params, seed, logs):
+EPOCH_SAMPLES = "epoch_samples_{}.pt"  # in a checkpoint taken inside an epoch, one per process
+
+
+def save_epoch_samples(folder, accelerator, start_step, batches, advantages, logs):
+    torch.save({"start_step": start_step, "batches": batches, "advantages": advantages.cpu(), "logs": logs},
+               os.path.join(folder, EPOCH_SAMPLES.format(accelerator.process_index)))
+
+
+def load_epoch_samples(args, accelerator, start_step):
+    """(batches, advantages, logs) of the epoch that began at optimizer step start_step, from the
+    checkpoint being resumed: a run stopped inside an epoch goes on with the samples it trained on."""
+    path = os.path.join(tu.resume_path(args), EPOCH_SAMPLES.format(accelerator.process_index))
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: missing; this checkpoint was taken inside an epoch and needs the epoch's samples of every process "
+                        "(resume with the number of processes that wrote it)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved["start_step"] != start_step:
+        raise UserError(f"{path}: holds the epoch from step {saved['start_step']}, but the run resumes inside the one from step {start_step}")
+    return [to_device(b, accelerator.device) for b in saved["batches"]], saved["advantages"].to(accelerator.device), saved["logs"]
+
+
+def first_sampled_epoch(global_step, steps_per_epoch):
+    """How many epochs' samples were drawn before step global_step: a run resumed inside an epoch
+    reloads that epoch's samples, so its sampling stream starts at the next one."""
+    return -(-global_step // steps_per_epoch)
+
+
+def policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizer, lr_scheduler, params, seed, logs, start_step):
     """--num_inner_epochs passes over the samples: for a random --timestep_fraction of the trainable
     steps of each trajectory, re-evaluate the recorded step's log-prob under the current LoRA and take
     the REINFORCE, PPO-clipped or pairwise loss (+ --kl_coef x the per-step KL to the LoRA-off
-    reference), accumulating gradients over the steps; each micro-batch ends with run.end_of_step."""
+    reference), accumulating gradients over the steps; each micro-batch ends with run.end_of_step.
+    The epoch began at optimizer step start_step: a checkpoint taken during it saves the samples, and
+    a run resumed inside it skips the micro-batches already trained (drawing the same random order)."""
+    done = (run.global_step - start_step) * args.gradient_accumulation_steps
+    run.mid_epoch_state = lambda folder: save_epoch_samples(folder, accelerator, start_step, batches, advantages, logs)
+    micro = 0
     raw = accelerator.unwrap_model(model)
     data = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])}
     n_steps = train_timesteps(args)
@@ -297,6 +329,9 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
             adv = advantages[idx.to(advantages.device)]
             metrics = {}
             for j in steps.tolist():
+                micro += 1
+                if micro <= done:
+                    continue
                 with accelerator.accumulate(model):
                     x = cond["latents"][:, j]
                     mean, scale = sampler.distribution(model, x, j, cond)
@@ -318,6 +353,7 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                         accelerator.backward(loss)
                     run.optimizer_step(optimizer, lr_scheduler, params)
                 run.end_of_step(**metrics, **logs)
+    run.mid_epoch_state = None
 
 
 # ----------------------------------------------------------------------------- pairs labelled by hand

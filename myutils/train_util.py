@@ -520,17 +520,20 @@ def list_checkpoints(output_dir):
     return sorted(names, key=lambda d: int(d[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator, args, global_step):
+def save_checkpoint(accelerator, args, global_step, extra=None):
     """Write checkpoint-<step> atomically: everything goes into a temporary folder that is renamed
     only when complete, so a kill during saving never leaves a checkpoint `latest` would pick. Old
     checkpoints are pruned after the new one exists. Every process calls this (a main-only
-    save_state hangs multi-GPU runs)."""
+    save_state hangs multi-GPU runs); extra(folder), if given, adds each process's own files."""
     final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     tmp = final + ".incomplete"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a run killed while saving
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if extra is not None:
+        os.makedirs(tmp, exist_ok=True)
+        extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
@@ -546,18 +549,21 @@ def save_checkpoint(accelerator, args, global_step):
     return final
 
 
+def resume_path(args):
+    """The checkpoint folder `--resume_from_checkpoint latest|PATH` names, or None."""
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint or None
+    found = list_checkpoints(args.output_dir)
+    return os.path.join(args.output_dir, found[-1]) if found else None
+
+
 def resume(accelerator, args):
     """Load `--resume_from_checkpoint latest|PATH`; return the optimizer step to continue from."""
-    if not args.resume_from_checkpoint:
-        return 0
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(args.output_dir)
-        if not found:
+    path = resume_path(args)
+    if path is None:
+        if args.resume_from_checkpoint:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting from step 0", args.output_dir)
-            return 0
-        path = os.path.join(args.output_dir, found[-1])
-    else:
-        path = args.resume_from_checkpoint
+        return 0
     state_file = os.path.join(path, "training_state.json")
     if not os.path.isfile(state_file):
         raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json)")
@@ -798,6 +804,7 @@ class TrainingRun:
         self.window_skipped, self.skipped_total = False, 0
         self.loss_sum, self.loss_count, self.lr = 0.0, 0, 0.0
         self.signal = None
+        self.mid_epoch_state = None  # RL: callable(folder) saving the current epoch's samples with a checkpoint
         self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
@@ -908,7 +915,7 @@ class TrainingRun:
                             f"the data. Last checkpoint: {found[-1] if found else 'none'}")
         stop = self._any_rank(self.signal is not None)
         if stop or (self.args.checkpointing_steps and self.global_step % self.args.checkpointing_steps == 0):
-            save_checkpoint(self.acc, self.args, self.global_step)
+            save_checkpoint(self.acc, self.args, self.global_step, self.mid_epoch_state)
         if stop:
             self.finish()
             self.acc.end_training()

@@ -70,3 +70,22 @@ def run_script():
         finally:
             reset_accelerate()
     return run
+
+
+@pytest.fixture
+def sigterm_at_step(monkeypatch):
+    """sigterm_at_step(n): a real SIGTERM arrives during the micro-batch that completes optimizer step
+    n (as a cluster's preemption would), so the script saves checkpoint-n and exits with code 0."""
+    import signal
+
+    from myutils.train_util import TrainingRun
+
+    def arm(step):
+        real = TrainingRun.end_of_step
+
+        def end_of_step(self, **metrics):
+            if self.acc.sync_gradients and self.global_step + 1 == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, **metrics)
+        monkeypatch.setattr(TrainingRun, "end_of_step", end_of_step)
+    return arm

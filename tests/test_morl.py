@@ -163,3 +163,27 @@ def test_morl_configs_parse():
         args = morl.parse_args(["--config", os.path.join(root, "configs", name), "--meta_path", "m.json", "--output_dir", "o",
                                 "--discriminator_path", "d"])
         assert args.objective_names == ["discriminator", "preserve"] and args.rewards == {"discriminator": 1.0, "preserve": 1.0}
+
+
+def test_sigterm_inside_a_generation_resumes_like_the_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script, sigterm_at_step):
+    """Stopped at step 9 of 12 (generation 1, policy 1, halfway through its epoch): the resumed run skips
+    policy 0's finished epoch, trains policy 1 on the samples in the checkpoint from where it stopped,
+    samples policy 2's epoch as the straight run did, and ends with the same policies."""
+    import train_RORem_morl as morl
+    from safetensors.torch import load_file
+
+    extra = ["--objectives", "preserve,gt", "--train_batch_size", "2", "--generations", "2"]
+    straight = str(tmp_path / "straight")
+    run_script(morl, _args(tiny_model_dir, toy_meta, straight, *extra))
+    killed = str(tmp_path / "killed")
+    sigterm_at_step(9)
+    with pytest.raises(SystemExit) as stop:
+        run_script(morl, _args(tiny_model_dir, toy_meta, killed, *extra))
+    assert stop.value.code == 0 and os.path.isfile(os.path.join(killed, "checkpoint-9", "epoch_samples_0.pt"))
+    run_script(morl, _args(tiny_model_dir, toy_meta, killed, *extra, "--resume_from_checkpoint", "latest"))
+    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (straight, killed))
+    assert a["hypervolume_per_generation"] == b["hypervolume_per_generation"]
+    for k in range(3):
+        wa = load_file(os.path.join(straight, f"policy_{k}", "pytorch_lora_weights.safetensors"))
+        wb = load_file(os.path.join(killed, f"policy_{k}", "pytorch_lora_weights.safetensors"))
+        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6

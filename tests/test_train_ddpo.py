@@ -134,15 +134,29 @@ def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta,
     assert len(shown["current"]) == 2 and {"reward", "discriminator", "preserve", "jpeg"} <= set(shown["current"][0])
 
 
-def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script):
+def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script, sigterm_at_step):
+    """From an epoch's end, and from a SIGTERM inside an epoch (step 1 of 2 in epoch 0): the checkpoint
+    holds that epoch's samples, the resumed run trains on them from where it stopped, then samples
+    epoch 1 as the straight run did."""
     common = ["--reward", "preserve=1", "--algorithm", "ppo", "--clip_range", "0.2", "--stat_min_count", "2"]
     run_script(tddpo, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common))
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     half = str(tmp_path / "resumed")
     run_script(tddpo, _args(tiny_model_dir, toy_meta, half, *common) + ["--num_train_epochs", "1"])
+    assert not os.path.exists(os.path.join(half, "checkpoint-2", rl_loop.EPOCH_SAMPLES.format(0)))  # an epoch's end needs none
     run_script(tddpo, _args(tiny_model_dir, toy_meta, half, *common, "--resume_from_checkpoint", "latest"))
-    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    killed = str(tmp_path / "killed")
+    sigterm_at_step(1)
+    with pytest.raises(SystemExit) as stop:
+        run_script(tddpo, _args(tiny_model_dir, toy_meta, killed, *common))
+    assert stop.value.code == 0 and tu.list_checkpoints(killed) == ["checkpoint-1"]
+    assert os.path.isfile(os.path.join(killed, "checkpoint-1", rl_loop.EPOCH_SAMPLES.format(0)))
+    run_script(tddpo, _args(tiny_model_dir, toy_meta, killed, *common, "--resume_from_checkpoint", "latest"))
+    c = load_file(os.path.join(killed, "pytorch_lora_weights.safetensors"))
+    assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def test_argument_errors(tiny_model_dir, toy_meta, tmp_path):

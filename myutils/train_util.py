@@ -205,10 +205,49 @@ def make_accelerator(args, find_unused_parameters=False):
         ds["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+    shared = [args.output_dir] + ([args.latent_cache_dir] if getattr(args, "cache_latents", False) and args.latent_cache_dir else [])
+    check_shared_dirs(accelerator, shared)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)  # same initialisation on every rank; training noise is per sample (myutils/rng.py)
     return accelerator
+
+
+def check_shared_dirs(accelerator, dirs):
+    """On several machines the ranks meet in these folders (checkpoints the main process writes and
+    every rank loads, data_check.json, the latent cache each rank builds a share of), so each must
+    be one folder on a filesystem every machine mounts. The main process writes a token there; if a
+    rank cannot read it back, every rank stops with the same message (none waits alone later)."""
+    if accelerator.num_processes == int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)):
+        return  # one machine
+    import socket
+    import time
+
+    from accelerate.utils import broadcast_object_list
+
+    token = [f"{socket.gethostname()} {os.getpid()} {time.time()}"]
+    broadcast_object_list(token)
+    for folder in dirs:
+        path = os.path.join(folder, ".shared_check")
+        if accelerator.is_main_process:
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(token[0])
+        accelerator.wait_for_everyone()
+        try:
+            with open(path) as f:
+                seen = f.read() == token[0]
+        except OSError:
+            seen = False
+        flag = torch.tensor([0.0 if seen else 1.0], device=accelerator.device)
+        missing = accelerator.reduce(flag, "sum").item()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            os.remove(path)
+        if missing:
+            raise UserError(f"{folder}: not one folder shared by every machine ({int(missing)} of {accelerator.num_processes} "
+                            "ranks could not read what the main process wrote there); put --output_dir (checkpoints) and "
+                            "--latent_cache_dir on a filesystem all machines mount")
 
 
 def weight_dtype(accelerator):

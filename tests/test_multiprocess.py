@@ -333,3 +333,64 @@ def test_lr_schedule_counts_updates_under_deepspeed():
                 sched.step()
             want = update / 10 if update <= 10 else (30 - update) / 20  # warmup, then linear to 0 at update 30
             assert abs(opt.param_groups[0]["lr"] - want) < 1e-9, (kind, update)
+
+
+def _fake_slurm(tmp_path):
+    """srun and scontrol stand-ins: srun starts its command once per node (SLURM_NODEID 0..N-1) on
+    this host, so scripts/slurm_train.sh runs as it would on N machines whose first one is 127.0.0.1."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.2\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nwhile [ \"$1\" != bash ]; do shift; done\npids=()\n"
+        "for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n \"$@\" > \"$FAKE_SLURM_LOGS/node$n.log\" 2>&1 & pids+=($!); done\n"
+        "rc=0\nfor p in \"${pids[@]}\"; do wait $p || rc=$?; done\nexit $rc\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def test_two_machines_train_like_one_through_the_slurm_launcher(tmp_path, tiny_model_dir, toy_meta, run_script):
+    """scripts/slurm_train.sh with 2 nodes x 1 rank (`--num_machines 2 --machine_rank 0/1` on this host)
+    trains exactly like one rank with the same global batch, through the shipped multi-node config."""
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "accelerate_multinode.yaml")))
+    assert cfg["distributed_type"] == "MULTI_GPU" and cfg["rdzv_backend"] == "static"
+    cfg.update(mixed_precision="no", gpu_ids=None)
+    cfg_path = tmp_path / "multinode.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PATH=f"{_fake_slurm(tmp_path)}:{os.environ['PATH']}", SLURM_JOB_NODELIST="fake[0-1]", SLURM_NNODES="2",
+               SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE="1", MAIN_PORT=str(_free_port()), PYTHON=sys.executable,
+               ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", FAKE_SLURM_LOGS=str(tmp_path))
+    two = str(tmp_path / "two")
+    res = subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm_train.sh"), str(cfg_path), "train_RORem.py",
+                          *_common(tiny_model_dir, toy_meta, two), "--train_batch_size", "2"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    logs = [open(tmp_path / f"node{n}.log").read() for n in range(2)]
+    assert res.returncode == 0, logs[0][-2000:] + logs[1][-2000:]
+    assert os.path.isfile(os.path.join(two, "checkpoint-3", "random_states_1.pkl"))  # the second machine's rank saved
+    one = str(tmp_path / "one")
+    run_script(train_RORem, _common(tiny_model_dir, toy_meta, one) + ["--train_batch_size", "4"])
+    a, b = _unet_state(os.path.join(two, "unet")), _unet_state(os.path.join(one, "unet"))
+    assert _max_diff(a, b) <= 1e-6
+
+
+def test_machines_that_do_not_share_the_output_dir_stop_with_one_message(tmp_path, tiny_model_dir, toy_meta):
+    """Each "machine" runs in its own folder with the same relative --output_dir, as two nodes with
+    local disks would: both stop at start-up with the message, neither hangs."""
+    port, procs = _free_port(), []
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    for rank in range(2):
+        (tmp_path / f"node{rank}").mkdir()
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "static",
+               os.path.join(ROOT, "train_RORem.py"), *_common(tiny_model_dir, toy_meta, "out"), "--train_batch_size", "2"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=str(tmp_path / f"node{rank}"), env=env))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode != 0
+        assert "out: not one folder shared by every machine (1 of 2 ranks could not read" in err, err[-2000:]
+    assert not os.path.exists(tmp_path / "node0" / "out" / "checkpoint-3")

@@ -61,23 +61,30 @@ class FlowFillSampler:
 
     def __init__(self, pretrained, device, dtype, num_steps, strength, resolution, noise_level=0.7, naive=False, prompt="",
                  guidance=30.0, max_sequence_length=512, variant=None, revision=None):
-        from diffusers import FluxFillPipeline
+        from diffusers import FluxFillPipeline, FluxTransformer2DModel
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from transformers import CLIPTextModel, T5EncoderModel
 
         try:
-            pipe = FluxFillPipeline.from_pretrained(pretrained, torch_dtype=dtype, variant=variant, revision=revision)
+            # the big parts load straight onto this rank's device: FLUX.1-Fill's 12B transformer and T5-XXL
+            # staged in host memory by each of 8 ranks took about 380 GB per node; read this way the files'
+            # pages are shared by the ranks in the page cache and each rank stages one tensor at a time
+            where = dict(pretrained_model_name_or_path=pretrained, torch_dtype=dtype, variant=variant, revision=revision,
+                         device_map={"": str(device)})
+            parts = dict(transformer=FluxTransformer2DModel.from_pretrained(subfolder="transformer", **where),
+                         text_encoder=CLIPTextModel.from_pretrained(subfolder="text_encoder", **where),
+                         text_encoder_2=T5EncoderModel.from_pretrained(subfolder="text_encoder_2", **where))
+            pipe = FluxFillPipeline.from_pretrained(pretrained, torch_dtype=dtype, variant=variant, revision=revision, **parts)
         except (OSError, ValueError) as err:
             raise UserError(f"--pretrained_model_name_or_path {pretrained}: cannot load a FLUX-Fill pipeline ({str(err).splitlines()[0]})")
         self.factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if resolution % (2 * self.factor):
             raise UserError(f"--resolution {resolution} must be a multiple of {2 * self.factor} for this flow model (VAE factor "
                             f"{self.factor}, 2x2 packing)")
-        pipe.text_encoder.to(device)  # encode_prompt(device=...) moves the token ids, not the encoders
-        pipe.text_encoder_2.to(device)
         with torch.no_grad():
             self.prompt_embeds, self.pooled, self.text_ids = pipe.encode_prompt(prompt, prompt, device=device,
                                                                                 max_sequence_length=max_sequence_length)
-        # the transformer stays where it was loaded: LoRA adapters are added there, then accelerator.prepare moves it
+        # LoRA adapters are added to the transformer on its device; accelerator.prepare wraps it there
         self.model, self.vae = pipe.transformer, pipe.vae.to(device, torch.float32)
         self.vae.requires_grad_(False)
         self.scheduler = pipe.scheduler
@@ -99,7 +106,7 @@ class FlowFillSampler:
         self.img_ids = FluxFillPipeline._prepare_latent_image_ids(1, self.h // 2, self.w // 2, device, dtype)
         self.guidance = torch.tensor([guidance], dtype=torch.float32) if self.model.config.guidance_embeds else None
         self.strength, self.noise_level, self.naive, self.dtype = strength, noise_level, naive, dtype
-        del pipe  # the text encoders are not needed after the prompt is encoded
+        del pipe, parts  # the text encoders are not needed after the prompt is encoded
 
     def _encode(self, pixels):
         shift = self.vae.config.shift_factor or 0.0

@@ -4,7 +4,8 @@ Inside `fake_cuda()` tensors and modules can be moved to "cuda": torch's FakeTen
 shapes, dtypes and devices but no data, and any op that mixes a CUDA tensor with a CPU one raises
 FakeTensorDeviceMismatchError, as a real GPU would. Forward passes run; backward and reading values
 (.item()) do not. What the harness lets run outside the fake mode, and why:
-- loading weights from disk (from_pretrained, LoRA files, torch.load), building from a config
+- loading weights from disk (from_pretrained, LoRA files, torch.load; a text encoder loaded with
+  device_map={"": "cuda"} is read on the host, then moved to the fake GPU), building from a config
   (from_config), building the discriminator and adding LoRA adapters: a real run does these on the CPU
   too, and fake tensors cannot hold values; the code under test moves what it built to the device;
 - scheduler.set_timesteps: a schedule is CPU bookkeeping that the code reads as Python numbers;
@@ -34,6 +35,27 @@ def _patch_classmethod(cls, name, patched):
     orig = cls.__dict__[name]
     setattr(cls, name, classmethod(_outside(orig.__func__)))
     patched.append((cls, name, orig))
+
+
+def _patch_from_pretrained(cls, patched, move=True):
+    """Weights are read on the host (fake tensors cannot hold them); a model asked straight onto a GPU
+    (device_map={"": "cuda"}) is read there and then moved to the fake GPU whole, unless move=False
+    (diffusers models: LoRA adapters added on the fake GPU could not be moved again, so the code's own
+    later move, as accelerator.prepare's, stands in)."""
+    orig = cls.__dict__["from_pretrained"]
+
+    def from_pretrained(klass, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        target = device_map[""] if isinstance(device_map, dict) and list(device_map) == [""] else None
+        if target is not None and torch.device(target).type == "cuda":
+            kwargs = {k: v for k, v in kwargs.items() if k != "device_map"}
+        else:
+            target = None
+        with unset_fake_temporarily():
+            model = orig.__func__(klass, *args, **kwargs)
+        return model.to(target) if target is not None and move else model
+    setattr(cls, "from_pretrained", classmethod(from_pretrained))
+    patched.append((cls, "from_pretrained", orig))
 
 
 def _patch_everywhere(module, name, make, patched):
@@ -111,7 +133,7 @@ def fake_cuda():
 
     patched = []
     for cls in (DiffusionPipeline, ModelMixin, PreTrainedModel):
-        _patch_classmethod(cls, "from_pretrained", patched)
+        _patch_from_pretrained(cls, patched, move=cls is not ModelMixin)
     for cls, name in ((ConfigMixin, "from_config"), (StableDiffusionXLLoraLoaderMixin, "lora_state_dict"),
                       (ud.UNetSDXLDiscriminator, "from_unet")):
         _patch_classmethod(cls, name, patched)

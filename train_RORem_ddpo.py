@@ -78,15 +78,17 @@ def main(argv=None):
     save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
     tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True))
     tu.init_trackers(accelerator, args, "train_RORem_ddpo")
-    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples) if accelerator.is_main_process else []
+    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
     history, id_cache = {}, {}
 
     def run_eval(epoch, step):
         if not eval_samples:
             return
         raw.eval()
-        metrics, images, per_sample = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model)
+        metrics, images, per_sample = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, accelerator=accelerator)
         raw.train()
+        if not accelerator.is_main_process:
+            return
         history.setdefault("start", metrics)
         history["final"] = metrics
         history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics, "per_sample": per_sample})

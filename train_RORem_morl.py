@@ -175,7 +175,7 @@ def main(argv=None):
 
     tu.register_checkpoint_hooks(accelerator, save_all, load_all)
     tu.init_trackers(accelerator, args, "train_RORem_morl")
-    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples) if accelerator.is_main_process else []
+    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
     names = args.objective_names
 
     def activate(k):
@@ -184,22 +184,16 @@ def main(argv=None):
             p.requires_grad_(True)
 
     def evaluate_objectives(adapter=None):
-        """Held-out objective vector of one slot (None: the base model), computed on the main process
-        and shared with every rank so all ranks make the same choices."""
-        from accelerate.utils import broadcast_object_list
-
-        out = [None]
-        if accelerator.is_main_process:
-            raw.eval()
-            if adapter is None:
-                with tu.adapters_disabled(raw):
-                    metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False)[0]
-            else:
-                activate(adapter)
-                metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False)[0]
-            out = [[metrics[f"eval_reward_{n}"] for n in names]]
-        broadcast_object_list(out)
-        return out[0]
+        """Held-out objective vector of one slot (None: the base model); the ranks share the work and
+        all get the same numbers, so all make the same choices."""
+        raw.eval()
+        if adapter is None:
+            with tu.adapters_disabled(raw):
+                metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
+        else:
+            activate(adapter)
+            metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
+        return [metrics[f"eval_reward_{n}"] for n in names]
 
     global_step = tu.resume(accelerator, args)
     first_generation = global_step // steps_per_generation

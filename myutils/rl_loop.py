@@ -192,15 +192,24 @@ def content_ids(entries, indices, cache):
 
 
 @torch.no_grad()
-def evaluate(model, sampler, args, samples, reward_model, full=True):
+def evaluate(model, sampler, args, samples, reward_model, full=True, accelerator=None):
     """Held-out evaluation on fixed inputs from fixed noises: the deterministic sampler (DDIM eta 0 /
     the flow ODE; eval_reward*, and the mean per-step KL between the stochastic policy and the
     start, LoRA off, along its path), and the stochastic sampler that training optimises (fixed
     per-sample seeds; eval_sde_reward*). full=False: the deterministic rewards only. Runs in chunks of
     --eval_batch_size inputs, so memory does not grow with --eval_samples; a sample's noise depends on
-    its index only, so the chunk size changes nothing but rounding."""
-    chunks = [_evaluate_chunk(model, sampler, args, samples[i:i + args.eval_batch_size], reward_model, full)
-              for i in range(0, len(samples), args.eval_batch_size)]
+    its index only, so the chunk size changes nothing but rounding. With an accelerator, every rank
+    (each holding all the samples) evaluates every world_size-th chunk and all get every chunk's result,
+    in order: the same numbers as one process, in 1/world_size of the time the others used to wait."""
+    starts = list(range(0, len(samples), args.eval_batch_size))
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    chunks = [(i, _evaluate_chunk(model, sampler, args, samples[i:i + args.eval_batch_size], reward_model, full))
+              for i in starts[rank::world]]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        chunks = sorted(gather_object(chunks), key=lambda c: c[0])
+    chunks = [c for _, c in chunks]
     parts = {k: torch.cat([c["parts"][k] for c in chunks]) for k in chunks[0]["parts"]}
     total = torch.cat([c["total"] for c in chunks])
     metrics = {f"eval_reward_{k}": v.mean().item() for k, v in parts.items()}

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 import train_RORem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,19 +224,31 @@ def test_node_launchers_run_on_two_cpu_ranks(tmp_path, tiny_model_dir, toy_meta)
         assert os.path.isfile(tmp_path / made.split("/")[0] / "checkpoint-2" / "random_states_1.pkl")  # rank 1 ran
 
 
-def test_grpo_groups_span_two_ranks(tmp_path, tiny_model_dir, toy_meta, disc_dir):
-    """GRPO gathers rewards and input ids from both ranks; every rank saves its state."""
+def test_grpo_groups_span_two_ranks(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
+    """GRPO gathers rewards and input ids from both ranks; every rank saves its state. The held-out
+    evaluation is shared out (each rank 2 of 4 chunks) and gives one process's per-sample rewards."""
+    import train_RORem_ddpo
+
+    def argv(out):
+        return ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
+                "--resolution", "32", "--report_to", "none", "--algorithm", "grpo", "--group_size", "2",
+                "--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc_dir, "--sample_steps", "3",
+                "--sample_batch_size", "1", "--sample_batches_per_epoch", "2", "--train_batch_size", "2",
+                "--num_train_epochs", "1", "--eval_samples", "4", "--eval_batch_size", "1", "--num_validation_images", "2"]
+
     out = str(tmp_path / "grpo2")
-    res = launch_two_ranks("train_RORem_ddpo.py",
-                           ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
-                            "--resolution", "32", "--report_to", "none", "--algorithm", "grpo", "--group_size", "2",
-                            "--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc_dir, "--sample_steps", "3",
-                            "--sample_batch_size", "1", "--sample_batches_per_epoch", "2", "--train_batch_size", "2",
-                            "--num_train_epochs", "1", "--eval_samples", "2", "--num_validation_images", "2"], str(tmp_path))
+    res = launch_two_ranks("train_RORem_ddpo.py", argv(out), str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = [d for d in os.listdir(out) if d.startswith("checkpoint-")]
     assert ckpt and os.path.isfile(os.path.join(out, ckpt[0], "random_states_1.pkl"))
     assert json.load(open(os.path.join(out, "final_metrics.json")))["metrics"]["eval_kl_to_start"] > 0
+    one = str(tmp_path / "one")
+    run_script(train_RORem_ddpo, argv(one))
+    start_two, start_one = (json.load(open(os.path.join(d, "reward_history.json")))["evals"][0] for d in (out, one))
+    assert len(start_two["per_sample"]) == 4
+    for a, b in zip(start_two["per_sample"], start_one["per_sample"]):
+        assert a == pytest.approx(b, abs=1e-6)
+    assert start_two["eval_sde_reward"] == pytest.approx(start_one["eval_sde_reward"], abs=1e-6)
 
 
 def test_pairs_for_labelling_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):

@@ -70,8 +70,8 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script
 
     real_save = train_util.save_checkpoint
 
-    def save_then_die(accelerator, args, step):
-        real_save(accelerator, args, step)
+    def save_then_die(accelerator, args, step, extra=None):
+        real_save(accelerator, args, step, extra)
         raise _Killed()
 
     monkeypatch.setattr(train_util, "save_checkpoint", save_then_die)

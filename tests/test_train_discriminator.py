@@ -44,8 +44,8 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_scr
 
     real = train_util.save_checkpoint
 
-    def die_after(accelerator, args, step):
-        real(accelerator, args, step)
+    def die_after(accelerator, args, step, extra=None):
+        real(accelerator, args, step, extra)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_util, "save_checkpoint", die_after)

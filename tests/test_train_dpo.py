@@ -208,8 +208,8 @@ def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, r
     run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "straight"), *common))
     real_save = tu.save_checkpoint
 
-    def save_then_die(accelerator, args, step):
-        real_save(accelerator, args, step)
+    def save_then_die(accelerator, args, step, extra=None):
+        real_save(accelerator, args, step, extra)
         raise KeyboardInterrupt
 
     half = str(tmp_path / "resumed")

@@ -1,18 +1,30 @@
 """Memory and compute planning for real-scale runs, from model configs on PyTorch's meta device (no
 weights, no memory): parameter counts, the bytes of weights, gradients and optimizer states a
-training script holds per GPU, activations saved for backward (measured with saved-tensor hooks),
-and FLOPs (torch.utils.flop_counter). The byte rules follow what the scripts do:
+training script holds per GPU, activations (the bytes alive at the end of a forward pass, measured
+per sample), the peak of a step, and FLOPs (torch.utils.flop_counter). The byte rules follow what
+the scripts do:
 
-    full fine-tune, DDP:      fp32 weights 4 B + fp32 gradients 4 B + AdamW 8 B per parameter
-                              (+ 4 B per parameter tensor: AdamW's `step`)
+    full fine-tune, DDP:      fp32 weights 4 B + fp32 gradients 4 B (in DDP's buckets, which the
+                              scripts use as the gradients: gradient_as_bucket_view) + AdamW 8 B per
+                              parameter (+ 4 B per parameter tensor: AdamW's `step`)
     full fine-tune, ZeRO-2:   weights in the compute dtype, replicated; fp16/bf16 gradients and fp32
-                              master weights + AdamW moments sharded over the GPUs
+                              master weights + AdamW moments sharded over the GPUs, plus DeepSpeed's
+                              reduce bucket
     LoRA:                     the frozen base in the compute dtype; LoRA weights fp32 with fp32
                               gradients and AdamW (the scripts keep trainable LoRA weights in fp32)
+
+The peak of a step (peak_bytes) adds to what persists the larger of: what forward and backward
+allocate (measured: activations, checkpointing's recompute, temporaries; + autocast's compute-dtype
+copies of fp32 weights, kept for backward) and AdamW's foreach update, whose temporaries take one
+fp32 copy of what it updates.
 """
+import contextlib
 import json
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,6 +93,65 @@ def training_state_bytes(trainable, trainable_tensors, frozen, precision="fp16",
     return {"weights": trainable * 4, "gradients": trainable * 4, "optimizer": trainable * 8 + trainable_tensors * 4}
 
 
+def peak_bytes(state, step_peak, trainable, precision="fp16", mode="full", zero2=False, num_gpus=1, ema=False,
+               reduce_bucket_elements=5e8, other_transient=0):
+    """Predicted peak bytes per GPU of a training step: {"persistent", "transient", "peak"}.
+
+    state: training_state_bytes(); step_peak: what forward + backward allocate on top (measure_unet's
+    step_peak_bytes, for the batch: batch_bytes); trainable: trained element count. Persistent:
+    weights, optimizer states, the gradients (DDP's buckets, which the scripts use as the gradients;
+    ZeRO-2's partition and its reduce bucket), EMA weights (fp32). Transient, the larger of the step
+    (+ autocast's compute-dtype copies of fp32 weights, kept for backward, in a full fine-tune under
+    mixed precision), AdamW's foreach update (one fp32 temporary per updated element) and
+    other_transient: what runs outside the step (the VAE encoding a chunk; RL sampling and
+    evaluation forwards)."""
+    compute = DTYPE_BYTES[precision]
+    persistent = state["weights"] + state["optimizer"] + state["gradients"] + (trainable * 4 if ema else 0)
+    if zero2:
+        persistent += min(reduce_bucket_elements, trainable) * compute
+    copies = trainable * compute if mode == "full" and not zero2 and precision != "fp32" else 0
+    transient = max(step_peak + copies, trainable * 4 / (num_gpus if zero2 else 1), other_transient)
+    return {"persistent": persistent, "transient": transient, "peak": persistent + transient}
+
+
+def batch_bytes(one, two, batch):
+    """Bytes at a batch size from measurements at batch 1 and 2: what grows per sample, plus what does
+    not; measuring at batch 1 and multiplying would count a batch-independent part (such as weights
+    saved for backward) once per sample."""
+    per_sample = two - one
+    return max(0, one - per_sample) + batch * per_sample
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """While active: the bytes of the tensors created (each storage once) that are still alive
+    (`now`) and their maximum (`peak`); works on the meta device, where storages have sizes but no
+    memory. A tensor autograd saves stays alive until backward frees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.now -= self.sizes.pop(key)
+            del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.sizes:
+                    self.sizes[key], self.refs[key] = storage.nbytes(), 0
+                    self.now += self.sizes[key]
+                    self.peak = max(self.peak, self.now)
+                self.refs[key] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
 def unet_inputs(unet, batch, resolution, device="meta"):
     """Inputs of an SDXL-inpainting UNet for `batch` images at `resolution` px (latents 1/8)."""
     cfg, dtype = unet.config, next(unet.parameters()).dtype
@@ -100,30 +171,58 @@ def _discriminator_output(model, args, kwargs):
     return model(args[0], args[1], kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"])
 
 
+@contextlib.contextmanager
+def flash_attention_on_meta():
+    """Attention as a GPU's flash kernel keeps it for backward (output and log-sum-exp, no
+    probabilities): on the meta device scaled_dot_product_attention otherwise runs the math path,
+    which saves the full attention matrix. CPU flash attention's op has a meta kernel with that memory
+    behaviour; a real CPU run picks the same kernel."""
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or attn_mask is not None or kwargs.get("enable_gqa"):
+            return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
 def measure_unet(unet, resolution, batch=1, backward=True, checkpointing=False, discriminator=None):
-    """{"forward_flops", "step_flops", "saved_bytes"} of one UNet pass: forward FLOPs, forward +
-    backward FLOPs (what a training micro-batch costs; = forward without backward), and the bytes of
-    tensors saved for backward (activations; 0 without backward). Works on meta models. With
+    """measure_pass() of an SDXL-inpainting UNet at `batch` images of `resolution` px. With
     `discriminator` (built from this UNet) that model is measured instead, on the same inputs."""
+    model, call = (discriminator, _discriminator_output) if discriminator is not None else (unet, _unet_output)
+    device = next(unet.parameters()).device
+    return measure_pass(model, lambda: unet_inputs(unet, batch, resolution, device), call, backward, checkpointing, unet)
+
+
+def measure_pass(model, make_inputs, call, backward=True, checkpointing=False, checkpointed=None):
+    """{"forward_flops", "step_flops", "activation_bytes", "step_peak_bytes"} of one pass of `model`
+    on make_inputs() -> (args, kwargs): forward FLOPs, forward + backward FLOPs (what a training
+    micro-batch costs; = forward without backward), the bytes alive at the end of the forward pass,
+    inputs included (activations; 0 without backward), and the peak of what the pass allocates on top
+    of the weights (forward + backward; with gradient checkpointing: the stored block inputs plus one
+    block's recompute; without backward: a no-grad forward's temporaries). Each gradient is dropped
+    once accumulated: DDP's buckets and ZeRO's partitions hold them (persistent memory), so the peak
+    counts only what a step adds. Works on meta models, with flash attention's memory
+    (flash_attention_on_meta). Checkpointing is switched on `checkpointed` (default: the model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    holder = checkpointed if checkpointed is not None else model
     if checkpointing:
-        unet.enable_gradient_checkpointing()
+        holder.enable_gradient_checkpointing()
     else:
-        unet.disable_gradient_checkpointing()
-    model, call = (discriminator, _discriminator_output) if discriminator is not None else (unet, _unet_output)
+        holder.disable_gradient_checkpointing()
     model.train(backward)
-    args, kwargs = unet_inputs(unet, batch, resolution, next(unet.parameters()).device)
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, flash_attention_on_meta():
+        args, kwargs = make_inputs()
         if backward:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = call(model, args, kwargs)
+            out = call(model, args, kwargs)
             forward = counter.get_total_flops()
             if out.requires_grad:
                 out.float().mean().backward()
@@ -133,8 +232,63 @@ def measure_unet(unet, resolution, batch=1, backward=True, checkpointing=False, 
             forward = counter.get_total_flops()
         total = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
-    unet.disable_gradient_checkpointing()
-    return {"forward_flops": forward, "step_flops": total, "saved_bytes": saved[0]}
+    del args, kwargs
+    # memory in a pass of its own: the FLOP counter keeps checkpointed blocks' recomputed tensors alive
+    live, alive = LiveTensorBytes(), 0
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in model.parameters() if p.requires_grad]
+    with flash_attention_on_meta(), live, torch.set_grad_enabled(backward):
+        args, kwargs = make_inputs()
+        out = call(model, args, kwargs)
+        if backward:
+            alive = live.now
+            if out.requires_grad:
+                out.float().mean().backward()
+        del out, args, kwargs
+    for h in hooks:
+        h.remove()
+    holder.disable_gradient_checkpointing()
+    return {"forward_flops": forward, "step_flops": total, "activation_bytes": alive, "step_peak_bytes": live.peak}
+
+
+def meta_flux(config_path, dtype=torch.float32):
+    """A FLUX(-Fill) transformer of a config file on the meta device."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(read_config(config_path)).to(dtype)
+
+
+def flux_inputs(model, batch, resolution, text_tokens=512, device="meta"):
+    """Inputs of a FLUX-Fill transformer for `batch` images at `resolution` px: 2x2-packed latents
+    (VAE factor 8, so (resolution / 16)^2 tokens) with the fill condition in their channels, T5 tokens."""
+    cfg, dtype = model.config, next(model.parameters()).dtype
+    tokens = (resolution // 16) ** 2
+    return ((), {"hidden_states": torch.randn(batch, tokens, cfg.in_channels, device=device, dtype=dtype),
+                 "encoder_hidden_states": torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
+                 "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, device=device, dtype=dtype),
+                 "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+                 "img_ids": torch.zeros(tokens, 3, device=device, dtype=dtype),
+                 "txt_ids": torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+                 "guidance": torch.full((batch,), 30.0, device=device, dtype=dtype) if cfg.guidance_embeds else None})
+
+
+def flux_output(model, args, kwargs):
+    return model(*args, **kwargs).sample
+
+
+def measure_flux(model, resolution, batch=1, backward=True, checkpointing=False, text_tokens=512):
+    device = next(model.parameters()).device
+    return measure_pass(model, lambda: flux_inputs(model, batch, resolution, text_tokens, device), flux_output, backward, checkpointing)
+
+
+def vae_encode_peak_bytes(vae, resolution, chunk):
+    """Peak bytes of encoding `chunk` images (no grad), as the scripts encode a batch in chunks."""
+    live = LiveTensorBytes()
+    with live, torch.no_grad():
+        x = torch.randn(chunk, 3, resolution, resolution, device=next(vae.parameters()).device, dtype=next(vae.parameters()).dtype)
+        vae.encode(x)
+        del x
+    return live.peak
 
 
 def vae_encode_flops(vae, resolution):

@@ -180,9 +180,9 @@ def make_accelerator(args, find_unused_parameters=False):
 
     check_args(args)
     report_to = None if args.report_to in (None, "none") else args.report_to
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))]
-    if find_unused_parameters:
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    # gradients live in DDP's all-reduce buckets instead of beside them: one copy, not two (9.6 GB for a full UNet)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)),
+                DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True)]
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

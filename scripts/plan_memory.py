@@ -1,22 +1,26 @@
 #!/usr/bin/env python
 """Plan a real-scale run before renting GPUs: per-GPU memory and FLOPs per training step of each
-training script's shipped configuration, with the real SDXL-inpainting UNet built on the meta device
-from configs/real/ (nothing is downloaded or allocated).
+training script's shipped configuration, with the real SDXL-inpainting UNet (and FLUX.1-Fill's
+transformer for Flow-GRPO) built on the meta device from configs/real/ (nothing is downloaded or
+allocated).
 
     python scripts/plan_memory.py                                   # every script, 512 and 1024 px, Markdown table
     python scripts/plan_memory.py --scripts train_RORem_dpo.py --resolutions 1024 --batch_size 4
 
 For each script the arguments come from its own parser with its config (configs/*.yaml), so LoRA vs
-full, batch size, mixed precision, gradient checkpointing and LoRA rank are what a run would use;
---batch_size overrides the per-GPU batch. Memory per GPU: weights, gradients and AdamW states (by
-precision; full fine-tunes also under DeepSpeed ZeRO-2 over --num_gpus), the other models a script
-holds (VAE in fp32; the discriminator as reward; a frozen reference/teacher copy only for full
-fine-tunes: a LoRA's reference is the same UNet with adapters off), and activations saved for backward,
-measured per sample with saved-tensor hooks with and without gradient checkpointing (the recompute
-peak of one block during backward is not included). FLOPs (PyTorch's FLOP counter): every UNet pass
-of one optimizer step per GPU (training passes forward + backward, reference/teacher passes forward
-only) plus the VAE encodes when latents are not cached. Verdict: whether the total fits
---gpu_memory_gb, and steps per hour at --utilisation of --peak_tflops.
+full, batch size, mixed precision, gradient checkpointing, EMA and LoRA rank are what a run would
+use; --batch_size overrides the per-GPU batch. Memory per GPU (myutils/planner.py): weights,
+gradients (in DDP's buckets) and AdamW states by precision (full fine-tunes also under DeepSpeed
+ZeRO-2 over --num_gpus, with its reduce bucket), the other models a script holds (VAE in fp32; the
+discriminator as reward; a frozen reference/teacher copy only for full fine-tunes: a LoRA's reference
+is the same UNet with adapters off; EMA weights), and the peak of a step, measured at the script's
+batch on the meta model with flash attention's memory: the larger of what forward + backward allocate
+(+ autocast's weight copies), AdamW's update temporaries, and what runs beside the step (VAE encoding
+in chunks; RL sampling and evaluation forwards). FLOPs (PyTorch's FLOP counter): every UNet pass of one
+optimizer step per GPU (training passes forward + backward, reference/teacher passes forward only; RL:
+sampling, trained steps and the KL reference) at --peak_tflops, plus the VAE encodes of uncached latents
+at --peak_tflops_fp32. Verdict: whether the total fits --gpu_memory_gb, and steps per hour at
+--utilisation.
 """
 import argparse
 import importlib
@@ -28,7 +32,7 @@ sys.path.insert(0, ROOT)
 from myutils.errors import UserError, run_cli  # noqa: E402
 
 # per batch element: UNet passes with backward, forward-only passes, VAE encodes (uncached);
-# `what` names the passes for the table
+# `what` names the passes for the table; `script` the training script when the key is not its name
 SCRIPTS = {
     "train_RORem.py": {"config": "train_RORem.yaml", "train": 1, "frozen": 0, "encodes": 2, "what": "1 fwd+bwd"},
     "train_RORem_discriminator.py": {"config": "train_RORem_discriminator.yaml", "train": 1, "frozen": 0, "encodes": 2,
@@ -39,17 +43,23 @@ SCRIPTS = {
                            "what": "1 fwd+bwd, 2 teacher fwd (CFG), 1 target fwd", "reference": True},
     "train_RORem_ddpo.py": {"config": "ddpo_config.yaml", "train": None, "frozen": None, "encodes": 0,
                             "what": "per epoch: sampling fwd + trained steps fwd+bwd", "reward": True},
+    "flow_grpo": {"script": "train_RORem_ddpo.py", "config": "flow_grpo_config.yaml", "train": None, "frozen": None, "encodes": 0,
+                  "what": "FLUX.1-Fill, per epoch: sampling fwd + trained steps fwd+bwd", "reward": True, "flux": True,
+                  "argv": ["--pretrained_model_name_or_path", "black-forest-labs/FLUX.1-Fill-dev"]},
 }
+VAE_CHUNK = 4  # myutils/sdxl_inpaint.py VAE_ENCODE_CHUNK: images the VAE encodes or decodes at a time
 
 
 def script_args(name, batch_size=None):
     """The script's own arguments from its config (required paths filled with placeholders)."""
-    module = importlib.import_module(name[:-3])
+    script = SCRIPTS[name].get("script", name)
+    module = importlib.import_module(script[:-3])
     argv = ["--config", os.path.join(ROOT, "configs", SCRIPTS[name]["config"]), "--output_dir", "plan", "--meta_path", "m.json"]
-    if name == "train_RORem_dpo.py":
+    if script == "train_RORem_dpo.py":
         argv = ["--config", os.path.join(ROOT, "configs", SCRIPTS[name]["config"]), "--output_dir", "plan", "--preference_data", "p.json"]
-    if name == "train_RORem_ddpo.py":
+    if script == "train_RORem_ddpo.py":
         argv += ["--discriminator_path", "d"]
+    argv += SCRIPTS[name].get("argv", [])
     args = module.parse_args(argv)
     if batch_size:
         args.train_batch_size = batch_size
@@ -64,6 +74,7 @@ def plan(args):
     from diffusers.utils import logging as dlogging
 
     from myutils import planner as pl
+    from myutils import rl_loop
 
     dlogging.set_verbosity_error()  # casting meta models to fp16 warns once per model
     unet_cfg, vae_cfg = args.unet_config, args.vae_config
@@ -71,16 +82,32 @@ def plan(args):
     n_disc, n_disc_tensors = pl.count(pl.meta_discriminator(unet_cfg).parameters())
     vae = pl.meta_vae(vae_cfg)
     n_vae, _ = pl.count(vae.parameters())
+    flux = any(SCRIPTS[n].get("flux") for n in args.scripts)
+    n_flux = pl.count(pl.meta_flux(args.flux_config).parameters()) if flux else (0, 0)
+    n_flux_vae = pl.count(pl.meta_vae(args.flux_vae_config).parameters())[0] if flux else 0
     rows, measured = [], {}
 
-    def measure(res, lora_rank, backward, checkpointing, precision, discriminator=False):
-        key = (res, lora_rank, backward, checkpointing, precision, discriminator)
-        if key not in measured:
+    def build(kind, precision, lora_rank):
+        """The trained model on the meta device (+ the UNet it is built from, for the discriminator)."""
+        if kind == "flux":
+            model = pl.meta_flux(args.flux_config, pl.DTYPES[precision])
+            unet = None
+        else:
             unet = pl.meta_unet(unet_cfg, pl.DTYPES[precision])
-            d = pl.meta_discriminator(unet_cfg, pl.DTYPES[precision], unet) if discriminator else None
-            if lora_rank:
-                pl.add_meta_lora(d if d is not None else unet, lora_rank)
-            measured[key] = pl.measure_unet(unet, res, 1, backward, checkpointing, discriminator=d)
+            model = pl.meta_discriminator(unet_cfg, pl.DTYPES[precision], unet) if kind == "discriminator" else unet
+        if lora_rank:
+            pl.add_meta_lora(model, lora_rank)
+        return model, unet
+
+    def measure(kind, res, batch, lora_rank, backward, checkpointing, precision):
+        key = (kind, res, batch, lora_rank, backward, checkpointing, precision)
+        if key not in measured:
+            model, unet = build(kind, precision, lora_rank)
+            if kind == "flux":
+                measured[key] = pl.measure_flux(model, res, batch, backward, checkpointing)
+            else:
+                measured[key] = pl.measure_unet(unet, res, batch, backward, checkpointing,
+                                                discriminator=model if kind == "discriminator" else None)
         return measured[key]
 
     for name in args.scripts:
@@ -88,62 +115,87 @@ def plan(args):
         precision = sa.mixed_precision if sa.mixed_precision in ("fp16", "bf16") else "fp32"
         lora = not sa.train_full if hasattr(sa, "train_full") else bool(getattr(sa, "use_lora", False))
         rank = getattr(sa, "lora_rank", None) or getattr(sa, "rank", 4)
-        is_disc = spec.get("discriminator", False)
-        base, base_tensors = (n_disc, n_disc_tensors) if is_disc else (n_unet, n_unet_tensors)
+        kind = "flux" if spec.get("flux") else "discriminator" if spec.get("discriminator") else "unet"
+        base, base_tensors = {"flux": n_flux, "discriminator": (n_disc, n_disc_tensors), "unet": (n_unet, n_unet_tensors)}[kind]
         if lora:  # the LoRA's parameters (+ the discriminator's head, which trains in full)
-            model = pl.meta_discriminator(unet_cfg) if is_disc else pl.meta_unet(unet_cfg)
-            head = [p for n, p in model.named_parameters() if n.startswith("cls_pred")] if is_disc else []
+            model = build(kind, "fp32", 0)[0]
+            head = [p for n, p in model.named_parameters() if n.startswith("cls_pred")] if kind == "discriminator" else []
             lora_params = pl.count(pl.add_meta_lora(model, rank) + head)
+        ckpt = bool(getattr(sa, "gradient_checkpointing", False))
+        ema = bool(getattr(sa, "use_ema", False))
+        rl = spec["train"] is None
+        b = sa.train_batch_size
+        micro = b if rl else b * spec["train"]  # DPO's preferred and rejected halves run as one batch
+        vae_bytes = (n_flux_vae if kind == "flux" else n_vae) * 4  # the VAE stays fp32
         for res in args.resolutions:
             modes = [("LoRA r%d" % rank, False)] if lora else [("full, DDP", False), (f"full, ZeRO-2 x{args.num_gpus}", True)]
             for mode, zero2 in modes:
                 if lora:
                     state = pl.training_state_bytes(lora_params[0], lora_params[1], base, precision, "lora")
+                    trainable = lora_params[0]
                 else:
                     state = pl.training_state_bytes(base, base_tensors, 0, precision, "full", zero2, args.num_gpus)
-                b = sa.train_batch_size
-                other = n_vae * 4  # the VAE stays fp32
+                    trainable = base
+                other = vae_bytes
                 if spec.get("reference") and not lora:
                     other += n_unet * pl.DTYPE_BYTES[precision]  # a frozen copy (reference, teacher)
                 if spec.get("reward"):
                     other += n_disc * pl.DTYPE_BYTES[precision]
-                train_plain = measure(res, rank if lora else 0, True, False, precision, is_disc)
-                train_ckpt = measure(res, rank if lora else 0, True, True, precision, is_disc)
-                ckpt = bool(getattr(sa, "gradient_checkpointing", False))
+                r = rank if lora else 0
+                train_plain = measure(kind, res, micro, r, True, False, precision)
+                train_ckpt = measure(kind, res, micro, r, True, True, precision)
                 train = train_ckpt if ckpt else train_plain  # checkpointing recomputes the forward: more FLOPs
-                fwd = measure(res, 0, False, False, precision)["forward_flops"]
-                if name == "train_RORem_ddpo.py":
+                vae_res = res
+                if rl:  # sampling and evaluation run no-grad forwards of their own batch sizes; images decode in chunks
+                    cfg = 2 if getattr(sa, "guidance_scale", 1.0) > 1 and kind != "flux" else 1
+                    side = max(measure(kind, res, n * cfg, r, False, False, precision)["step_peak_bytes"]
+                               for n in (sa.sample_batch_size * sa.group_size, sa.eval_batch_size))
+                    side = max(side, pl.vae_encode_peak_bytes(vae, vae_res, VAE_CHUNK))
+                    fwd = measure(kind, res, 1, 0, False, False, precision)["forward_flops"]
                     samples = sa.sample_batch_size * sa.sample_batches_per_epoch * sa.group_size
-                    trained = max(1, int(int(sa.sample_steps * sa.strength) * sa.timestep_fraction))
+                    denoised = int(sa.sample_steps * sa.strength)
+                    trained = rl_loop.train_timesteps(sa)
                     steps = sa.num_inner_epochs * samples // b // sa.gradient_accumulation_steps
-                    cfg = 2 if sa.guidance_scale > 1 else 1
-                    flops = (samples * int(sa.sample_steps * sa.strength) * cfg * fwd + samples * trained * train["step_flops"]) / steps
-                    micro = b
+                    per_sample_step = train["step_flops"] / micro + (fwd if sa.kl_coef > 0 else 0)  # + the LoRA-off reference for the KL
+                    flops = (samples * denoised * cfg * fwd + samples * trained * per_sample_step) / steps
+                    vae_flops = 0.0
                 else:
-                    enc = 0 if getattr(sa, "cache_latents", False) else spec["encodes"] * pl.vae_encode_flops(vae, res)
-                    flops = b * sa.gradient_accumulation_steps * (spec["train"] * train["step_flops"] + spec["frozen"] * fwd + enc)
-                    micro = b * spec["train"]
-                act, act_ckpt = micro * train_plain["saved_bytes"], micro * train_ckpt["saved_bytes"]
-                total = sum(state.values()) + other + (act_ckpt if ckpt else act)
-                seconds = flops / (args.peak_tflops * 1e12 * args.utilisation)
-                rows.append({"script": name, "res": res, "mode": mode, "batch": b, "passes": spec["what"], **{k: gb(v) for k, v in state.items()},
-                             "other": gb(other), "act": gb(act), "act_ckpt": gb(act_ckpt), "ckpt": ckpt, "total": gb(total),
-                             "fits": total <= args.gpu_memory_gb * 2 ** 30, "tflop": flops / 1e12, "steps_per_hour": 3600 / seconds})
-    return rows, {"unet": n_unet, "discriminator": n_disc, "vae": n_vae}
+                    fwd = measure(kind, res, 1, 0, False, False, precision)["forward_flops"]
+                    cached = getattr(sa, "cache_latents", False)
+                    side = 0 if cached else pl.vae_encode_peak_bytes(vae, vae_res, VAE_CHUNK)
+                    vae_flops = 0 if cached else b * sa.gradient_accumulation_steps * spec["encodes"] * pl.vae_encode_flops(vae, res)
+                    flops = sa.gradient_accumulation_steps * (train["step_flops"] + b * spec["frozen"] * fwd)
+                peak = pl.peak_bytes(state, train["step_peak_bytes"], trainable, precision, "lora" if lora else "full", zero2,
+                                     args.num_gpus, ema, other_transient=side)
+                total = peak["peak"] + other
+                # the UNet/transformer at the fp16/bf16 rate, the fp32 VAE at the fp32 rate
+                seconds = (flops / args.peak_tflops + vae_flops / args.peak_tflops_fp32) / (1e12 * args.utilisation)
+                act, act_ckpt = train_plain["activation_bytes"], train_ckpt["activation_bytes"]
+                rows.append({"script": SCRIPTS[name].get("script", name) + (" (FLUX.1-Fill)" if kind == "flux" else ""),
+                             "res": res, "mode": mode, "batch": b, "passes": spec["what"], **{k: gb(v) for k, v in state.items()},
+                             "other": gb(other + (trainable * 4 if ema else 0)), "act": gb(act), "act_ckpt": gb(act_ckpt), "ckpt": ckpt,
+                             "transient": gb(peak["transient"]), "total": gb(total), "fits": total <= args.gpu_memory_gb * 2 ** 30,
+                             "tflop": (flops + vae_flops) / 1e12, "steps_per_hour": 3600 / seconds})
+    return rows, {"unet": n_unet, "discriminator": n_disc, "vae": n_vae, "flux": n_flux[0]}
 
 
 def table(rows, args, counts):
+    flux = f", FLUX.1-Fill transformer {counts['flux'] / 1e9:.2f}B" if counts["flux"] else ""
     lines = [f"Per GPU, {args.gpu_memory_gb:g} GB budget, steps/hour at {args.utilisation:.0%} of {args.peak_tflops:g} TFLOPS "
-             f"(UNet {counts['unet'] / 1e9:.3f}B parameters, discriminator {counts['discriminator'] / 1e9:.3f}B, VAE "
-             f"{counts['vae'] / 1e6:.1f}M). Memory in GiB; activations without / with gradient checkpointing, the total uses the "
-             "config's choice (marked *).", "",
-             "| script | px | mode | batch/GPU | weights | grads | AdamW | other models | activations | total | fits | TFLOP/step | steps/h |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"(the fp32 VAE at {args.peak_tflops_fp32:g}; UNet {counts['unet'] / 1e9:.3f}B parameters, discriminator "
+             f"{counts['discriminator'] / 1e9:.3f}B, VAE {counts['vae'] / 1e6:.1f}M{flux}). Memory in GiB. Activations: alive at "
+             "the end of the forward pass without / with gradient checkpointing (the config's choice marked *). Peak of the step: "
+             "the largest of what forward + backward allocate (activations, recompute; + autocast's weight copies), AdamW's "
+             "update temporaries, and what runs beside the step (VAE encoding, RL sampling and evaluation). Total = weights + "
+             "grads + AdamW + other models (VAE fp32, reference/teacher copies, the reward model, EMA) + that peak.", "",
+             "| script | px | mode | batch/GPU | weights | grads | AdamW | other models | activations | step peak | total | fits | "
+             "TFLOP/step | steps/h |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         act = f"{r['act']:.1f}{'' if r['ckpt'] else '*'} / {r['act_ckpt']:.1f}{'*' if r['ckpt'] else ''}"
         lines.append(f"| {r['script']} | {r['res']} | {r['mode']} | {r['batch']} | {r['weights']:.1f} | {r['gradients']:.2f} | "
-                     f"{r['optimizer']:.2f} | {r['other']:.1f} | {act} | {r['total']:.1f} | {'yes' if r['fits'] else '**no**'} | "
-                     f"{r['tflop']:.1f} | {r['steps_per_hour']:.0f} |")
+                     f"{r['optimizer']:.2f} | {r['other']:.1f} | {act} | {r['transient']:.1f} | {r['total']:.1f} | "
+                     f"{'yes' if r['fits'] else '**no**'} | {r['tflop']:.1f} | {r['steps_per_hour']:.0f} |")
     return "\n".join(lines)
 
 
@@ -155,14 +207,19 @@ def main(argv=None):
     p.add_argument("--num_gpus", type=int, default=8)
     p.add_argument("--gpu_memory_gb", type=float, default=80.0)
     p.add_argument("--peak_tflops", type=float, default=312.0, help="A100 dense fp16/bf16")
+    p.add_argument("--peak_tflops_fp32", type=float, default=156.0,
+                   help="the fp32 VAE's rate: A100 TF32, which PyTorch uses for fp32 convolutions by default "
+                        "(torch.backends.cudnn.allow_tf32); 19.5 with it off")
     p.add_argument("--utilisation", type=float, default=0.4, help="fraction of peak a step achieves")
     p.add_argument("--output", default=None, help="also write the table to this Markdown file")
     p.add_argument("--unet_config", default=os.path.join(ROOT, "configs", "real", "sdxl_inpaint_unet.json"))
     p.add_argument("--vae_config", default=os.path.join(ROOT, "configs", "real", "sdxl_vae.json"))
+    p.add_argument("--flux_config", default=os.path.join(ROOT, "configs", "real", "flux_fill_transformer.json"))
+    p.add_argument("--flux_vae_config", default=os.path.join(ROOT, "configs", "real", "flux_vae.json"))
     args = p.parse_args(argv)
     if any(r % 64 for r in args.resolutions):
         raise UserError(f"--resolutions {args.resolutions}: each must be a multiple of 64")
-    for flag in ("unet_config", "vae_config"):
+    for flag in ("unet_config", "vae_config", "flux_config", "flux_vae_config"):
         if not os.path.isfile(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)}: file not found")
     rows, counts = plan(args)

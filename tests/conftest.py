@@ -89,3 +89,9 @@ def sigterm_at_step(monkeypatch):
             return real(self, **metrics)
         monkeypatch.setattr(TrainingRun, "end_of_step", end_of_step)
     return arm
+
+
+@pytest.fixture(scope="session")
+def torch_extensions_dir(tmp_path_factory):
+    """One folder for the ops DeepSpeed compiles on first use (about a minute), shared by its tests."""
+    return str(tmp_path_factory.mktemp("torch_extensions"))

@@ -127,6 +127,8 @@ def test_process_group_timeout_comes_from_the_argument(tmp_path):
         accelerator = tu.make_accelerator(train_RORem.parse_args(base + extra))
         assert accelerator.init_handler.timeout == timedelta(minutes=minutes)
         assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}  # what init_process_group gets
+        # DDP keeps the gradients in its buckets (one copy, as the planner counts them)
+        assert accelerator.ddp_handler.to_kwargs() == {"gradient_as_bucket_view": True}
     reset_accelerate()
     with pytest.raises(UserError, match="--ddp_timeout 0.0: must be a positive"):
         tu.make_accelerator(train_RORem.parse_args(base + ["--ddp_timeout", "0"]))

@@ -63,7 +63,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_mode
     assert diff(a, c) > 100 * max(diff(a, b), 1e-8)
 
 
-def launch_deepspeed_one_rank(tmp_path, script, args):
+def launch_deepspeed_one_rank(tmp_path, script, args, extensions_dir):
     """One rank under the shipped ZeRO-2 launch config (accelerate runs DeepSpeed only on a non-CPU
     device, and its multi-process CPU path excludes DeepSpeed, so two CPU ranks cannot be driven here)."""
     import yaml
@@ -73,7 +73,7 @@ def launch_deepspeed_one_rank(tmp_path, script, args):
     cfg.update(num_processes=1, mixed_precision="no")
     cfg_path = tmp_path / "ds.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=extensions_dir)
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg_path),
            "--main_process_port", str(_free_port()), script, *args]
@@ -92,7 +92,7 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_meta, run_script):
+def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_meta, run_script, torch_extensions_dir):
     """Checkpoints hold DeepSpeed's state and our diffusers UNet; resume continues; ZeRO-2 equals
     plain AdamW."""
     out = str(tmp_path / "ds")
@@ -100,7 +100,7 @@ def test_deepspeed_zero2_trains_saves_and_resumes(tmp_path, tiny_model_dir, toy_
     def launch(steps, *extra):
         args = _common(tiny_model_dir, toy_meta, out) + ["--train_batch_size", "2", "--checkpointing_steps", "2", *extra]
         args[args.index("--max_train_steps") + 1] = str(steps)
-        return launch_deepspeed_one_rank(tmp_path, os.path.join(ROOT, "train_RORem.py"), args)
+        return launch_deepspeed_one_rank(tmp_path, os.path.join(ROOT, "train_RORem.py"), args, torch_extensions_dir)
 
     res = launch(2)
     assert "DeepSpeed Model and Optimizer saved" in res.stderr
@@ -124,7 +124,8 @@ def nan_at(loss_fn, calls_to_spoil):
     return spoiled
 
 
-def test_deepspeed_skips_whole_windows_with_accumulation(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+def test_deepspeed_skips_whole_windows_with_accumulation(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch,
+                                                         torch_extensions_dir):
     """Under DeepSpeed the engine updates inside backward. A NaN loss at the end of a window must not
     let the window's first micro-batch leak into the next one, and one at the start must not let the
     window's second micro-batch update alone: with accumulation 2, windows 1 and 2 are both skipped
@@ -136,7 +137,7 @@ def test_deepspeed_skips_whole_windows_with_accumulation(tmp_path, tiny_model_di
                        f"train_RORem.diffusion_loss = nan_at(train_RORem.diffusion_loss, {NAN_MICRO_BATCHES!r})\n"
                        f"run_cli(train_RORem.main)\n")
     ds = str(tmp_path / "ds")
-    res = launch_deepspeed_one_rank(tmp_path, str(wrapper), _common(tiny_model_dir, toy_meta, ds) + args)
+    res = launch_deepspeed_one_rank(tmp_path, str(wrapper), _common(tiny_model_dir, toy_meta, ds) + args, torch_extensions_dir)
     assert res.stderr.count("non-finite loss, update skipped") == 2
 
     monkeypatch.setattr(train_RORem, "diffusion_loss", nan_at(train_RORem.diffusion_loss, NAN_MICRO_BATCHES))

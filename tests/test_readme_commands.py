@@ -46,7 +46,9 @@ TINY = {
     "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
     "convert_lora.py": [],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",
-                       "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json"],  # the tiny model's
+                       "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json",  # the tiny models'
+                       "--flux_config", "black-forest-labs/FLUX.1-Fill-dev/transformer/config.json",
+                       "--flux_vae_config", "black-forest-labs/FLUX.1-Fill-dev/vae/config.json"],
 }
 SWEEP_TINY = {"sweep_dpo.py": ["--betas", "0.1", "--variants", "lora"], "sweep_lcm.py": ["--thresholds", "--temperatures"]}
 SWEEP_RUN_TINY = ["--validation_steps", "1", "--win_rate_samples", "2", "--num_validation_images", "2"]  # each run validated

@@ -128,21 +128,26 @@ def test_morl_argument_errors(tiny_model_dir, toy_meta, tmp_path):
             morl.parse_args(base + extra)
 
 
+def _assert_same_populations(one, two):
+    """Same hypervolume history, and every policy's LoRA equal to 1e-6."""
+    from safetensors.torch import load_file
+
+    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (one, two))
+    assert a["hypervolume_per_generation"] == b["hypervolume_per_generation"]
+    for k in range(3):
+        wa, wb = (load_file(os.path.join(d, f"policy_{k}", "pytorch_lora_weights.safetensors")) for d in (one, two))
+        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6
+
+
 def test_resume_from_a_generation_checkpoint_equals_the_straight_run(tmp_path, tiny_model_dir, toy_meta, run_script):
     import train_RORem_morl as morl
-    from safetensors.torch import load_file
 
     straight = str(tmp_path / "straight")
     run_script(morl, _args(tiny_model_dir, toy_meta, straight, "--objectives", "preserve,gt"))
     resumed = str(tmp_path / "resumed")
     run_script(morl, _args(tiny_model_dir, toy_meta, resumed, "--objectives", "preserve,gt", "--resume_from_checkpoint",
                            os.path.join(straight, "checkpoint-6")))  # the state after generation 1 (tasks for 2 chosen)
-    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (straight, resumed))
-    assert a["hypervolume_per_generation"] == b["hypervolume_per_generation"]
-    for k in range(3):
-        wa = load_file(os.path.join(straight, f"policy_{k}", "pytorch_lora_weights.safetensors"))
-        wb = load_file(os.path.join(resumed, f"policy_{k}", "pytorch_lora_weights.safetensors"))
-        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6
+    _assert_same_populations(straight, resumed)
 
 
 def test_weighted_advantages_normalise_each_objective_within_groups():
@@ -170,7 +175,6 @@ def test_sigterm_inside_a_generation_resumes_like_the_straight_run(tmp_path, tin
     policy 0's finished epoch, trains policy 1 on the samples in the checkpoint from where it stopped,
     samples policy 2's epoch as the straight run did, and ends with the same policies."""
     import train_RORem_morl as morl
-    from safetensors.torch import load_file
 
     extra = ["--objectives", "preserve,gt", "--train_batch_size", "2", "--generations", "2"]
     straight = str(tmp_path / "straight")
@@ -181,9 +185,4 @@ def test_sigterm_inside_a_generation_resumes_like_the_straight_run(tmp_path, tin
         run_script(morl, _args(tiny_model_dir, toy_meta, killed, *extra))
     assert stop.value.code == 0 and os.path.isfile(os.path.join(killed, "checkpoint-9", "epoch_samples_0.pt"))
     run_script(morl, _args(tiny_model_dir, toy_meta, killed, *extra, "--resume_from_checkpoint", "latest"))
-    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (straight, killed))
-    assert a["hypervolume_per_generation"] == b["hypervolume_per_generation"]
-    for k in range(3):
-        wa = load_file(os.path.join(straight, f"policy_{k}", "pytorch_lora_weights.safetensors"))
-        wb = load_file(os.path.join(killed, f"policy_{k}", "pytorch_lora_weights.safetensors"))
-        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-6
+    _assert_same_populations(straight, killed)

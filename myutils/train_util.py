@@ -606,6 +606,7 @@ def resume(accelerator, args):
     state_file = os.path.join(path, "training_state.json")
     if not os.path.isfile(state_file):
         raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json)")
+    args.resume_from_checkpoint = path  # "latest" pinned: what reads the checkpoint later (RL's epoch samples) sees this one
     accelerator.load_state(path)
     with open(state_file) as f:
         step = json.load(f)["global_step"]

@@ -228,7 +228,7 @@ def compute_metrics(args, results, inputs, nets, stand_ins):
         inside, outside = masked_means(maps, mask01)
         m["lpips_in_mask"], m["lpips_out_of_mask"] = float(np.nanmean(inside.numpy())), float(np.nanmean(outside.numpy()))
     if nets["clip"] is not None:
-        m["clip_similarity"] = float(np.mean(em.clip_similarity(nets["clip"], results, gts)))
+        m["clip_similarity"] = float(np.mean(em.clip_similarity(nets["clip"], results, gts, args.batch_size)))
     if nets["inception"] is not None:
         feats = np.concatenate([em.inception_features(nets["inception"], r01[i:i + args.batch_size])
                                 for i in range(0, len(results), args.batch_size)])
@@ -330,11 +330,13 @@ def main(argv=None):
             return make_stand_in()
         return loaded
 
-    nets = {"inception": net("fid", em.load_inception(args.inception_weights, dims=args.fid_dims),
-                             lambda: em.load_inception(random_stand_in=True, dims=args.fid_dims)),
-            "lpips": net("lpips", em.load_lpips(args.lpips_backbone_weights), lambda: em.load_lpips(random_stand_in=True)),
-            "clip": net("clip", em.load_clip(args.clip_model, args.clip_weights),
-                        lambda: em.load_clip(args.clip_model, random_stand_in=True)),
+    # the metric networks on the evaluation device, fed --batch_size images at a time
+    nets = {"inception": net("fid", em.load_inception(args.inception_weights, dims=args.fid_dims, device=device),
+                             lambda: em.load_inception(random_stand_in=True, dims=args.fid_dims, device=device)),
+            "lpips": net("lpips", em.load_lpips(args.lpips_backbone_weights, device=device),
+                         lambda: em.load_lpips(random_stand_in=True, device=device)),
+            "clip": net("clip", em.load_clip(args.clip_model, args.clip_weights, device=device),
+                        lambda: em.load_clip(args.clip_model, random_stand_in=True, device=device)),
             "discriminator": None}
     if args.discriminator_path:
         from myutils.reward_utils import load_reward_model

@@ -32,21 +32,21 @@ def hub_checkpoint(path, filename):
             torch.hub.set_dir(old)
 
 
-def load_inception(weights=None, random_stand_in=False, dims=2048):
+def load_inception(weights=None, random_stand_in=False, dims=2048, device="cpu"):
     """pytorch-fid's InceptionV3 (features of `dims`: 2048 = the standard FID pool features; 64, 192
-    or 768 = earlier blocks, cheaper) from --inception_weights; None without them."""
+    or 768 = earlier blocks, cheaper) from --inception_weights, on `device`; None without them."""
     import pytorch_fid.inception as pi
 
     if weights:
         with hub_checkpoint(weights, INCEPTION_FILE):
-            return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+            return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval().to(device)
     if not random_stand_in:
         return None
     state = pi._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
     real = pi.load_state_dict_from_url
     pi.load_state_dict_from_url = lambda *a, **k: state  # the FID architecture with random weights
     try:
-        return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval()
+        return pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[dims]]).eval().to(device)
     finally:
         pi.load_state_dict_from_url = real
 
@@ -55,15 +55,15 @@ def load_inception(weights=None, random_stand_in=False, dims=2048):
 def inception_features(model, images):
     """(N, dims) features of images (N, 3, H, W) in [0, 1] (the model resizes to 299 itself; earlier
     blocks are average-pooled to one vector per image, as pytorch-fid does)."""
-    f = model(images.float())[0]
+    f = model(images.float().to(next(model.parameters()).device))[0]
     if f.shape[-1] != 1 or f.shape[-2] != 1:
         f = torch.nn.functional.adaptive_avg_pool2d(f, (1, 1))
     return f.flatten(1).cpu().numpy()
 
 
-def load_lpips(backbone_weights=None, random_stand_in=False):
+def load_lpips(backbone_weights=None, random_stand_in=False, device="cpu"):
     """LPIPS (AlexNet, spatial maps; its linear heads ship with the lpips package) with the AlexNet
-    backbone from --lpips_backbone_weights; None without them."""
+    backbone from --lpips_backbone_weights, on `device`; None without them."""
     import warnings
 
     import lpips
@@ -72,26 +72,27 @@ def load_lpips(backbone_weights=None, random_stand_in=False):
         warnings.simplefilter("ignore")  # torchvision's deprecation of `pretrained=`
         if backbone_weights:
             with hub_checkpoint(backbone_weights, ALEXNET_FILE):
-                return lpips.LPIPS(net="alex", spatial=True, verbose=False).eval()
+                return lpips.LPIPS(net="alex", spatial=True, verbose=False).eval().to(device)
         if random_stand_in:
-            return lpips.LPIPS(net="alex", spatial=True, pnet_rand=True, verbose=False).eval()
+            return lpips.LPIPS(net="alex", spatial=True, pnet_rand=True, verbose=False).eval().to(device)
     return None
 
 
 @torch.no_grad()
 def lpips_maps(model, a, b, min_size=64):
-    """Per-pixel LPIPS distance maps (N, 1, H, W) between images in [0, 1]; small images are
-    upsampled to min_size first (AlexNet's strides need room) and the maps brought back."""
-    size = a.shape[-2:]
+    """Per-pixel LPIPS distance maps (N, 1, H, W, on the CPU) between images in [0, 1]; small images
+    are upsampled to min_size first (AlexNet's strides need room) and the maps brought back."""
+    device = next(model.parameters()).device
+    a, b, size = a.to(device), b.to(device), a.shape[-2:]
     if min(size) < min_size:
         scale = min_size / min(size)
         a, b = (F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in (a, b))
     maps = model(a * 2 - 1, b * 2 - 1)
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False) if maps.shape[-2:] != size else maps
+    return (F.interpolate(maps, size=size, mode="bilinear", align_corners=False) if maps.shape[-2:] != size else maps).cpu()
 
 
-def load_clip(model_name="ViT-B-32", weights=None, random_stand_in=False):
-    """(model, preprocess) of open_clip from a local --clip_weights file; None without it."""
+def load_clip(model_name="ViT-B-32", weights=None, random_stand_in=False, device="cpu"):
+    """(model, preprocess) of open_clip from a local --clip_weights file, on `device`; None without it."""
     import open_clip
 
     if not weights and not random_stand_in:
@@ -99,16 +100,19 @@ def load_clip(model_name="ViT-B-32", weights=None, random_stand_in=False):
     if weights and not os.path.isfile(weights):
         raise UserError(f"--clip_weights {weights}: file not found")
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights or None)
-    return model.eval(), preprocess
+    return model.eval().to(device), preprocess
 
 
 @torch.no_grad()
-def clip_similarity(clip, results, targets):
-    """Cosine similarity of the CLIP image embeddings of PIL results and targets, per pair."""
+def clip_similarity(clip, results, targets, batch_size=16):
+    """Cosine similarity of the CLIP image embeddings of PIL results and targets, per pair, batch_size
+    pairs at a time on the model's device."""
     model, preprocess = clip
+    device = next(model.parameters()).device
 
     def embed(images):
-        e = model.encode_image(torch.stack([preprocess(im) for im in images]))
+        e = model.encode_image(torch.stack([preprocess(im) for im in images]).to(device))
         return e / e.norm(dim=-1, keepdim=True)
 
-    return (embed(results) * embed(targets)).sum(-1).tolist()
+    return [s for i in range(0, len(results), batch_size)
+            for s in (embed(results[i:i + batch_size]) * embed(targets[i:i + batch_size])).sum(-1).tolist()]

@@ -135,3 +135,16 @@ def test_cli_missing_weights_is_one_line_without_traceback(tmp_path, toy_meta):
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"--lpips_backbone_weights {tmp_path / 'alexnet.pth'}: file not found" in out.stderr
+
+
+def test_metric_networks_go_to_the_evaluation_device_and_take_chunks():
+    """The loaders put each network on the device asked for (the meta device stands in for a GPU:
+    nothing of it may stay on the CPU); CLIP similarity in chunks equals one batch, pair by pair."""
+    nets = [em.load_lpips(random_stand_in=True, device="meta"), em.load_inception(random_stand_in=True, dims=64, device="meta"),
+            em.load_clip("ViT-S-32", random_stand_in=True, device="meta")[0]]
+    assert all({p.device.type for p in n.parameters()} == {"meta"} for n in nets)
+    clip = em.load_clip("ViT-S-32", random_stand_in=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    targets = images[1:] + images[:1]
+    assert em.clip_similarity(clip, images, targets, batch_size=2) == pytest.approx(em.clip_similarity(clip, images, targets, 5), abs=1e-5)

@@ -291,3 +291,28 @@ def test_evaluation_runs_in_bounded_chunks_with_the_same_result(setup, toy_meta)
     whole = rl_loop.evaluate(comps.unet, sampler, argparse.Namespace(**{**vars(args), "eval_batch_size": 6}), samples, None)
     assert chunked[0].keys() == whole[0].keys() and all(abs(chunked[0][k] - whole[0][k]) < 1e-5 for k in whole[0])
     assert torch.allclose(chunked[1], whole[1], atol=1e-5) and len(chunked[2]) == 6
+
+
+def test_evaluation_memory_does_not_grow_with_the_held_out_set(setup, toy_meta):
+    """Every tensor evaluate() makes is tracked: with --eval_batch_size 2, three times the held-out
+    inputs raise the peak by no more than the extra results it returns (decoded images, kept on the
+    host in a real run), while one chunk of all of them raises it by the models' activations too."""
+    import argparse
+
+    from myutils import planner as pl
+    from myutils.data import read_meta
+
+    args, comps, _ = setup
+    sampler = _sampler(comps, 3, 1.0)
+    samples = tu.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
+
+    def peak(n, chunk):
+        live = pl.LiveTensorBytes()
+        with live:
+            rl_loop.evaluate(comps.unet, sampler, argparse.Namespace(**{**vars(args), "eval_batch_size": chunk}), samples[:n], None)
+        return live.peak
+
+    image = 3 * 32 * 32 * 4
+    base, chunked, whole = peak(2, 2), peak(6, 2), peak(6, 6)
+    assert chunked - base <= 2 * 4 * image  # the 4 extra images, and their concatenation at the end
+    assert whole - base > 4 * (chunked - base)

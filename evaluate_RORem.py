@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
 from myutils import eval_models as em
 from myutils.data import check_entries, read_meta
 from myutils.errors import UserError, run_cli
@@ -93,15 +94,15 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model", default=DEFAULT_MODEL, help="SDXL-inpainting folder or hub id")
     p.add_argument("--base_unet", "--RORem_unet", default=None, help="the UNet that lora/lcm systems are applied to")
     p.add_argument("--variant", default=None)
-    p.add_argument("--inference_steps", type=int, default=50)
-    p.add_argument("--strength", type=float, default=0.99)
-    p.add_argument("--guidance_scale", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=512, help="processing size (shorter side), and the size metrics batch at")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="only the first N entries")
+    p.add_argument("--inference_steps", type=POSITIVE, default=50)
+    p.add_argument("--strength", type=real(above=0, maximum=1), default=0.99)
+    p.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0)
+    p.add_argument("--resolution", type=integer(8), default=512, help="processing size (shorter side), and the size metrics batch at")
+    p.add_argument("--batch_size", type=POSITIVE, default=8)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N entries")
     p.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
-    p.add_argument("--success_threshold", type=float, default=0.5)
+    p.add_argument("--success_threshold", type=FRACTION, default=0.5)
     p.add_argument("--inception_weights", default=None, help=f"pytorch-fid's {em.INCEPTION_FILE} (FID)")
     p.add_argument("--fid_dims", type=int, choices=[64, 192, 768, 2048], default=2048,
                    help="Inception features for FID (2048: the standard; smaller ones are not comparable with published FIDs)")
@@ -110,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--clip_model", default="ViT-B-32")
     p.add_argument("--stand_in_weights", action="store_true",
                    help="random-weight networks for metrics without weights (tests only: such numbers mean nothing)")
-    p.add_argument("--num_grid_inputs", type=int, default=16, help="inputs shown in the image grids (8 per grid)")
+    p.add_argument("--num_grid_inputs", type=NONNEGATIVE, default=16, help="inputs shown in the image grids (8 per grid)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     args = p.parse_args(argv)

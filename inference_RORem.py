@@ -21,6 +21,7 @@ import os
 
 from tqdm.auto import tqdm
 
+from myutils.args import NONNEGATIVE, POSITIVE
 from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask
@@ -41,8 +42,8 @@ def parse_args(argv=None, four_step=False):
                                                     "mask_<name> (default for a folder of images: that folder)")
     p.add_argument("--meta_path", nargs="+", default=None, help="meta.json file(s) of {source, mask} entries")
     p.add_argument("--save_path", default="result.png", help="output file (single image) or folder (batch modes)")
-    p.add_argument("--dilate_size", type=int, default=0, help="grow the mask by this many pixels first")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--dilate_size", type=NONNEGATIVE, default=0, help="grow the mask by this many pixels first")
+    p.add_argument("--batch_size", type=POSITIVE, default=1)
     p.add_argument("--overwrite", action="store_true", help="batch modes: redo results that already exist")
     args = p.parse_args(argv)
     check_remover_args(args)

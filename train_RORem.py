@@ -12,6 +12,7 @@ import argparse
 
 import torch.nn.functional as F
 
+from myutils.args import FRACTION
 from myutils import train_util as tu
 from myutils.errors import UserError, run_cli
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
@@ -23,7 +24,7 @@ def parse_args(argv=None):
     tu.add_common_args(parser, meta_kind="triplet")
     g = parser.add_argument_group("remover")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the UNet weights (full fine-tune only)")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_decay", type=FRACTION, default=0.9999)
     args = tu.parse_args(parser, argv)
     if args.use_ema and args.use_lora:
         raise UserError("--use_ema applies to full fine-tuning; drop it or --use_lora")

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
+from myutils.args import FRACTION, POSITIVE, real
 from myutils import train_util as tu
 from myutils.data import RemovalDataset, stack_samples, to_device
-from myutils.errors import UserError, run_cli
+from myutils.errors import run_cli
 from myutils.metrics import accuracy_at, roc_auc
 from myutils.reward_utils import add_discriminator_lora, load_discriminator_weights, save_discriminator
 from myutils.rng import sample_generators
@@ -33,15 +34,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tu.add_common_args(parser, meta_kind="scored", lora=False)
     g = parser.add_argument_group("discriminator")
-    g.add_argument("--rank", type=int, default=4, help="LoRA rank on to_q, to_k, to_v, to_out.0")
+    g.add_argument("--rank", type=POSITIVE, default=4, help="LoRA rank on to_q, to_k, to_v, to_out.0")
     g.add_argument("--train_full", action=argparse.BooleanOptionalAction, default=False, help="train the whole encoder and head instead of LoRA + head")
     g.add_argument("--loss", choices=["mse", "bce"], default="mse", help="mse on softplus scores (RORem) or bce on logits")
     g.add_argument("--val_meta_path", nargs="+", default=None, help="held-out scored entries")
-    g.add_argument("--val_fraction", type=float, default=0.1, help="without --val_meta_path: share of sources held out")
-    g.add_argument("--threshold", type=float, default=0.5, help="score threshold for the accuracy")
+    g.add_argument("--val_fraction", type=real(minimum=0, below=1), default=0.1, help="without --val_meta_path: share of sources held out")
+    g.add_argument("--threshold", type=FRACTION, default=0.5, help="score threshold for the accuracy")
     args = tu.parse_args(parser, argv)
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val_fraction {args.val_fraction}: must be in [0, 1)")
     return args
 
 

@@ -21,6 +21,7 @@ import contextlib
 
 import torch
 
+from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils import train_util as tu
 from myutils.data import stack_samples, to_device
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
@@ -34,14 +35,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tu.add_common_args(parser, meta_kind="pair", meta_aliases=("--preference_data",))
     g = parser.add_argument_group("DPO")
-    g.add_argument("--beta", type=float, default=5000.0)
+    g.add_argument("--beta", type=POSITIVE_REAL, default=5000.0)
     g.add_argument("--beta_unit", choices=["mean", "sum"], default="mean", help="what --beta multiplies (see the top)")
-    g.add_argument("--beta_end", type=float, default=None, help="with --beta_schedule linear or cosine")
+    g.add_argument("--beta_end", type=POSITIVE_REAL, default=None, help="with --beta_schedule linear or cosine")
     g.add_argument("--beta_schedule", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--loss_type", choices=list(LOSS_TYPES) + ["sft"], default="sigmoid")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None,
                    help="a discriminator folder: validation also reports the win rate of policy vs reference")
-    g.add_argument("--win_rate_samples", type=int, default=64, help="held-out inputs for the win rate")
+    g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64, help="held-out inputs for the win rate")
     parser.set_defaults(learning_rate=2.048e-5, validation_steps=0)
     return tu.parse_args(parser, argv)
 

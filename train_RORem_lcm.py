@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
 from myutils import train_util as tu
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
@@ -42,34 +43,34 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 def add_lcm_args(parser):
     tu.add_common_args(parser, meta_kind="triplet", unet_aliases=("--pretrained_teacher_unet",))
     g = parser.add_argument_group("LCM distillation")
-    g.add_argument("--num_ddim_timesteps", type=int, default=50, help="N: the solver's timesteps")
-    g.add_argument("--w_min", type=float, default=3.0, help="teacher guidance w ~ U[w_min, w_max]; x0 = c + w (c - u)")
-    g.add_argument("--w_max", type=float, default=15.0)
+    g.add_argument("--num_ddim_timesteps", type=POSITIVE, default=50, help="N: the solver's timesteps")
+    g.add_argument("--w_min", type=NONNEGATIVE_REAL, default=3.0, help="teacher guidance w ~ U[w_min, w_max]; x0 = c + w (c - u)")
+    g.add_argument("--w_max", type=NONNEGATIVE_REAL, default=15.0)
     g.add_argument("--teacher_prompt", default=QUALITY_PROMPT, help="the teacher's conditional prompt (RORem's)")
     g.add_argument("--teacher_negative_prompt", default=NEGATIVE_PROMPT, help="the teacher's unconditional prompt")
     g.add_argument("--loss_type", choices=["l2", "huber"], default="l2")
-    g.add_argument("--huber_c", type=float, default=0.001)
+    g.add_argument("--huber_c", type=POSITIVE_REAL, default=0.001)
     g.add_argument("--use_ema_target", action=argparse.BooleanOptionalAction, default=False,
                    help="the target uses an EMA of the LoRA instead of the current LoRA")
-    g.add_argument("--ema_decay", type=float, default=0.95)
-    g.add_argument("--validation_lcm_steps", type=int, default=4)
-    g.add_argument("--validation_lcm_strength", type=float, default=1.0,
+    g.add_argument("--ema_decay", type=FRACTION, default=0.95)
+    g.add_argument("--validation_lcm_steps", type=POSITIVE, default=4)
+    g.add_argument("--validation_lcm_strength", type=real(above=0, maximum=1), default=1.0,
                    help="the student's strength in validation: 1.0, as inference_RORem_4S.py ships it (at 0.99 the LCM scheduler "
                         "runs 3 of 4 steps from a partly noised source)")
-    g.add_argument("--win_rate_samples", type=int, default=64,
+    g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64,
                    help="held-out inputs on which student (LCM steps) and teacher (--validation_inference_steps) are compared")
     g = parser.add_argument_group("reward weighting (with --discriminator_path)")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
     g.add_argument("--reward_source", choices=["data", "teacher", "student"], default="data")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="softmax")
-    g.add_argument("--reward_threshold", type=float, default=0.5, help="filter: keep scores >= threshold")
-    g.add_argument("--reward_temperature", type=float, default=0.5, help="softmax: weights softmax(score / temperature)")
+    g.add_argument("--reward_threshold", type=FRACTION, default=0.5, help="filter: keep scores >= threshold")
+    g.add_argument("--reward_temperature", type=POSITIVE_REAL, default=0.5, help="softmax: weights softmax(score / temperature)")
     g.add_argument("--reward_reference", default=None, help="percentile: reference scores (reward_utils.save_reference)")
     g.add_argument("--curriculum", choices=["none", "threshold", "temperature"], default="none",
                    help="move the threshold (or temperature) from --curriculum_start to its final value")
-    g.add_argument("--curriculum_start", type=float, default=None, help="default: 0 for threshold, 10 for temperature")
-    g.add_argument("--curriculum_steps", type=int, default=None, help="default: all of training")
-    g.add_argument("--score_every", type=int, default=1, help="teacher/student sources: rescore a sample at most every N steps")
+    g.add_argument("--curriculum_start", type=NONNEGATIVE_REAL, default=None, help="default: 0 for threshold, 10 for temperature")
+    g.add_argument("--curriculum_steps", type=POSITIVE, default=None, help="default: all of training")
+    g.add_argument("--score_every", type=POSITIVE, default=1, help="teacher/student sources: rescore a sample at most every N steps")
     parser.set_defaults(use_lora=True, lora_rank=64, lora_target_modules=LCM_LORA_TARGETS, learning_rate=1e-4,
                         max_grad_norm=1.0, validation_steps=0)
 

@@ -32,6 +32,7 @@ import shutil
 import numpy as np
 import torch
 
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE
 from myutils import morl_utils as mo
 from myutils import rl_loop
 from myutils import train_util as tu
@@ -46,12 +47,12 @@ def parse_args(argv=None):
     rl_loop.add_rl_args(parser)
     g = parser.add_argument_group("multi-objective (PGMORL)")
     g.add_argument("--objectives", default="", help="comma-separated rewards to trade off, e.g. discriminator,preserve")
-    g.add_argument("--population", type=int, default=6, help="LoRA policies trained side by side on one base model")
-    g.add_argument("--generations", type=int, default=6, help="in all, warm-up included")
-    g.add_argument("--warmup_generations", type=int, default=2, help="generations with the initial weights")
-    g.add_argument("--epochs_per_generation", type=int, default=1)
-    g.add_argument("--weight_partitions", type=int, default=10, help="candidate weights: simplex lattice with this many steps")
-    g.add_argument("--sparsity_weight", type=float, default=0.5, help="task selection maximises HV - this x sparsity (scaled units)")
+    g.add_argument("--population", type=POSITIVE, default=6, help="LoRA policies trained side by side on one base model")
+    g.add_argument("--generations", type=POSITIVE, default=6, help="in all, warm-up included")
+    g.add_argument("--warmup_generations", type=NONNEGATIVE, default=2, help="generations with the initial weights")
+    g.add_argument("--epochs_per_generation", type=POSITIVE, default=1)
+    g.add_argument("--weight_partitions", type=POSITIVE, default=10, help="candidate weights: simplex lattice with this many steps")
+    g.add_argument("--sparsity_weight", type=NONNEGATIVE_REAL, default=0.5, help="task selection maximises HV - this x sparsity (scaled units)")
     g.add_argument("--hv_reference", default=None,
                    help="comma-separated reference point of the hypervolume (default: the start minus half its size, minus 1e-3)")
     parser.set_defaults(use_lora=True, algorithm="grpo", group_size=4, learning_rate=3e-4, train_batch_size=4, validation_steps=0,

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch
 
+from .args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
 from . import train_util as tu
 from .data import stack_samples, to_device
 from .errors import UserError
@@ -26,35 +27,35 @@ def add_rl_args(parser):
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
     g.add_argument("--discriminator_base_model", default=None,
                    help="the SDXL-inpainting model the discriminator was built on (default: --pretrained_model_name_or_path)")
-    g.add_argument("--sample_steps", type=int, default=50, help="DDIM steps of the sampler")
-    g.add_argument("--strength", type=float, default=1.0, help="start from the source noised to strength * T")
-    g.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (> 0: a log-prob exists)")
-    g.add_argument("--noise_level", type=float, default=0.7, help="flow models: the SDE's noise level (> 0)")
+    g.add_argument("--sample_steps", type=POSITIVE, default=50, help="DDIM steps of the sampler")
+    g.add_argument("--strength", type=real(above=0, maximum=1), default=1.0, help="start from the source noised to strength * T")
+    g.add_argument("--eta", type=NONNEGATIVE_REAL, default=1.0, help="DDIM stochasticity (> 0: a log-prob exists)")
+    g.add_argument("--noise_level", type=NONNEGATIVE_REAL, default=0.7, help="flow models: the SDE's noise level (> 0)")
     g.add_argument("--naive_sde", action="store_true", help="flow models: Euler step + noise instead of the SDE (changes marginals)")
-    g.add_argument("--flow_guidance", type=float, default=30.0, help="flow models: the distilled guidance embedding (FLUX-Fill: 30)")
-    g.add_argument("--max_sequence_length", type=int, default=512, help="flow models: T5 prompt length")
-    g.add_argument("--beta", type=float, default=0.1, help="pairwise: scale of the log-ratio margin in -log sigmoid(beta * margin)")
-    g.add_argument("--guidance_scale", type=float, default=1.0)
+    g.add_argument("--flow_guidance", type=NONNEGATIVE_REAL, default=30.0, help="flow models: the distilled guidance embedding (FLUX-Fill: 30)")
+    g.add_argument("--max_sequence_length", type=POSITIVE, default=512, help="flow models: T5 prompt length")
+    g.add_argument("--beta", type=POSITIVE_REAL, default=0.1, help="pairwise: scale of the log-ratio margin in -log sigmoid(beta * margin)")
+    g.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0)
     g.add_argument("--negative_prompt", default="")
-    g.add_argument("--sample_batch_size", type=int, default=8, help="inputs per sampling batch per process")
-    g.add_argument("--sample_batches_per_epoch", type=int, default=4)
-    g.add_argument("--group_size", type=int, default=1, help="samples per input in a batch (grpo: at least 2)")
-    g.add_argument("--num_inner_epochs", type=int, default=1)
-    g.add_argument("--timestep_fraction", type=float, default=1.0)
-    g.add_argument("--clip_range", type=float, default=1e-4)
-    g.add_argument("--adv_clip_max", type=float, default=5.0)
-    g.add_argument("--kl_coef", type=float, default=0.0, help="penalty on the per-step KL to the reference (LoRA off), in --kl_unit")
+    g.add_argument("--sample_batch_size", type=POSITIVE, default=8, help="inputs per sampling batch per process")
+    g.add_argument("--sample_batches_per_epoch", type=POSITIVE, default=4)
+    g.add_argument("--group_size", type=POSITIVE, default=1, help="samples per input in a batch (grpo: at least 2)")
+    g.add_argument("--num_inner_epochs", type=POSITIVE, default=1)
+    g.add_argument("--timestep_fraction", type=real(above=0, maximum=1), default=1.0)
+    g.add_argument("--clip_range", type=POSITIVE_REAL, default=1e-4)
+    g.add_argument("--adv_clip_max", type=POSITIVE_REAL, default=5.0)
+    g.add_argument("--kl_coef", type=NONNEGATIVE_REAL, default=0.0, help="penalty on the per-step KL to the reference (LoRA off), in --kl_unit")
     g.add_argument("--kl_unit", choices=KL_UNITS, default="exact",
                    help="exact: the step's Gaussian KL; flow_grpo: flow_grpo's formula for flow models (the exact KL times the step "
                         "length |dt|), the unit its kl_coef 0.04 was tuned in. Same for SDXL's DDIM steps")
     g.add_argument("--adv_std", choices=ADV_STDS, default="group",
                    help="grpo: divide by each group's reward std, or by the whole batch's (Flow-GRPO's global_std)")
-    g.add_argument("--stat_buffer_size", type=int, default=32)
-    g.add_argument("--stat_min_count", type=int, default=16)
-    g.add_argument("--eval_epochs", type=int, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
-    g.add_argument("--eval_samples", type=int, default=16)
-    g.add_argument("--eval_batch_size", type=int, default=8, help="held-out inputs evaluated at a time (bounds its memory)")
-    g.add_argument("--checkpointing_epochs", type=int, default=1)
+    g.add_argument("--stat_buffer_size", type=POSITIVE, default=32)
+    g.add_argument("--stat_min_count", type=POSITIVE, default=16)
+    g.add_argument("--eval_epochs", type=NONNEGATIVE, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
+    g.add_argument("--eval_samples", type=NONNEGATIVE, default=16)
+    g.add_argument("--eval_batch_size", type=POSITIVE, default=8, help="held-out inputs evaluated at a time (bounds its memory)")
+    g.add_argument("--checkpointing_epochs", type=NONNEGATIVE, default=1)
     g.add_argument("--export_pairs", default=None, metavar="DIR",
                    help="pairwise, labelled by hand: sample one epoch with the current policy, write its pairs (images, "
                         "trajectories, DIR/pairs.json with empty labels) and exit; train on them with --pair_labels")
@@ -80,8 +81,6 @@ def check_rl_args(args, script):
         raise UserError("--pretrained_unet is for SDXL-inpainting models; a flow model's transformer comes from its own folder")
     if "discriminator" in args.rewards and not args.discriminator_path:
         raise UserError("--reward discriminator needs --discriminator_path")
-    if args.eval_batch_size < 1:
-        raise UserError(f"--eval_batch_size {args.eval_batch_size}: must be at least 1")
     if args.algorithm == "grpo" and args.group_size < 2:
         raise UserError("--algorithm grpo compares samples of the same input: --group_size must be at least 2")
     if args.algorithm == "pairwise" and (args.group_size != 2 or args.train_batch_size % 2):

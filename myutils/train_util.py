@@ -17,6 +17,7 @@ import warnings
 import torch
 import yaml
 
+from .args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SEED, integer, real
 from .data import EpochSampler, RemovalDataset, entry_digests, fingerprint, raise_problems, read_meta, scan_entries, to_device
 from .errors import UserError
 from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet, read_lora
@@ -44,38 +45,38 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--meta_path", *meta_aliases, dest="meta_path", nargs="+", default=None,
                    help=f"one or more meta.json files of {meta_kind} entries")
     g.add_argument("--validation_meta_path", nargs="+", default=None, help="held-out entries for validation grids")
-    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--resolution", type=integer(8), default=512)
     g.add_argument("--random_crop", action=argparse.BooleanOptionalAction, default=False, help="random instead of central crops")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--dataloader_num_workers", type=int, default=None,
+    g.add_argument("--dataloader_num_workers", type=NONNEGATIVE, default=None,
                    help="loader processes per rank. Default: on a GPU, min(8, CPU cores per rank - 1), so decoding keeps the "
                         "GPU fed (three 1024 px images cost ~95 ms a sample on one core: bench/bench_data.py); on the CPU 0, "
                         "since the training step itself uses every core")
-    g.add_argument("--dataloader_prefetch_factor", type=int, default=4, help="batches each loader process keeps ready")
+    g.add_argument("--dataloader_prefetch_factor", type=POSITIVE, default=4, help="batches each loader process keeps ready")
     g.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=False, help="encode the VAE latents once and keep them on disk")
     g.add_argument("--latent_cache_dir", default=None, help="default: <output_dir>/latent_cache")
     g.add_argument("--skip_data_check", action=argparse.BooleanOptionalAction, default=False, help="do not open every file before training")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--train_batch_size", type=int, default=16, help="per process")
-    g.add_argument("--max_train_steps", type=int, default=None)
-    g.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not given")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--train_batch_size", type=POSITIVE, default=16, help="per process")
+    g.add_argument("--max_train_steps", type=POSITIVE, default=None)
+    g.add_argument("--num_train_epochs", type=POSITIVE, default=1, help="used when --max_train_steps is not given")
+    g.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--learning_rate", type=POSITIVE_REAL, default=5e-5)
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False, help="multiply lr by batch size, accumulation and processes")
     g.add_argument("--lr_scheduler", default="constant",
                    help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--lr_warmup_steps", type=NONNEGATIVE, default=0)
     g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--max_nonfinite_steps", type=int, default=10,
+    g.add_argument("--adam_beta1", type=real(minimum=0, below=1), default=0.9)
+    g.add_argument("--adam_beta2", type=real(minimum=0, below=1), default=0.999)
+    g.add_argument("--adam_weight_decay", type=NONNEGATIVE_REAL, default=1e-2)
+    g.add_argument("--adam_epsilon", type=POSITIVE_REAL, default=1e-8)
+    g.add_argument("--max_grad_norm", type=NONNEGATIVE_REAL, default=1.0)
+    g.add_argument("--max_nonfinite_steps", type=POSITIVE, default=10,
                    help="steps in a row with a NaN/inf loss (each skipped) before the run stops")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: what `accelerate launch` was configured with")
@@ -84,29 +85,29 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False,
                    help="GPU only; PyTorch SDPA is used otherwise")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--ddp_timeout", type=float, default=120.0,
+    g.add_argument("--ddp_timeout", type=POSITIVE_REAL, default=120.0,
                    help="minutes a rank waits in a collective (NCCL's default is 10): covers what the main process does "
                         "alone while the others wait (validation, held-out evaluation, saving a full UNet)")
 
     if lora:
         g = parser.add_argument_group("LoRA")
         g.add_argument("--use_lora", action=argparse.BooleanOptionalAction, default=False, help="train a LoRA instead of the full UNet")
-        g.add_argument("--lora_rank", type=int, default=4)
-        g.add_argument("--lora_alpha", type=int, default=None, help="default: the rank")
+        g.add_argument("--lora_rank", type=POSITIVE, default=4)
+        g.add_argument("--lora_alpha", type=POSITIVE, default=None, help="default: the rank")
         g.add_argument("--lora_target_modules", nargs="+", default=LORA_TARGETS)
 
     g = parser.add_argument_group("checkpoints and logging")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--checkpointing_steps", type=NONNEGATIVE, default=500)
+    g.add_argument("--checkpoints_total_limit", type=POSITIVE, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     g.add_argument("--tracker_project_name", default="RORem-RL")
     g.add_argument("--logging_dir", default="logs", help="under output_dir")
-    g.add_argument("--validation_steps", type=int, default=500)
-    g.add_argument("--num_validation_images", type=int, default=4)
-    g.add_argument("--validation_inference_steps", type=int, default=50)
-    g.add_argument("--validation_strength", type=float, default=0.99)
-    g.add_argument("--validation_batch_size", type=int, default=8,
+    g.add_argument("--validation_steps", type=NONNEGATIVE, default=500)
+    g.add_argument("--num_validation_images", type=POSITIVE, default=4)
+    g.add_argument("--validation_inference_steps", type=POSITIVE, default=50)
+    g.add_argument("--validation_strength", type=real(above=0, maximum=1), default=0.99)
+    g.add_argument("--validation_batch_size", type=POSITIVE, default=8,
                    help="held-out inputs sampled or scored at a time in validation (bounds its memory, not what it computes)")
     return parser
 
@@ -135,11 +136,43 @@ def load_config(path, parser):
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a mapping of argument names to values")
-    known = {a.dest for a in parser._actions}
+    actions = {a.dest: a for a in parser._actions}
     for key in cfg:
-        if key not in known:
+        if key not in actions:
             raise UserError(f"{path}: unknown option {key!r} (not an argument of {os.path.basename(sys.argv[0])})")
-    return cfg
+    return {key: config_value(path, actions[key], value) for key, value in cfg.items()}
+
+
+def config_value(path, action, value):
+    """A --config value checked and converted as the command line would be (argparse applies neither
+    type nor choices to defaults): a quoted "no" for a switch, a list for a number or a value outside
+    the choices is an error naming the file and the key."""
+    where = f"{path}: {action.dest}"
+    if value is None:
+        return None
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many != isinstance(value, list):
+        raise UserError(f"{where}: expected {'a list' if many else 'one value'}, got {value!r}")
+    items = value if many else [value]
+    if action.nargs == "+" and not items:
+        raise UserError(f"{where}: expected at least one value")
+    out = []
+    for item in items:
+        if isinstance(item, (list, dict)):
+            raise UserError(f"{where}: expected a single value, got {item!r}")
+        if action.type is not None:
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise UserError(f"{where}: {e}") from None
+        if action.choices is not None and item not in action.choices:
+            raise UserError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        out.append(item)
+    return out if many else out[0]
 
 
 def check_args(args):
@@ -149,10 +182,6 @@ def check_args(args):
     if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:
         raise UserError(f"--validation_inference_steps {args.validation_inference_steps} at --validation_strength "
                         f"{args.validation_strength} runs no denoising step (diffusers runs int(steps * strength))")
-    if not args.ddp_timeout > 0:
-        raise UserError(f"--ddp_timeout {args.ddp_timeout}: must be a positive number of minutes")
-    if args.validation_batch_size < 1:
-        raise UserError(f"--validation_batch_size {args.validation_batch_size}: must be at least 1")
     if args.cache_latents and args.random_crop:
         raise UserError("--cache_latents needs central crops: drop --random_crop (random flips are fine)")
     if args.use_8bit_adam:

@@ -5,6 +5,7 @@ import argparse
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 
+from myutils.args import NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
 from myutils.errors import UserError
 from myutils.img_util import paste_back, processing_size
 from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline, load_lora_into_pipeline
@@ -53,13 +54,13 @@ def add_remover_args(p):
     p.add_argument("--scheduler", choices=["default", "lcm"], default="default",
                    help="lcm: LCMScheduler, for a latent-consistency (4-step) LoRA")
     p.add_argument("--variant", default=None, help="e.g. fp16 for RORem's released weights")
-    p.add_argument("--inference_steps", type=int, default=50)
-    p.add_argument("--strength", type=float, default=0.99, help="diffusers runs int(steps * strength) steps")
-    p.add_argument("--guidance_scale", type=float, default=1.0, help="> 1: classifier-free guidance")
+    p.add_argument("--inference_steps", type=POSITIVE, default=50)
+    p.add_argument("--strength", type=real(above=0, maximum=1), default=0.99, help="diffusers runs int(steps * strength) steps")
+    p.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0, help="> 1: classifier-free guidance")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative_prompt", default="")
-    p.add_argument("--resolution", type=int, default=512, help="shorter side while processing (multiple of 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=integer(8), default=512, help="shorter side while processing (multiple of 8)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto")
 

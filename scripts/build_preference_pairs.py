@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 from tqdm.auto import tqdm  # noqa: E402
 
+from myutils.args import FRACTION, NONNEGATIVE_REAL, POSITIVE, integer  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
 from myutils.errors import UserError, run_cli  # noqa: E402
 from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
@@ -43,20 +44,20 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     g = p.add_argument_group("natural pairs (from scored annotations)")
     g.add_argument("--scored_meta_path", nargs="+", default=None, help="scored meta.json file(s): {source, mask, GT, score}")
-    g.add_argument("--max_pairs_per_input", type=int, default=None)
+    g.add_argument("--max_pairs_per_input", type=POSITIVE, default=None)
     g.add_argument("--pair_similar", action="store_true", help="borrow the missing side from a similar input (same mask, "
                    "sources within --similar_threshold mean squared difference)")
-    g.add_argument("--similar_threshold", type=float, default=0.02)
+    g.add_argument("--similar_threshold", type=NONNEGATIVE_REAL, default=0.02)
     g = p.add_argument_group("generated pairs (remover candidates judged by the discriminator)")
     g.add_argument("--meta_path", nargs="+", default=None, help="input meta.json file(s) of {source, mask} to generate for")
     g.add_argument("--generate_for", choices=["unpaired", "all"], default="unpaired",
                    help="with --scored_meta_path: generate only for inputs without a natural pair, or for all")
     g.add_argument("--RORem_discriminator", default=None, help="discriminator folder (pytorch_lora_weights + cls_pred_branch.pt)")
-    g.add_argument("--num_candidates", type=int, default=8, help="K candidates per input")
-    g.add_argument("--guidance_scales", type=float, nargs="+", default=None, help="several: candidates split among them")
-    g.add_argument("--steps_options", type=int, nargs="+", default=None, help="several step counts: candidates split among them")
-    g.add_argument("--min_margin", type=float, default=0.1, help="pair best with worst only if their scores differ by more")
-    g.add_argument("--threshold", type=float, default=0.5, help="discriminator verdict for candidates.json")
+    g.add_argument("--num_candidates", type=integer(2), default=8, help="K candidates per input")
+    g.add_argument("--guidance_scales", type=NONNEGATIVE_REAL, nargs="+", default=None, help="several: candidates split among them")
+    g.add_argument("--steps_options", type=POSITIVE, nargs="+", default=None, help="several step counts: candidates split among them")
+    g.add_argument("--min_margin", type=NONNEGATIVE_REAL, default=0.1, help="pair best with worst only if their scores differ by more")
+    g.add_argument("--threshold", type=FRACTION, default=0.5, help="discriminator verdict for candidates.json")
     add_remover_args(p)
     args = p.parse_args(argv)
     if not (args.scored_meta_path or args.meta_path):
@@ -65,8 +66,6 @@ def parse_args(argv=None):
         check_remover_args(args)
         if not args.RORem_discriminator:
             raise UserError("--meta_path generates candidates, which need --RORem_discriminator to judge them")
-        if args.num_candidates < 2:
-            raise UserError(f"--num_candidates {args.num_candidates}: need at least 2 to make a pair")
     return args
 
 

@@ -23,6 +23,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from myutils.args import POSITIVE, SEED  # noqa: E402
 
 
 # Two stages that do not depend on each other run side by side, one CPU thread each: on 2 cores two
@@ -336,20 +337,20 @@ def write_part(w, name, lines, start):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work_dir", default=".demo")
-    p.add_argument("--train_samples", type=int, default=2000)
-    p.add_argument("--heldout_samples", type=int, default=64)
-    p.add_argument("--vae_steps", type=int, default=500)
-    p.add_argument("--remover_steps", type=int, default=400, help="at batch 32")
-    p.add_argument("--eval_steps", type=int, default=20)
-    p.add_argument("--scored_inputs", type=int, default=200, help="training inputs that get scored results for the discriminator")
-    p.add_argument("--pair_inputs", type=int, default=32, help="training inputs that also get remover candidates judged by the discriminator")
-    p.add_argument("--dpo_steps", type=int, default=100)
-    p.add_argument("--lcm_steps", type=int, default=80, help="distillation steps for each 4-step student")
-    p.add_argument("--flow_vae_steps", type=int, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
+    p.add_argument("--train_samples", type=POSITIVE, default=2000)
+    p.add_argument("--heldout_samples", type=POSITIVE, default=64)
+    p.add_argument("--vae_steps", type=POSITIVE, default=500)
+    p.add_argument("--remover_steps", type=POSITIVE, default=400, help="at batch 32")
+    p.add_argument("--eval_steps", type=POSITIVE, default=20)
+    p.add_argument("--scored_inputs", type=POSITIVE, default=200, help="training inputs that get scored results for the discriminator")
+    p.add_argument("--pair_inputs", type=POSITIVE, default=32, help="training inputs that also get remover candidates judged by the discriminator")
+    p.add_argument("--dpo_steps", type=POSITIVE, default=100)
+    p.add_argument("--lcm_steps", type=POSITIVE, default=80, help="distillation steps for each 4-step student")
+    p.add_argument("--flow_vae_steps", type=POSITIVE, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--only", nargs="+", default=[], metavar="STAGE",
                    help="run just these stages (e.g. 'DPO' 'online RL'); the stages before them must have run")
     args = p.parse_args()

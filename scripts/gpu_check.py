@@ -38,15 +38,17 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import torch  # noqa: E402
 
+from myutils.args import POSITIVE_REAL  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="where gpu_check.md and gpu_check.json go")
     p.add_argument("--work_dir", default=None, help="models, data and run outputs (default: <out>/work, removed at the end)")
     p.add_argument("--dry", action="store_true", help="CPU, fp32, tiny 'real' part: proves the check itself runs")
-    p.add_argument("--budget_minutes", type=float, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
+    p.add_argument("--budget_minutes", type=POSITIVE_REAL, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
     p.add_argument("--skip_real", action="store_true", help="only part 1")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
+    p.add_argument("--peak_tflops", type=POSITIVE_REAL, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
     return p.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from myutils.args import NONNEGATIVE, SEED, integer  # noqa: E402
 from myutils.errors import UserError, run_cli  # noqa: E402
 
 
@@ -25,10 +26,10 @@ def main(argv=None):
     p.add_argument("--family", choices=["sdxl", "flux-fill"], default="sdxl")
     p.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon",
                    help="SDXL-inpainting is epsilon; the toy remover learns much faster with v")
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image_size", type=integer(16), default=32)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--vae_train_meta", default=None, help="toy meta.json whose images the VAE is fitted to")
-    p.add_argument("--vae_steps", type=int, default=1200)
+    p.add_argument("--vae_steps", type=NONNEGATIVE, default=1200)
     args = p.parse_args(argv)
     if args.vae_train_meta and not os.path.isfile(args.vae_train_meta):
         raise UserError(f"--vae_train_meta {args.vae_train_meta}: file not found")

@@ -8,19 +8,18 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from myutils.errors import UserError, run_cli  # noqa: E402
+from myutils.args import POSITIVE, SEED, integer  # noqa: E402
+from myutils.errors import run_cli  # noqa: E402
 from myutils.toy_world import write_toy_dataset  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--num", type=int, default=2000)
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=POSITIVE, default=2000)
+    p.add_argument("--resolution", type=integer(16), default=32)
+    p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
-    if args.num < 1 or args.resolution < 16:
-        raise UserError("--num must be >= 1 and --resolution >= 16")
     meta = write_toy_dataset(args.out, args.num, args.resolution, args.seed)
     print(f"wrote {args.num} samples at {args.resolution}px: {meta}")
 

@@ -29,6 +29,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from myutils.args import POSITIVE, POSITIVE_REAL, integer, real  # noqa: E402
 from myutils.errors import UserError, run_cli  # noqa: E402
 
 # per batch element: UNet passes with backward, forward-only passes, VAE encodes (uncached);
@@ -202,15 +203,15 @@ def table(rows, args, counts):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
-    p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
-    p.add_argument("--batch_size", type=int, default=None, help="per-GPU batch (default: each config's)")
-    p.add_argument("--num_gpus", type=int, default=8)
-    p.add_argument("--gpu_memory_gb", type=float, default=80.0)
-    p.add_argument("--peak_tflops", type=float, default=312.0, help="A100 dense fp16/bf16")
-    p.add_argument("--peak_tflops_fp32", type=float, default=156.0,
+    p.add_argument("--resolutions", type=integer(64), nargs="+", default=[512, 1024])
+    p.add_argument("--batch_size", type=POSITIVE, default=None, help="per-GPU batch (default: each config's)")
+    p.add_argument("--num_gpus", type=POSITIVE, default=8)
+    p.add_argument("--gpu_memory_gb", type=POSITIVE_REAL, default=80.0)
+    p.add_argument("--peak_tflops", type=POSITIVE_REAL, default=312.0, help="A100 dense fp16/bf16")
+    p.add_argument("--peak_tflops_fp32", type=POSITIVE_REAL, default=156.0,
                    help="the fp32 VAE's rate: A100 TF32, which PyTorch uses for fp32 convolutions by default "
                         "(torch.backends.cudnn.allow_tf32); 19.5 with it off")
-    p.add_argument("--utilisation", type=float, default=0.4, help="fraction of peak a step achieves")
+    p.add_argument("--utilisation", type=real(above=0, maximum=1), default=0.4, help="fraction of peak a step achieves")
     p.add_argument("--output", default=None, help="also write the table to this Markdown file")
     p.add_argument("--unet_config", default=os.path.join(ROOT, "configs", "real", "sdxl_inpaint_unet.json"))
     p.add_argument("--vae_config", default=os.path.join(ROOT, "configs", "real", "sdxl_vae.json"))

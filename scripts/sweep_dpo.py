@@ -20,12 +20,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from myutils.args import POSITIVE_REAL  # noqa: E402
 from myutils.sweep import fmt, interval, parse_sweep_args, run_all, sweep_parser, write_tables  # noqa: E402
 
 
 def parse_args(argv=None):
     p = sweep_parser(__doc__.split("\n")[0])
-    p.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
+    p.add_argument("--betas", type=POSITIVE_REAL, nargs="+", default=[0.1, 0.5, 1.0, 2.0])
     p.add_argument("--beta_unit", choices=["mean", "sum"], default="sum", help="the plan's sweep is in summed units")
     p.add_argument("--variants", nargs="+", choices=["lora", "full", "sft"], default=["lora", "full", "sft"])
     p.add_argument("--loss_type", choices=["sigmoid", "hinge", "ipo"], default="sigmoid")

@@ -118,7 +118,6 @@ def test_process_group_timeout_comes_from_the_argument(tmp_path):
 
     import train_RORem
     from myutils import train_util as tu
-    from myutils.errors import UserError
     from tests.conftest import reset_accelerate
 
     base = ["--meta_path", "m.json", "--output_dir", str(tmp_path), "--report_to", "none"]
@@ -129,7 +128,4 @@ def test_process_group_timeout_comes_from_the_argument(tmp_path):
         assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}  # what init_process_group gets
         # DDP keeps the gradients in its buckets (one copy, as the planner counts them)
         assert accelerator.ddp_handler.to_kwargs() == {"gradient_as_bucket_view": True}
-    reset_accelerate()
-    with pytest.raises(UserError, match="--ddp_timeout 0.0: must be a positive"):
-        tu.make_accelerator(train_RORem.parse_args(base + ["--ddp_timeout", "0"]))
     reset_accelerate()

@@ -1,0 +1,95 @@
+"""Bad numbers and --config values stop every tool before any work, with the argument's own name (or the
+YAML file and key) in one line: argparse's `error: argument --x: ...` or our `error: ...`."""
+import importlib
+import os
+import sys
+
+import pytest
+
+from myutils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+TRAIN = ["--meta_path", "m.json", "--output_dir", "o"]
+RL = TRAIN + ["--discriminator_path", "d"]
+
+# (module, its required arguments, a bad argument, its value, what the message says)
+CASES = [
+    ("train_RORem", TRAIN, "--resolution", "0", "--resolution: must be at least 8, got 0"),
+    ("train_RORem", TRAIN, "--max_train_steps", "0", "--max_train_steps: must be at least 1, got 0"),
+    ("train_RORem", TRAIN, "--train_batch_size", "-2", "--train_batch_size: must be at least 1, got -2"),
+    ("train_RORem", TRAIN, "--learning_rate", "nan", "--learning_rate: expected a finite number, got 'nan'"),
+    ("train_RORem", TRAIN, "--learning_rate", "0", "--learning_rate: must be above 0, got 0"),
+    ("train_RORem", TRAIN, "--adam_beta2", "1", "--adam_beta2: must be below 1, got 1"),
+    ("train_RORem", TRAIN, "--ema_decay", "1.5", "--ema_decay: must be at most 1, got 1.5"),
+    ("train_RORem", TRAIN, "--checkpoints_total_limit", "0", "--checkpoints_total_limit: must be at least 1, got 0"),
+    ("train_RORem", TRAIN, "--validation_strength", "0", "--validation_strength: must be above 0, got 0"),
+    ("train_RORem", TRAIN, "--ddp_timeout", "0", "--ddp_timeout: must be above 0, got 0"),
+    ("train_RORem", TRAIN, "--seed", "-1", "--seed: must be at least 0, got -1"),
+    ("train_RORem", TRAIN, "--lora_rank", "2.5", "--lora_rank: expected an integer, got '2.5'"),
+    ("train_RORem_discriminator", TRAIN, "--val_fraction", "1", "--val_fraction: must be below 1, got 1"),
+    ("train_RORem_discriminator", TRAIN, "--threshold", "inf", "--threshold: expected a finite number, got 'inf'"),
+    ("train_RORem_dpo", ["--preference_data", "p.json", "--output_dir", "o"], "--beta", "-5", "--beta: must be above 0, got -5"),
+    ("train_RORem_dpo", ["--preference_data", "p.json", "--output_dir", "o"], "--beta_end", "0", "--beta_end: must be above 0, got 0"),
+    ("train_RORem_lcm", TRAIN, "--num_ddim_timesteps", "0", "--num_ddim_timesteps: must be at least 1, got 0"),
+    ("train_RORem_lcm", TRAIN, "--reward_temperature", "0", "--reward_temperature: must be above 0, got 0"),
+    ("train_RORem_lcm", TRAIN, "--score_every", "0", "--score_every: must be at least 1, got 0"),
+    ("train_RORem_ddpo", RL, "--sample_steps", "0", "--sample_steps: must be at least 1, got 0"),
+    ("train_RORem_ddpo", RL, "--strength", "1.5", "--strength: must be at most 1, got 1.5"),
+    ("train_RORem_ddpo", RL, "--timestep_fraction", "0", "--timestep_fraction: must be above 0, got 0"),
+    ("train_RORem_ddpo", RL, "--kl_coef", "-0.1", "--kl_coef: must be at least 0, got -0.1"),
+    ("train_RORem_ddpo", RL, "--eval_batch_size", "0", "--eval_batch_size: must be at least 1, got 0"),
+    ("train_RORem_morl", RL, "--population", "0", "--population: must be at least 1, got 0"),
+    ("evaluate_RORem", ["--meta_path", "m.json", "--output_dir", "o"], "--limit", "-1", "--limit: must be at least 1, got -1"),
+    ("evaluate_RORem", ["--meta_path", "m.json", "--output_dir", "o"], "--batch_size", "0", "--batch_size: must be at least 1, got 0"),
+    ("evaluate_RORem", ["--meta_path", "m.json", "--output_dir", "o"], "--inference_steps", "0", "--inference_steps: must be at least 1"),
+    ("inference_RORem", [], "--resolution", "0", "--resolution: must be at least 8, got 0"),
+    ("inference_RORem", [], "--dilate_size", "-3", "--dilate_size: must be at least 0, got -3"),
+    ("inference_RORem", [], "--guidance_scale", "nan", "--guidance_scale: expected a finite number, got 'nan'"),
+    ("inference_RORem_discriminator", ["--RORem_discriminator", "d"], "--threshold", "2", "--threshold: must be at most 1, got 2"),
+    ("build_preference_pairs", ["--output_dir", "o"], "--num_candidates", "1", "--num_candidates: must be at least 2, got 1"),
+    ("build_preference_pairs", ["--output_dir", "o"], "--min_margin", "-1", "--min_margin: must be at least 0, got -1"),
+    ("sweep_dpo", [], "--betas", "0", "--betas: must be above 0, got 0"),
+    ("sweep_lcm", [], "--thresholds", "1.5", "--thresholds: must be at most 1, got 1.5"),
+]
+
+
+@pytest.mark.parametrize("module, required, flag, value, message", CASES, ids=[f"{c[0]}{c[2]}={c[3]}" for c in CASES])
+def test_bad_numbers_are_refused_by_name(module, required, flag, value, message, capsys):
+    parse = importlib.import_module(module).parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse(required + [flag, value])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"error: argument {message}") or message in last, last
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("resolution: 0\n", "resolution: must be at least 8, got 0"),
+    ("random_flip: 'no'\n", "random_flip: expected true or false, got 'no'"),
+    ("train_batch_size: [4, 8]\n", "train_batch_size: expected one value, got [4, 8]"),
+    ("mixed_precision: fp8\n", "mixed_precision: 'fp8' is not one of no, fp16, bf16"),
+    ("learning_rate: .nan\n", "learning_rate: expected a finite number, got 'nan'"),
+    ("lora_target_modules: to_q\n", "lora_target_modules: expected a list, got 'to_q'"),
+    ("max_train_steps: ten\n", "max_train_steps: expected an integer, got 'ten'"),
+])
+def test_config_values_get_the_command_line_checks_naming_the_file(tmp_path, yaml_text, message):
+    import train_RORem
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(UserError) as err:
+        train_RORem.parse_args(["--config", str(cfg)] + TRAIN)
+    assert str(err.value) == f"{cfg}: {message}"
+
+
+def test_good_config_values_convert_as_on_the_command_line(tmp_path):
+    import train_RORem
+
+    cfg = tmp_path / "good.yaml"
+    cfg.write_text("resolution: 256\nlearning_rate: 1.0e-4\nrandom_flip: true\nmixed_precision: bf16\nlora_target_modules: [to_q, to_k]\n"
+                   "max_train_steps: '12'\n")
+    args = train_RORem.parse_args(["--config", str(cfg)] + TRAIN)
+    assert (args.resolution, args.learning_rate, args.random_flip, args.mixed_precision) == (256, 1e-4, True, "bf16")
+    assert args.lora_target_modules == ["to_q", "to_k"] and args.max_train_steps == 12

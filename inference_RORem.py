@@ -16,19 +16,22 @@ the input, so pixels outside the (dilated) mask are exactly the input's. Batch m
 result per entry plus a meta.json of (source, mask, GT=result) triplets, ready to be scored.
 """
 import argparse
+import hashlib
 import json
 import os
 
 from tqdm.auto import tqdm
 
 from myutils.args import NONNEGATIVE, POSITIVE
-from myutils.data import Entry, check_entries, read_meta
+from myutils.data import Entry, check_entries, entry_digests, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask
 from myutils.models import resolve_device_dtype
 from pipelines.inpaint import add_remover_args, check_remover_args, count_unet_calls, load_remover, remove_objects
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MADE_BY = "made_by.json"  # in a batch --save_path: what produced each result (inputs' paths, sizes, mtimes; the settings)
+NOT_SETTINGS = ("save_path", "overwrite", "device", "meta_path", "image_path", "mask_path", "batch_size")  # not what a result is
 
 
 def parse_args(argv=None, four_step=False):
@@ -86,10 +89,67 @@ def list_jobs(args):
                    for i, f in enumerate(images)]
         names = [os.path.splitext(f)[0] + ".png" for f in images]
     else:
+        check_output_file(args.save_path)
         entries = [Entry("--image_path/--mask_path", 0, {"source": args.image_path, "mask": args.mask_path})]
         return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, check_entries(entries)
     warnings = check_entries(entries, progress=len(entries) > 200)
     return [(e.paths["source"], e.paths["mask"], os.path.join(args.save_path, n)) for e, n in zip(entries, names)], entries, warnings
+
+
+def check_output_file(path):
+    """One image out: an image file name in a folder this process can write to, not a folder."""
+    if os.path.isdir(path):
+        raise UserError(f"--save_path {path}: a folder, but one image is written to a file (e.g. {os.path.join(path, 'result.png')})")
+    if not path.lower().endswith(IMAGE_EXTS):
+        raise UserError(f"--save_path {path}: not an image file name (end it with one of {', '.join(IMAGE_EXTS)})")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--save_path {path}: cannot write in {existing}")
+
+
+def made_by_keys(args, entries):
+    """Per entry: a key of what produces its result (the inputs' paths, sizes and mtimes, and every
+    setting), so a rerun reuses a result only if the same inputs and settings made it."""
+    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}, default=str)
+    return [hashlib.sha256(f"{d}\n{settings}".encode()).hexdigest()[:32] for d in entry_digests(entries)]
+
+
+def check_batch_output(args, jobs, keys):
+    """Before any work: the results' meta.json must not replace an input meta.json, and results already
+    in --save_path are reused only if made from the same inputs with the same settings."""
+    meta_out = os.path.realpath(os.path.join(args.save_path, "meta.json"))
+    for m in args.meta_path or []:
+        if os.path.realpath(m) == meta_out:
+            raise UserError(f"--save_path {args.save_path}: its meta.json would replace the input --meta_path {m}; "
+                            "write the results to another folder")
+    if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
+        raise UserError(f"--save_path {args.save_path}: a file, but batch modes write a folder of results")
+    made = read_made_by(args.save_path)
+    stale = [j[2] for j, k in zip(jobs, keys) if os.path.exists(j[2]) and made.get(os.path.basename(j[2])) != k]
+    if stale and not args.overwrite:
+        raise UserError(f"--save_path {args.save_path}: {len(stale)} results there were made from other inputs or settings "
+                        f"(e.g. {os.path.basename(stale[0])}); pass --overwrite to replace them, or choose another folder")
+
+
+def read_made_by(folder):
+    path = os.path.join(folder, MADE_BY)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{path}: unreadable; delete it (and the results it describes) or pass --overwrite") from None
+
+
+def write_made_by(folder, made):
+    tmp = os.path.join(folder, MADE_BY + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(made, f, indent=0)
+    os.replace(tmp, os.path.join(folder, MADE_BY))
 
 
 def main(argv=None, four_step=False):
@@ -99,6 +159,10 @@ def main(argv=None, four_step=False):
     for w in warnings:
         print(f"warning: {w}")
     batch_mode = bool(args.meta_path) or os.path.isdir(args.image_path)
+    keys = made_by_keys(args, entries) if batch_mode else []
+    if batch_mode:
+        check_batch_output(args, jobs, keys)
+        made = {} if args.overwrite else read_made_by(args.save_path)
     todo = [(i, j) for i, j in enumerate(jobs) if args.overwrite or not (batch_mode and os.path.exists(j[2]))]
     if batch_mode:
         os.makedirs(args.save_path, exist_ok=True)
@@ -120,6 +184,10 @@ def main(argv=None, four_step=False):
         for (i, job), result in zip(group, remove_objects(pipe, cond, uncond, images, masks, args, args.seed + group[0][0])):
             os.makedirs(os.path.dirname(os.path.abspath(job[2])), exist_ok=True)
             result.save(job[2])
+            if batch_mode:
+                made[os.path.basename(job[2])] = keys[i]
+        if batch_mode:
+            write_made_by(args.save_path, made)  # after each batch: a killed run leaves a true record
         k += len(group)
         bar.update(len(group))
     bar.close()

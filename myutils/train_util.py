@@ -232,6 +232,11 @@ def make_accelerator(args, find_unused_parameters=False):
         ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
         ds["gradient_clipping"] = args.max_grad_norm
         ds["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    found = list_checkpoints(args.output_dir)
+    if found and not args.resume_from_checkpoint:  # every rank sees the same folder (checked below on several machines)
+        raise UserError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); a new run "
+                        "there would overwrite some and mix with the rest: continue it with --resume_from_checkpoint latest, "
+                        "or choose another --output_dir")
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     shared = [args.output_dir] + ([args.latent_cache_dir] if getattr(args, "cache_latents", False) and args.latent_cache_dir else [])

@@ -93,3 +93,18 @@ def test_good_config_values_convert_as_on_the_command_line(tmp_path):
     args = train_RORem.parse_args(["--config", str(cfg)] + TRAIN)
     assert (args.resolution, args.learning_rate, args.random_flip, args.mixed_precision) == (256, 1e-4, True, "bf16")
     assert args.lora_target_modules == ["to_q", "to_k"] and args.max_train_steps == 12
+
+
+def test_a_new_run_never_writes_into_another_runs_checkpoints(tmp_path, tiny_model_dir, toy_meta, run_script):
+    """An --output_dir holding checkpoints is refused without --resume_from_checkpoint, before anything
+    is written there (a new run overwrote some of them and `latest` then mixed the two runs)."""
+    import train_RORem
+
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-8").mkdir()
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=r"holds checkpoints of an earlier run \(checkpoint-4, checkpoint-8\).*--resume_from_checkpoint latest"):
+        run_script(train_RORem, ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
+                                 "--resolution", "32", "--max_train_steps", "1", "--report_to", "none"])
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -155,8 +155,44 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir):
         _main(_base(tiny_model_dir, "--image_path", tmp_path / "in.png", "--mask_path", tmp_path / "bad.png"))
     with pytest.raises(UserError, match="give either --meta_path, or --image_path"):
         _main(_base(tiny_model_dir))
+    _mask(tmp_path / "fits.png", (40, 32), (4, 4, 12, 12))
+    one = ["--image_path", tmp_path / "in.png", "--mask_path", tmp_path / "fits.png"]
+    for save, message in ((tmp_path, "a folder, but one image is written to a file"), (tmp_path / "out", "not an image file name"),
+                          (tmp_path / "out.txt", "not an image file name"), (tmp_path / "in.png" / "out.png", "cannot write in .*in.png")):
+        with pytest.raises(UserError, match=message):  # before any model is loaded
+            _main(_base("/nonexistent/model", *one, "--save_path", save))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "inference_RORem.py"), *map(str, _base(tiny_model_dir)),
                           "--image_path", str(tmp_path / "none.png"), "--mask_path", str(tmp_path / "small.png")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: --image_path/--mask_path: entry 0: 'source' file not found")
+
+
+def test_batch_output_never_replaces_inputs_or_reuses_other_work(tmp_path, tiny_model_dir, toy_meta):
+    """--save_path the folder of --meta_path would replace the input meta.json: refused, nothing
+    written. Results in --save_path made with other settings (or from other inputs) are not passed off
+    as this run's: refused unless --overwrite; the same settings reuse them."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(toy_meta), data)
+    meta = data / os.path.basename(toy_meta)
+    before = meta.read_bytes()
+    with pytest.raises(UserError, match=r"its meta.json would replace the input --meta_path"):
+        _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", data))
+    assert meta.read_bytes() == before
+
+    out = tmp_path / "res"
+    _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", out))
+    first = out / json.load(open(out / "meta.json"))[0]["GT"]
+    stamp = os.stat(first).st_mtime_ns
+    _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", out, "--batch_size", "3"))  # same results: all reused
+    assert os.stat(first).st_mtime_ns == stamp
+    with pytest.raises(UserError, match=r"12 results there were made from other inputs or settings .* --overwrite"):
+        _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", out, "--seed", "7"))
+    assert os.stat(first).st_mtime_ns == stamp
+    _photo(data / json.load(open(meta))[0]["source"], (32, 32), seed=9)  # an input changed since: its result is stale
+    with pytest.raises(UserError, match=r"1 results there were made from other inputs"):
+        _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", out))
+    _main(_base(tiny_model_dir, "--meta_path", meta, "--save_path", out, "--seed", "7", "--overwrite"))
+    assert os.stat(first).st_mtime_ns != stamp

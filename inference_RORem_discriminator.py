@@ -52,7 +52,28 @@ def parse_args(argv=None):
         raise UserError("--image_path, --mask_path and --edited_path go together")
     if not args.output_path.endswith((".json", ".csv")):
         raise UserError(f"--output_path {args.output_path}: must end in .json or .csv")
+    if args.scored_meta_path and not args.scored_meta_path.endswith(".json"):
+        raise UserError(f"--scored_meta_path {args.scored_meta_path}: must end in .json")
+    inputs = {os.path.realpath(m): m for m in args.meta_path or []}
+    for flag in ("output_path", "scored_meta_path"):
+        path = getattr(args, flag)
+        if path and os.path.realpath(path) in inputs:
+            raise UserError(f"--{flag} {path} is the input --meta_path {inputs[os.path.realpath(path)]}: it would be replaced; "
+                            "write to another file")
+        if path and os.path.isdir(path):
+            raise UserError(f"--{flag} {path}: a folder, but a file is written there")
+    if args.scored_meta_path and os.path.realpath(args.scored_meta_path) == os.path.realpath(args.output_path):
+        raise UserError(f"--output_path and --scored_meta_path are the same file ({args.output_path})")
     return args
+
+
+def human_score(extra):
+    """The people's score of an entry, if any: its "score", unless the entry is our own earlier output
+    (it has "discriminator_score"), whose "score" is the discriminator's verdict and whose people's
+    score was kept as "human_score"."""
+    if "discriminator_score" in extra:
+        return extra.get("human_score")
+    return extra.get("score", extra.get("human_score"))
 
 
 def main(argv=None):
@@ -73,7 +94,7 @@ def main(argv=None):
         print(f"score {scores[0]:.4f} -> {verdict} (threshold {args.threshold})")
         return scores
     rows = [{"meta": e.meta, "index": e.index, "source": e.paths["source"], "mask": e.paths["mask"], "edited": e.paths["GT"],
-             "score": s, "verdict": int(s >= args.threshold), "human_score": e.extra.get("score")}
+             "score": s, "verdict": int(s >= args.threshold), "human_score": human_score(e.extra)}
             for e, s in zip(entries, scores)]
     os.makedirs(os.path.dirname(os.path.abspath(args.output_path)), exist_ok=True)
     if args.output_path.endswith(".csv"):
@@ -96,7 +117,10 @@ def main(argv=None):
     if args.scored_meta_path:
         out_dir = os.path.dirname(os.path.abspath(args.scored_meta_path))
         os.makedirs(out_dir, exist_ok=True)
-        scored = [{**{("human_score" if k == "score" else k): v for k, v in e.extra.items()}, "source": e.paths["source"], "mask": e.paths["mask"], "GT": e.paths["GT"],
+        kept = ("score", "human_score", "discriminator_score")  # rewritten below; the people's score is never replaced
+        scored = [{**{k: v for k, v in e.extra.items() if k not in kept},
+                   **({"human_score": human_score(e.extra)} if human_score(e.extra) is not None else {}),
+                   "source": e.paths["source"], "mask": e.paths["mask"], "GT": e.paths["GT"],
                    "score": min(1.0, max(0.0, s)) if args.raw_scores else int(s >= args.threshold), "discriminator_score": s}
                   for e, s in zip(entries, scores)]
         with open(args.scored_meta_path, "w") as f:

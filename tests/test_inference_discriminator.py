@@ -39,6 +39,14 @@ def test_single_and_batch_scoring(tmp_path, tiny_model_dir, toy_meta, disc_dir, 
 
     assert len(read_meta(args.meta_path, "scored")) == 12  # the annotation feeds the next discriminator round
 
+    # a second round on the scored meta keeps the people's scores (the first round's verdicts are not people's)
+    idisc.main(["--pretrained_model", tiny_model_dir, "--RORem_discriminator", disc_dir, "--resolution", "32", "--threshold", "0.9",
+                "--meta_path", str(tmp_path / "scored" / "meta.json"), "--output_path", str(tmp_path / "s2.json"),
+                "--scored_meta_path", str(tmp_path / "round2.json")])
+    round2 = json.load(open(tmp_path / "round2.json"))
+    assert [r.get("human_score") for r in round2] == [i % 2 if i < 6 else None for i in range(12)]
+    assert "agreement with the 6 existing scores" in capsys.readouterr().out
+
 
 def test_argument_errors(disc_dir):
     with pytest.raises(UserError, match="give either --meta_path"):
@@ -47,3 +55,8 @@ def test_argument_errors(disc_dir):
         idisc.main(["--RORem_discriminator", disc_dir, "--image_path", "a.png"])
     with pytest.raises(UserError, match="must end in .json or .csv"):
         idisc.main(["--RORem_discriminator", disc_dir, "--meta_path", "m.json", "--output_path", "x.txt"])
+    for flag in ("--output_path", "--scored_meta_path"):  # the input would be replaced
+        with pytest.raises(UserError, match=f"{flag} m.json is the input --meta_path m.json: it would be replaced"):
+            idisc.main(["--RORem_discriminator", disc_dir, "--meta_path", "m.json", flag, "m.json"])
+    with pytest.raises(UserError, match="are the same file"):
+        idisc.main(["--RORem_discriminator", disc_dir, "--meta_path", "m.json", "--output_path", "s.json", "--scored_meta_path", "s.json"])

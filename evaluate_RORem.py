@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
 from myutils import eval_models as em
+from myutils import made_by
+from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
 from myutils.data import check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
@@ -79,11 +80,20 @@ def parse_system(spec, args):
                 raise UserError(f"--system {name}: scheduler={value!r}, expected lcm or default")
             system[key] = value
             continue
-        try:
-            system[key] = int(value) if key == "steps" else float(value)
-        except ValueError:
-            raise UserError(f"--system {name}: {key}={value!r} is not a number") from None
+        try:  # the same bounds as --inference_steps, --strength, --guidance_scale
+            system[key] = {"steps": POSITIVE, "strength": real(above=0, maximum=1), "guidance": NONNEGATIVE_REAL}[key](value)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--system {name}: {key}={value!r}: {e}") from None
     return system
+
+
+def files_stamp(path):
+    """Names, sizes and mtimes of a weights file or of every file under a weights folder: a retrained
+    model at the same path is another model."""
+    if not path:
+        return []
+    found = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return [(os.path.relpath(f, path) if f != path else "", os.path.getsize(f), os.stat(f).st_mtime_ns) for f in found]
 
 
 def parse_args(argv=None):
@@ -138,9 +148,21 @@ def generate(args, system, entries, device, dtype):
     run generated (None when every result already existed)."""
     from pipelines.inpaint import count_unet_calls, load_remover, remove_objects
 
+    folder = os.path.dirname(result_path(args, system, 0))
+    names = [os.path.basename(result_path(args, system, i)) for i in range(len(entries))]
+    produced_by = SimpleNamespace(system=system, system_files=files_stamp(system["path"]), pretrained_model=args.pretrained_model,
+                                  variant=args.variant, base_unet=args.base_unet, base_unet_files=files_stamp(args.base_unet),
+                                  resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype)
+    keys = made_by.keys(entries, produced_by)
+    old = made_by.stale(folder, names, keys)
+    if old:
+        raise UserError(f"--output_dir {args.output_dir}: the results of --system {system['name']} there were made by other settings "
+                        f"or weights, or from other inputs (e.g. {os.path.join(folder, old[0])}); choose another --output_dir or "
+                        f"system name, or delete {folder}")
     todo = [i for i in range(len(entries)) if not os.path.isfile(result_path(args, system, i))]
     if not todo:
         return None
+    made = made_by.read(folder)
     kind = system["kind"]
     spec = SimpleNamespace(pretrained_model=args.pretrained_model, variant=args.variant, prompt="", negative_prompt="",
                            RORem_unet=system["path"] if kind == "unet" else (args.base_unet if kind in ("lora", "lcm") else None),
@@ -166,6 +188,8 @@ def generate(args, system, entries, device, dtype):
             masks = [load_mask(entries[i].paths["mask"]) for i in batch]
             for i, result in zip(batch, remove_objects(pipe, cond, uncond, images, masks, spec, args.seed + first)):
                 result.save(result_path(args, system, i))
+                made[names[i]] = keys[i]
+            made_by.write(folder, made)
             batches += 1
             done += len(batch)
             bar.update(len(batch))

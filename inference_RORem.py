@@ -16,21 +16,20 @@ the input, so pixels outside the (dilated) mask are exactly the input's. Batch m
 result per entry plus a meta.json of (source, mask, GT=result) triplets, ready to be scored.
 """
 import argparse
-import hashlib
 import json
 import os
 
 from tqdm.auto import tqdm
 
 from myutils.args import NONNEGATIVE, POSITIVE
-from myutils.data import Entry, check_entries, entry_digests, read_meta
+from myutils import made_by
+from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask
 from myutils.models import resolve_device_dtype
 from pipelines.inpaint import add_remover_args, check_remover_args, count_unet_calls, load_remover, remove_objects
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MADE_BY = "made_by.json"  # in a batch --save_path: what produced each result (inputs' paths, sizes, mtimes; the settings)
 NOT_SETTINGS = ("save_path", "overwrite", "device", "meta_path", "image_path", "mask_path", "batch_size")  # not what a result is
 
 
@@ -110,13 +109,6 @@ def check_output_file(path):
         raise UserError(f"--save_path {path}: cannot write in {existing}")
 
 
-def made_by_keys(args, entries):
-    """Per entry: a key of what produces its result (the inputs' paths, sizes and mtimes, and every
-    setting), so a rerun reuses a result only if the same inputs and settings made it."""
-    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}, default=str)
-    return [hashlib.sha256(f"{d}\n{settings}".encode()).hexdigest()[:32] for d in entry_digests(entries)]
-
-
 def check_batch_output(args, jobs, keys):
     """Before any work: the results' meta.json must not replace an input meta.json, and results already
     in --save_path are reused only if made from the same inputs with the same settings."""
@@ -127,29 +119,10 @@ def check_batch_output(args, jobs, keys):
                             "write the results to another folder")
     if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
         raise UserError(f"--save_path {args.save_path}: a file, but batch modes write a folder of results")
-    made = read_made_by(args.save_path)
-    stale = [j[2] for j, k in zip(jobs, keys) if os.path.exists(j[2]) and made.get(os.path.basename(j[2])) != k]
-    if stale and not args.overwrite:
-        raise UserError(f"--save_path {args.save_path}: {len(stale)} results there were made from other inputs or settings "
-                        f"(e.g. {os.path.basename(stale[0])}); pass --overwrite to replace them, or choose another folder")
-
-
-def read_made_by(folder):
-    path = os.path.join(folder, MADE_BY)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"{path}: unreadable; delete it (and the results it describes) or pass --overwrite") from None
-
-
-def write_made_by(folder, made):
-    tmp = os.path.join(folder, MADE_BY + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(made, f, indent=0)
-    os.replace(tmp, os.path.join(folder, MADE_BY))
+    old = made_by.stale(args.save_path, [os.path.basename(j[2]) for j in jobs], keys)
+    if old and not args.overwrite:
+        raise UserError(f"--save_path {args.save_path}: {len(old)} results there were made from other inputs or settings "
+                        f"(e.g. {old[0]}); pass --overwrite to replace them, or choose another folder")
 
 
 def main(argv=None, four_step=False):
@@ -159,10 +132,10 @@ def main(argv=None, four_step=False):
     for w in warnings:
         print(f"warning: {w}")
     batch_mode = bool(args.meta_path) or os.path.isdir(args.image_path)
-    keys = made_by_keys(args, entries) if batch_mode else []
+    keys = made_by.keys(entries, args, NOT_SETTINGS) if batch_mode else []
     if batch_mode:
         check_batch_output(args, jobs, keys)
-        made = {} if args.overwrite else read_made_by(args.save_path)
+        made = {} if args.overwrite else made_by.read(args.save_path)
     todo = [(i, j) for i, j in enumerate(jobs) if args.overwrite or not (batch_mode and os.path.exists(j[2]))]
     if batch_mode:
         os.makedirs(args.save_path, exist_ok=True)
@@ -187,7 +160,7 @@ def main(argv=None, four_step=False):
             if batch_mode:
                 made[os.path.basename(job[2])] = keys[i]
         if batch_mode:
-            write_made_by(args.save_path, made)  # after each batch: a killed run leaves a true record
+            made_by.write(args.save_path, made)
         k += len(group)
         bar.update(len(group))
     bar.close()

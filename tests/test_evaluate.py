@@ -85,10 +85,16 @@ def test_evaluation_writes_table_csv_json_grids_and_resumes(tmp_path, tiny_model
         assert os.path.isfile(os.path.join(out, name)), name
     table = open(os.path.join(out, "results.md")).read()
     assert "(random stand-in)" in table and "Those numbers mean nothing" in table
-    assert len(os.listdir(os.path.join(out, "results", "base"))) == 6
+    assert len([f for f in os.listdir(os.path.join(out, "results", "base")) if f.endswith(".png")]) == 6
     # a rerun reuses every result (nothing generated, so no speed figures) and gives the same metrics
     again = {r["system"]: r for r in ev.main(argv)["systems"]}
     assert again["base"]["masked_mse"] == rows["base"]["masked_mse"] and "seconds_per_image" not in again["base"]
+    # the same system name with other settings does not get the old images under the new settings' label
+    other = [a.replace("base=base", "base=base,steps=2") if a == "base=base" else a for a in argv]
+    with pytest.raises(UserError, match=r"the results of --system base there were made by other settings .*00000.png"):
+        ev.main(other)
+    with pytest.raises(UserError, match=r"--system x: steps='0': must be at least 1"):
+        ev.parse_system("x=base,steps=0", ev.parse_args(_args(toy_meta, out, "--system", "b=base")))
 
 
 def test_unavailable_metrics_name_their_argument(tmp_path, toy_meta):

@@ -87,15 +87,6 @@ def parse_system(spec, args):
     return system
 
 
-def files_stamp(path):
-    """Names, sizes and mtimes of a weights file or of every file under a weights folder: a retrained
-    model at the same path is another model."""
-    if not path:
-        return []
-    found = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    return [(os.path.relpath(f, path) if f != path else "", os.path.getsize(f), os.stat(f).st_mtime_ns) for f in found]
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--meta_path", nargs="+", required=True, help="test meta.json file(s) of (source, mask, GT) triplets")
@@ -150,9 +141,9 @@ def generate(args, system, entries, device, dtype):
 
     folder = os.path.dirname(result_path(args, system, 0))
     names = [os.path.basename(result_path(args, system, i)) for i in range(len(entries))]
-    produced_by = SimpleNamespace(system=system, system_files=files_stamp(system["path"]), pretrained_model=args.pretrained_model,
-                                  variant=args.variant, base_unet=args.base_unet, base_unet_files=files_stamp(args.base_unet),
-                                  resolution=args.resolution, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype)
+    produced_by = SimpleNamespace(system=system, weights=system["path"], pretrained_model=args.pretrained_model, variant=args.variant,
+                                  base_unet=args.base_unet, resolution=args.resolution, seed=args.seed, batch_size=args.batch_size,
+                                  dtype=args.dtype)
     keys = made_by.keys(entries, produced_by)
     old = made_by.stale(folder, names, keys)
     if old:

@@ -14,9 +14,18 @@ FILE = "made_by.json"
 
 def keys(entries, args, ignore=()):
     """Per entry: a digest of its input files and of every argument not in `ignore` (where results
-    go, how they are batched: what does not change a result)."""
-    settings = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ignore}, default=str)
-    return [hashlib.sha256(f"{d}\n{settings}".encode()).hexdigest()[:32] for d in entry_digests(entries)]
+    go, how they are batched: what does not change a result). An argument naming a file or folder
+    (weights) counts with its files' sizes and mtimes: a model retrained at the same path is another."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ignore}
+    settings.update({f"{k} files": files_stamp(v) for k, v in list(settings.items()) if isinstance(v, str) and v and os.path.exists(v)})
+    text = json.dumps(settings, default=str)
+    return [hashlib.sha256(f"{d}\n{text}".encode()).hexdigest()[:32] for d in entry_digests(entries)]
+
+
+def files_stamp(path):
+    """Names, sizes and mtimes of a file, or of every file under a folder."""
+    found = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+    return [(os.path.relpath(f, path) if f != path else "", os.path.getsize(f), os.stat(f).st_mtime_ns) for f in found]
 
 
 def read(folder):

@@ -31,7 +31,8 @@ sys.path.insert(0, ROOT)
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from myutils.args import FRACTION, NONNEGATIVE_REAL, POSITIVE, integer  # noqa: E402
+from myutils import made_by  # noqa: E402
+from myutils.args import FRACTION, NONNEGATIVE_REAL, POSITIVE, integer, real  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
 from myutils.errors import UserError, run_cli  # noqa: E402
 from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
@@ -56,7 +57,7 @@ def parse_args(argv=None):
     g.add_argument("--num_candidates", type=integer(2), default=8, help="K candidates per input")
     g.add_argument("--guidance_scales", type=NONNEGATIVE_REAL, nargs="+", default=None, help="several: candidates split among them")
     g.add_argument("--steps_options", type=POSITIVE, nargs="+", default=None, help="several step counts: candidates split among them")
-    g.add_argument("--min_margin", type=NONNEGATIVE_REAL, default=0.1, help="pair best with worst only if their scores differ by more")
+    g.add_argument("--min_margin", type=real(), default=0.1, help="pair best with worst only if their scores differ by more")
     g.add_argument("--threshold", type=FRACTION, default=0.5, help="discriminator verdict for candidates.json")
     add_remover_args(p)
     args = p.parse_args(argv)
@@ -91,6 +92,34 @@ def write_json(path, obj):
     os.replace(tmp, path)  # a record is there whole or not at all
 
 
+PAIRING_ONLY = ("output_dir", "device", "meta_path", "scored_meta_path", "max_pairs_per_input", "pair_similar", "similar_threshold",
+                "generate_for", "min_margin", "threshold")  # what changes the pairs chosen, not the candidates
+
+
+def candidate_keys(args, entries):
+    """Per input: what its candidates are made from (its files, the remover, the discriminator, every
+    generation setting), recorded in its record so a rerun never reuses another dataset's or model's."""
+    return made_by.keys(entries, args, PAIRING_ONLY)
+
+
+def check_records(args, entries, chosen, records_dir):
+    """Records made from other inputs or settings (a different dataset or model in the same
+    --output_dir: records are named by input index) are refused, before any work."""
+    keys = candidate_keys(args, entries)
+    for i in chosen:
+        path = os.path.join(records_dir, f"{i:06d}.json")
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                made = json.load(f).get("made_by")
+        except (OSError, ValueError):
+            raise UserError(f"{path}: unreadable record; delete it to generate that input again") from None
+        if made != keys[i]:
+            raise UserError(f"--output_dir {args.output_dir}: {path} holds candidates made from other inputs or settings; "
+                            "choose another --output_dir, or delete its records/ and candidates/ to start over")
+
+
 def generate_candidates(args, entries, chosen, records_dir):
     """For each input index in `chosen` without a record yet: K candidates with fixed seeds, scored;
     one record file each."""
@@ -105,6 +134,7 @@ def generate_candidates(args, entries, chosen, records_dir):
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     # the split is fixed by position, not by which records exist: a rank that lists the folder after
     # another has started writing would otherwise shift its share onto inputs the other rank is doing
+    keys = candidate_keys(args, entries)
     mine = [i for k, i in enumerate(chosen)
             if k % state.num_processes == state.process_index and not os.path.isfile(os.path.join(records_dir, f"{i:06d}.json"))]
     device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -133,7 +163,7 @@ def generate_candidates(args, entries, chosen, records_dir):
         for c, s in zip(cands, score_entries(reward, scored, args.resolution, batch_size=len(scored))):
             c["score"] = s
         write_json(os.path.join(records_dir, f"{i:06d}.json"),
-                   {"source": e.paths["source"], "mask": e.paths["mask"], "candidates": cands})
+                   {"source": e.paths["source"], "mask": e.paths["mask"], "candidates": cands, "made_by": keys[i]})
     state.wait_for_everyone()
     return state.is_main_process
 
@@ -158,6 +188,7 @@ def main(argv=None):
         chosen = [i for i, e in enumerate(entries) if content_key(e.paths["source"], e.paths["mask"]) not in paired]
         records_dir = os.path.join(args.output_dir, "records")
         os.makedirs(records_dir, exist_ok=True)
+        check_records(args, entries, chosen, records_dir)
         todo = [i for i in chosen if not os.path.isfile(os.path.join(records_dir, f"{i:06d}.json"))]
         print(f"generating for {len(chosen)} of {len(entries)} inputs ({len(chosen) - len(todo)} already done)")
         if not generate_candidates(args, entries, chosen, records_dir):

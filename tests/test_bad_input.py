@@ -49,7 +49,7 @@ CASES = [
     ("inference_RORem", [], "--guidance_scale", "nan", "--guidance_scale: expected a finite number, got 'nan'"),
     ("inference_RORem_discriminator", ["--RORem_discriminator", "d"], "--threshold", "2", "--threshold: must be at most 1, got 2"),
     ("build_preference_pairs", ["--output_dir", "o"], "--num_candidates", "1", "--num_candidates: must be at least 2, got 1"),
-    ("build_preference_pairs", ["--output_dir", "o"], "--min_margin", "-1", "--min_margin: must be at least 0, got -1"),
+    ("build_preference_pairs", ["--output_dir", "o"], "--min_margin", "nan", "--min_margin: expected a finite number, got 'nan'"),
     ("sweep_dpo", [], "--betas", "0", "--betas: must be above 0, got 0"),
     ("sweep_lcm", [], "--thresholds", "1.5", "--thresholds: must be at most 1, got 1.5"),
 ]

@@ -76,6 +76,15 @@ def test_margin_filter_resume_and_settings(tmp_path, tiny_model_dir, disc_dir, s
     assert report["generated"]["pairs"] == 3 and report["generated"]["inputs_below_margin"] == 3
     assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
     assert len(json.load(open(os.path.join(out, "meta.json")))) == 3
+    # records are named by input index: other settings or another dataset in the same folder are refused
+    with pytest.raises(UserError, match=r"records/000000.json holds candidates made from other inputs or settings"):
+        bpp.main([a if a != "5" else "6" for a in argv])  # --seed 6
+    other = tmp_path / "other.json"
+    rows = json.load(open(inputs))
+    other.write_text(json.dumps(rows[1:] + rows[:1]))  # the same files, in another order
+    with pytest.raises(UserError, match=r"holds candidates made from other inputs"):
+        bpp.main([str(other) if a == inputs else a for a in argv])
+    assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
 
 
 def test_argument_errors(tiny_model_dir, scored_and_inputs, tmp_path):

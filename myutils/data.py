@@ -119,6 +119,13 @@ def _same_bytes(a, b):
         return fa.read() == fb.read()
 
 
+def _ends_like_a_jpeg(path):
+    """A JPEG ends with the EOI marker (some cameras append a little data after it)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4096))
+        return b"\xff\xd9" in f.read()
+
+
 def _check_entry(entry):
     """Return (problem or None, warning or None) for one entry: files exist, open, agree in size, mask not empty."""
     sizes = {}
@@ -127,11 +134,13 @@ def _check_entry(entry):
             return f"{entry.where()}: {key!r} file not found: {path}", None
         try:
             with Image.open(path) as img:
-                img.verify()  # detects truncated / non-image files without decoding all pixels
+                img.verify()  # detects non-image files and broken PNGs without decoding all pixels
             with Image.open(path) as img:
                 sizes[key] = img.size
+                if img.format == "JPEG" and not _ends_like_a_jpeg(path):
+                    img.load()  # no end marker near the end: decode it to be sure (verify passes truncated JPEGs)
         except Exception as e:
-            return f"{entry.where()}: {key!r} file is not a readable image: {path} ({e.__class__.__name__})", None
+            return f"{entry.where()}: {key!r} file is not a readable image: {path} ({e.__class__.__name__}: {e})", None
     if "preferred" in entry.paths and (entry.paths["preferred"] == entry.paths["rejected"]
                                        or _same_bytes(entry.paths["preferred"], entry.paths["rejected"])):
         return f"{entry.where()}: 'preferred' and 'rejected' are the same image: {entry.paths['preferred']}", None
@@ -225,7 +234,10 @@ class RemovalDataset(Dataset):
     def load(self, index, epoch=0, flip=None):
         """One sample with the crop of (epoch, index); `flip` overrides the coin (latent cache)."""
         entry = self.entries[index]
-        images = {k: (load_mask(p) if k == "mask" else load_image(p)) for k, p in entry.paths.items()}
+        try:
+            images = {k: (load_mask(p) if k == "mask" else load_image(p)) for k, p in entry.paths.items()}
+        except UserError as e:  # a file broken after the data check, or a truncation it could not see
+            raise UserError(f"{entry.where()}: {e}") from None
         params = self.crop_for(epoch, index, images["source"].size, flip)
         item = {"index": index, "epoch": epoch, "original_size": torch.tensor(params["original_size"]),
                 "crop_top_left": torch.tensor(params["crop_top_left"])}

@@ -11,6 +11,15 @@ def run_cli(main):
     try:
         return main()
     except UserError as e:
-        for line in str(e).splitlines() or [""]:
+        for line in user_message(e).splitlines() or [""]:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_message(e):
+    """A UserError's message; one raised in a DataLoader worker comes back re-raised by torch with the
+    worker's traceback in its text, from which the message is taken."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.rstrip().rsplit("UserError: ", 1)[-1]
+    return text

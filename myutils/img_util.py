@@ -5,6 +5,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from .errors import UserError
+
 
 def _to_uint8_array(img):
     """16-bit and 32-bit integer images are rescaled to 0..255; 8-bit ones pass through."""
@@ -29,10 +31,20 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def decoded(path):
+    """An image file opened and decoded whole; a file that cannot be (truncated, not an image) is a
+    UserError naming it, wherever it is met (a truncated JPEG passes Image.verify)."""
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot decode the image ({e})") from None
+
+
 def load_image(path):
     """Open an image file as 8-bit RGB."""
-    with Image.open(path) as img:
-        img.load()
+    with decoded(path) as img:
         return to_rgb(img)
 
 
@@ -54,8 +66,7 @@ def binarize_mask(mask):
 
 def load_mask(path):
     """Open a mask file as an 8-bit L image (not yet binarised, so it can be resized smoothly)."""
-    with Image.open(path) as img:
-        img.load()
+    with decoded(path) as img:
         return mask_to_gray(img)
 
 

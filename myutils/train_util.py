@@ -891,10 +891,14 @@ class TrainingRun:
         """Batches on the device, from where global_step left off, until max_steps."""
         if self.global_step >= self.max_steps:
             return
-        for _, batch in epoch_batches(self.loader, self.global_step, self.args.gradient_accumulation_steps, self.num_epochs):
-            yield to_device(batch, self.acc.device)
-            if self.global_step >= self.max_steps:
-                return
+        try:
+            for _, batch in epoch_batches(self.loader, self.global_step, self.args.gradient_accumulation_steps, self.num_epochs):
+                yield to_device(batch, self.acc.device)
+                if self.global_step >= self.max_steps:
+                    return
+        except Exception:  # a broken file met by the loader: the bar ends before the one-line error is printed
+            self.finish()
+            raise
 
     def _any_rank(self, flag):
         if self.acc.num_processes == 1:

@@ -108,3 +108,48 @@ def test_a_new_run_never_writes_into_another_runs_checkpoints(tmp_path, tiny_mod
         run_script(train_RORem, ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
                                  "--resolution", "32", "--max_train_steps", "1", "--report_to", "none"])
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def _truncated_copy(toy_meta, tmp_path, index=3):
+    """The toy data with entry `index`'s source as a JPEG cut to 60% of its bytes."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.dirname(toy_meta), data)
+    rows = json.load(open(toy_meta))
+    jpeg = data / "broken.jpg"
+    Image.open(data / rows[index]["source"]).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[: int(jpeg.stat().st_size * 0.6)])
+    rows[index]["source"] = "broken.jpg"
+    meta = data / "meta.json"
+    meta.write_text(json.dumps(rows))
+    return meta, jpeg
+
+
+def test_a_truncated_jpeg_is_found_by_the_check_and_named_where_it_is_decoded(tmp_path, toy_meta):
+    """Image.verify passes a truncated JPEG: the data check decodes a JPEG without its end marker, and
+    decoding anywhere later (a file broken after the check) names the entry and the file."""
+    from myutils.data import RemovalDataset, check_entries, read_meta
+
+    meta, jpeg = _truncated_copy(toy_meta, tmp_path)
+    with pytest.raises(UserError, match=r"entry 3: 'source' file is not a readable image: .*broken.jpg \(OSError: image file is truncated"):
+        check_entries(read_meta(str(meta), "triplet"))
+    dataset = RemovalDataset(read_meta(str(meta), "triplet"), "triplet", 32)
+    with pytest.raises(UserError, match=r"^.*meta.json: entry 3: .*broken.jpg: cannot decode the image \(image file is truncated"):
+        dataset[3]
+
+
+def test_training_that_meets_a_broken_image_in_a_loader_worker_ends_in_one_line(tmp_path, tiny_model_dir, toy_meta):
+    import subprocess
+
+    meta, jpeg = _truncated_copy(toy_meta, tmp_path)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train_RORem.py"), "--pretrained_model_name_or_path", tiny_model_dir,
+                          "--meta_path", str(meta), "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "12",
+                          "--max_train_steps", "2", "--report_to", "none", "--skip_data_check", "--dataloader_num_workers", "1",
+                          "--validation_steps", "0"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "meta.json: entry 3: " in last and "broken.jpg: cannot decode the image" in last, last

@@ -89,6 +89,8 @@ def load_unet(path, variant=None, revision=None, dtype=torch.float32):
 def resolve_device_dtype(device="auto", dtype="auto"):
     """--device/--dtype as the inference scripts take them: auto = CUDA in fp16 if present, else CPU in fp32."""
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible here (use --device cpu, or auto)")
     return device, (DTYPES[dtype] if dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32))
 
 

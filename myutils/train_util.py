@@ -177,6 +177,8 @@ def config_value(path, action, value):
 
 def check_args(args):
     """Checks that apply to every script, before anything slow happens."""
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU and none is visible here: use --mixed_precision bf16 or no on the CPU")
     if args.resolution % 8:
         raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
     if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:

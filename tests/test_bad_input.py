@@ -153,3 +153,18 @@ def test_training_that_meets_a_broken_image_in_a_loader_worker_ends_in_one_line(
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "meta.json: entry 3: " in last and "broken.jpg: cannot decode the image" in last, last
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
+def test_gpu_only_settings_on_a_machine_without_one(tmp_path):
+    import train_RORem
+    from myutils import train_util as tu
+    from myutils.models import resolve_device_dtype
+    from tests.conftest import reset_accelerate
+
+    reset_accelerate()
+    with pytest.raises(UserError, match="--mixed_precision fp16 needs a CUDA GPU and none is visible here"):
+        tu.make_accelerator(train_RORem.parse_args(TRAIN[:2] + ["--output_dir", str(tmp_path), "--mixed_precision", "fp16"]))
+    reset_accelerate()
+    with pytest.raises(UserError, match="--device cuda:1: no CUDA GPU is visible here"):
+        resolve_device_dtype("cuda:1")

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -643,12 +644,42 @@ def resume(accelerator, args):
     if not os.path.isfile(state_file):
         raise UserError(f"--resume_from_checkpoint {path}: not a checkpoint folder (no training_state.json)")
     args.resume_from_checkpoint = path  # "latest" pinned: what reads the checkpoint later (RL's epoch samples) sees this one
-    accelerator.load_state(path)
-    with open(state_file) as f:
-        step = json.load(f)["global_step"]
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+        step = int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{state_file}: unreadable (a checkpoint cut short?); resume from another one") from None
+    problem = checkpoint_problem(path, state.get("num_processes", accelerator.num_processes))
+    try:
+        if problem is None:
+            accelerator.load_state(path)
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        problem = f"cannot be loaded ({e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})"
+    if problem is not None:
+        others = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if c != os.path.basename(os.path.normpath(path))]
+        raise UserError(f"--resume_from_checkpoint {path}: {problem}; resume from "
+                        + (f"an earlier one ({', '.join(others[-3:])})" if others else "scratch in another --output_dir"))
     accelerator.step = step * args.gradient_accumulation_steps  # keeps accumulation boundaries where they were
     logger.info("resumed from %s at step %d", path, step)
     return step
+
+
+def checkpoint_problem(path, num_processes):
+    """What makes a checkpoint folder unusable, found before loading it (every rank reads the same
+    folder, so all decide alike): an empty file (a write cut short), or a process's RNG state missing
+    or unreadable, which accelerate would skip with an INFO line and the resume would no longer be exact."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if os.path.getsize(os.path.join(folder, name)) == 0:
+                return f"{os.path.join(folder, name)} is empty (a write cut short)"
+    for rank in range(num_processes):
+        rng = os.path.join(path, f"random_states_{rank}.pkl")
+        try:
+            torch.load(rng, weights_only=False)
+        except Exception as e:  # missing, truncated, not a pickle
+            return f"{rng} cannot be read ({e.__class__.__name__}), so the resumed run would not be the same"
+    return None
 
 
 def save_final(accelerator, args, model, save_model, ema=None, metrics=None):

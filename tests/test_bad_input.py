@@ -168,3 +168,57 @@ def test_gpu_only_settings_on_a_machine_without_one(tmp_path):
     reset_accelerate()
     with pytest.raises(UserError, match="--device cuda:1: no CUDA GPU is visible here"):
         resolve_device_dtype("cuda:1")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir, toy_meta):
+    import train_RORem
+    from tests.conftest import reset_accelerate
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    reset_accelerate()
+    train_RORem.main(_train_argv(tiny_model_dir, toy_meta, out, "2"))
+    reset_accelerate()
+    return out
+
+
+def _train_argv(model, meta, out, steps, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", str(out), "--resolution", "32",
+            "--train_batch_size", "4", "--max_train_steps", steps, "--checkpointing_steps", "2", "--report_to", "none",
+            "--validation_steps", "0", *extra]
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:300])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "optimizer.bin").write_bytes(b""), r"checkpoint-2/optimizer.bin is empty \(a write cut short\)"),
+    (lambda c: _cut(c / "optimizer.bin"), r"cannot be loaded \(RuntimeError: PytorchStreamReader failed"),
+    (lambda c: (c / "random_states_0.pkl").write_bytes(b""), r"random_states_0.pkl is empty"),
+    (lambda c: (c / "random_states_0.pkl").unlink(), r"random_states_0.pkl cannot be read \(FileNotFoundError\), so the resumed run"),
+    (lambda c: _cut(c / "random_states_0.pkl"), r"random_states_0.pkl cannot be read"),
+    (lambda c: (c / "training_state.json").write_text("{"), r"training_state.json: unreadable"),
+], ids=["empty optimizer", "cut optimizer", "empty rng", "missing rng", "cut rng", "bad state json"])
+def test_a_damaged_checkpoint_is_refused_by_name(finished_run, tmp_path, tiny_model_dir, toy_meta, run_script, damage, message):
+    """A resume from a damaged checkpoint stops with what is wrong (it went on without its RNG state,
+    no longer exact, with an INFO line, or died in a traceback), and nothing there is written."""
+    import shutil
+
+    import train_RORem
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    damage(out / "checkpoint-2")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(UserError, match=message):
+        run_script(train_RORem, _train_argv(tiny_model_dir, toy_meta, out, "3", "--resume_from_checkpoint", "latest"))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_a_discriminator_is_not_taken_for_a_remover_lora(disc_dir):
+    from myutils.models import read_lora
+
+    for path in (disc_dir, os.path.join(disc_dir, "pytorch_lora_weights.safetensors")):
+        with pytest.raises(UserError, match=r"--RORem_LoRA .*: a discriminator \(its folder holds cls_pred_branch.pt\), not a remover"):
+            read_lora(path)

@@ -331,7 +331,7 @@ def main(argv=None):
         raise UserError(f"--meta_path {' '.join(args.meta_path)}: no entries")
     if any(s["kind"] in ("base", "unet", "lora", "lcm") for s in args.systems):
         from myutils.models import check_model_path
-        check_model_path(args.pretrained_model)
+        check_model_path(args.pretrained_model, "--pretrained_model")
     os.makedirs(args.output_dir, exist_ok=True)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     speed = {s["name"]: generate(args, s, entries, device, dtype) for s in args.systems if s["kind"] != "results"}
@@ -358,7 +358,7 @@ def main(argv=None):
         from myutils.reward_utils import load_reward_model
 
         nets["discriminator"] = load_reward_model(args.pretrained_model, args.discriminator_path, args.resolution, device, torch.float32,
-                                                  args.variant)
+                                                  args.variant, flags=("--pretrained_model", "--discriminator_path"))
     g01 = square_batch(inputs[2], args.resolution)  # the inputs at metric size, once for every system
     nets["input_tensors"] = (square_batch(inputs[0], args.resolution) * 2 - 1, g01, square_batch(inputs[1], args.resolution, "L")[:, :1])
     if nets["inception"] is not None:

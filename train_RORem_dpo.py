@@ -26,7 +26,7 @@ from myutils import train_util as tu
 from myutils.data import stack_samples, to_device
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import run_cli
-from myutils.reward_utils import load_reward_model
+from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 
@@ -132,7 +132,7 @@ def main(argv=None):
     tu.init_trackers(accelerator, args, "train_RORem_dpo")
     validating = args.validation_steps and accelerator.is_main_process
     reward = (load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution, accelerator.device,
-                                dtype, args.variant) if validating and args.discriminator_path else None)
+                                dtype, args.variant, flags=TRAINING_FLAGS) if validating and args.discriminator_path else None)
     count = max(args.win_rate_samples, args.num_validation_images) if reward else None
     val_samples = tu.validation_samples(args, val_entries, "pair", count) if validating else []
     reference = {}  # the reference's results and scores: the same at every validation

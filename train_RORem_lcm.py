@@ -28,8 +28,8 @@ from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSI
 from myutils import train_util as tu
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
-from myutils.reward_utils import (WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights, score_entries,
-                                  weight_stats)
+from myutils.reward_utils import (TRAINING_FLAGS, WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights,
+                                  score_entries, weight_stats)
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.schedules import value_at
 from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
@@ -211,7 +211,7 @@ def main(argv=None, rewarded=False):
     reward = None
     if args.discriminator_path:
         reward = load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution,
-                                   accelerator.device, dtype, args.variant)
+                                   accelerator.device, dtype, args.variant, flags=TRAINING_FLAGS)
     scores_of_data = data_scores(args, accelerator, reward, entries) if reward and args.reward_source == "data" else None
     reference = load_reference(args.reward_reference) if args.reward_reference else None
     memory = ScoreMemory(args.score_every)

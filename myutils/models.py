@@ -37,14 +37,16 @@ def check_model_path(name, what="--pretrained_model_name_or_path"):
     return os.path.expanduser(name) if _looks_local(name) else name
 
 
-def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=None, dtype=torch.float32, unet=None):
-    """StableDiffusionXLInpaintPipeline from a folder or hub id; optionally with a RORem UNet swapped in."""
+def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=None, dtype=torch.float32, unet=None,
+                          flags=("--pretrained_model_name_or_path", "--pretrained_unet")):
+    """StableDiffusionXLInpaintPipeline from a folder or hub id; optionally with a RORem UNet swapped in.
+    flags: the arguments the user gave the two as (messages name them)."""
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    name = check_model_path(name)
+    name = check_model_path(name, flags[0])
     kwargs = {"variant": variant, "revision": revision, "dtype": dtype}
     if unet is None and pretrained_unet:
-        unet = load_unet(pretrained_unet, variant=variant, dtype=dtype)
+        unet = load_unet(pretrained_unet, variant=variant, dtype=dtype, flag=flags[1])
     if unet is not None:
         kwargs["unet"] = unet
     try:
@@ -57,22 +59,22 @@ def load_inpaint_pipeline(name, pretrained_unet=None, variant=None, revision=Non
             pipe = StableDiffusionXLInpaintPipeline.from_pretrained(name, add_watermarker=False, **kwargs)
     except (OSError, ValueError) as e:
         if _looks_local(name):
-            raise UserError(f"--pretrained_model_name_or_path {name}: not a loadable SDXL-inpainting folder ({str(e).splitlines()[0][:200]})") from None
-        raise _hub_error("--pretrained_model_name_or_path", name, e) from None
+            raise UserError(f"{flags[0]} {name}: not a loadable SDXL-inpainting folder ({str(e).splitlines()[0][:200]})") from None
+        raise _hub_error(flags[0], name, e) from None
     return pipe
 
 
-def load_unet(path, variant=None, revision=None, dtype=torch.float32):
+def load_unet(path, variant=None, revision=None, dtype=torch.float32, flag="--pretrained_unet"):
     """A remover UNet: a diffusers UNet folder (config.json + weights), or a folder holding `unet/`.
 
     `variant="fp16"` loads RORem's `diffusion_pytorch_model.fp16.safetensors`; if the variant file is
     absent, the plain weights are used."""
     from diffusers import UNet2DConditionModel
 
-    path = check_model_path(path, "--pretrained_unet")
+    path = check_model_path(path, flag)
     subfolder = "unet" if _looks_local(path) and os.path.isdir(os.path.join(path, "unet")) else None
     if _looks_local(path) and not os.path.isfile(os.path.join(path, subfolder or "", "config.json")):
-        raise UserError(f"--pretrained_unet {path}: no config.json (expected a diffusers UNet folder or a folder with unet/)")
+        raise UserError(f"{flag} {path}: no config.json (expected a diffusers UNet folder or a folder with unet/)")
     try:
         try:
             return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, variant=variant, revision=revision, dtype=dtype)
@@ -82,8 +84,8 @@ def load_unet(path, variant=None, revision=None, dtype=torch.float32):
             return UNet2DConditionModel.from_pretrained(path, subfolder=subfolder, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
         if _looks_local(path):
-            raise UserError(f"--pretrained_unet {path}: cannot load the UNet ({str(e).splitlines()[0][:200]})") from None
-        raise _hub_error("--pretrained_unet", path, e) from None
+            raise UserError(f"{flag} {path}: cannot load the UNet ({str(e).splitlines()[0][:200]})") from None
+        raise _hub_error(flag, path, e) from None
 
 
 def resolve_device_dtype(device="auto", dtype="auto"):

@@ -26,6 +26,7 @@ LORA_FILE, HEAD_FILE, FULL_FILE, CONFIG_FILE = ("pytorch_lora_weights.safetensor
                                                 "discriminator.safetensors", "discriminator_config.json")
 DISCRIMINATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 HEAD_PREFIX = "cls_pred_branch."
+TRAINING_FLAGS = ("--pretrained_model_name_or_path", "--discriminator_path")  # the training scripts' names for load_reward_model
 
 
 # ----------------------------------------------------------------------------- file format
@@ -198,15 +199,16 @@ def score_results(reward, samples, results, batch_size=16):
 
 
 def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None,
-                      conditioning="auto"):
+                      conditioning="auto", flags=("--pretrained_model", "--RORem_discriminator")):
     """(DiscriminatorReward) from an SDXL-inpainting model and a discriminator folder. conditioning
-    "auto": what the folder was trained with (RORem's release: RORem's; ours: per sample)."""
+    "auto": what the folder was trained with (RORem's release: RORem's; ours: per sample). flags: the
+    arguments the user gave the two as (messages name them)."""
     from diffusers import DDPMScheduler
 
     if not os.path.isdir(discriminator_path):
-        raise UserError(f"--RORem_discriminator {discriminator_path}: folder not found")
+        raise UserError(f"{flags[1]} {discriminator_path}: folder not found")
     cfg = read_discriminator_config(discriminator_path)
-    pipe = load_inpaint_pipeline(pretrained_model, variant=variant)
+    pipe = load_inpaint_pipeline(pretrained_model, variant=variant, flags=(flags[0], "--pretrained_unet"))
     condition = encode_prompt_once(pipe, "")
     alpha_t0 = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.tolist()[0]
     disc = UNetSDXLDiscriminator.from_unet(pipe.unet, cfg["head_activation"])

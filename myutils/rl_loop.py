@@ -166,7 +166,9 @@ def load_reward(args, accelerator, dtype):
     if not args.discriminator_path:
         return None
     return load_reward_model(args.discriminator_base_model or args.pretrained_model_name_or_path, args.discriminator_path,
-                             args.resolution, accelerator.device, dtype, args.variant)
+                             args.resolution, accelerator.device, dtype, args.variant,
+                             flags=("--discriminator_base_model" if args.discriminator_base_model else "--pretrained_model_name_or_path",
+                                    "--discriminator_path"))
 
 
 def sampling_loader(args, entries, kind, accelerator, user_accumulation):

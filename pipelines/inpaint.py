@@ -74,7 +74,8 @@ def check_remover_args(args):
 
 def load_remover(args, device, dtype):
     """The pipeline with the remover (and LoRA) in place, and the prompt pair encoded once."""
-    pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype)
+    pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype,
+                                 flags=("--pretrained_model", "--RORem_unet"))
     if args.lora_path:
         load_lora_into_pipeline(pipe, args.lora_path, "--RORem_LoRA")
         if args.fuse_lora:

@@ -222,3 +222,19 @@ def test_a_discriminator_is_not_taken_for_a_remover_lora(disc_dir):
     for path in (disc_dir, os.path.join(disc_dir, "pytorch_lora_weights.safetensors")):
         with pytest.raises(UserError, match=r"--RORem_LoRA .*: a discriminator \(its folder holds cls_pred_branch.pt\), not a remover"):
             read_lora(path)
+
+
+@pytest.mark.parametrize("flag, message", [("--RORem_unet", "--RORem_unet: folder not found: /no/such/unet"),
+                                           ("--pretrained_model", "--pretrained_model: folder not found: /no/such/unet")])
+def test_messages_name_the_flag_the_user_typed(tmp_path, toy_meta, tiny_model_dir, flag, message):
+    """Not an internal alias (--pretrained_unet, --pretrained_model_name_or_path)."""
+    import json
+
+    import inference_RORem
+
+    root = os.path.dirname(toy_meta)
+    e = json.load(open(toy_meta))[0]
+    argv = ["--pretrained_model", tiny_model_dir, "--image_path", os.path.join(root, e["source"]), "--mask_path",
+            os.path.join(root, e["mask"]), "--save_path", str(tmp_path / "o.png"), flag, "/no/such/unet"]
+    with pytest.raises(UserError, match=message):
+        inference_RORem.main(argv)

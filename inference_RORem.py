@@ -21,8 +21,8 @@ import os
 
 from tqdm.auto import tqdm
 
-from myutils.args import NONNEGATIVE, POSITIVE
 from myutils import made_by
+from myutils.args import NONNEGATIVE, POSITIVE
 from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask

@@ -12,8 +12,8 @@ import argparse
 
 import torch.nn.functional as F
 
-from myutils.args import FRACTION
 from myutils import train_util as tu
+from myutils.args import FRACTION
 from myutils.errors import UserError, run_cli
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
-from myutils.args import FRACTION, POSITIVE, real
 from myutils import train_util as tu
+from myutils.args import FRACTION, POSITIVE, real
 from myutils.data import RemovalDataset, stack_samples, to_device
 from myutils.errors import run_cli
 from myutils.metrics import accuracy_at, roc_auc

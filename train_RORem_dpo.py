@@ -21,11 +21,11 @@ import contextlib
 
 import torch
 
-from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils import train_util as tu
+from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils.data import stack_samples, to_device
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
-from myutils.errors import run_cli
+from myutils.errors import UserError, run_cli
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
@@ -44,7 +44,11 @@ def parse_args(argv=None):
                    help="a discriminator folder: validation also reports the win rate of policy vs reference")
     g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64, help="held-out inputs for the win rate")
     parser.set_defaults(learning_rate=2.048e-5, validation_steps=0)
-    return tu.parse_args(parser, argv)
+    args = tu.parse_args(parser, argv)
+    if (args.beta_schedule != "constant") != (args.beta_end is not None):  # one without the other does nothing
+        raise UserError(f"--beta_schedule {args.beta_schedule} and --beta_end {args.beta_end}: a linear or cosine schedule needs "
+                        "--beta_end, and --beta_end needs one")
+    return args
 
 
 def pair_inputs(comps, batch, resolution, seed, timestep=None):

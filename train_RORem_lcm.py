@@ -24,8 +24,8 @@ import os
 
 import torch
 
-from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
 from myutils import train_util as tu
+from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
 from myutils.reward_utils import (TRAINING_FLAGS, WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights,

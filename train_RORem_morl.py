@@ -32,10 +32,10 @@ import shutil
 import numpy as np
 import torch
 
-from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE
 from myutils import morl_utils as mo
 from myutils import rl_loop
 from myutils import train_util as tu
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE
 from myutils.errors import UserError, run_cli
 from myutils.reward_utils import REWARDS
 from myutils.rl_utils import clip_advantages, group_advantages

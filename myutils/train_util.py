@@ -235,6 +235,8 @@ def make_accelerator(args, find_unused_parameters=False):
         ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
         ds["gradient_clipping"] = args.max_grad_norm
         ds["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir}: a file, not a folder")
     found = list_checkpoints(args.output_dir)
     if found and not args.resume_from_checkpoint:  # every rank sees the same folder (checked below on several machines)
         raise UserError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); a new run "

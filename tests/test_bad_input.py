@@ -238,3 +238,20 @@ def test_messages_name_the_flag_the_user_typed(tmp_path, toy_meta, tiny_model_di
             os.path.join(root, e["mask"]), "--save_path", str(tmp_path / "o.png"), flag, "/no/such/unet"]
     with pytest.raises(UserError, match=message):
         inference_RORem.main(argv)
+
+
+def test_options_that_would_do_nothing_without_their_partner(tmp_path):
+    import train_RORem
+    import train_RORem_dpo
+    from myutils import train_util as tu
+    from tests.conftest import reset_accelerate
+
+    dpo = ["--preference_data", "p.json", "--output_dir", "o"]
+    for extra in (["--beta_schedule", "linear"], ["--beta_end", "10"]):
+        with pytest.raises(UserError, match="a linear or cosine schedule needs --beta_end, and --beta_end needs one"):
+            train_RORem_dpo.parse_args(dpo + extra)
+    (tmp_path / "file").write_text("x")
+    reset_accelerate()
+    with pytest.raises(UserError, match="--output_dir .*file: a file, not a folder"):
+        tu.make_accelerator(train_RORem.parse_args(["--meta_path", "m.json", "--output_dir", str(tmp_path / "file")]))
+    reset_accelerate()

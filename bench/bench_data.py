@@ -14,7 +14,6 @@ ratio loader / consumption is printed as measured (1 worker) and for the default
 2-worker row checks for linearity). Above 1 the GPU waits on nothing; below 1 it starves.
 """
 import argparse
-import io
 import json
 import os
 import sys
@@ -82,11 +81,8 @@ def consumption(resolutions, peak_tflops, utilisation):
     (batch, full fine-tune, checkpointing) priced by the planner."""
     import plan_memory
 
-    pargs = argparse.Namespace(scripts=["train_RORem.py"], resolutions=resolutions, batch_size=None, num_gpus=8, gpu_memory_gb=80.0,
-                               peak_tflops=peak_tflops, utilisation=utilisation,
-                               unet_config=os.path.join(ROOT, "configs", "real", "sdxl_inpaint_unet.json"),
-                               vae_config=os.path.join(ROOT, "configs", "real", "sdxl_vae.json"))
-    rows, _ = plan_memory.plan(pargs)
+    rows, _ = plan_memory.plan(plan_memory.plan_args(scripts=["train_RORem.py"], resolutions=resolutions, peak_tflops=peak_tflops,
+                                                     peak_tflops_fp32=peak_tflops / 2, utilisation=utilisation))
     return {r["res"]: r["batch"] * r["steps_per_hour"] / 3600 for r in rows if r["mode"] == "full, DDP"}
 
 

@@ -355,10 +355,10 @@ def planner_rows(check, r, res):
     import plan_memory
 
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else 80.0
-    pargs = argparse.Namespace(scripts=[n for n in plan_memory.SCRIPTS if not plan_memory.SCRIPTS[n].get("flux")], resolutions=res,
-                               batch_size=None, num_gpus=1, gpu_memory_gb=total, peak_tflops=check.args.peak_tflops,
-                               peak_tflops_fp32=check.args.peak_tflops / 2, utilisation=0.4, unet_config=r["unet_cfg"],
-                               vae_config=r["vae_cfg"])  # TF32 runs at half the bf16 rate
+    pargs = plan_memory.plan_args(scripts=[n for n in plan_memory.SCRIPTS if not plan_memory.SCRIPTS[n].get("flux")], resolutions=res,
+                                  num_gpus=1, gpu_memory_gb=total, peak_tflops=check.args.peak_tflops,
+                                  peak_tflops_fp32=check.args.peak_tflops / 2, unet_config=r["unet_cfg"],
+                                  vae_config=r["vae_cfg"])  # TF32 runs at half the bf16 rate
     rows, _ = plan_memory.plan(pargs)
     out = {}
     for row in rows:

@@ -200,7 +200,18 @@ def table(rows, args, counts):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def plan_args(**overrides):
+    """This script's defaults with some replaced: how other tools (bench/bench_data.py,
+    scripts/gpu_check.py) call plan()."""
+    args = build_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"plan_memory has no argument {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scripts", nargs="+", default=list(SCRIPTS), choices=list(SCRIPTS))
     p.add_argument("--resolutions", type=integer(64), nargs="+", default=[512, 1024])
@@ -217,7 +228,11 @@ def main(argv=None):
     p.add_argument("--vae_config", default=os.path.join(ROOT, "configs", "real", "sdxl_vae.json"))
     p.add_argument("--flux_config", default=os.path.join(ROOT, "configs", "real", "flux_fill_transformer.json"))
     p.add_argument("--flux_vae_config", default=os.path.join(ROOT, "configs", "real", "flux_vae.json"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if any(r % 64 for r in args.resolutions):
         raise UserError(f"--resolutions {args.resolutions}: each must be a multiple of 64")
     for flag in ("unet_config", "vae_config", "flux_config", "flux_vae_config"):

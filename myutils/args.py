@@ -15,34 +15,26 @@ def _number(kind, text):
     return value
 
 
+def _bounded(kind, name, minimum=None, maximum=None, above=None, below=None):
+    def parse(text):
+        value = _number(kind, text)
+        for bound, holds, words in ((minimum, lambda b: value >= b, "at least"), (maximum, lambda b: value <= b, "at most"),
+                                    (above, lambda b: value > b, "above"), (below, lambda b: value < b, "below")):
+            if bound is not None and not holds(bound):
+                raise argparse.ArgumentTypeError(f"must be {words} {bound:g}, got {value:g}")
+        return value
+    parse.__name__ = name  # argparse names the type in its own messages
+    return parse
+
+
 def integer(minimum=None, maximum=None):
     """An int in [minimum, maximum] (either bound optional)."""
-    def parse(text):
-        value = _number(int, text)
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
+    return _bounded(int, "integer", minimum, maximum)
 
 
 def real(minimum=None, maximum=None, above=None, below=None):
     """A finite float in [minimum, maximum], or strictly above / below a bound."""
-    def parse(text):
-        value = _number(float, text)
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {value:g}")
-        if above is not None and not value > above:
-            raise argparse.ArgumentTypeError(f"must be above {above:g}, got {value:g}")
-        if below is not None and not value < below:
-            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {value:g}")
-        return value
-    parse.__name__ = "number"
-    return parse
+    return _bounded(float, "number", minimum, maximum, above, below)
 
 
 POSITIVE = integer(1)        # sizes, counts, steps

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from myutils import eval_models as em
 from myutils import made_by
-from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SCORE, SEED, integer, real
 from myutils.data import check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N entries")
     p.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
-    p.add_argument("--success_threshold", type=FRACTION, default=0.5)
+    p.add_argument("--success_threshold", type=SCORE, default=0.5)
     p.add_argument("--inception_weights", default=None, help=f"pytorch-fid's {em.INCEPTION_FILE} (FID)")
     p.add_argument("--fid_dims", type=int, choices=[64, 192, 768, 2048], default=2048,
                    help="Inception features for FID (2048: the standard; smaller ones are not comparable with published FIDs)")

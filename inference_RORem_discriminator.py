@@ -17,7 +17,7 @@ import csv
 import json
 import os
 
-from myutils.args import FRACTION, POSITIVE, integer
+from myutils.args import POSITIVE, SCORE, integer
 from myutils.data import Entry, check_entries, read_meta
 from myutils.errors import UserError, run_cli
 from myutils.metrics import accuracy_at, roc_auc
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--output_path", default="scores.json", help="batch mode: .json or .csv")
     p.add_argument("--scored_meta_path", default=None, help="batch mode: write the entries with discriminator scores")
     p.add_argument("--raw_scores", action="store_true", help="scored meta gets clamp(score, 0, 1) instead of the 0/1 verdict")
-    p.add_argument("--threshold", type=FRACTION, default=0.5)
+    p.add_argument("--threshold", type=SCORE, default=0.5)
     p.add_argument("--conditioning", choices=["auto", "rorem", "per_sample"], default="auto",
                    help="auto: what the discriminator was trained with (RORem's release: fixed time ids (512, 512, 0, 0, 512, 512) "
                         "and add_noise at t = 0; ours: each image's own size and crop)")

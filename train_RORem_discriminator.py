@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 from myutils import train_util as tu
-from myutils.args import FRACTION, POSITIVE, real
+from myutils.args import POSITIVE, SCORE, real
 from myutils.data import RemovalDataset, stack_samples, to_device
 from myutils.errors import run_cli
 from myutils.metrics import accuracy_at, roc_auc
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     g.add_argument("--loss", choices=["mse", "bce"], default="mse", help="mse on softplus scores (RORem) or bce on logits")
     g.add_argument("--val_meta_path", nargs="+", default=None, help="held-out scored entries")
     g.add_argument("--val_fraction", type=real(minimum=0, below=1), default=0.1, help="without --val_meta_path: share of sources held out")
-    g.add_argument("--threshold", type=FRACTION, default=0.5, help="score threshold for the accuracy")
+    g.add_argument("--threshold", type=SCORE, default=0.5, help="score threshold for the accuracy")
     args = tu.parse_args(parser, argv)
     return args
 

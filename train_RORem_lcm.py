@@ -25,7 +25,7 @@ import os
 import torch
 
 from myutils import train_util as tu
-from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
+from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SCORE, real
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
 from myutils.reward_utils import (TRAINING_FLAGS, WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights,
@@ -63,7 +63,7 @@ def add_lcm_args(parser):
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
     g.add_argument("--reward_source", choices=["data", "teacher", "student"], default="data")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="softmax")
-    g.add_argument("--reward_threshold", type=FRACTION, default=0.5, help="filter: keep scores >= threshold")
+    g.add_argument("--reward_threshold", type=SCORE, default=0.5, help="filter: keep scores >= threshold")
     g.add_argument("--reward_temperature", type=POSITIVE_REAL, default=0.5, help="softmax: weights softmax(score / temperature)")
     g.add_argument("--reward_reference", default=None, help="percentile: reference scores (reward_utils.save_reference)")
     g.add_argument("--curriculum", choices=["none", "threshold", "temperature"], default="none",

@@ -40,7 +40,8 @@ def real(minimum=None, maximum=None, above=None, below=None):
 POSITIVE = integer(1)        # sizes, counts, steps
 NONNEGATIVE = integer(0)     # "0 = off" intervals, offsets
 SEED = integer(0)
-FRACTION = real(0, 1)        # probabilities, thresholds on [0, 1] scores, shares
+FRACTION = real(0, 1)        # decays, shares
+SCORE = real()               # thresholds on discriminator scores (RORem's softplus head is not bounded by 1)
 POSITIVE_REAL = real(above=0)
 NONNEGATIVE_REAL = real(minimum=0)
 ANY_REAL = real()

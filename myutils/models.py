@@ -109,12 +109,6 @@ def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
     and files that mix both. RORem's 4-step LCM LoRA is such a file (diffusers 0.30 renamed only the
     attention keys), and today's diffusers converts a file only when its FIRST key lacks lora_A, so it
     silently drops every attention LoRA of it; here each key is converted on its own."""
-    from .reward_utils import HEAD_FILE
-
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(os.path.join(folder, HEAD_FILE)):
-        raise UserError(f"{flag} {path}: a discriminator (its folder holds {HEAD_FILE}), not a remover LoRA; a discriminator "
-                        "goes to --RORem_discriminator / --discriminator_path")
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if pipeline_cls is None:
@@ -140,6 +134,12 @@ def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
     weights landed; returns the adapter's name. diffusers only warns about keys it could not place."""
     from peft.utils import get_peft_model_state_dict
 
+    from .reward_utils import HEAD_FILE
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, HEAD_FILE)):  # its LoRA would load onto the UNet with a warning at most
+        raise UserError(f"{flag} {path}: a discriminator (its folder holds {HEAD_FILE}), not a remover LoRA; a discriminator "
+                        "goes to --RORem_discriminator / --discriminator_path")
     state, metadata = read_lora(path, flag)
     before = set(getattr(pipe.unet, "peft_config", {}) or {})
     pipe.load_lora_into_unet({f"unet.{k}": v for k, v in state.items()}, network_alphas=None, unet=pipe.unet, metadata=metadata,

@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from tqdm.auto import tqdm  # noqa: E402
 
 from myutils import made_by  # noqa: E402
-from myutils.args import FRACTION, NONNEGATIVE_REAL, POSITIVE, integer, real  # noqa: E402
+from myutils.args import NONNEGATIVE_REAL, POSITIVE, SCORE, integer, real  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
 from myutils.errors import UserError, run_cli  # noqa: E402
 from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     g.add_argument("--guidance_scales", type=NONNEGATIVE_REAL, nargs="+", default=None, help="several: candidates split among them")
     g.add_argument("--steps_options", type=POSITIVE, nargs="+", default=None, help="several step counts: candidates split among them")
     g.add_argument("--min_margin", type=real(), default=0.1, help="pair best with worst only if their scores differ by more")
-    g.add_argument("--threshold", type=FRACTION, default=0.5, help="discriminator verdict for candidates.json")
+    g.add_argument("--threshold", type=SCORE, default=0.5, help="discriminator verdict for candidates.json")
     add_remover_args(p)
     args = p.parse_args(argv)
     if not (args.scored_meta_path or args.meta_path):

@@ -19,13 +19,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from myutils.args import FRACTION, POSITIVE_REAL  # noqa: E402
+from myutils.args import POSITIVE_REAL, SCORE  # noqa: E402
 from myutils.sweep import fmt, interval, parse_sweep_args, run_all, sweep_parser, write_tables  # noqa: E402
 
 
 def parse_args(argv=None):
     p = sweep_parser(__doc__.split("\n")[0])
-    p.add_argument("--thresholds", type=FRACTION, nargs="*", default=[0.3, 0.5, 0.7])
+    p.add_argument("--thresholds", type=SCORE, nargs="*", default=[0.3, 0.5, 0.7])
     p.add_argument("--temperatures", type=POSITIVE_REAL, nargs="*", default=[0.1, 0.5, 1.0])
     return parse_sweep_args(p, argv)
 

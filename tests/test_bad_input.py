@@ -47,11 +47,11 @@ CASES = [
     ("inference_RORem", [], "--resolution", "0", "--resolution: must be at least 8, got 0"),
     ("inference_RORem", [], "--dilate_size", "-3", "--dilate_size: must be at least 0, got -3"),
     ("inference_RORem", [], "--guidance_scale", "nan", "--guidance_scale: expected a finite number, got 'nan'"),
-    ("inference_RORem_discriminator", ["--RORem_discriminator", "d"], "--threshold", "2", "--threshold: must be at most 1, got 2"),
+    ("inference_RORem_discriminator", ["--RORem_discriminator", "d"], "--threshold", "nan", "--threshold: expected a finite number"),
     ("build_preference_pairs", ["--output_dir", "o"], "--num_candidates", "1", "--num_candidates: must be at least 2, got 1"),
     ("build_preference_pairs", ["--output_dir", "o"], "--min_margin", "nan", "--min_margin: expected a finite number, got 'nan'"),
     ("sweep_dpo", [], "--betas", "0", "--betas: must be above 0, got 0"),
-    ("sweep_lcm", [], "--thresholds", "1.5", "--thresholds: must be at most 1, got 1.5"),
+    ("sweep_lcm", [], "--thresholds", "inf", "--thresholds: expected a finite number, got 'inf'"),
 ]
 
 
@@ -216,12 +216,16 @@ def test_a_damaged_checkpoint_is_refused_by_name(finished_run, tmp_path, tiny_mo
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
 
 
-def test_a_discriminator_is_not_taken_for_a_remover_lora(disc_dir):
-    from myutils.models import read_lora
+def test_a_discriminator_is_not_taken_for_a_remover_lora(disc_dir, tiny_model_dir):
+    """Refused where a remover LoRA is loaded; the discriminator itself still loads its own LoRA."""
+    from myutils.models import load_inpaint_pipeline, load_lora_into_pipeline
+    from myutils.reward_utils import load_reward_model
 
+    pipe = load_inpaint_pipeline(tiny_model_dir)
     for path in (disc_dir, os.path.join(disc_dir, "pytorch_lora_weights.safetensors")):
         with pytest.raises(UserError, match=r"--RORem_LoRA .*: a discriminator \(its folder holds cls_pred_branch.pt\), not a remover"):
-            read_lora(path)
+            load_lora_into_pipeline(pipe, path)
+    assert load_reward_model(tiny_model_dir, disc_dir, 32) is not None
 
 
 @pytest.mark.parametrize("flag, message", [("--RORem_unet", "--RORem_unet: folder not found: /no/such/unet"),

@@ -278,7 +278,7 @@ def test_rorem_validation_data_folder_layout(tmp_path, tiny_model_dir):
         m.save(folder / f"mask_{name}.png")
     inference_RORem.main(["--pretrained_model", tiny_model_dir, "--image_path", str(folder), "--save_path", str(tmp_path / "out"),
                           "--resolution", "32", "--inference_steps", "2"])
-    assert sorted(os.listdir(tmp_path / "out")) == ["1.png", "2.png", "meta.json"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["1.png", "2.png", "made_by.json", "meta.json"]
     meta = json.load(open(tmp_path / "out" / "meta.json"))
     assert [os.path.basename(e["mask"]) for e in meta] == ["mask_1.png", "mask_2.png"]
     src, out = (np.asarray(Image.open(p), float) for p in (folder / "1.jpg", tmp_path / "out" / "1.png"))

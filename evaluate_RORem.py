@@ -43,7 +43,7 @@ from myutils import eval_models as em
 from myutils import made_by
 from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SCORE, SEED, integer, real
 from myutils.data import check_entries, read_meta
-from myutils.errors import UserError, run_cli
+from myutils.errors import UserError, output_folder, run_cli
 from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
 from myutils.metrics import frechet_distance, masked_means, masked_mse, masked_psnr, win_rate
 from myutils.models import DEFAULT_MODEL, resolve_device_dtype
@@ -332,7 +332,7 @@ def main(argv=None):
     if any(s["kind"] in ("base", "unet", "lora", "lcm") for s in args.systems):
         from myutils.models import check_model_path
         check_model_path(args.pretrained_model, "--pretrained_model")
-    os.makedirs(args.output_dir, exist_ok=True)
+    output_folder(args.output_dir, "--output_dir")
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     speed = {s["name"]: generate(args, s, entries, device, dtype) for s in args.systems if s["kind"] != "results"}
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from myutils import made_by
 from myutils.args import NONNEGATIVE, POSITIVE
 from myutils.data import Entry, check_entries, read_meta
-from myutils.errors import UserError, run_cli
+from myutils.errors import UserError, output_folder, run_cli
 from myutils.img_util import dilate_mask, load_image, load_mask
 from myutils.models import resolve_device_dtype
 from pipelines.inpaint import add_remover_args, check_remover_args, count_unet_calls, load_remover, remove_objects
@@ -138,7 +138,7 @@ def main(argv=None, four_step=False):
         made = {} if args.overwrite else made_by.read(args.save_path)
     todo = [(i, j) for i, j in enumerate(jobs) if args.overwrite or not (batch_mode and os.path.exists(j[2]))]
     if batch_mode:
-        os.makedirs(args.save_path, exist_ok=True)
+        output_folder(args.save_path, "--save_path")
         print(f"{len(jobs)} inputs, {len(jobs) - len(todo)} already done in {args.save_path}")
     pipe, cond, uncond = load_remover(args, device, dtype) if todo else (None, None, None)
     calls = count_unet_calls(pipe) if todo else [0]

@@ -1,4 +1,5 @@
 """User mistakes end a script with a one-line message and a non-zero exit, never a traceback."""
+import os
 import sys
 
 
@@ -23,3 +24,17 @@ def user_message(e):
     if "Original Traceback" in text:
         text = text.rstrip().rsplit("UserError: ", 1)[-1]
     return text
+
+
+def output_folder(path, flag):
+    """Create an output folder (and its parents), or say in one line why it cannot be: a file in
+    the way, no permission, a read-only filesystem."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror or e.__class__.__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in it")
+    return path

@@ -20,7 +20,7 @@ import yaml
 
 from .args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SEED, integer, real
 from .data import EpochSampler, RemovalDataset, entry_digests, fingerprint, raise_problems, read_meta, scan_entries, to_device
-from .errors import UserError
+from .errors import UserError, output_folder
 from .models import DEFAULT_MODEL, DTYPES, load_inpaint_pipeline, load_unet, read_lora
 from .sdxl_inpaint import encode_prompt_once, encode_prompt_pair
 
@@ -235,15 +235,12 @@ def make_accelerator(args, find_unused_parameters=False):
         ds["gradient_accumulation_steps"] = args.gradient_accumulation_steps
         ds["gradient_clipping"] = args.max_grad_norm
         ds["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise UserError(f"--output_dir {args.output_dir}: a file, not a folder")
+    output_folder(args.output_dir, "--output_dir")  # on every rank, so a folder that cannot be made stops them all
     found = list_checkpoints(args.output_dir)
     if found and not args.resume_from_checkpoint:  # every rank sees the same folder (checked below on several machines)
         raise UserError(f"--output_dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found[-3:])}); a new run "
                         "there would overwrite some and mix with the rest: continue it with --resume_from_checkpoint latest, "
                         "or choose another --output_dir")
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     shared = [args.output_dir] + ([args.latent_cache_dir] if getattr(args, "cache_latents", False) and args.latent_cache_dir else [])
     check_shared_dirs(accelerator, shared)
     if args.allow_tf32 and torch.cuda.is_available():

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from myutils import made_by  # noqa: E402
 from myutils.args import NONNEGATIVE_REAL, POSITIVE, SCORE, integer, real  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
-from myutils.errors import UserError, run_cli  # noqa: E402
+from myutils.errors import UserError, output_folder, run_cli  # noqa: E402
 from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
 from myutils.models import resolve_device_dtype  # noqa: E402
 from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects  # noqa: E402
@@ -170,7 +170,7 @@ def generate_candidates(args, entries, chosen, records_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.output_dir, exist_ok=True)
+    output_folder(args.output_dir, "--output_dir")
     pairs, report = [], {}
     if args.scored_meta_path:
         natural = os.path.join(args.output_dir, "natural_pairs.json")

@@ -259,3 +259,18 @@ def test_options_that_would_do_nothing_without_their_partner(tmp_path):
     with pytest.raises(UserError, match="--output_dir .*file: a file, not a folder"):
         tu.make_accelerator(train_RORem.parse_args(["--meta_path", "m.json", "--output_dir", str(tmp_path / "file")]))
     reset_accelerate()
+
+
+def test_output_folders_that_cannot_be_made_are_named_before_any_work(tmp_path, toy_meta):
+    import evaluate_RORem
+    import inference_RORem
+    from myutils.errors import output_folder
+
+    (tmp_path / "file").write_text("x")
+    for path, message in ((tmp_path / "file", "a file, not a folder"), (tmp_path / "file" / "sub", "cannot create the folder")):
+        with pytest.raises(UserError, match=f"--x {path}: {message}"):
+            output_folder(str(path), "--x")
+    with pytest.raises(UserError, match="--output_dir .*file: a file, not a folder"):
+        evaluate_RORem.main(["--meta_path", toy_meta, "--output_dir", str(tmp_path / "file"), "--system", "b=base"])
+    with pytest.raises(UserError, match="--save_path .*file: a file, but batch modes write a folder"):
+        inference_RORem.main(["--meta_path", toy_meta, "--save_path", str(tmp_path / "file")])

@@ -98,28 +98,25 @@ def peak_bytes(state, step_peak, trainable, precision="fp16", mode="full", zero2
     """Predicted peak bytes per GPU of a training step: {"persistent", "transient", "peak"}.
 
     state: training_state_bytes(); step_peak: what forward + backward allocate on top (measure_unet's
-    step_peak_bytes, for the batch: batch_bytes); trainable: trained element count. Persistent:
-    weights, optimizer states, the gradients (DDP's buckets, which the scripts use as the gradients;
-    ZeRO-2's partition and its reduce bucket), EMA weights (fp32). Transient, the larger of the step
-    (+ autocast's compute-dtype copies of fp32 weights, kept for backward, in a full fine-tune under
-    mixed precision), AdamW's foreach update (one fp32 temporary per updated element) and
+    step_peak_bytes, measured at the batch); trainable: trained element count. Persistent:
+    weights, optimizer states, the gradients in DDP's buckets (which the scripts use as the gradients)
+    or ZeRO-2's reduce bucket, EMA weights (fp32). Transient, the largest of the step (+ autocast's
+    compute-dtype copies of fp32 weights, kept for backward, in a full fine-tune under mixed
+    precision), AdamW's foreach update (one fp32 temporary per updated element, + ZeRO-2's gradient
+    partition, which lives from backward to the step) and
     other_transient: what runs outside the step (the VAE encoding a chunk; RL sampling and
     evaluation forwards)."""
     compute = DTYPE_BYTES[precision]
-    persistent = state["weights"] + state["optimizer"] + state["gradients"] + (trainable * 4 if ema else 0)
-    if zero2:
+    persistent = state["weights"] + state["optimizer"] + (trainable * 4 if ema else 0)
+    if zero2:  # the reduce bucket stays; the gradient partition fills during backward and is freed by the step
         persistent += min(reduce_bucket_elements, trainable) * compute
+        update = state["gradients"] + trainable * 4 / num_gpus
+    else:  # DDP's buckets hold the gradients all the time
+        persistent += state["gradients"]
+        update = trainable * 4
     copies = trainable * compute if mode == "full" and not zero2 and precision != "fp32" else 0
-    transient = max(step_peak + copies, trainable * 4 / (num_gpus if zero2 else 1), other_transient)
+    transient = max(step_peak + copies, update, other_transient)
     return {"persistent": persistent, "transient": transient, "peak": persistent + transient}
-
-
-def batch_bytes(one, two, batch):
-    """Bytes at a batch size from measurements at batch 1 and 2: what grows per sample, plus what does
-    not; measuring at batch 1 and multiplying would count a batch-independent part (such as weights
-    saved for backward) once per sample."""
-    per_sample = two - one
-    return max(0, one - per_sample) + batch * per_sample
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -66,7 +66,7 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--num_train_epochs", type=POSITIVE, default=1, help="used when --max_train_steps is not given")
     g.add_argument("--gradient_accumulation_steps", type=POSITIVE, default=1)
     g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--learning_rate", type=POSITIVE_REAL, default=5e-5)
+    g.add_argument("--learning_rate", type=NONNEGATIVE_REAL, default=5e-5)
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False, help="multiply lr by batch size, accumulation and processes")
     g.add_argument("--lr_scheduler", default="constant",
                    help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")

@@ -20,7 +20,7 @@ CASES = [
     ("train_RORem", TRAIN, "--max_train_steps", "0", "--max_train_steps: must be at least 1, got 0"),
     ("train_RORem", TRAIN, "--train_batch_size", "-2", "--train_batch_size: must be at least 1, got -2"),
     ("train_RORem", TRAIN, "--learning_rate", "nan", "--learning_rate: expected a finite number, got 'nan'"),
-    ("train_RORem", TRAIN, "--learning_rate", "0", "--learning_rate: must be above 0, got 0"),
+    ("train_RORem", TRAIN, "--learning_rate", "-1", "--learning_rate: must be at least 0, got -1"),
     ("train_RORem", TRAIN, "--adam_beta2", "1", "--adam_beta2: must be below 1, got 1"),
     ("train_RORem", TRAIN, "--ema_decay", "1.5", "--ema_decay: must be at most 1, got 1.5"),
     ("train_RORem", TRAIN, "--checkpoints_total_limit", "0", "--checkpoints_total_limit: must be at least 1, got 0"),

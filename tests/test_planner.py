@@ -154,12 +154,13 @@ def test_predicted_peak_is_within_10_percent_of_a_measured_step(tiny_model_dir, 
 
 
 def test_peak_terms_by_hand():
-    """persistent = weights + optimizer + gradients (+ EMA fp32, + ZeRO's reduce bucket); transient =
-    max(step + autocast copies of a full fine-tune, AdamW's fp32 temporaries / shards)."""
+    """persistent = weights + optimizer + DDP's gradient buckets (+ EMA fp32; ZeRO: its reduce bucket);
+    transient = max(step + autocast copies of a full fine-tune, AdamW's fp32 temporaries / shards, + ZeRO's
+    gradient partition)."""
     state = {"weights": 400, "gradients": 400, "optimizer": 800}
     p = pl.peak_bytes(state, 1000, 100, "fp16", "full")
     assert p == {"persistent": 1600, "transient": 1000 + 200, "peak": 2800}
     assert pl.peak_bytes(state, 10, 100, "fp32", "full", ema=True)["peak"] == 1600 + 400 + 400  # AdamW temporaries win
     z = pl.peak_bytes(state, 10, 100, "bf16", "full", zero2=True, num_gpus=4, reduce_bucket_elements=30)
-    assert z == {"persistent": 1600 + 60, "transient": 100, "peak": 1760}
+    assert z == {"persistent": 400 + 800 + 60, "transient": 400 + 100, "peak": 1760}  # the gradient partition lives for the update
     assert pl.peak_bytes(state, 10, 100, "fp16", "lora")["transient"] == 400

@@ -37,6 +37,8 @@ LOG_DIR = [None]
 
 
 def run(args):
+    if os.path.basename(args[0]).startswith("train_RORem") and "--resume_from_checkpoint" not in args:
+        args = [*args, "--resume_from_checkpoint", "latest"]  # a stage cut short continues exactly (a new run there is refused)
     log = getattr(LANE, "log", None)
     if log is None:
         print("+ " + " ".join(args), flush=True)

@@ -40,3 +40,18 @@ def test_demo_report_reads_a_win_rate_in_either_orientation():
     assert np.allclose(demo.win_of(evaluation, "B", "A"), (q, qlow, qhigh))
     with pytest.raises(KeyError, match="A against C"):
         demo.win_of(evaluation, "A", "C")
+
+
+def test_training_stages_resume_what_an_interrupted_demo_left(monkeypatch):
+    """A training stage cut short has checkpoints but no final output; rerun, it continues (a new run
+    into a folder with checkpoints is refused), other tools run as given."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "scripts", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    demo.run(["train_RORem.py", "--output_dir", "x"])
+    demo.run(["evaluate_RORem.py", "--output_dir", "y"])
+    assert calls[0][-2:] == ["--resume_from_checkpoint", "latest"] and "--resume_from_checkpoint" not in calls[1]

@@ -264,8 +264,15 @@ def calibrate_vae_scaling(vae, seed=0, num=64):
     size = vae.config.sample_size
     images = torch.stack([torch.from_numpy(toy_sample(rng, size)[0]).permute(2, 0, 1) for _ in range(num)]).float() / 127.5 - 1
     with torch.no_grad():
-        std = vae.encode(images).latent_dist.mean.std()
-    vae.register_to_config(scaling_factor=float(1.0 / std))
+        set_latent_statistics(vae, vae.encode(images).latent_dist.mean)
+
+
+def set_latent_statistics(vae, means):
+    """scaling_factor = 1 / std of the latents; a VAE with a shift (FLUX's convention) also gets
+    shift_factor = their mean, so (z - shift) * scale has zero mean and unit variance."""
+    if vae.config.get("shift_factor") is not None:
+        vae.register_to_config(shift_factor=float(means.mean()))
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
 
 
 def load_toy_images(meta_path, keys=("source", "GT")):
@@ -307,7 +314,7 @@ def train_toy_vae(vae, images, steps=1200, batch_size=32, lr=2e-3, seed=0, held_
     with torch.no_grad():
         means = torch.cat([vae.encode(train[i:i + 256]).latent_dist.mean for i in range(0, len(train), 256)])
         rec = vae.decode(vae.encode(test).latent_dist.mean).sample.clamp(-1, 1)
-    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    set_latent_statistics(vae, means)
     mse = float(((rec - test) / 2).pow(2).mean())  # in [0, 1] units
     return 10 * np.log10(1.0 / mse), time.time() - start
 
@@ -349,7 +356,7 @@ def tiny_flux_fill_pipeline(image_size=64, seed=0, tmp_dir=None):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 32), layers_per_block=1,
                         latent_channels=16, norm_num_groups=8, mid_block_add_attention=False, sample_size=image_size,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0)
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))

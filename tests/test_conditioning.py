@@ -1,6 +1,7 @@
 """SDXL-inpainting conditioning: channel order, masked-image rule, nearest mask, time ids, and the
 whole input checked against what diffusers' own inpainting pipeline feeds its UNet."""
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -73,20 +74,36 @@ def test_unet_input_matches_the_pipeline(tiny_model_dir):
 
 
 def test_prompt_condition_batches():
+    """One prompt for a batch whose samples differ in size and crop: every row its own time ids."""
     cond = PromptCondition(torch.randn(1, 77, 8), torch.randn(1, 4))
-    kw = cond.unet_kwargs(torch.tensor([[40, 50], [32, 32], [64, 64]]), torch.zeros(3, 2), (32, 32))
-    assert kw["encoder_hidden_states"].shape == (3, 77, 8) and kw["added_cond_kwargs"]["time_ids"].shape == (3, 6)
+    kw = cond.unet_kwargs(torch.tensor([[40, 50], [32, 32], [64, 64]]), torch.tensor([[3, 0], [0, 0], [0, 7]]), (32, 32))
+    assert kw["added_cond_kwargs"]["time_ids"].tolist() == [[40, 50, 3, 0, 32, 32], [32, 32, 0, 0, 32, 32],
+                                                            [64, 64, 0, 7, 32, 32]]
+    assert kw["encoder_hidden_states"].shape == (3, 77, 8)
+    assert all(torch.equal(kw["encoder_hidden_states"][i], cond.prompt_embeds[0]) for i in range(3))
+    assert all(torch.equal(kw["added_cond_kwargs"]["text_embeds"][i], cond.pooled_prompt_embeds[0]) for i in range(3))
+    aesthetic = PromptCondition(torch.randn(1, 77, 8), torch.randn(1, 4), requires_aesthetics_score=True, aesthetic_score=6.5)
+    assert aesthetic.unet_kwargs(torch.tensor([[40, 50]]), torch.tensor([[1, 2]]), (32, 32))["added_cond_kwargs"][
+        "time_ids"].tolist() == [[40, 50, 1, 2, 6.5]]
 
 
-def test_latent_sampling_scales_and_shifts(tiny_model_dir):
+@pytest.mark.parametrize("shift", [0.0, 0.1159])  # SDXL's VAE has no shift; FLUX's has 0.1159
+def test_latents_are_shifted_then_scaled_and_decoded_back(tiny_model_dir, shift):
     from diffusers import AutoencoderKL
 
+    from myutils.sdxl_inpaint import decode_latents, posterior_mean_latents
+
     vae = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
-    params = vae_latent_params(vae, torch.zeros(2, 3, 32, 32))
+    vae.register_to_config(shift_factor=shift, scaling_factor=0.7)
+    params = vae_latent_params(vae, torch.rand(2, 3, 32, 32) * 2 - 1)
     mean, logvar = params.chunk(2, dim=1)
-    params_det = torch.cat([mean, torch.full_like(logvar, -30.0)], 1)  # std ~ 0: only the scaling is left
+    params_det = torch.cat([mean, torch.full_like(logvar, -30.0)], 1)  # std ~ 0: only shift and scaling are left
     z = sample_latents(params_det, vae.config)
-    assert torch.allclose(z, mean * vae.config.scaling_factor, atol=1e-5)
+    assert torch.allclose(z, (mean - shift) * 0.7, atol=1e-5)
+    assert torch.allclose(posterior_mean_latents(params, vae.config), (mean - shift) * 0.7, atol=1e-6)
+    with torch.no_grad():  # decoding undoes both: the VAE sees the unscaled, unshifted latents
+        want = vae.decode(mean).sample.clamp(-1, 1)
+    assert torch.allclose(decode_latents(vae, z), want, atol=1e-5)
 
 
 def test_vae_encodes_in_bounded_chunks_with_the_same_latents(tiny_model_dir):

@@ -124,7 +124,11 @@ def test_same_crop_and_flip_for_every_image(tmp_path):
         offsets.add(tuple(item["crop_top_left"].tolist()))
         flips.add(ds.crop_for(epoch, 0, (56, 40))["flip"])
     assert flips == {True, False} and len(offsets) > 1
-    assert torch.equal(ds[(3, 0)]["source"], ds[(3, 0)]["source"])  # a function of (seed, epoch, index)
+    # a function of (seed, epoch, index) alone: a fresh dataset asked for epoch 3 first gives the same crop
+    fresh = RemovalDataset(read_meta(meta, "triplet"), "triplet", resolution=32, center_crop=False, random_flip=True, seed=1)
+    assert torch.equal(fresh[(3, 0)]["source"], ds[(3, 0)]["source"])
+    other = RemovalDataset(read_meta(meta, "triplet"), "triplet", resolution=32, center_crop=False, random_flip=True, seed=2)
+    assert [other.crop_for(e, 0, (56, 40)) for e in range(8)] != [ds.crop_for(e, 0, (56, 40)) for e in range(8)]
 
 
 def test_sampler_shards_global_batches_and_skips():

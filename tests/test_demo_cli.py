@@ -34,12 +34,14 @@ def test_demo_report_reads_a_win_rate_in_either_orientation():
     a, b = rng.random(40), rng.random(40)
     b[:5] = a[:5]  # some ties
     p, (low, high) = win_rate(a, b)
-    evaluation = {"win_rates": [{"a": "A", "b": "B", "win_rate": p, "low": low, "high": high}]}
-    assert demo.win_of(evaluation, "A", "B") == (p, low, high)
-    q, (qlow, qhigh) = win_rate(b, a)
+    evaluation = {"win_rates": [{"a": "A", "b": "C", "win_rate": 0.1, "low": 0.0, "high": 0.2},
+                                {"a": "A", "b": "B", "win_rate": p, "low": low, "high": high}]}
+    assert demo.win_of(evaluation, "A", "B") == (p, low, high)  # the row of that pair, not the first
+    q, (qlow, qhigh) = win_rate(b, a)  # computed the other way round from the scores themselves
+    assert (q, qlow, qhigh) != (p, low, high)
     assert np.allclose(demo.win_of(evaluation, "B", "A"), (q, qlow, qhigh))
-    with pytest.raises(KeyError, match="A against C"):
-        demo.win_of(evaluation, "A", "C")
+    with pytest.raises(KeyError, match="B against C"):
+        demo.win_of(evaluation, "B", "C")
 
 
 def test_training_stages_resume_what_an_interrupted_demo_left(monkeypatch):

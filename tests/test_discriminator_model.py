@@ -39,9 +39,17 @@ def test_scores_shape_nonnegative_at_two_resolutions(tiny_model_dir):
     assert disc.logits(torch.randn(1, 64, 32, 32)).shape == (1,)  # ... so the head pools to one value
 
 
-def test_sigmoid_head_in_unit_interval(tiny_model_dir):
+def test_score_is_the_head_activation_of_the_logit(tiny_model_dir):
+    """softplus (RORem's, >= 0, unbounded above) and sigmoid heads apply their formula to the same logit:
+    checked by hand-written formulas on the logits."""
+    import math
+
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    disc = UNetSDXLDiscriminator.from_unet(unet, head_activation="sigmoid")
-    with torch.no_grad():
-        s = disc(*_inputs(2, 16))
-    assert ((s > 0) & (s < 1)).all()
+    inputs = _inputs(4, 16)
+    for activation, formula in (("softplus", lambda z: math.log1p(math.exp(z))), ("sigmoid", lambda z: 1 / (1 + math.exp(-z)))):
+        disc = UNetSDXLDiscriminator.from_unet(unet, head_activation=activation)
+        with torch.no_grad():
+            logits = disc(*inputs, return_logits=True)
+            scores = disc(*inputs)
+        assert logits.std() > 0
+        assert torch.allclose(scores, torch.tensor([formula(z) for z in logits.tolist()]), atol=1e-6)

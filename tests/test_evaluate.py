@@ -35,9 +35,9 @@ def test_masked_psnr_and_means_by_hand():
     assert masked_psnr(result, gt, mask) == pytest.approx(10 * np.log10(1 / (25 / 255) ** 2), rel=1e-6)
     assert masked_psnr(gt, gt, mask) == float("inf")
     values = torch.arange(4.0).view(1, 1, 2, 2)
-    m = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    m = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])  # the top row is the hole
     inside, outside = masked_means(values, m)
-    assert inside.item() == pytest.approx(1.5) and outside.item() == pytest.approx(1.5)
+    assert inside.item() == pytest.approx(0.5) and outside.item() == pytest.approx(2.5)
 
 
 def test_lpips_of_identical_images_is_zero_and_win_rate_of_identical_systems_is_half():

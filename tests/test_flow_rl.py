@@ -78,9 +78,14 @@ def test_ode_sampler_equals_the_fill_pipeline(flow, tiny_flux_dir):
             self.latent_dist.sample = lambda generator=None: out.latent_dist.mean
 
     pipe.vae.encode = lambda x: PosteriorMean(encode(x))
-    want = pipe(prompt=[""] * 3, image=(b["source"] + 1) / 2, mask_image=b["mask"], height=32, width=32, num_inference_steps=4,
-                guidance_scale=30.0, latents=ours["latents"][:, 0], output_type="latent", max_sequence_length=16).images
+    call = dict(prompt=[""] * 3, image=(b["source"] + 1) / 2, mask_image=b["mask"], height=32, width=32, num_inference_steps=4,
+                guidance_scale=30.0, latents=ours["latents"][:, 0], max_sequence_length=16)
+    want = pipe(**call, output_type="latent").images
     assert torch.allclose(ours["latents"][:, -1], want, atol=1e-4)
+    # the VAE has FLUX's shift_factor: encoding (above, the condition) and decoding both apply it
+    assert pipe.vae.config.shift_factor == pytest.approx(0.1159)
+    images = pipe(**call, output_type="pt").images
+    assert torch.allclose((sampler.decode(ours["latents"][:, -1]) + 1) / 2, images, atol=1e-4)
 
 
 def test_sde_records_all_but_the_last_step_and_reevaluates_to_ratio_one(flow):

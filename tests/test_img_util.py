@@ -28,9 +28,46 @@ def test_binarize_at_half():
     assert binarize_mask(m).tolist() == [[[0.0, 0.0, 1.0, 1.0]]]  # 127/255 < 0.5 <= 128/255
 
 
-def test_load_mask_rgb_and_16bit(tmp_path):
-    Image.new("RGB", (3, 3), (255, 255, 255)).save(tmp_path / "m.png")
-    assert binarize_mask(load_mask(tmp_path / "m.png")).min() == 1.0
+def _half_white(mode):
+    """A 4x2 mask, left half 'remove', right half 'keep', in the given mode (file suffix, image). Grey
+    levels sit at 0.6 and 0.4 of the mode's full scale, so a wrong scale (16-bit read as 8-bit) flips them."""
+    on = np.zeros((2, 4), bool)
+    on[:, :2] = True
+    level = np.where(on, 0.6, 0.4)
+    if mode == "1":
+        return ".png", Image.fromarray(on)
+    if mode == "P":  # palette index 1 is white, index 0 red (luminance 76: keep)
+        img = Image.fromarray(on.astype(np.uint8), mode="P")
+        img.putpalette([255, 0, 0, 255, 255, 255] + [0] * 762)
+        return ".png", img
+    if mode == "RGBA":  # alpha is dropped, the colour decides
+        arr = np.zeros((2, 4, 4), np.uint8)
+        arr[on] = (255, 255, 255, 40)
+        arr[~on] = (0, 0, 0, 255)
+        return ".png", Image.fromarray(arr, mode="RGBA")
+    if mode == "I;16":
+        return ".png", Image.fromarray((level * 65535).astype(np.uint16))
+    if mode == "I":  # 32-bit integer, 16-bit range
+        return ".tif", Image.fromarray((level * 65535).astype(np.int32), mode="I")
+    if mode == "I8":  # 32-bit integer holding 8-bit values
+        return ".tif", Image.fromarray((level * 255).astype(np.int32), mode="I")
+    if mode == "F":
+        return ".tif", Image.fromarray(level.astype(np.float32), mode="F")
+    if mode == "RGB":
+        return ".png", Image.fromarray(np.repeat((level * 255).astype(np.uint8)[..., None], 3, axis=2))
+    return ".png", Image.fromarray((level * 255).astype(np.uint8), mode="L")
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "RGBA", "RGB", "I;16", "I", "I8", "F"])
+def test_masks_of_every_mode_read_the_same(tmp_path, mode):
+    suffix, img = _half_white(mode)
+    path = tmp_path / ("m" + suffix)
+    img.save(path)
+    assert Image.open(path).mode == {"I8": "I"}.get(mode, mode)  # the file really is of that mode
+    gray = load_mask(path)
+    assert gray.mode == "L"
+    assert binarize_mask(gray).tolist() == [[[1.0, 1.0, 0.0, 0.0]] * 2]
+    assert np.asarray(gray)[:, 2:].max() < 128 and np.asarray(gray)[:, :2].min() >= 128
 
 
 def test_dilate_mask_grows_by_factor():

@@ -108,7 +108,7 @@ def peak_bytes(state, step_peak, trainable, precision="fp16", mode="full", zero2
     evaluation forwards)."""
     compute = DTYPE_BYTES[precision]
     persistent = state["weights"] + state["optimizer"] + (trainable * 4 if ema else 0)
-    if zero2:  # the reduce bucket stays; the gradient partition fills during backward and is freed by the step
+    if zero2:  # the reduce bucket lives through backward, where the step peaks; the partition until the step
         persistent += min(reduce_bucket_elements, trainable) * compute
         update = state["gradients"] + trainable * 4 / num_gpus
     else:  # DDP's buckets hold the gradients all the time
@@ -120,32 +120,36 @@ def peak_bytes(state, step_peak, trainable, precision="fp16", mode="full", zero2
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """While active: the bytes of the tensors created (each storage once) that are still alive
-    (`now`) and their maximum (`peak`); works on the meta device, where storages have sizes but no
-    memory. A tensor autograd saves stays alive until backward frees it."""
+    """While active: the bytes of the storages created that are still alive (`now`) and their maximum
+    (`peak`); works on the meta device, where storages have sizes but no memory. Each storage is
+    followed to its own death (PyTorch keeps a storage's Python object for as long as the storage
+    lives), so a storage that a `param.data = ...` swap or a dying view releases is counted out at
+    once, and a new one at the same address is counted in (ZeRO and DDP's bucket views do both).
+    device: count only tensors of that device type (a real run: DeepSpeed keeps meta-device copies
+    of the parameters, which take no memory)."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         super().__init__()
-        self.sizes, self.refs, self.now, self.peak = {}, {}, 0, 0
+        self.device, self.sizes, self.now, self.peak = device, {}, 0, 0
 
     def _release(self, key):
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            self.now -= self.sizes.pop(key)
-            del self.refs[key]
+        self.now -= self.sizes.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        # a view or in-place result shares an input's storage: not new memory, even when that storage
+        # was made before tracking began (a weight viewed in the forward pass)
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and self.device in (None, t.device.type):
                 storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self.sizes:
-                    self.sizes[key], self.refs[key] = storage.nbytes(), 0
+                key = id(storage)
+                if key not in self.sizes and key not in inputs:
+                    self.sizes[key] = storage.nbytes()
                     self.now += self.sizes[key]
                     self.peak = max(self.peak, self.now)
-                self.refs[key] += 1
-                weakref.finalize(t, self._release, key)
+                    weakref.finalize(storage, self._release, key)
         return out
 
 

@@ -125,7 +125,7 @@ def _predicted_peak(config, mode, precision, checkpointing, batch, resolution, r
                          reduce_bucket_elements=reduce_bucket)["peak"]
 
 
-def test_predicted_peak_is_within_10_percent_of_a_measured_step(tiny_model_dir, tmp_path, torch_extensions_dir):
+def test_predicted_peak_is_within_5_percent_of_a_measured_step(tiny_model_dir, tmp_path, torch_extensions_dir):
     """A real training step of the tiny UNet as the scripts set it up (DDP with bucket views, bf16
     autocast, LoRA, DeepSpeed ZeRO-2 on one rank, with and without checkpointing), every tensor tracked
     from the model's construction: its peak against the planner's prediction from the meta model."""
@@ -150,7 +150,7 @@ def test_predicted_peak_is_within_10_percent_of_a_measured_step(tiny_model_dir, 
         measured = json.loads(res.stdout.strip().splitlines()[-1])["peak"]
         predicted = _predicted_peak(config, mode.replace("_bf16", ""), precision, ckpt, batch, resolution, bucket)
         ratios[(mode, ckpt)] = predicted / measured
-    assert all(0.9 <= r <= 1.1 for r in ratios.values()), ratios
+    assert all(0.95 <= r <= 1.05 for r in ratios.values()), ratios  # tracking is exact: a 5% band
 
 
 def test_peak_terms_by_hand():

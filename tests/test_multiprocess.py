@@ -148,36 +148,74 @@ def test_deepspeed_skips_whole_windows_with_accumulation(tmp_path, tiny_model_di
     assert _max_diff(a, b) <= 1e-5
 
 
-def test_discriminator_trains_on_two_ranks(tmp_path, tiny_model_dir, run_script):
-    """Every training script runs under two ranks: the discriminator goes through DDP's forward."""
+def _saved_weights(folder, *names):
+    import torch
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        w = load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu")
+        out.update({f"{name}:{k}": v.float() for k, v in w.items()})
+    return out
+
+
+def _max_weight_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+_TIGHT = ["--learning_rate", "1e-2", "--adam_epsilon", "1.0", "--adam_weight_decay", "0"]  # see _common
+
+
+def test_discriminator_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, run_script):
+    """The discriminator goes through DDP's forward: two ranks x batch 2 save the head and LoRA that
+    one rank x batch 4 saves."""
+    import train_RORem_discriminator
     from myutils.toy_world import write_scored_toy_dataset, write_toy_dataset
 
     meta = write_scored_toy_dataset(write_toy_dataset(str(tmp_path / "toy"), 8, 32, seed=2), str(tmp_path / "scored"))
-    out = str(tmp_path / "disc2")
-    res = launch_two_ranks("train_RORem_discriminator.py",
-                           ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", meta, "--output_dir", out,
-                            "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "3",
-                            "--validation_steps", "0", "--val_fraction", "0.25", "--report_to", "none"], str(tmp_path))
+
+    def args(out, batch):
+        return ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", meta, "--output_dir", out, "--resolution", "32",
+                "--train_batch_size", str(batch), "--max_train_steps", "3", "--checkpointing_steps", "3", "--validation_steps", "0",
+                "--val_fraction", "0.25", "--report_to", "none", *_TIGHT]
+
+    two, one = str(tmp_path / "disc2"), str(tmp_path / "disc1")
+    res = launch_two_ranks("train_RORem_discriminator.py", args(two, 2), str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
-    assert {"cls_pred_branch.pt", "pytorch_lora_weights.safetensors"} <= set(os.listdir(out))
+    assert os.path.isfile(os.path.join(two, "checkpoint-3", "random_states_1.pkl"))
+    run_script(train_RORem_discriminator, args(one, 4))
+    names = ("cls_pred_branch.pt", "pytorch_lora_weights.safetensors")
+    a, b = _saved_weights(two, *names), _saved_weights(one, *names)
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k or "lora_up" in k) > 0  # the LoRA trained
+    assert _max_weight_diff(a, b) <= 1e-6
 
 
-def test_dpo_trains_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
-    """DPO's reference pass (adapters off, no grad) must not upset DDP's gradient synchronisation."""
+def test_dpo_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script):
+    """DPO's reference pass (adapters off, no grad) must not upset DDP's gradient synchronisation: two
+    ranks x batch 2 save the LoRA of one rank x batch 4."""
+    import train_RORem_dpo
+
     root = os.path.dirname(toy_meta)
     pairs = [{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
               "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])}
              for e in json.load(open(toy_meta))]
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    out = str(tmp_path / "dpo2")
-    res = launch_two_ranks("train_RORem_dpo.py",
-                           ["--pretrained_model_name_or_path", tiny_model_dir, "--preference_data", str(tmp_path / "pairs.json"),
-                            "--output_dir", out, "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "3",
-                            "--checkpointing_steps", "3", "--use_lora", "--report_to", "none"], str(tmp_path))
+
+    def args(out, batch):
+        return ["--pretrained_model_name_or_path", tiny_model_dir, "--preference_data", str(tmp_path / "pairs.json"),
+                "--output_dir", out, "--resolution", "32", "--train_batch_size", str(batch), "--max_train_steps", "3",
+                "--checkpointing_steps", "3", "--use_lora", "--report_to", "none", *_TIGHT]
+
+    two, one = str(tmp_path / "dpo2"), str(tmp_path / "dpo1")
+    res = launch_two_ranks("train_RORem_dpo.py", args(two, 2), str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert os.path.isfile(os.path.join(out, "checkpoint-3", "random_states_1.pkl"))
-    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    assert os.path.isfile(os.path.join(two, "checkpoint-3", "random_states_1.pkl"))
+    run_script(train_RORem_dpo, args(one, 4))
+    a, b = _saved_weights(two, "pytorch_lora_weights.safetensors"), _saved_weights(one, "pytorch_lora_weights.safetensors")
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k or "lora_up" in k) > 0
+    assert _max_weight_diff(a, b) <= 1e-6
 
 
 def test_preference_pairs_split_over_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir):
@@ -222,7 +260,17 @@ def test_node_launchers_run_on_two_cpu_ranks(tmp_path, tiny_model_dir, toy_meta)
         res = subprocess.run(["bash", *cmd, *small], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert os.path.isfile(tmp_path / made)
-        assert os.path.isfile(tmp_path / made.split("/")[0] / "checkpoint-2" / "random_states_1.pkl")  # rank 1 ran
+        ckpt = tmp_path / made.split("/")[0] / "checkpoint-2"
+        assert os.path.isfile(ckpt / "random_states_1.pkl")  # rank 1 ran
+        state = json.load(open(ckpt / "training_state.json"))
+        assert state["num_processes"] == 2 and state["global_step"] == 2  # NUM_GPUS and the --max_train_steps override
+    from diffusers import UNet2DConditionModel
+
+    trained = UNet2DConditionModel.from_pretrained(str(tmp_path / "rorem" / "unet")).state_dict()
+    start = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").state_dict()
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 0  # the launcher's run trained the UNet
+    lora = _saved_weights(str(tmp_path / "dpo"), "pytorch_lora_weights.safetensors")
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k or "lora_up" in k) > 0
 
 
 def test_grpo_groups_span_two_ranks(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
@@ -271,7 +319,8 @@ def test_pairs_for_labelling_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
     res = launch_two_ranks("train_RORem_ddpo.py", common + ["--pair_labels", str(pairs_dir / "pairs.json")], str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "random_states_1.pkl"))  # 4 samples per rank, batch 2
-    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+    lora = _saved_weights(out, "pytorch_lora_weights.safetensors")
+    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k or "lora_up" in k) > 0  # the labels trained it
 
 
 def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
@@ -297,20 +346,33 @@ def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_morl_population_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
+def test_morl_population_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script):
     """Every adapter of the population is trained under DDP (only the active one is used per forward)
-    and the main process's held-out objectives reach every rank, so both take the same tasks."""
-    out = str(tmp_path / "morl")
-    res = launch_two_ranks("train_RORem_morl.py",
-                           ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
-                            "--resolution", "32", "--report_to", "none", "--objectives", "preserve,jpeg", "--population", "2",
-                            "--generations", "2", "--warmup_generations", "1", "--group_size", "2", "--sample_steps", "2",
-                            "--sample_batch_size", "1", "--sample_batches_per_epoch", "1", "--train_batch_size", "2",
-                            "--eval_samples", "2", "--weight_partitions", "2", "--learning_rate", "1e-2"], str(tmp_path))
+    and the main process's held-out objectives reach every rank, so both take the same tasks: two
+    ranks x 1 input per epoch choose the tasks, reach the objectives and save the LoRAs of one rank x 2."""
+    import train_RORem_morl
+
+    def args(out, sample_batch, train_batch):
+        return ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", out,
+                "--resolution", "32", "--report_to", "none", "--objectives", "preserve,jpeg", "--population", "2",
+                "--generations", "2", "--warmup_generations", "1", "--group_size", "2", "--sample_steps", "2",
+                "--sample_batch_size", str(sample_batch), "--sample_batches_per_epoch", "1", "--train_batch_size", str(train_batch),
+                "--eval_samples", "2", "--weight_partitions", "2", *_TIGHT]
+
+    two, one = str(tmp_path / "morl2"), str(tmp_path / "morl1")
+    res = launch_two_ranks("train_RORem_morl.py", args(two, 1, 2), str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.load(open(os.path.join(out, "policies.json")))
-    assert len(summary["hypervolume_per_generation"]) == 2
-    assert os.path.isfile(os.path.join(out, "checkpoint-4", "random_states_1.pkl"))
+    assert os.path.isfile(os.path.join(two, "checkpoint-4", "random_states_1.pkl"))
+    run_script(train_RORem_morl, args(one, 2, 4))
+    a, b = (json.load(open(os.path.join(d, "policies.json"))) for d in (two, one))
+    assert len(a["hypervolume_per_generation"]) == 2
+    assert a["hypervolume_per_generation"] == pytest.approx(b["hypervolume_per_generation"], abs=1e-6)
+    assert [(p["name"], p["weights"]) for p in a["policies"]] == [(p["name"], p["weights"]) for p in b["policies"]]
+    for p, q in zip(a["policies"], b["policies"]):
+        assert p["objectives"] == pytest.approx(q["objectives"], abs=1e-5)
+    for k in ("policy_0", "policy_1"):
+        x = _saved_weights(os.path.join(two, k), "pytorch_lora_weights.safetensors")
+        assert _max_weight_diff(x, _saved_weights(os.path.join(one, k), "pytorch_lora_weights.safetensors")) <= 1e-5
 
 
 def test_the_data_check_is_shared_out_and_every_rank_reports_every_problem(tmp_path, tiny_model_dir, toy_meta):

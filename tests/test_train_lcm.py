@@ -104,14 +104,59 @@ def test_rewarded_keep_all_equals_plain_and_keep_nothing_skips(tmp_path, tiny_mo
     assert "scores" in acc.Tags()["histograms"]
 
 
-@pytest.mark.parametrize("source", ["teacher", "student"])
-def test_rewarded_sources_on_latents(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script, source):
-    out = str(tmp_path / source)
-    run_script(trew, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--discriminator_path", disc_dir,
-                           "--reward_source", source, "--weighting", "softmax", "--curriculum", "temperature",
-                           "--score_every", "5", "--cache_latents"))
-    assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
-    assert not os.path.exists(os.path.join(out, "data_scores.json"))
+def test_rewarded_sources_score_what_they_name(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script, monkeypatch):
+    """One step from the same batch, noise and solver index under each --reward_source: `teacher`
+    scores the teacher's guided x0, `student` the student's prediction (both on latents, against the
+    source), `data` the cached GT scores; the softmax weights are B * softmax(score / T) of those, so
+    the three sources weight the same batch differently."""
+    from myutils.reward_utils import DiscriminatorReward
+
+    seen = {}
+    real_tensors, real_score, real_weights = tlcm.distillation_tensors, DiscriminatorReward.score_latents, tlcm.reward_weights
+
+    def tensors(*a, **k):
+        out = real_tensors(*a, **k)
+        seen.setdefault("pred", out[0].detach().clone())
+        seen.setdefault("teacher_x0", out[2].detach().clone())
+        seen.setdefault("index", out[3]["index"].clone())
+        return out
+
+    def score(self, source, mask, edited, *a, **k):
+        seen.setdefault("edited", edited.detach().clone())
+        return real_score(self, source, mask, edited, *a, **k)
+
+    def weights(scores, *a, **k):
+        w = real_weights(scores, *a, **k)
+        seen.setdefault("scores", scores.clone())
+        seen.setdefault("weights", w.clone())
+        return w
+
+    monkeypatch.setattr(tlcm, "distillation_tensors", tensors)
+    monkeypatch.setattr(DiscriminatorReward, "score_latents", score)
+    monkeypatch.setattr(tlcm, "reward_weights", weights)
+    runs = {}
+    for source in ("data", "teacher", "student"):
+        seen.clear()
+        out = str(tmp_path / source)
+        run_script(trew, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "1", "--discriminator_path", disc_dir,
+                               "--reward_source", source, "--weighting", "softmax", "--reward_temperature", "0.05",
+                               "--cache_latents"))
+        runs[source] = dict(seen)
+        assert os.path.isfile(os.path.join(out, "pytorch_lora_weights.safetensors"))
+        assert os.path.exists(os.path.join(out, "data_scores.json")) == (source == "data")
+    for source in ("data", "teacher", "student"):
+        r = runs[source]
+        assert torch.equal(r["index"], runs["data"]["index"])  # the same batch each time
+        s = r["scores"].double()
+        assert torch.allclose(r["weights"].double(), len(s) * torch.softmax(s / 0.05, 0), atol=1e-6)
+    assert torch.equal(runs["teacher"]["edited"], runs["teacher"]["teacher_x0"])
+    assert torch.equal(runs["student"]["edited"], runs["student"]["pred"])
+    assert not torch.allclose(runs["teacher"]["teacher_x0"], runs["student"]["pred"], atol=1e-4)
+    cached = json.load(open(tmp_path / "data" / "data_scores.json"))  # one score per training entry
+    data = runs["data"]
+    assert data["scores"].tolist() == pytest.approx([cached[i] for i in data["index"].tolist()])
+    for a, b in (("teacher", "student"), ("teacher", "data"), ("student", "data")):
+        assert (runs[a]["weights"] - runs[b]["weights"]).abs().max() > 1e-3, (a, b)
 
 
 def test_weighting_curriculum_and_argument_errors(tmp_path, toy_meta):

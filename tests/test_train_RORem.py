@@ -186,11 +186,50 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, toy_meta, run_script):
         run_script(train_RORem, _args("./no/such/model", toy_meta, str(tmp_path / "o"), "--max_train_steps", "1"))
 
 
-@pytest.mark.parametrize("name", ["train_RORem.yaml", "toy_RORem.yaml"])
-def test_shipped_configs_parse(name):
+CONFIG_SCRIPTS = {"train_RORem.yaml": "train_RORem", "toy_RORem.yaml": "train_RORem",
+                  "train_RORem_discriminator.yaml": "train_RORem_discriminator", "toy_RORem_discriminator.yaml": "train_RORem_discriminator",
+                  "dpo_config.yaml": "train_RORem_dpo", "toy_dpo.yaml": "train_RORem_dpo",
+                  "lcm_config.yaml": "train_RORem_lcm", "toy_lcm.yaml": "train_RORem_lcm", "lcm_rewarded_config.yaml": "train_RORem_lcm_rewarded",
+                  "ddpo_config.yaml": "train_RORem_ddpo", "toy_ddpo.yaml": "train_RORem_ddpo", "flow_grpo_config.yaml": "train_RORem_ddpo",
+                  "toy_flow_grpo.yaml": "train_RORem_ddpo", "morl_config.yaml": "train_RORem_morl", "toy_morl.yaml": "train_RORem_morl"}
+
+
+def test_every_training_config_is_mapped():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    training = {n for n in os.listdir(folder) if n.endswith(".yaml") and not n.startswith(("accelerate", "deepspeed"))}
+    assert training == set(CONFIG_SCRIPTS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_SCRIPTS))
+def test_shipped_config_sets_each_default_and_the_command_line_wins(name):
+    """Every key of a shipped config becomes that argument's value (through the argument's own type);
+    a flag on the command line overrides the file."""
+    import importlib
+
+    import yaml
+
     cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
-    args = train_RORem.parse_args(["--config", cfg, "--meta_path", "m.json", "--output_dir", "o"])
-    assert args.resolution in (32, 512) and args.max_train_steps > 0
+    script = importlib.import_module(CONFIG_SCRIPTS[name])
+    if name == "lcm_rewarded_config.yaml":
+        script = importlib.import_module("train_RORem_lcm")
+    required = {"train_RORem_dpo": ["--preference_data", "p.json", "--output_dir", "o"]}.get(
+        CONFIG_SCRIPTS[name], ["--meta_path", "m.json", "--output_dir", "o", "--discriminator_path", "d"])
+    if CONFIG_SCRIPTS[name] in ("train_RORem", "train_RORem_discriminator", "train_RORem_lcm"):
+        required = required[:4]
+
+    def parse(extra=()):
+        kw = {"rewarded": True} if name == "lcm_rewarded_config.yaml" else {}
+        return script.parse_args(["--config", cfg, *required, *extra], **kw)
+
+    values = yaml.safe_load(open(cfg))
+    args = parse()
+    for key, value in values.items():
+        got = getattr(args, key)
+        if isinstance(got, float):
+            assert got == pytest.approx(float(value)), key
+        else:
+            assert got == value, key
+    assert parse(["--seed", "12345"]).seed == 12345 != values.get("seed")
 
 
 def test_gpu_only_options_fail_clearly_on_this_machine(toy_meta, tmp_path):

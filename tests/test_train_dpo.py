@@ -90,16 +90,52 @@ def test_lora_run_starts_at_log2_and_changes_only_lora(tmp_path, tiny_model_dir,
 
 
 def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
-    seen = []
-    real_loss = tdpo.diffusion_dpo_loss
+    """Beta in summed units; the full fine-tune's validation accuracy is that of the saved UNet against
+    the start (both loaded afresh here) on the held-out pairs."""
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+
+    seen, held_out = [], []
+    real_loss, real_accuracy = tdpo.diffusion_dpo_loss, tdpo.preference_accuracy
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
+    monkeypatch.setattr(tdpo, "preference_accuracy", lambda u, r, c, samples, *a: held_out.append(samples) or real_accuracy(u, r, c, samples, *a))
     out = str(tmp_path / "full")
-    metrics = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum",
-                                 "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2"))
+    argv = _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum", "--learning_rate", "1e-2",
+                 "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2")
+    metrics = run_script(tdpo, argv)
     assert seen[0] == 0.5 * 4 * 16 * 16  # converted to mean units for 4 x 16 x 16 latents
     assert os.path.isfile(os.path.join(out, "unet", "config.json"))
-    assert 0.0 <= metrics["val_preference_accuracy"] <= 1.0 and "val_win_rate" not in metrics  # no discriminator given
+    assert "val_win_rate" not in metrics  # no discriminator given
+    comps = tu.Components(tdpo.parse_args(argv), Accelerator(cpu=True), torch.float32)
+    trained = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    start = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    with torch.no_grad():
+        want = real_accuracy(trained, start, comps, held_out[-1], 32)
+    assert len(held_out[-1]) >= 3 and metrics["val_preference_accuracy"] == pytest.approx(want)
     assert os.path.isfile(os.path.join(out, "validation", "step-000002.png"))
+
+
+def test_win_rate_of_a_trained_policy_is_its_paired_score_comparison(tmp_path, tiny_model_dir, pair_meta, disc_dir, run_script,
+                                                                     monkeypatch):
+    """When the policy really differs from the reference, the validation win rate is the fraction of
+    held-out inputs whose policy result the discriminator scores above the reference's (ties half),
+    and the scores and results are the policy's, not the reference's."""
+    import myutils.reward_utils as ru
+
+    scored = []
+    real_score = ru.score_results
+    monkeypatch.setattr(ru, "score_results", lambda reward, samples, results: scored.append(real_score(reward, samples, results))
+                        or scored[-1])
+    out = str(tmp_path / "trained")
+    metrics = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--learning_rate", "2e-2",
+                                     "--max_train_steps", "3", "--validation_steps", "3", "--validation_inference_steps", "2",
+                                     "--num_validation_images", "2", "--discriminator_path", disc_dir, "--win_rate_samples", "8"))
+    reference, policy = scored[0], scored[1]  # the reference is scored once, then the policy
+    assert len(policy) == 8 and policy != reference
+    by_hand = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
+    assert metrics["val_win_rate"] == pytest.approx(by_hand) and metrics["val_win_rate"] != 0.5
+    assert metrics["val_score"] == pytest.approx(sum(policy) / 8) and metrics["val_reference_score"] == pytest.approx(sum(reference) / 8)
+    assert metrics["val_win_rate_low"] < metrics["val_win_rate"] < metrics["val_win_rate_high"]
 
 
 def test_win_rate_of_an_unchanged_policy_is_one_half(tmp_path, tiny_model_dir, pair_meta, disc_dir, run_script):
@@ -189,7 +225,10 @@ def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pa
     rows = sweep.main(argv)
     assert [r["run"] for r in rows] == ["start (reference)", "lora_beta0.5", "sft"]
     assert rows[1]["beta"] == "0.5 (sum)" and rows[1]["trained"].startswith("LoRA") and rows[2]["loss"] == "sft"
-    assert all(0 <= r["win_rate"] <= 1 and 0 <= r["preference_accuracy"] <= 1 for r in rows)
+    assert rows[0]["win_rate"] == 0.5 and rows[0]["preference_accuracy"] == 0.5  # the start against itself
+    for row, run in zip(rows[1:], ("lora_beta0.5", "sft")):  # each row is its run's own final validation
+        m = json.load(open(tmp_path / "sweep" / run / "final_metrics.json"))["metrics"]
+        assert (row["win_rate"], row["preference_accuracy"]) == (m["val_win_rate"], m["val_preference_accuracy"])
     for ext in ("md", "csv", "json"):
         assert os.path.isfile(tmp_path / "sweep" / f"sweep_results.{ext}")
     assert "| lora_beta0.5 | sigmoid | 0.5 (sum) |" in open(tmp_path / "sweep" / "sweep_results.md").read()

@@ -205,7 +205,11 @@ def test_lcm_sweep_tabulates_teacher_plain_and_weighted(tmp_path, tiny_model_dir
     assert [r["run"] for r in rows] == ["teacher", "plain", "filter_0.5"]
     # the teacher: 2 steps at --validation_strength 0.99 run int(1.98) = 1 UNet call; the students all 4
     assert rows[0]["unet_calls"] == 1 and rows[1]["unet_calls"] == 4 and rows[2]["weighting"] == "filter, score >= 0.5"
-    assert all(0 <= r["win_rate"] <= 1 and r["masked_mse"] >= 0 for r in rows)
+    for row, run in zip(rows[1:], ("plain", "filter_0.5")):  # each row is its run's own final validation
+        m = json.load(open(tmp_path / "sweep" / run / "final_metrics.json"))["metrics"]
+        assert (row["win_rate"], row["score"], row["masked_mse"]) == (m["val_win_rate"], m["val_score"], m["val_masked_mse"])
+        assert row["teacher_masked_mse"] == m["val_reference_masked_mse"] == rows[0]["masked_mse"]  # one teacher for all
+    assert rows[0]["win_rate"] == 0.5 and rows[0]["score"] == rows[1]["teacher_score"]
     assert "| plain | plain LCM |" in open(tmp_path / "sweep" / "sweep_results.md").read()
 
 

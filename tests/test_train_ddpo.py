@@ -105,6 +105,35 @@ def test_reevaluating_a_recorded_step_gives_ratio_one(setup):
         assert torch.equal(ratio.detach(), torch.ones(3))
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flow"])
+def test_ratio_is_one_on_shuffled_minibatches_in_training(tmp_path, tiny_model_dir, tiny_flux_dir, toy_meta, run_script, monkeypatch,
+                                                          family):
+    """Training recomputes log-probs on shuffled minibatches of samples and shuffled steps: with the
+    policy frozen (lr 0), every recomputed step must match the log-prob recorded for that very sample
+    and step (a sample paired with another's latents or log-probs gives a ratio far from one)."""
+    seen = []
+    real = rl_loop.ppo_loss
+
+    def spy(log_prob, old_log_prob, advantages, clip_range):
+        seen.append((log_prob.detach().clone(), old_log_prob.clone()))
+        return real(log_prob, old_log_prob, advantages, clip_range)
+
+    monkeypatch.setattr(rl_loop, "ppo_loss", spy)
+    model = tiny_model_dir if family == "sdxl" else tiny_flux_dir
+    extra = ["--max_sequence_length", "16"] if family == "flow" else []
+    run_script(tddpo, _args(model, toy_meta, str(tmp_path / family), "--algorithm", "ppo", "--reward", "preserve=1", "--learning_rate", "0",
+                            "--num_train_epochs", "1", "--num_inner_epochs", "2", "--train_batch_size", "2",
+                            "--sample_batches_per_epoch", "2", "--timestep_fraction", "1.0", *extra))
+    steps = 4 if family == "sdxl" else 3  # the flow sampler's last step is the ODE's, never trained
+    assert len(seen) == 2 * 2 * steps  # inner epochs x minibatches x steps
+    for new, old in seen:
+        assert torch.allclose(torch.exp(new - old), torch.ones_like(new), atol=1e-5)
+    first, second = [o for _, o in seen[:2 * steps]], [o for _, o in seen[2 * steps:]]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # the second pass drew another order
+    everything = torch.cat([o for _, o in seen])
+    assert len(set(everything.tolist())) > len(everything) // 4  # distinct samples and steps, not one repeated
+
+
 @pytest.mark.parametrize("algorithm", ["reinforce", "ppo", "grpo"])
 def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script, monkeypatch, algorithm):
     from diffusers import UNet2DConditionModel

@@ -52,6 +52,57 @@ def test_full_finetune_changes_weights_and_loads_in_stock_pipeline(tmp_path, tin
     assert result.shape == (32, 32, 3) and np.isfinite(result).all()
 
 
+def test_accumulation_equals_a_larger_batch_and_the_final_save_is_the_ema(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    """2 micro-batches of 2 accumulated equal one batch of 4 (to 1e-6); the lr of each update follows
+    the warmup + linear decay by hand; with --use_ema the saved UNet is the EMA of the weights after each
+    update, with diffusers' decay min(ema_decay, (1 + s) / (10 + s)), s counting from 0 at the first update."""
+    from diffusers.training_utils import EMAModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tight = ["--learning_rate", "1e-2", "--adam_epsilon", "1.0", "--adam_weight_decay", "0", "--max_train_steps", "4",
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--report_to", "tensorboard"]
+    trajectory = []
+    real_step = EMAModel.step
+
+    def record(self, parameters):
+        parameters = list(parameters)
+        trajectory.append([p.detach().clone() for p in parameters])
+        return real_step(self, parameters)
+
+    monkeypatch.setattr(EMAModel, "step", record)
+    accumulated, large = str(tmp_path / "acc"), str(tmp_path / "large")
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, accumulated, *tight, "--gradient_accumulation_steps", "2", "--use_ema",
+                                  "--ema_decay", "0.5"))
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, large, *tight, "--train_batch_size", "4", "--use_ema", "--ema_decay", "0.5"))
+    assert len(trajectory) == 8  # one EMA update per optimizer step, 4 per run
+
+    def folded(weights):
+        ema = [w.clone() for w in weights[0]]
+        for s, online in enumerate(weights):
+            d = min(0.5, (1 + s) / (10 + s)) if s else 0.0
+            ema = [d * e + (1 - d) * w for e, w in zip(ema, online)]
+        return ema
+
+    a, b = _unet_state(os.path.join(accumulated, "unet")), _unet_state(os.path.join(large, "unet"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    names = [n for n, p in train_RORem_unet_params(tiny_model_dir)]
+    want = dict(zip(names, folded(trajectory[:4])))
+    assert max((a[k] - want[k]).abs().max().item() for k in names) <= 1e-6  # the EMA, not the last online weights
+    assert max((a[k] - trajectory[3][i]).abs().max().item() for i, k in enumerate(names)) > 1e-5
+    logs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(accumulated, "logs")) for f in fs if f.startswith("events")]
+    acc = EventAccumulator(logs[0])
+    acc.Reload()
+    # the lr update k used: transformers' linear schedule at k - 1: warmup (k - 1) / 2, then (4 - (k - 1)) / (4 - 2)
+    want = [1e-2 * ((k - 1) / 2 if k - 1 < 2 else (4 - (k - 1)) / 2) for k in range(1, 5)]
+    assert [e.value for e in acc.Scalars("lr")] == pytest.approx(want) == [0, 0.005, 0.01, 0.005]
+
+
+def train_RORem_unet_params(model_dir):
+    from diffusers import UNet2DConditionModel
+
+    return list(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").named_parameters())
+
+
 class _Killed(Exception):
     pass
 

@@ -208,6 +208,20 @@ def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy
     stored = load_file(cache.path(0))
     assert stored["params:GT"].dtype == torch.float16 and stored["mask_latent:flip"].dtype == torch.uint8
 
+    # invalidation: the same VAE loaded again reuses every file; another VAE or resolution reuses none
+    same = LatentCache(ds, ("GT", "masked"), cache_dir, AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae"))
+    assert same.paths == cache.paths
+    tuned = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    with torch.no_grad():
+        tuned.encoder.conv_in.weight[0, 0, 0, 0] += 1e-3  # a fine-tuned VAE of the same config
+    rescaled = AutoencoderKL.from_pretrained(tiny_model_dir, subfolder="vae")
+    rescaled.register_to_config(scaling_factor=0.5)
+    larger = RemovalDataset(entries, "triplet", 64, random_flip=True)
+    for other in (LatentCache(ds, ("GT", "masked"), cache_dir, tuned), LatentCache(ds, ("GT", "masked"), cache_dir, rescaled),
+                  LatentCache(larger, ("GT", "masked"), cache_dir, vae)):
+        assert not set(other.paths) & set(cache.paths)
+        assert not any(os.path.exists(p) for p in other.paths)
+
 
 def test_config_file_sets_defaults_and_cli_overrides(tmp_path, tiny_model_dir, toy_meta):
     cfg = tmp_path / "c.yaml"

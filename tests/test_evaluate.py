@@ -97,6 +97,40 @@ def test_evaluation_writes_table_csv_json_grids_and_resumes(tmp_path, tiny_model
         ev.parse_system("x=base,steps=0", ev.parse_args(_args(toy_meta, out, "--system", "b=base")))
 
 
+def test_unet_lora_and_lcm_systems_with_their_options(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+    """unet:DIR runs that UNet (here the pipeline's own: the base's results exactly); lora:DIR and
+    lcm:DIR put a trained LoRA on --base_unet (results differ from the base); lcm runs 4 LCMScheduler
+    steps at strength 1 unless told; steps= and scheduler= change the UNet calls per image."""
+    import train_RORem_lcm
+
+    lora = str(tmp_path / "lcm_lora")
+    run_script(train_RORem_lcm, ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", lora,
+                                 "--resolution", "32", "--train_batch_size", "2", "--report_to", "none", "--max_train_steps", "2",
+                                 "--learning_rate", "5e-2", "--lora_rank", "4", "--validation_steps", "0"])
+    import pipelines.inpaint
+
+    schedulers, real_load = [], pipelines.inpaint.load_remover
+    monkeypatch.setattr(pipelines.inpaint, "load_remover", lambda spec, *a: (lambda r: schedulers.append(type(r[0].scheduler).__name__)
+                                                                                      or r)(real_load(spec, *a)))
+    unet = os.path.join(tiny_model_dir, "unet")
+    out = str(tmp_path / "eval")
+    summary = ev.main(_args(toy_meta, out, "--pretrained_model", tiny_model_dir, "--base_unet", unet, "--inference_steps", "5",
+                            "--system", "base=base", "--system", f"same unet=unet:{unet}", "--system", f"lora=lora:{lora}",
+                            "--system", f"student=lcm:{lora}", "--system", f"student2=lcm:{lora},steps=2",
+                            "--system", "base lcm=base,scheduler=lcm,steps=3,strength=1"))
+    rows = {r["system"]: r for r in summary["systems"]}
+    assert rows["same unet"]["masked_mse"] == rows["base"]["masked_mse"]
+    assert rows["lora"]["masked_mse"] != rows["base"]["masked_mse"] and rows["student"]["masked_mse"] != rows["base"]["masked_mse"]
+    # UNet calls per image: --inference_steps 5 (at --strength 1), lcm's own 4, then what the options say
+    assert [rows[n]["unet_calls_per_image"] for n in ("base", "same unet", "lora", "student", "student2", "base lcm")] == [5, 5, 5, 4, 2, 3]
+    assert schedulers[3:] == ["LCMScheduler"] * 3 and "LCMScheduler" not in schedulers[:3]
+    for name in ("base", "lora", "student"):
+        first = np.asarray(Image.open(os.path.join(out, "results", name, "00000.png")), np.float32)
+        assert first.shape == (32, 32, 3)
+    a, b = (np.asarray(Image.open(os.path.join(out, "results", n, "00000.png")), np.float32) for n in ("base", "lora"))
+    assert np.abs(a - b).max() > 0  # the LoRA changes what the remover produces
+
+
 def test_unavailable_metrics_name_their_argument(tmp_path, toy_meta):
     from myutils.data import read_meta
 

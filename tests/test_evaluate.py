@@ -131,6 +131,49 @@ def test_unet_lora_and_lcm_systems_with_their_options(tmp_path, tiny_model_dir, 
     assert np.abs(a - b).max() > 0  # the LoRA changes what the remover produces
 
 
+def test_metric_weights_load_from_files(tmp_path, toy_meta):
+    """--inception_weights, --lpips_backbone_weights and --clip_weights: weight files written by each
+    library's own model class (seeded random values, as no download is possible here) are the weights
+    the metric networks then hold, and an evaluation with them reports real (not stand-in) metrics."""
+    import open_clip
+    import pytorch_fid.inception as pi
+    import torchvision
+
+    from myutils.data import read_meta
+
+    torch.manual_seed(0)
+    files = {"inception": tmp_path / "inception.pth", "alexnet": tmp_path / "alexnet.pth", "clip": tmp_path / "clip.bin"}
+    torch.save(pi._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict(), files["inception"])
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), files["alexnet"])
+    torch.save(open_clip.create_model("ViT-S-32").state_dict(), files["clip"])
+
+    inception = em.load_inception(str(files["inception"]), dims=64)
+    want = torch.load(files["inception"])["Conv2d_1a_3x3.conv.weight"]
+    assert torch.equal(inception.blocks[0][0].conv.weight, want)
+    lp = em.load_lpips(str(files["alexnet"]))
+    assert torch.equal(lp.net.slice1[0].weight, torch.load(files["alexnet"])["features.0.weight"])
+    clip, _ = em.load_clip("ViT-S-32", str(files["clip"]))
+    assert torch.equal(clip.visual.conv1.weight, torch.load(files["clip"])["visual.conv1.weight"])
+
+    entries = read_meta(toy_meta, "triplet")[:6]
+    for name, key in (("oracle", "GT"), ("unchanged", "source")):  # the GT itself; the input left as it was
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "meta.json", "w") as f:
+            json.dump([{"source": e.paths["source"], "mask": e.paths["mask"], "GT": e.paths[key]} for e in entries], f)
+    summary = ev.main(_args(toy_meta, str(tmp_path / "eval"), "--system", f"oracle=results:{tmp_path / 'oracle'}",
+                            "--system", f"unchanged=results:{tmp_path / 'unchanged'}",
+                            "--inception_weights", str(files["inception"]), "--fid_dims", "64",
+                            "--lpips_backbone_weights", str(files["alexnet"]), "--clip_weights", str(files["clip"]),
+                            "--clip_model", "ViT-S-32"))
+    rows = {r["system"]: r for r in summary["systems"]}
+    assert summary["stand_ins"] == []
+    oracle, unchanged = rows["oracle"], rows["unchanged"]
+    assert oracle["fid"] == pytest.approx(0.0, abs=1e-6) and oracle["lpips_in_mask"] == 0.0
+    assert oracle["clip_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert unchanged["fid"] > 1e3 * abs(oracle["fid"]) and unchanged["lpips_in_mask"] > 0 and unchanged["clip_similarity"] < 1.0
+    assert "random stand-in" not in open(tmp_path / "eval" / "results.md").read()
+
+
 def test_unavailable_metrics_name_their_argument(tmp_path, toy_meta):
     from myutils.data import read_meta
 

@@ -57,3 +57,59 @@ def test_training_stages_resume_what_an_interrupted_demo_left(monkeypatch):
     demo.run(["train_RORem.py", "--output_dir", "x"])
     demo.run(["evaluate_RORem.py", "--output_dir", "y"])
     assert calls[0][-2:] == ["--resume_from_checkpoint", "latest"] and "--resume_from_checkpoint" not in calls[1]
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "scripts", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def _write(path, doc):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("low", [0.41, 0.53])
+def test_dpo_report_on_hand_made_runs(tmp_path, low):
+    """The DPO section reads the run's final metrics, the pair builder's report and the evaluation: each
+    number lands in its row, and the verdict follows the win-rate interval (above 0.5 or not)."""
+    from types import SimpleNamespace
+
+    demo = _demo_module()
+    _write(tmp_path / "dpo" / "final_metrics.json", {"metrics": {"val_preference_accuracy": 0.8125}, "args": {"max_train_steps": 37}})
+    _write(tmp_path / "pairs" / "train" / "report.json", {"natural": {"pairs": 11}, "generated": {"pairs": 5, "min_margin": 0.05,
+                                                                                               "inputs_below_margin": 2, "inputs": 7}})
+    _write(tmp_path / "pairs" / "heldout" / "meta.json", [{}] * 9)
+    teacher, dpo = "trained remover (teacher)", "DPO LoRA on the trained remover"
+    rows = [(teacher, 0.02, 0.0, 0.4321, 20), (dpo, 0.019, 0.0, 0.4567, 20)]
+    evaluation = {"win_rates": [{"a": teacher, "b": dpo, "win_rate": 1 - 0.62, "low": 1 - 0.71, "high": 1 - low}]}  # stored reversed
+    text = "\n".join(demo.dpo_report(str(tmp_path), SimpleNamespace(heldout_samples=24), rows, evaluation))
+    assert "Pairs: 11 natural" in text and "5 generated" in text and "margin > 0.05; 2 of 7 inputs" in text and "37 steps" in text
+    assert "| preference accuracy (9 natural pairs, 2 noises x 5 timesteps) | 0.500 | 0.812 |" in text
+    assert f"(24 inputs, the evaluation) [95% CI] | 0.500 | 0.620 [{low:.3f}, 0.710] |" in text
+    assert "| mean discriminator score (the evaluation) | 0.432 | 0.457 |" in text
+    assert ("DPO wins more often than its start" in text) == (low > 0.5)
+    assert ("**DPO does not clearly beat its start here**" in text) == (low <= 0.5)
+
+
+def test_lcm_report_on_hand_made_runs(tmp_path):
+    demo = _demo_module()
+    _write(tmp_path / "lcm" / "final_metrics.json", {"args": {"max_train_steps": 123}})
+    names = ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
+             "reward-weighted LCM student, 4 steps")
+    rows = [(names[0], 0.0251, 0.0, 0.61, 20), (names[1], 0.0302, 0.0, 0.42, 4), (names[2], 0.0275, 0.0, 0.55, 4),
+            (names[3], 0.0266, 0.0, 0.58, 4)]
+    evaluation = {"win_rates": [{"a": names[3], "b": names[0], "win_rate": 0.45, "low": 0.33, "high": 0.57}]}
+    lines = demo.lcm_report(str(tmp_path), rows, evaluation)
+    assert "123 steps of 16" in lines[2]
+    assert "- teacher (20 UNet calls): masked MSE 0.0251, discriminator 0.610" in lines
+    assert "- the same teacher run for 4 LCM steps without distillation: 0.0302, 0.420" in lines
+    assert "- plain LCM student, 4 steps: 0.0275, 0.550" in lines
+    assert ("- reward-weighted LCM student, 4 steps: 0.0266, 0.580 (discriminator win rate against the 20-step teacher "
+            "0.450 [0.330, 0.570])") in lines

@@ -125,6 +125,22 @@ def check_batch_output(args, jobs, keys):
                         f"(e.g. {old[0]}); pass --overwrite to replace them, or choose another folder")
 
 
+def earlier_results(folder, meta):
+    """The entries of a results meta.json already in `folder` from other inputs (another batch run into
+    the same folder), whose result files are still there: kept, so a second run does not drop them."""
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+    ours = {e["GT"] for e in meta}
+    return [e for e in old if isinstance(e, dict) and isinstance(e.get("GT"), str) and e["GT"] not in ours
+            and os.path.isfile(os.path.join(folder, e["GT"]))]
+
+
 def main(argv=None, four_step=False):
     args = parse_args(argv, four_step)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -168,9 +184,12 @@ def main(argv=None, four_step=False):
         meta = [{**{("reference_GT" if k == "GT" else k): v for k, v in entries[i].extra.items()},
                  "source": os.path.abspath(s), "mask": os.path.abspath(m), "GT": os.path.basename(o)}
                 for i, (s, m, o) in enumerate(jobs)]
-        with open(os.path.join(args.save_path, "meta.json"), "w") as f:
+        meta = earlier_results(args.save_path, meta) + meta
+        tmp = os.path.join(args.save_path, "meta.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
-        print(f"wrote {len(todo)} results and {os.path.join(args.save_path, 'meta.json')}")
+        os.replace(tmp, os.path.join(args.save_path, "meta.json"))
+        print(f"wrote {len(todo)} results and {os.path.join(args.save_path, 'meta.json')} ({len(meta)} entries)")
     else:
         print(f"wrote {args.save_path}")
     batches = -(-len(todo) // args.batch_size) if batch_mode else 1

@@ -105,6 +105,17 @@ def test_meta_batch_mode_writes_results_and_skips_done(tmp_path, tiny_model_dir,
     one = tmp_path / "one"  # batch size does not change a result (per-image seeds)
     _main(_base(tiny_model_dir, "--meta_path", toy_meta, "--save_path", one))
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(one / meta[0]["GT"])))
+    # another batch into the same folder (a folder of images): its results join the meta.json, the first 12 stay
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "masks").mkdir()
+    root = os.path.dirname(toy_meta)
+    for i, e in enumerate(json.load(open(toy_meta))[:2]):
+        Image.open(os.path.join(root, e["source"])).save(tmp_path / "photos" / f"p{i}.png")
+        Image.open(os.path.join(root, e["mask"])).save(tmp_path / "masks" / f"p{i}.png")
+    _main(_base(tiny_model_dir, "--image_path", tmp_path / "photos", "--mask_path", tmp_path / "masks", "--save_path", out))
+    both = json.load(open(out / "meta.json"))
+    assert both[:12] == meta and [e["GT"] for e in both[12:]] == ["p0.png", "p1.png"]
+    assert all(os.path.isfile(out / e["GT"]) for e in both)
 
 
 def test_folder_mode_matches_masks_by_name(tmp_path, tiny_model_dir):

@@ -5,8 +5,12 @@ what earlier ones wrote (experiment/disc, pairs/meta.json, ...). The only change
 `accelerate launch <launcher flags>` runs the script in this process (one rank: the 8-GPU configs
 run on two CPU ranks in test_multiprocess.py), the shell launchers run with NUM_GPUS=1 on the CPU,
 sweeps launch with this Python, and TINY's arguments are appended (32 px, a step or two: the configs
-are real-scale) or, before a sweep's `--`, shrink the sweep. `make demo` / `make test` are the demo
-and CI themselves."""
+are real-scale; two where a config warms the lr up, since the first update of a warm-up runs at lr 0) or, before a sweep's `--`, shrink the sweep. Each command is then checked
+for what the README says it produces (check_products: trained weights that stock diffusers loads and
+that change the UNet, results the size of their inputs, scores and pairs consistent with their inputs,
+tables that match their runs). `make test` is CI itself and `make demo` runs scripts/demo.py, whose
+stages are these scripts and whose reports are tested in tests/test_demo_cli.py: their Makefile
+recipes are checked here."""
 import importlib
 import importlib.util
 import json
@@ -28,10 +32,10 @@ _RL = [*_TRAIN, "--sample_steps", "3", "--sample_batch_size", "2", "--sample_bat
 TINY = {
     "train_RORem.py": [*_TRAIN, "--max_train_steps", "1", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_discriminator.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
-    "train_RORem_dpo.py": [*_TRAIN, "--max_train_steps", "1", "--train_batch_size", "2", "--win_rate_samples", "2",
+    "train_RORem_dpo.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--win_rate_samples", "2",
                            "--num_validation_images", "2", "--validation_steps", "1"],
-    "train_RORem_lcm.py": [*_TRAIN, "--max_train_steps", "1", "--train_batch_size", "2", "--validation_steps", "0"],
-    "train_RORem_lcm_rewarded.py": [*_TRAIN, "--max_train_steps", "1", "--train_batch_size", "2", "--validation_steps", "0"],
+    "train_RORem_lcm.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
+    "train_RORem_lcm_rewarded.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_ddpo.py": _RL,
     "train_RORem_morl.py": [*_RL, "--population", "2", "--generations", "2", "--warmup_generations", "1"],
     "build_preference_pairs.py": ["--resolution", "32", "--inference_steps", "2", "--num_candidates", "2"],
@@ -53,9 +57,6 @@ TINY = {
 SWEEP_TINY = {"sweep_dpo.py": ["--betas", "0.1", "--variants", "lora"], "sweep_lcm.py": ["--thresholds", "--temperatures"]}
 SWEEP_RUN_TINY = ["--validation_steps", "1", "--win_rate_samples", "2", "--num_validation_images", "2"]  # each run validated
 EVAL_WEIGHTS = ("--inception_weights", "--lpips_backbone_weights", "--clip_weights")  # downloads: tested with stand-ins
-
-
-OUTPUT_FLAGS = ("--output_dir", "--save_path", "--output_path", "--output_root", "--export_pairs")
 
 
 def readme_python_blocks():
@@ -154,11 +155,212 @@ def _run_in_process(script, argv, box, monkeypatch, run_script):
     return run_script(module, argv)
 
 
+# ----------------------------------------------------------------------------- what each command produces
+
+def check_make_target(target):
+    """`make test` is CI itself (.ci/run calls it); `make demo` runs scripts/demo.py, whose stages are
+    the README's scripts (each checked below) and whose report sections are tested on hand-made runs in
+    tests/test_demo_cli.py. Here: each target runs what this says, in the environment it installs."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        text = f.read()
+    recipe = re.search(rf"^{target}: (.*)\n((?:\t.*\n)+)", text, re.M)
+    assert recipe, f"no `{target}` target in the Makefile"
+    assert "$(STAMP)" in recipe.group(1)  # the environment is built first, from requirements.txt
+    want = {"demo": "$(BIN)/python scripts/demo.py --work_dir .demo", "test": "$(BIN)/python -m pytest -q tests"}[target]
+    assert recipe.group(2).strip() == want
+    if target == "test":
+        with open(os.path.join(ROOT, ".ci", "run")) as f:
+            assert "make test" in f.read()
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _lora_trained(folder, rank=None):
+    """A LoRA file whose up/B weights moved off zero; every down/A weight of the given rank."""
+    w = _tensors(os.path.join(folder, "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in w.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and max(v.abs().max().item() for v in ups) > 0, f"{folder}: the LoRA did not train"
+    if rank is not None:
+        assert {v.shape[0] for k, v in w.items() if "lora_A" in k or "lora.down" in k} == {rank}
+    return w
+
+
+def _lora_changes_the_unet(box, folder):
+    """Stock diffusers loads the LoRA onto the pipeline and the UNet's output changes."""
+    import torch
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from myutils.planner import unet_inputs
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(box / "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"))
+    torch.manual_seed(0)
+    args, kwargs = unet_inputs(pipe.unet, 1, 32, "cpu")
+    with torch.no_grad():
+        before = pipe.unet(*args, **kwargs).sample
+        pipe.load_lora_weights(str(folder))
+        after = pipe.unet(*args, **kwargs).sample
+    assert (after - before).abs().max() > 0, f"{folder}: loading the LoRA changed nothing"
+
+
+def _unet_trained(box, folder):
+    from diffusers import UNet2DConditionModel
+
+    start = UNet2DConditionModel.from_pretrained(str(box / "path/to/RORem_unet")).state_dict()
+    trained = UNet2DConditionModel.from_pretrained(str(folder)).state_dict()
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 0, f"{folder}: the UNet did not change"
+
+
+def _image(path):
+    from PIL import Image
+
+    return Image.open(path)
+
+
+def _value(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def check_products(name, args, box, result, out, monkeypatch=None, run_script=None):
+    """What the README says each command produces, checked on what it wrote."""
+    import numpy as np
+
+    if name in ("train_RORem.py", "run_train_RORem.sh"):
+        folder = box / (_value(args, "--output_dir") if "--output_dir" in args else args[-1])
+        assert _json(folder / "final_metrics.json")["args"]["resolution"] == 32
+        if "--use_lora" in args:  # the README: rank 64, loaded by stock diffusers onto the pipeline
+            _lora_trained(folder, rank=int(_value(args, "--lora_rank")))
+            _lora_changes_the_unet(box, folder)
+        else:
+            _unet_trained(box, folder / "unet")
+    elif name in ("inference_RORem.py", "inference_RORem_4S.py") and _value(args, "--save_path").endswith(".png"):
+        source = _image(box / _value(args, "--image_path"))
+        result_image = _image(box / _value(args, "--save_path"))
+        assert result_image.size == source.size and result_image.mode == "RGB"
+        a, b = (np.asarray(im.convert("RGB"), np.float32) for im in (source, result_image))
+        hole = np.asarray(_image(box / _value(args, "--mask_path")).convert("L")) > 127
+        assert np.abs(a - b)[hole].max() > 0  # the masked region was repainted
+    elif name == "inference_RORem.py":  # batch modes: one result per input and a scorable meta.json
+        folder = box / _value(args, "--save_path")
+        meta = _json(folder / "meta.json")
+        if "--meta_path" in args:
+            inputs = _json(box / _value(args, "--meta_path"))
+        else:
+            inputs = [{"source": str(box / _value(args, "--image_path") / f)} for f in sorted(os.listdir(box / _value(args, "--image_path")))]
+        mine = {os.path.realpath(e["source"]): e for e in meta}
+        assert all(os.path.realpath(e["source"] if os.path.isabs(e["source"]) else box / e["source"]) in mine for e in inputs)
+        assert all(os.path.isfile(folder / e["GT"]) and {"source", "mask", "GT"} <= set(e) for e in meta)
+        assert os.path.isfile(folder / "made_by.json")
+    elif name == "train_RORem_discriminator.py":
+        folder = box / _value(args, "--output_dir")
+        assert {"cls_pred_branch.pt", "discriminator_config.json"} <= set(os.listdir(folder))
+        _lora_trained(folder)
+    elif name == "inference_RORem_discriminator.py" and "--edited_path" in args:
+        import inference_RORem_discriminator
+
+        (score,) = result
+        assert score >= 0 and f"score {score:.4f}" in out  # the softplus head: >= 0
+        swapped = [a if a != _value(args, "--edited_path") else _value(args, "--image_path") for a in args]
+        (unremoved,) = run_script(inference_RORem_discriminator, swapped)  # the object left in: another score
+        assert unremoved != score
+    elif name == "inference_RORem_discriminator.py":
+        import csv
+
+        rows = list(csv.DictReader(open(box / _value(args, "--output_path"))))
+        meta = _json(box / _value(args, "--meta_path"))
+        assert len(rows) == len(meta) == len(result) and all(float(r["score"]) >= 0 for r in rows)
+        scored = _json(box / _value(args, "--scored_meta_path"))
+        assert [e["discriminator_score"] for e in scored] == pytest.approx([float(r["score"]) for r in rows])
+        assert all(e["score"] in (0, 1) for e in scored)
+    elif name == "build_preference_pairs.py":
+        folder = box / _value(args, "--output_dir")
+        pairs, report = _json(folder / "meta.json"), _json(folder / "report.json")
+        assert len(pairs) == report["natural"]["pairs"] + report.get("generated", {}).get("pairs", 0) > 0
+        assert all(p["preferred_score"] > p["rejected_score"] for p in pairs)
+        if "--meta_path" not in args:  # the sandbox's annotations: score 1 = the GT, score 0 = the source left as it was
+            assert all(p["preferred"] != p["rejected"] and p["rejected"] == p["source"] for p in pairs)
+        else:
+            assert os.path.isfile(folder / "candidates.json")
+    elif name == "run_train_dpo.sh":
+        folder = box / args[2]
+        metrics = _json(folder / "final_metrics.json")["metrics"]
+        assert {"val_preference_accuracy", "val_win_rate", "val_win_rate_low", "val_win_rate_high"} <= set(metrics)
+        _lora_trained(folder)
+        _lora_changes_the_unet(box, folder)
+    elif name in ("sweep_dpo.py", "sweep_lcm.py"):
+        root = box / _value(args, "--output_root")
+        rows = _json(root / "sweep_results.json")
+        assert rows == result and os.path.isfile(root / "sweep_results.md") and os.path.isfile(root / "sweep_results.csv")
+        for row in rows[1:]:  # after the reference/teacher row, each run's own final validation
+            m = _json(root / row["run"] / "final_metrics.json")["metrics"]
+            assert row["win_rate"] == m["val_win_rate"]
+    elif name in ("train_RORem_lcm.py", "run_train_lcm_rewarded.sh"):
+        folder = box / (_value(args, "--output_dir") if "--output_dir" in args else args[-1])
+        _lora_trained(folder)
+        _lora_changes_the_unet(box, folder)
+        if name == "run_train_lcm_rewarded.sh":
+            assert len(_json(folder / "data_scores.json")) == len(_json(box / args[1]))  # each training GT scored once
+    elif name == "convert_lora.py":
+        before = _tensors(box / args[0] / "pytorch_lora_weights.safetensors")
+        after = _tensors(box / args[1] / "pytorch_lora_weights.safetensors")
+        assert len(after) == len(before) and not any("lora.up" in k or "lora.down" in k for k in after)
+        assert sorted(v.sum().item() for v in after.values()) == pytest.approx(sorted(v.sum().item() for v in before.values()))
+    elif name == "train_RORem_ddpo.py" and "--export_pairs" in args:
+        doc = _json(box / _value(args, "--export_pairs") / "pairs.json")
+        assert doc["pairs"] and all(p["label"] is None for p in doc["pairs"])
+        assert all(os.path.isfile(box / _value(args, "--export_pairs") / f"pair-{p['pair']:05d}.png") for p in doc["pairs"])
+    elif name == "train_RORem_ddpo.py":
+        folder = box / _value(args, "--output_dir")
+        metrics = _json(folder / "final_metrics.json")["metrics"]
+        rewards = [r.split("=")[0] for r in _value(args, "--reward").split(",")] if "--reward" in args else []
+        assert {f"eval_reward_{r}" for r in rewards} <= set(metrics) and "eval_kl_to_start" in metrics
+        w = _lora_trained(folder)
+        if "flow_grpo" in _value(args, "--config"):
+            assert all(k.startswith("transformer.") for k in w)
+        else:
+            _lora_changes_the_unet(box, folder)
+    elif name == "train_RORem_morl.py":
+        folder = box / _value(args, "--output_dir")
+        summary = _json(folder / "policies.json")
+        population = int([a for i, a in enumerate(args) if i and args[i - 1] == "--population"][-1])
+        assert [p["name"] for p in summary["policies"][:population]] == [f"policy_{k}" for k in range(population)]
+        assert summary["objectives"] == _value(args, "--objectives").split(",") and os.path.isfile(folder / "front.png")
+        assert len(summary["hypervolume_per_generation"]) == _json(folder / "final_metrics.json")["history"].__len__()
+    elif name == "evaluate_RORem.py":
+        folder = box / _value(args, "--output_dir")
+        systems = [a.split("=")[0] for i, a in enumerate(args) if i and args[i - 1] == "--system"]
+        rows = {r["system"]: r for r in _json(folder / "results.json")["systems"]}
+        assert list(rows) == systems and all(r["masked_mse"] >= 0 for r in rows.values())
+        assert rows["RORem-4S"]["unet_calls_per_image"] == 4
+        assert {w["a"] for w in _json(folder / "results.json")["win_rates"]} <= set(systems)
+    elif name == "bench_train_step.py":
+        assert re.search(r"\| 16x16 \| 32px \| \d+\.\d\d \|", out)  # the cached / uncached ratio row
+    elif name == "bench_lcm.py":
+        assert re.search(r"ratio \d+\.\dx", out) and "x plain" in out
+    elif name == "bench_data.py":
+        assert any("ratio" in line or "/s" in line for line in result) and "64 px jpg" in out
+    elif name == "bench_data_check.py":
+        assert result["rate_1"] > 0 and result["first_node_s"] > 0 and result["fingerprint_s"] >= 0
+    elif name == "plan_memory.py":
+        rows, _ = result
+        assert rows and all(r["total"] > r["weights"] and r["tflop"] > 0 for r in rows)
+    else:
+        raise AssertionError(f"no check of what {name} produces")
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-{_id(c)}" for i, c in enumerate(COMMANDS)])
-def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script):
+def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
     env, words = cmd
     if words[0] == "make":
-        assert words[1:] in (["demo"], ["test"])  # CI runs `make test`; `make demo` is the demo
+        check_make_target(words[1])
         return
     script, args = _script_and_args(words)
     name = os.path.basename(script)
@@ -178,8 +380,7 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script):
         res = subprocess.run(["bash", str(sandbox / script), *args, *TINY[trainer]], cwd=sandbox, env=run_env,
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(words)}\n{res.stderr[-3000:]}"
-        out = sandbox / [a for a in args if not a.startswith("-")][-1 if "--" not in " ".join(args) else 2]
-        assert os.listdir(out), f"{' '.join(words)}: wrote nothing to {out}"
+        check_products(name, [a for a in args if not a.startswith("-")], sandbox, None, res.stdout)
         return
     else:
         args = [a for i, a in enumerate(args) if a not in EVAL_WEIGHTS and (i == 0 or args[i - 1] not in EVAL_WEIGHTS)]
@@ -190,11 +391,9 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script):
         for p in doc["pairs"]:
             p["label"] = p["label"] or ("a" if p["reward_a"] >= p["reward_b"] else "b")
         path.write_text(json.dumps(doc))
-    _run_in_process(script, args, sandbox, monkeypatch, run_script)
-    for i, a in enumerate(args[:-1]):
-        if a in OUTPUT_FLAGS and not (a == "--output_dir" and "--export_pairs" in args):  # what the command was for was written
-            out = sandbox / args[i + 1]
-            assert out.is_file() or (out.is_dir() and os.listdir(out)), f"{' '.join(words)}: wrote nothing to {args[i + 1]}"
+    capsys.readouterr()
+    result = _run_in_process(script, args, sandbox, monkeypatch, run_script)
+    check_products(name, args, sandbox, result, capsys.readouterr().out, monkeypatch=monkeypatch, run_script=run_script)
 
 
 def test_readme_python_runs_in_the_sandbox(sandbox, monkeypatch):

@@ -1,16 +1,16 @@
-"""Every command in the README runs. Each ```bash block is split into commands, which run in README
-order in a sandbox folder where the README's placeholder paths (path/to/RORem_unet, data/meta.json,
-diffusers/stable-diffusion-xl-1.0-inpainting-0.1, ...) are the tiny fixtures, so later commands use
-what earlier ones wrote (experiment/disc, pairs/meta.json, ...). The only changes, all below:
-`accelerate launch <launcher flags>` runs the script in this process (one rank: the 8-GPU configs
-run on two CPU ranks in test_multiprocess.py), the shell launchers run with NUM_GPUS=1 on the CPU,
-sweeps launch with this Python, and TINY's arguments are appended (32 px, a step or two: the configs
-are real-scale; two where a config warms the lr up, since the first update of a warm-up runs at lr 0) or, before a sweep's `--`, shrink the sweep. Each command is then checked
-for what the README says it produces (check_products: trained weights that stock diffusers loads and
-that change the UNet, results the size of their inputs, scores and pairs consistent with their inputs,
-tables that match their runs). `make test` is CI itself and `make demo` runs scripts/demo.py, whose
-stages are these scripts and whose reports are tested in tests/test_demo_cli.py: their Makefile
-recipes are checked here."""
+"""Every command in the README runs. Each ```bash block is split into commands, which run in README order
+in a sandbox folder where the README's placeholder paths (path/to/RORem_unet, data/meta.json,
+diffusers/stable-diffusion-xl-1.0-inpainting-0.1, ...) are the tiny fixtures, so later commands use what
+earlier ones wrote (experiment/disc, pairs/meta.json, ...). The only changes, all below: `accelerate
+launch <launcher flags>` runs the script in this process (one rank: the 8-GPU configs run on two CPU
+ranks in test_multiprocess.py), the shell launchers run with NUM_GPUS=1 on the CPU, sweeps launch with
+this Python, and TINY's arguments are appended (32 px, a step or two: the configs are real-scale; two
+where a config warms the lr up, since the first update of a warm-up runs at lr 0) or, before a sweep's
+`--`, shrink the sweep. Each command is then checked for what the README says it produces
+(check_products: trained weights that stock diffusers loads and that change the UNet, results the size
+of their inputs, scores and pairs consistent with their inputs, tables that match their runs). `make
+test` is CI itself and `make demo` runs scripts/demo.py, whose stages are these scripts and whose
+reports are tested in tests/test_demo_cli.py: their Makefile recipes are checked here."""
 import importlib
 import importlib.util
 import json

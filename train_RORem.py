@@ -12,20 +12,21 @@ import argparse
 
 import torch.nn.functional as F
 
-from myutils import train_util as tu
 from myutils.args import FRACTION
 from myutils.errors import UserError, run_cli
+from myutils.models import load_unet_weights, save_unet
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
+from training import adapters, checkpoint, config, loop, prepare, validation
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tu.add_common_args(parser, meta_kind="triplet")
+    config.add_common_args(parser, meta_kind="triplet")
     g = parser.add_argument_group("remover")
     g.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the UNet weights (full fine-tune only)")
     g.add_argument("--ema_decay", type=FRACTION, default=0.9999)
-    args = tu.parse_args(parser, argv)
+    args = config.parse_args(parser, argv)
     if args.use_ema and args.use_lora:
         raise UserError("--use_ema applies to full fine-tuning; drop it or --use_lora")
     return args
@@ -56,13 +57,13 @@ def diffusion_loss(unet, comps, batch, resolution, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = tu.make_accelerator(args)
-    entries, val_entries = tu.load_train_and_validation(args, "triplet", accelerator)
-    dtype = tu.weight_dtype(accelerator)
-    comps = tu.Components(args, accelerator, dtype)
+    accelerator = prepare.make_accelerator(args)
+    entries, val_entries = prepare.load_train_and_validation(args, "triplet", accelerator)
+    dtype = prepare.weight_dtype(accelerator)
+    comps = prepare.Components(args, accelerator, dtype)
     unet = comps.unet
     if args.use_lora:
-        tu.add_lora(unet, args, dtype)
+        adapters.add_lora(unet, args, dtype)
     else:
         unet.requires_grad_(True)
     ema = None
@@ -73,19 +74,19 @@ def main(argv=None):
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see every param
 
-    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT", "masked"))
-    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
+    dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=("GT", "masked"))
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
     if ema is not None:
         ema.to(accelerator.device)
-    tu.register_checkpoint_hooks(accelerator, lambda m, d: tu.save_unet(m, d, args.use_lora),
-                                 lambda m, d: tu.load_unet_weights(m, d, args.use_lora), ema)
-    tu.init_trackers(accelerator, args, "train_RORem")
-    val_samples = tu.validation_samples(args, val_entries) if args.validation_steps else []
+    checkpoint.register_hooks(accelerator, lambda m, d: save_unet(m, d, args.use_lora),
+                                 lambda m, d: load_unet_weights(m, d, args.use_lora), ema)
+    prepare.init_trackers(accelerator, args, "train_RORem")
+    val_samples = validation.validation_samples(args, val_entries) if args.validation_steps else []
 
-    global_step = tu.resume(accelerator, args)
-    tu.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
+    global_step = checkpoint.resume(accelerator, args)
+    prepare.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
                    args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
-    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):
             loss = diffusion_loss(unet, comps, batch, args.resolution, args.seed)
@@ -95,11 +96,11 @@ def main(argv=None):
         if not run.end_of_step():
             continue
         if args.validation_steps and run.global_step % args.validation_steps == 0:
-            tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
+            validation.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
     run.finish()
     if args.validation_steps and run.global_step % args.validation_steps:
-        tu.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
-    tu.save_final(accelerator, args, unet, lambda m, d: tu.save_unet(m, d, args.use_lora), ema)
+        validation.run_validation(accelerator, args, comps, unet, val_samples, run.global_step)
+    checkpoint.save_final(accelerator, args, unet, lambda m, d: save_unet(m, d, args.use_lora), ema)
     return args.output_dir
 
 

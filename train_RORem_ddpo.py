@@ -37,21 +37,21 @@ import os
 
 import torch
 
-from myutils import rl_loop
-from myutils import train_util as tu
 from myutils.errors import UserError, run_cli
 from myutils.img_util import tensor_to_pil
+from myutils.models import load_unet_weights, save_unet
 from myutils.rl_utils import PerInputStatTracker, clip_advantages, group_advantages, pair_preferences
+from training import adapters, checkpoint, config, loop, prepare, rl_loop, rl_pairs, validation
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tu.add_common_args(parser, meta_kind="input")
-    rl_loop.add_rl_args(parser)
+    config.add_common_args(parser, meta_kind="input")
+    config.add_rl_args(parser)
     parser.set_defaults(use_lora=True, learning_rate=3e-4, train_batch_size=4, num_train_epochs=100, validation_steps=0,
                         checkpointing_steps=0)
-    args = tu.parse_args(parser, argv)
-    rl_loop.check_rl_args(args, "train_RORem_ddpo.py")
+    args = config.parse_args(parser, argv)
+    config.check_rl_args(args, "train_RORem_ddpo.py")
     return args
 
 
@@ -59,26 +59,26 @@ def main(argv=None):
     args = parse_args(argv)
     user_accumulation = args.gradient_accumulation_steps
     args.gradient_accumulation_steps = user_accumulation * rl_loop.train_timesteps(args)  # accumulate over the trained steps too
-    accelerator = tu.make_accelerator(args)
+    accelerator = prepare.make_accelerator(args)
     kind = "triplet" if "gt" in args.rewards else "input"
-    entries, val_entries = tu.load_train_and_validation(args, kind, accelerator)
-    dtype = tu.weight_dtype(accelerator)
+    entries, val_entries = prepare.load_train_and_validation(args, kind, accelerator)
+    dtype = prepare.weight_dtype(accelerator)
     sampler = rl_loop.load_sampler(args, accelerator, dtype)
     unet = sampler.model
-    params = tu.add_lora(unet, args, dtype)
+    params = adapters.add_lora(unet, args, dtype)
     reward_model = rl_loop.load_reward(args, accelerator, dtype)
     loader, steps_per_epoch = rl_loop.sampling_loader(args, entries, kind, accelerator, user_accumulation)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch) if args.max_train_steps else args.num_train_epochs
-    optimizer = tu.make_optimizer(args, params, accelerator)
-    lr_scheduler = tu.make_lr_scheduler(args, optimizer, num_epochs * steps_per_epoch, accelerator)
+    optimizer = prepare.make_optimizer(args, params, accelerator)
+    lr_scheduler = prepare.make_lr_scheduler(args, optimizer, num_epochs * steps_per_epoch, accelerator)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     raw = accelerator.unwrap_model(unet)
     tracker = PerInputStatTracker(args.stat_buffer_size, args.stat_min_count)
     accelerator.register_for_checkpointing(tracker)
-    save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
-    tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True))
-    tu.init_trackers(accelerator, args, "train_RORem_ddpo")
-    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
+    save = lambda m, d: save_unet(m, d, lora=True)  # noqa: E731
+    checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, lora=True))
+    prepare.init_trackers(accelerator, args, "train_RORem_ddpo")
+    eval_samples = validation.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
     history, id_cache = {}, {}
 
     def run_eval(epoch, step):
@@ -92,22 +92,22 @@ def main(argv=None):
         history.setdefault("start", metrics)
         history["final"] = metrics
         history.setdefault("evals", []).append({"epoch": epoch, "step": step, **metrics, "per_sample": per_sample})
-        tu.log_validation(accelerator, {**metrics, "eval_epoch": epoch}, step)
+        validation.log_validation(accelerator, {**metrics, "eval_epoch": epoch}, step)
         if "images" not in history:
             history["images"] = images
         n = args.num_validation_images
-        source, mask = tu.input_rows(eval_samples[:n])
-        path = tu.save_validation_grid(accelerator, args, [source, mask, [tensor_to_pil(x) for x in history["images"][:n]],
+        source, mask = validation.input_rows(eval_samples[:n])
+        path = validation.save_validation_grid(accelerator, args, [source, mask, [tensor_to_pil(x) for x in history["images"][:n]],
                                                            [tensor_to_pil(x) for x in images[:n]]], step)
         with open(path.replace(".png", ".json"), "w") as f:  # each column's rewards, start and current
             json.dump({"rows": ["source", "mask", "start", "current"], "start": history["evals"][0]["per_sample"][:n],
                        "current": per_sample[:n]}, f, indent=1)
 
-    global_step = tu.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args)
     first_epoch = global_step // steps_per_epoch
-    stream = tu.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
+    stream = prepare.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
                               1, 10 ** 9)
-    run = tu.TrainingRun(accelerator, args, None, num_epochs * steps_per_epoch, num_epochs, global_step)
+    run = loop.TrainingRun(accelerator, args, None, num_epochs * steps_per_epoch, num_epochs, global_step)
     if global_step == 0 and not args.export_pairs:
         run_eval(0, 0)
     last_epoch = first_epoch + 1 if args.pair_labels else num_epochs  # labelled pairs: one epoch per labelling round
@@ -121,14 +121,14 @@ def main(argv=None):
             batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
         else:
             if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
-                batches, all_rewards, adv = rl_loop.load_labelled_pairs(args, accelerator, run.global_step)
+                batches, all_rewards, adv = rl_pairs.load_labelled_pairs(args, accelerator, run.global_step)
                 components = {}
             else:
                 # 1. sample trajectories with the current policy, no grad
                 batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
                 all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
                 if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
-                    rl_loop.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
+                    rl_pairs.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
                     break
                 # 2. advantages over what every process sampled
                 ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
@@ -151,7 +151,7 @@ def main(argv=None):
                               args.seed * 7919 + epoch, logs, start_step)
         # 4. checkpoint and evaluate at epoch ends
         if (args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0) or args.pair_labels:
-            tu.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it
+            checkpoint.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it
         if (args.eval_epochs and (epoch + 1) % args.eval_epochs == 0) or epoch + 1 == last_epoch:
             run_eval(epoch + 1, run.global_step)
     pool.shutdown()
@@ -164,7 +164,7 @@ def main(argv=None):
         final = {**{f"start_{k}": v for k, v in history["start"].items()}, **history["final"]}
         with open(os.path.join(args.output_dir, "reward_history.json"), "w") as f:
             json.dump({k: v for k, v in history.items() if k != "images"}, f, indent=1)
-    tu.save_final(accelerator, args, unet, save, metrics=final)
+    checkpoint.save_final(accelerator, args, unet, save, metrics=final)
     return final
 
 

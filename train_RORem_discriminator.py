@@ -20,19 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
-from myutils import train_util as tu
 from myutils.args import POSITIVE, SCORE, real
 from myutils.data import RemovalDataset, stack_samples, to_device
+from myutils.discriminator_files import add_discriminator_lora, load_discriminator_weights, save_discriminator
 from myutils.errors import run_cli
 from myutils.metrics import accuracy_at, roc_auc
-from myutils.reward_utils import add_discriminator_lora, load_discriminator_weights, save_discriminator
 from myutils.rng import sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
+from training import checkpoint, config, loop, prepare
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tu.add_common_args(parser, meta_kind="scored", lora=False)
+    config.add_common_args(parser, meta_kind="scored", lora=False)
     g = parser.add_argument_group("discriminator")
     g.add_argument("--rank", type=POSITIVE, default=4, help="LoRA rank on to_q, to_k, to_v, to_out.0")
     g.add_argument("--train_full", action=argparse.BooleanOptionalAction, default=False, help="train the whole encoder and head instead of LoRA + head")
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     g.add_argument("--val_meta_path", nargs="+", default=None, help="held-out scored entries")
     g.add_argument("--val_fraction", type=real(minimum=0, below=1), default=0.1, help="without --val_meta_path: share of sources held out")
     g.add_argument("--threshold", type=SCORE, default=0.5, help="score threshold for the accuracy")
-    args = tu.parse_args(parser, argv)
+    args = config.parse_args(parser, argv)
     return args
 
 
@@ -117,25 +117,25 @@ def evaluate(disc, comps, dataset, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = tu.make_accelerator(args)
-    entries = tu.load_entries(args.meta_path, "scored", accelerator, check=not args.skip_data_check, output_dir=args.output_dir)
+    accelerator = prepare.make_accelerator(args)
+    entries = prepare.load_entries(args.meta_path, "scored", accelerator, check=not args.skip_data_check, output_dir=args.output_dir)
     if args.val_meta_path:
-        val_entries = tu.load_entries(args.val_meta_path, "scored", accelerator, what="--val_meta_path", output_dir=args.output_dir)
+        val_entries = prepare.load_entries(args.val_meta_path, "scored", accelerator, what="--val_meta_path", output_dir=args.output_dir)
     else:
         entries, val_entries = split_by_source(entries, args.val_fraction, args.seed)
-    tu.logger.info(describe("train", entries))
-    tu.logger.info(describe("held out", val_entries))
-    dtype = tu.weight_dtype(accelerator)
-    comps = tu.Components(args, accelerator, dtype)
+    prepare.logger.info(describe("train", entries))
+    prepare.logger.info(describe("held out", val_entries))
+    dtype = prepare.weight_dtype(accelerator)
+    comps = prepare.Components(args, accelerator, dtype)
     disc = build_discriminator(args, comps, dtype).to(accelerator.device).train()
     params = [p for p in disc.parameters() if p.requires_grad]
 
-    dataset = tu.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "source"))
+    dataset = prepare.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "source"))
     val_dataset = RemovalDataset(val_entries, "scored", args.resolution)
-    disc, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, disc, params, dataset)
+    disc, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, disc, params, dataset)
     save = lambda m, d: save_discriminator(m, d, lora=not args.train_full)  # noqa: E731
-    tu.register_checkpoint_hooks(accelerator, save, load_discriminator_weights)
-    tu.init_trackers(accelerator, args, "train_RORem_discriminator")
+    checkpoint.register_hooks(accelerator, save, load_discriminator_weights)
+    prepare.init_trackers(accelerator, args, "train_RORem_discriminator")
 
     last = {}
 
@@ -145,13 +145,13 @@ def main(argv=None):
         if accelerator.is_main_process and len(val_dataset):
             metrics = evaluate(accelerator.unwrap_model(disc), comps, val_dataset, args, accelerator.device)
             accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-            tu.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None))
+            prepare.logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None))
             last[step] = metrics
             return metrics
 
-    global_step = tu.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args)
     initial = validate(global_step) if global_step == 0 else None  # the untrained baseline
-    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(disc):
             loss = discriminator_loss(disc, comps, batch, args)
@@ -162,7 +162,7 @@ def main(argv=None):
             validate(run.global_step)
     run.finish()
     final = validate(run.global_step)
-    tu.save_final(accelerator, args, disc, save)
+    checkpoint.save_final(accelerator, args, disc, save)
     return {"initial": initial, "final": final}
 
 

@@ -21,19 +21,20 @@ import contextlib
 
 import torch
 
-from myutils import train_util as tu
 from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils.data import stack_samples, to_device
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
 from myutils.errors import UserError, run_cli
+from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
+from training import adapters, checkpoint, config, loop, prepare, validation
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tu.add_common_args(parser, meta_kind="pair", meta_aliases=("--preference_data",))
+    config.add_common_args(parser, meta_kind="pair", meta_aliases=("--preference_data",))
     g = parser.add_argument_group("DPO")
     g.add_argument("--beta", type=POSITIVE_REAL, default=5000.0)
     g.add_argument("--beta_unit", choices=["mean", "sum"], default="mean", help="what --beta multiplies (see the top)")
@@ -44,7 +45,7 @@ def parse_args(argv=None):
                    help="a discriminator folder: validation also reports the win rate of policy vs reference")
     g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64, help="held-out inputs for the win rate")
     parser.set_defaults(learning_rate=2.048e-5, validation_steps=0)
-    args = tu.parse_args(parser, argv)
+    args = config.parse_args(parser, argv)
     if (args.beta_schedule != "constant") != (args.beta_end is not None):  # one without the other does nothing
         raise UserError(f"--beta_schedule {args.beta_schedule} and --beta_end {args.beta_end}: a linear or cosine schedule needs "
                         "--beta_end, and --beta_end needs one")
@@ -78,7 +79,7 @@ def reference_model(unet, ref_unet):
     if ref_unet is not None:
         yield ref_unet
     else:
-        with tu.adapters_disabled(unet):
+        with adapters.disabled(unet):
             yield unet
 
 
@@ -116,29 +117,29 @@ def preference_accuracy(unet, ref_unet, comps, samples, resolution, chunk=8):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = tu.make_accelerator(args)
-    entries, val_entries = tu.load_train_and_validation(args, "pair", accelerator)
-    dtype = tu.weight_dtype(accelerator)
-    comps = tu.Components(args, accelerator, dtype)
+    accelerator = prepare.make_accelerator(args)
+    entries, val_entries = prepare.load_train_and_validation(args, "pair", accelerator)
+    dtype = prepare.weight_dtype(accelerator)
+    comps = prepare.Components(args, accelerator, dtype)
     unet, ref_unet = comps.unet, None
     if args.use_lora:
-        tu.add_lora(unet, args, dtype)
+        adapters.add_lora(unet, args, dtype)
     else:
         ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype).eval()
         unet.requires_grad_(True)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
 
-    dataset = tu.make_train_dataset(args, entries, "pair", accelerator, comps.vae, cache_keys=("preferred", "rejected", "masked"))
-    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
-    save = lambda m, d: tu.save_unet(m, d, args.use_lora)  # noqa: E731
-    tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, args.use_lora))
-    tu.init_trackers(accelerator, args, "train_RORem_dpo")
+    dataset = prepare.make_train_dataset(args, entries, "pair", accelerator, comps.vae, cache_keys=("preferred", "rejected", "masked"))
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
+    save = lambda m, d: save_unet(m, d, args.use_lora)  # noqa: E731
+    checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, args.use_lora))
+    prepare.init_trackers(accelerator, args, "train_RORem_dpo")
     validating = args.validation_steps and accelerator.is_main_process
     reward = (load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution, accelerator.device,
                                 dtype, args.variant, flags=TRAINING_FLAGS) if validating and args.discriminator_path else None)
     count = max(args.win_rate_samples, args.num_validation_images) if reward else None
-    val_samples = tu.validation_samples(args, val_entries, "pair", count) if validating else []
+    val_samples = validation.validation_samples(args, val_entries, "pair", count) if validating else []
     reference = {}  # the reference's results and scores: the same at every validation
     latent_shape = None
 
@@ -151,20 +152,20 @@ def main(argv=None):
         model.eval()
         metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution,
                                                                   args.validation_batch_size)}
-        results = tu.sample_validation(accelerator, args, comps, model, val_samples)
+        results = validation.sample_validation(accelerator, args, comps, model, val_samples)
 
         def reference_results():
             with reference_model(model, ref_unet) as ref:
-                return tu.sample_validation(accelerator, args, comps, ref, val_samples)
+                return validation.sample_validation(accelerator, args, comps, ref, val_samples)
 
-        metrics.update(tu.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
+        metrics.update(validation.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
                                                  reward, reference))
         model.train()
-        tu.log_validation(accelerator, metrics, step)
+        validation.log_validation(accelerator, metrics, step)
         return metrics
 
-    global_step, final = tu.resume(accelerator, args), None
-    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    global_step, final = checkpoint.resume(accelerator, args), None
+    run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):
             x, t, target, kw = pair_inputs(comps, batch, args.resolution, args.seed)
@@ -186,7 +187,7 @@ def main(argv=None):
     run.finish()
     if args.validation_steps and (final is None or run.global_step % args.validation_steps):
         final = validate(run.global_step)  # unless this very step was just validated
-    tu.save_final(accelerator, args, unet, save, metrics=final)
+    checkpoint.save_final(accelerator, args, unet, save, metrics=final)
     return final
 
 

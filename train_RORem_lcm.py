@@ -24,15 +24,16 @@ import os
 
 import torch
 
-from myutils import train_util as tu
 from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SCORE, real
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
-from myutils.reward_utils import (TRAINING_FLAGS, WEIGHTINGS, ScoreMemory, load_reference, load_reward_model, reward_weights,
+from myutils.models import load_unet_weights, save_unet
+from myutils.reward_utils import (ScoreMemory, TRAINING_FLAGS, WEIGHTINGS, load_reference, load_reward_model, reward_weights,
                                   score_entries, weight_stats)
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.schedules import value_at
 from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
+from training import adapters, checkpoint, config, loop, prepare, validation
 
 QUALITY_PROMPT = "4K, high quality, masterpiece, Highly detailed, Sharp focus, Professional, photorealistic, realistic"
 NEGATIVE_PROMPT = "low quality, worst, bad proportions, blurry, extra finger, Deformed, disfigured, unclear background"
@@ -41,7 +42,7 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 
 
 def add_lcm_args(parser):
-    tu.add_common_args(parser, meta_kind="triplet", unet_aliases=("--pretrained_teacher_unet",))
+    config.add_common_args(parser, meta_kind="triplet", unet_aliases=("--pretrained_teacher_unet",))
     g = parser.add_argument_group("LCM distillation")
     g.add_argument("--num_ddim_timesteps", type=POSITIVE, default=50, help="N: the solver's timesteps")
     g.add_argument("--w_min", type=NONNEGATIVE_REAL, default=3.0, help="teacher guidance w ~ U[w_min, w_max]; x0 = c + w (c - u)")
@@ -79,7 +80,7 @@ def parse_args(argv=None, rewarded=False):
     """rewarded: train_RORem_lcm_rewarded.py's entry point, which requires --discriminator_path."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_lcm_args(parser)
-    args = tu.parse_args(parser, argv)
+    args = config.parse_args(parser, argv)
     if rewarded and not args.discriminator_path:
         raise UserError("--discriminator_path is required (the discriminator folder whose scores weight the loss)")
     if not args.use_lora:
@@ -147,7 +148,7 @@ def distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, key
         return model(unet_input(x, batch["mask_latent"], masked).to(dtype), t, **condition.unet_kwargs(*size)).sample
 
     def teacher(x, t):  # the base model: the LoRA off
-        with tu.adapters_disabled(raw):
+        with adapters.disabled(raw):
             cond = call(raw, comps.guidance[0], x, t)
             if args.w_max == 0:  # w = 0 everywhere: the unconditional branch would be multiplied by 0
                 return cond, cond
@@ -192,12 +193,12 @@ def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memor
 
 def main(argv=None, rewarded=False):
     args = parse_args(argv, rewarded)
-    accelerator = tu.make_accelerator(args)
-    entries, val_entries = tu.load_train_and_validation(args, "triplet", accelerator)
-    dtype = tu.weight_dtype(accelerator)
-    comps = tu.Components(args, accelerator, dtype, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
+    accelerator = prepare.make_accelerator(args)
+    entries, val_entries = prepare.load_train_and_validation(args, "triplet", accelerator)
+    dtype = prepare.weight_dtype(accelerator)
+    comps = prepare.Components(args, accelerator, dtype, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
     unet = comps.unet
-    tu.add_lora(unet, args, dtype)
+    adapters.add_lora(unet, args, dtype)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     ema = None
@@ -217,17 +218,17 @@ def main(argv=None, rewarded=False):
     memory = ScoreMemory(args.score_every)
 
     keys = ("GT", "masked", "source") if reward and args.reward_source != "data" else ("GT", "masked")
-    dataset = tu.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
-    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = tu.prepare_training(args, accelerator, unet, params, dataset)
+    dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
     if ema is not None:
         ema.to(accelerator.device)
-    save = lambda m, d: tu.save_unet(m, d, lora=True)  # noqa: E731
-    tu.register_checkpoint_hooks(accelerator, save, lambda m, d: tu.load_unet_weights(m, d, lora=True), ema)
+    save = lambda m, d: save_unet(m, d, lora=True)  # noqa: E731
+    checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, lora=True), ema)
     accelerator.register_for_checkpointing(memory)
-    tu.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
+    prepare.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
     validating = args.validation_steps and accelerator.is_main_process
     count = max(args.win_rate_samples, args.num_validation_images)
-    val_samples = tu.validation_samples(args, val_entries, "triplet", count) if validating else []
+    val_samples = validation.validation_samples(args, val_entries, "triplet", count) if validating else []
     teacher_cache = {}
 
     def validate(step):
@@ -239,20 +240,20 @@ def main(argv=None, rewarded=False):
 
         model = accelerator.unwrap_model(unet)
         lcm = LCMScheduler.from_config(comps.sample_scheduler_config)
-        results = tu.sample_validation(accelerator, args, comps, model, val_samples, steps=args.validation_lcm_steps, scheduler=lcm,
+        results = validation.sample_validation(accelerator, args, comps, model, val_samples, steps=args.validation_lcm_steps, scheduler=lcm,
                                        strength=args.validation_lcm_strength)
 
         def teacher_results():
-            with tu.adapters_disabled(model):
-                return tu.sample_validation(accelerator, args, comps, model, val_samples)
+            with adapters.disabled(model):
+                return validation.sample_validation(accelerator, args, comps, model, val_samples)
 
-        metrics = tu.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache,
+        metrics = validation.compare_with_reference(accelerator, args, val_samples, results, teacher_results, step, "GT", reward, teacher_cache,
                                             mse_key="GT")
-        tu.log_validation(accelerator, metrics, step)
+        validation.log_validation(accelerator, metrics, step)
         return metrics
 
-    global_step, final = tu.resume(accelerator, args), None
-    run = tu.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    global_step, final = checkpoint.resume(accelerator, args), None
+    run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):
             model_pred, target, teacher_x0, batch = distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, keys)
@@ -268,7 +269,7 @@ def main(argv=None, rewarded=False):
                 metrics = {"score_mean": all_scores.mean().item(), "score_std": all_scores.std(unbiased=False).item(),
                            "reward_threshold": threshold, "reward_temperature": temperature, **weight_stats(all_weights)}
                 if accelerator.sync_gradients:
-                    tu.log_histogram(accelerator, "scores", all_scores, run.global_step + 1)
+                    validation.log_histogram(accelerator, "scores", all_scores, run.global_step + 1)
                 if all_weights.sum() == 0:
                     run.skip_batch()  # nothing kept in the global batch: no update, counted as skipped
             if not run.window_skipped:
@@ -283,7 +284,7 @@ def main(argv=None, rewarded=False):
     run.finish()
     if args.validation_steps and (final is None or run.global_step % args.validation_steps):
         final = validate(run.global_step)
-    tu.save_final(accelerator, args, unet, save, metrics=final)
+    checkpoint.save_final(accelerator, args, unet, save, metrics=final)
     return final
 
 

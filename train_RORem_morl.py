@@ -8,7 +8,7 @@ Pareto archive of what they reach, and the front's hypervolume per generation.
         --objectives discriminator,preserve --population 6 --output_dir experiment/RORem_MORL
 
 Each generation, every population slot trains --epochs_per_generation GRPO epochs (the sampling and
-policy-gradient pass of myutils/rl_loop.py, with that slot's LoRA active) on the advantage
+policy-gradient pass of training/rl_loop.py, with that slot's LoRA active) on the advantage
 sum_j w_j x (reward j normalised within each input's group), so weights do not depend on the
 rewards' units. Every slot is then evaluated on held-out inputs (deterministic sampler, fixed
 noises, the mean of each objective) and offered to the Pareto archive. The first
@@ -33,18 +33,18 @@ import numpy as np
 import torch
 
 from myutils import morl_utils as mo
-from myutils import rl_loop
-from myutils import train_util as tu
 from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE
 from myutils.errors import UserError, run_cli
+from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import REWARDS
 from myutils.rl_utils import clip_advantages, group_advantages
+from training import adapters, checkpoint, config, loop, prepare, rl_loop, validation
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tu.add_common_args(parser, meta_kind="input")
-    rl_loop.add_rl_args(parser)
+    config.add_common_args(parser, meta_kind="input")
+    config.add_rl_args(parser)
     g = parser.add_argument_group("multi-objective (PGMORL)")
     g.add_argument("--objectives", default="", help="comma-separated rewards to trade off, e.g. discriminator,preserve")
     g.add_argument("--population", type=POSITIVE, default=6, help="LoRA policies trained side by side on one base model")
@@ -57,14 +57,14 @@ def parse_args(argv=None):
                    help="comma-separated reference point of the hypervolume (default: the start minus half its size, minus 1e-3)")
     parser.set_defaults(use_lora=True, algorithm="grpo", group_size=4, learning_rate=3e-4, train_batch_size=4, validation_steps=0,
                         checkpointing_steps=0, eval_samples=32)
-    args = tu.parse_args(parser, argv)
+    args = config.parse_args(parser, argv)
     args.objective_names = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in args.objective_names if o not in REWARDS]
     if unknown or len(args.objective_names) < 2:
         raise UserError(f"--objectives {args.objectives!r}: give at least two of {', '.join(REWARDS)}"
                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
     args.reward = ",".join(f"{o}=1" for o in args.objective_names)  # every component is computed; the weights are per policy
-    rl_loop.check_rl_args(args, "train_RORem_morl.py")
+    config.check_rl_args(args, "train_RORem_morl.py")
     if args.algorithm != "grpo":
         raise UserError("train_RORem_morl.py normalises each objective within groups: use --algorithm grpo")
     if args.population < 2 or not 0 < args.warmup_generations <= args.generations:
@@ -143,23 +143,23 @@ def main(argv=None):
     args = parse_args(argv)
     user_accumulation = args.gradient_accumulation_steps
     args.gradient_accumulation_steps = user_accumulation * rl_loop.train_timesteps(args)
-    accelerator = tu.make_accelerator(args, find_unused_parameters=True)
+    accelerator = prepare.make_accelerator(args, find_unused_parameters=True)
     kind = "triplet" if "gt" in args.rewards else "input"
-    entries, val_entries = tu.load_train_and_validation(args, kind, accelerator)
-    dtype = tu.weight_dtype(accelerator)
+    entries, val_entries = prepare.load_train_and_validation(args, kind, accelerator)
+    dtype = prepare.weight_dtype(accelerator)
     sampler = rl_loop.load_sampler(args, accelerator, dtype)
     model = sampler.model
     slots = [f"policy_{k}" for k in range(args.population)]
-    params = [tu.add_lora(model, args, dtype, adapter_name=name) for name in slots]  # one base, one LoRA per policy
+    params = [adapters.add_lora(model, args, dtype, adapter_name=name) for name in slots]  # one base, one LoRA per policy
     for p in sum(params, []):
         p.requires_grad_(True)  # the active adapter decides what a forward uses; DDP sees all of them
     reward_model = rl_loop.load_reward(args, accelerator, dtype)
     loader, steps_per_epoch = rl_loop.sampling_loader(args, entries, kind, accelerator, user_accumulation)
     steps_per_generation = steps_per_epoch * args.epochs_per_generation * args.population
     total_steps = steps_per_generation * args.generations
-    optimizers = [tu.make_optimizer(args, p, accelerator) for p in params]
+    optimizers = [prepare.make_optimizer(args, p, accelerator) for p in params]
     # each policy's schedule steps only while that policy trains: 1/population of all steps
-    schedulers = [tu.make_lr_scheduler(args, o, total_steps // args.population, accelerator) for o in optimizers]
+    schedulers = [prepare.make_lr_scheduler(args, o, total_steps // args.population, accelerator) for o in optimizers]
     model, *rest = accelerator.prepare(model, *optimizers, *schedulers)
     optimizers, schedulers = rest[:args.population], rest[args.population:]
     raw = accelerator.unwrap_model(model)
@@ -168,15 +168,15 @@ def main(argv=None):
 
     def save_all(m, folder):
         for name in slots:
-            tu.save_unet(m, os.path.join(folder, name), lora=True, adapter=name)
+            save_unet(m, os.path.join(folder, name), lora=True, adapter=name)
 
     def load_all(m, folder):
         for name in slots:
-            tu.load_unet_weights(m, os.path.join(folder, name), lora=True, adapter=name)
+            load_unet_weights(m, os.path.join(folder, name), lora=True, adapter=name)
 
-    tu.register_checkpoint_hooks(accelerator, save_all, load_all)
-    tu.init_trackers(accelerator, args, "train_RORem_morl")
-    eval_samples = tu.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
+    checkpoint.register_hooks(accelerator, save_all, load_all)
+    prepare.init_trackers(accelerator, args, "train_RORem_morl")
+    eval_samples = validation.validation_samples(args, val_entries, kind, args.eval_samples)  # every rank evaluates a share
     names = args.objective_names
 
     def activate(k):
@@ -189,18 +189,18 @@ def main(argv=None):
         all get the same numbers, so all make the same choices."""
         raw.eval()
         if adapter is None:
-            with tu.adapters_disabled(raw):
+            with adapters.disabled(raw):
                 metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
         else:
             activate(adapter)
             metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
         return [metrics[f"eval_reward_{n}"] for n in names]
 
-    global_step = tu.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args)
     first_generation = global_step // steps_per_generation
-    stream = tu.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
+    stream = prepare.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
                               1, 10 ** 9)
-    run = tu.TrainingRun(accelerator, args, None, total_steps, args.generations, global_step)
+    run = loop.TrainingRun(accelerator, args, None, total_steps, args.generations, global_step)
     if state.start is None:
         state.start = evaluate_objectives()
         state.objectives = [state.start] * args.population
@@ -242,7 +242,7 @@ def main(argv=None):
             added, removed = state.archive.add(entry)
             if accelerator.is_main_process:
                 if added:
-                    tu.save_unet(raw, os.path.join(args.output_dir, "archive", entry["name"]), lora=True, adapter=slots[k])
+                    save_unet(raw, os.path.join(args.output_dir, "archive", entry["name"]), lora=True, adapter=slots[k])
                 for name in removed:
                     shutil.rmtree(os.path.join(args.output_dir, "archive", name), ignore_errors=True)
         points = state.archive.points
@@ -269,7 +269,7 @@ def main(argv=None):
             if len(names) == 2:
                 plot_front(os.path.join(args.output_dir, "fronts", f"gen-{gen:02d}.png"), names, pop, points, state.start, predicted,
                            f"generation {gen}: hypervolume {hv:.4g}, {len(points)} on the front")
-        tu.save_checkpoint(accelerator, args, run.global_step)
+        checkpoint.save_checkpoint(accelerator, args, run.global_step)
     pool.shutdown()
     run.finish()
     return write_outputs(accelerator, args, raw, state, slots, names)
@@ -284,7 +284,7 @@ def write_outputs(accelerator, args, raw, state, slots, names):
     index = []
     for k, name in enumerate(slots):
         folder = os.path.join(args.output_dir, name)
-        tu.save_unet(raw, folder, lora=True, adapter=name)
+        save_unet(raw, folder, lora=True, adapter=name)
         index.append({"name": name, "path": folder, "weights": state.weights[k], "objectives": state.objectives[k],
                       "on_front": not any(mo.dominates(e["objectives"], state.objectives[k]) for e in state.archive.entries)})
     for e in state.archive.entries:

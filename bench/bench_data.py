@@ -5,7 +5,7 @@ PNG mask).
 
     .venv/bin/python bench/bench_data.py              # about a minute on 2 CPU cores
 
-Decoding and cropping run in the loader's worker processes (train_util.make_dataloader). Measured
+Decoding and cropping run in the loader's worker processes (prepare.make_dataloader). Measured
 here: the loader's samples/s with 0 workers (decoding in the training process) and with 1 and 2
 workers (this machine's cores). What a step consumes comes from the planner (scripts/plan_memory.py:
 train_RORem.py's shipped config, its FLOPs at --utilisation of --peak_tflops), not from a GPU. The
@@ -59,13 +59,13 @@ def loader_rate(meta, resolution, workers, batch, batches):
     """Samples/s of make_dataloader's loader over `batches` batches (after one to start the workers)."""
     import torch
 
-    from myutils import train_util as tu
+    from training import prepare
     from myutils.data import RemovalDataset, read_meta
 
     args = argparse.Namespace(train_batch_size=batch, seed=0, dataloader_num_workers=workers, dataloader_prefetch_factor=4)
     acc = argparse.Namespace(process_index=0, num_processes=1, device=torch.device("cpu"))
     dataset = RemovalDataset(read_meta(meta, "triplet"), "triplet", resolution, random_flip=True)
-    loader = tu.make_dataloader(args, dataset, acc)
+    loader = prepare.make_dataloader(args, dataset, acc)
     it = iter(loader)
     next(it)
     start = time.perf_counter()

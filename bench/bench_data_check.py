@@ -9,7 +9,7 @@ network filesystem is slower). Measured here: the check's entries/s in one proce
 threads on --sample entries, and one rank's share of the fingerprint that lets a restart skip the
 check (stat calls only), in full. The first check on a node is the per-core rate times the
 cores the ranks use (each of --ranks ranks checks 1/ranks of the entries in --threads threads), which
-is what myutils/train_util.load_entries does; the 2-thread row here shows how far threads scale.
+is what myutils/prepare.load_entries does; the 2-thread row here shows how far threads scale.
 """
 import argparse
 import json

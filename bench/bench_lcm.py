@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_RORem_lcm  # noqa: E402
-from myutils.reward_utils import add_discriminator_lora, save_discriminator  # noqa: E402
-from myutils.toy_world import tiny_pipeline, write_toy_dataset  # noqa: E402
+from myutils.discriminator_files import add_discriminator_lora, save_discriminator  # noqa: E402
 from pipelines.inpaint import count_unet_calls, load_remover, remove_objects  # noqa: E402
+from toy_world.data import write_toy_dataset  # noqa: E402
+from toy_world.models import tiny_pipeline  # noqa: E402
 
 
 def reset_accelerate():

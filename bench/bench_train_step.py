@@ -19,8 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_RORem  # noqa: E402
-from myutils import train_util as tu  # noqa: E402
-from myutils.toy_world import tiny_pipeline, write_toy_dataset  # noqa: E402
+from myutils.data import read_meta  # noqa: E402
+from toy_world.data import write_toy_dataset  # noqa: E402
+from toy_world.models import tiny_pipeline  # noqa: E402
+from training import prepare  # noqa: E402
 
 
 class Timer:
@@ -52,12 +54,12 @@ def bench(latent, cache, steps, batch, work):
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    acc = tu.make_accelerator(args)
-    comps = tu.Components(args, acc, torch.float32)
+    acc = prepare.make_accelerator(args)
+    comps = prepare.Components(args, acc, torch.float32)
     unet = comps.unet
     unet.requires_grad_(True).train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    loader = tu.make_dataloader(args, tu.make_train_dataset(args, tu.read_meta(args.meta_path, "triplet"), "triplet", acc,
+    loader = prepare.make_dataloader(args, prepare.make_train_dataset(args, read_meta(args.meta_path, "triplet"), "triplet", acc,
                                                             comps.vae, cache_keys=("GT", "masked")), acc)
     opt = torch.optim.AdamW(params, lr=1e-5)
     t = Timer()
@@ -65,7 +67,7 @@ def bench(latent, cache, steps, batch, work):
     real_encode = train_RORem.batch_latent_params
     train_RORem.batch_latent_params = t.wrap("VAE encode", real_encode)
     warmup, measured = 3, 0
-    batches = iter(tu.epoch_batches(loader, 0, 1, 1000))
+    batches = iter(prepare.epoch_batches(loader, 0, 1, 1000))
     try:
         for i in range(warmup + steps):
             if i == warmup:

@@ -1,0 +1,1 @@
+"""Network definitions, the lowest layer: the RORem discriminator and its folder's file names."""

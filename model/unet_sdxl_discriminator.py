@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# a discriminator folder: the encoder's LoRA (or the full weights), the head, the settings
+LORA_FILE, HEAD_FILE, FULL_FILE, CONFIG_FILE = ("pytorch_lora_weights.safetensors", "cls_pred_branch.pt",
+                                                "discriminator.safetensors", "discriminator_config.json")
 HEAD_ACTIVATIONS = {"softplus": F.softplus, "sigmoid": torch.sigmoid}
 
 

@@ -1,4 +1,5 @@
-"""Loading SDXL-inpainting pipelines and RORem UNets from local folders or the hub, with clear errors."""
+"""Loading SDXL-inpainting pipelines, RORem UNets and LoRA files (any naming) from local folders or the
+hub, with clear errors; saving a trained UNet or LoRA so stock diffusers loads it."""
 import logging
 import os
 
@@ -134,7 +135,7 @@ def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
     weights landed; returns the adapter's name. diffusers only warns about keys it could not place."""
     from peft.utils import get_peft_model_state_dict
 
-    from .reward_utils import HEAD_FILE
+    from model.unet_sdxl_discriminator import HEAD_FILE
 
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, HEAD_FILE)):  # its LoRA would load onto the UNet with a warning at most
@@ -150,3 +151,48 @@ def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
     if missing:
         raise UserError(f"{flag} {path}: {len(missing)} of its {len(state)} LoRA weights do not fit this UNet (e.g. {missing[0]})")
     return added[0]
+
+
+# ----------------------------------------------------------------------------- weights a training run saves
+
+def _lora_pipeline(model):
+    """(pipeline class, key prefix) whose save/load_lora_weights fit the model: a FLUX transformer's
+    LoRA loads with FluxFillPipeline under "transformer.", a UNet's with the SDXL pipelines under "unet."."""
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from diffusers import FluxPipeline
+        return FluxPipeline, "transformer"
+    from diffusers import StableDiffusionXLInpaintPipeline
+    return StableDiffusionXLInpaintPipeline, "unet"
+
+
+def save_unet(unet, output_dir, lora, adapter="default"):
+    """Write the UNet (or flow transformer) in a format diffusers loads without our code.
+
+    LoRA: <output_dir>/pytorch_lora_weights.safetensors (for pipe.load_lora_weights), the adapter
+    named `adapter`. Full: <output_dir>/unet (a diffusers UNet folder)."""
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        # PEFT keys as they are: diffusers' key conversion renames only attention layers, and a file
+        # mixing both namings loads without the attention LoRA. The config keeps rank and alpha.
+        pipeline, prefix = _lora_pipeline(unet)
+        config = getattr(unet, "peft_config", {}).get(adapter)
+        pipeline.save_lora_weights(output_dir, **{f"{prefix}_lora_layers": get_peft_model_state_dict(unet, adapter_name=adapter),
+                                                  f"{prefix}_lora_adapter_metadata": config.to_dict() if config else None})
+    else:
+        unet.save_pretrained(os.path.join(output_dir, "unet"))
+
+
+def load_unet_weights(unet, input_dir, lora, adapter="default"):
+    """Inverse of save_unet, into an existing (possibly LoRA-wrapped) model."""
+    if lora:
+        from peft.utils import set_peft_model_state_dict
+
+        pipeline, prefix = _lora_pipeline(unet)
+        state, _ = read_lora(input_dir, "checkpoint", pipeline, prefix)
+        result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{input_dir}: LoRA weights do not fit this model (unexpected keys, e.g. {result.unexpected_keys[0]})")
+    else:
+        loaded = load_unet(os.path.join(input_dir, "unet"))
+        unet.load_state_dict(loaded.state_dict())

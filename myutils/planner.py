@@ -67,7 +67,7 @@ def add_meta_lora(unet, rank, targets=("to_q", "to_k", "to_v", "to_out.0")):
     if hasattr(unet, "add_adapter"):
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
     else:  # RORem's discriminator is a plain module: the LoRA goes in as train_RORem_discriminator.py puts it
-        from .reward_utils import add_discriminator_lora
+        from .discriminator_files import add_discriminator_lora
 
         add_discriminator_lora(unet, rank, list(targets))
     return [p for n, p in unet.named_parameters() if "lora_" in n]

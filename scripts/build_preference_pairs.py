@@ -24,20 +24,70 @@ import argparse
 import itertools
 import json
 import os
+import random
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from myutils import made_by  # noqa: E402
 from myutils.args import NONNEGATIVE_REAL, POSITIVE, SCORE, integer, real  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
 from myutils.errors import UserError, output_folder, run_cli  # noqa: E402
-from myutils.img_util import content_key, load_image, load_mask, meta_to_preference_dataset_format  # noqa: E402
+from myutils.img_util import binarize_mask, content_key, load_image, load_mask  # noqa: E402
 from myutils.models import resolve_device_dtype  # noqa: E402
 from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects  # noqa: E402
+
+
+def _similar(a, b, threshold):
+    """The stated similarity rule: the same binarised mask and a mean absolute difference of the
+    sources (in [0, 1] units) at most `threshold`, e.g. the same photo re-encoded or lightly edited."""
+    ma, mb = binarize_mask(load_mask(a["mask"])), binarize_mask(load_mask(b["mask"]))
+    if ma.shape != mb.shape or not torch.equal(ma, mb):
+        return False
+    sa, sb = (np.asarray(load_image(p["source"]), dtype=np.float64) / 255 for p in (a, b))
+    return sa.shape == sb.shape and float(np.abs(sa - sb).mean()) <= threshold
+
+
+def meta_to_preference_dataset_format(meta_paths, out_path, max_pairs_per_input=None, pair_similar=False,
+                                      similar_threshold=0.02, seed=0):
+    """Turn scored annotations into Diffusion-DPO pairs and write them as a pair meta.json.
+
+    Every result scored 1 (>= 0.5) is paired with results scored 0 (< 0.5) of the SAME input (same
+    source and mask by content, see content_key); `max_pairs_per_input` keeps a random subset per
+    input. With `pair_similar`, an input that has only good or only bad results borrows the missing
+    side from a similar input (same mask, sources within `similar_threshold`, see _similar); the pair
+    keeps its own source and mask. Returns a report: inputs with pairs, inputs without, pair count.
+    """
+    rng = random.Random(seed)
+    groups = {}
+    for e in read_meta(meta_paths, "scored"):
+        key = content_key(e.paths["source"], e.paths["mask"])
+        g = groups.setdefault(key, {"source": e.paths["source"], "mask": e.paths["mask"], "good": [], "bad": []})
+        g["good" if e.score >= 0.5 else "bad"].append((e.paths["GT"], e.score))
+    pairs, with_pairs, without = [], 0, 0
+    for key, g in groups.items():
+        good, bad = g["good"], g["bad"]
+        if pair_similar and not (good and bad):
+            for other_key, other in groups.items():
+                if other_key != key and _similar(g, other, similar_threshold):
+                    good, bad = good or other["good"], bad or other["bad"]
+                    if good and bad:
+                        break
+        combos = [(p, r) for p in good for r in bad]
+        rng.shuffle(combos)
+        combos = combos[:max_pairs_per_input] if max_pairs_per_input else combos
+        with_pairs, without = with_pairs + bool(combos), without + (not combos)
+        pairs += [{"source": g["source"], "mask": g["mask"], "preferred": p, "rejected": r,
+                   "preferred_score": ps, "rejected_score": rs} for (p, ps), (r, rs) in combos]
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(pairs, f, indent=1)
+    return {"inputs": len(groups), "inputs_with_pairs": with_pairs, "inputs_without_pairs": without, "pairs": len(pairs)}
 
 
 def parse_args(argv=None):

@@ -94,7 +94,7 @@ def stage(name, output, fn):
 
 
 def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
-    from myutils.toy_world import write_scored_toy_dataset
+    from toy_world.data import write_scored_toy_dataset
 
     with open(train_meta) as f:
         subset = json.load(f)[: args.scored_inputs]

@@ -73,10 +73,10 @@ class Check:
         print(f"\n=== {part}: {name} {precision}".rstrip(), flush=True)
         from accelerate.state import AcceleratorState, GradientState
 
-        from myutils import rl_loop
-        from myutils import train_util as tu
+        from training import rl_loop
+        from training import loop
 
-        steps, real_end, real_collect = [], tu.TrainingRun.end_of_step, rl_loop.collect_samples
+        steps, real_end, real_collect = [], loop.TrainingRun.end_of_step, rl_loop.collect_samples
 
         def timed_collect(*a, **k):  # RL: a step's time includes sampling (the first sampling starts the clock)
             if not steps:
@@ -91,9 +91,9 @@ class Check:
                 steps.append(time.perf_counter())
             return done
 
-        restore = [(tu.TrainingRun, "end_of_step", real_end), (rl_loop, "collect_samples", real_collect)]
+        restore = [(loop.TrainingRun, "end_of_step", real_end), (rl_loop, "collect_samples", real_collect)]
         restore += [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
-        tu.TrainingRun.end_of_step, rl_loop.collect_samples = timed_end, timed_collect
+        loop.TrainingRun.end_of_step, rl_loop.collect_samples = timed_end, timed_collect
         for obj, attr, value in patches:
             setattr(obj, attr, value)
         if torch.cuda.is_available():
@@ -184,7 +184,8 @@ def numbers(obj):
 # ----------------------------------------------------------------------------- part 1: tiny models
 
 def tiny_world(work):
-    from myutils.toy_world import tiny_flux_fill_pipeline, tiny_pipeline, write_scored_toy_dataset, write_toy_dataset
+    from toy_world.data import write_scored_toy_dataset, write_toy_dataset
+    from toy_world.models import tiny_flux_fill_pipeline, tiny_pipeline
 
     meta = write_toy_dataset(os.path.join(work, "toy"), num=16, resolution=32, seed=0)
     root = os.path.dirname(meta)
@@ -321,8 +322,9 @@ def real_world(check, work, w):
     """The real-size pipeline folder (fp16 weights, as RORem releases them), a random discriminator
     folder for it, and 48 toy inputs (64 px, resized to the run's resolution by the loader)."""
     from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
-    from myutils.reward_utils import add_discriminator_lora, save_discriminator
-    from myutils.toy_world import pipeline_from_configs, write_scored_toy_dataset, write_toy_dataset
+    from myutils.discriminator_files import add_discriminator_lora, save_discriminator
+    from toy_world.data import write_scored_toy_dataset, write_toy_dataset
+    from toy_world.models import pipeline_from_configs
 
     if check.args.dry:  # the tiny model's own configs stand in for configs/real/
         unet_cfg, vae_cfg = os.path.join(w["model"], "unet", "config.json"), os.path.join(w["model"], "vae", "config.json")
@@ -373,7 +375,8 @@ def real_part(check, work, w):
 
     import yaml
 
-    from myutils import train_util as tu
+    from training import checkpoint
+
 
     if check.minutes() > check.args.budget_minutes:
         check.rows.append({"part": "real", "name": "real-size pipeline", "status": "not run (past the budget)"})
@@ -410,7 +413,7 @@ def real_part(check, work, w):
             argv += ["--mixed_precision", "no", "--train_batch_size", "4"]
             if script in ("train_RORem_ddpo.py", "train_RORem_morl.py"):
                 argv += ["--sample_steps", "4"]
-        patches = [(tu, "save_final", lambda accelerator, *a, **k: accelerator.end_training())] if script == "train_RORem.py" else []
+        patches = [(checkpoint, "save_final", lambda accelerator, *a, **k: accelerator.end_training())] if script == "train_RORem.py" else []
         check.run("real", f"{script} ({config})", module, argv, precision, plan=plans.get((script, plan_res[key])),
                   note=f"{res[key]} px" + (f"; {note}" if note else ""), patches=patches)
         shutil.rmtree(out, ignore_errors=True)

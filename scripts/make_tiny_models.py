@@ -34,7 +34,8 @@ def main(argv=None):
     if args.vae_train_meta and not os.path.isfile(args.vae_train_meta):
         raise UserError(f"--vae_train_meta {args.vae_train_meta}: file not found")
 
-    from myutils.toy_world import load_toy_images, tiny_flux_fill_pipeline, tiny_pipeline, train_toy_vae
+    from toy_world.data import load_toy_images
+    from toy_world.models import tiny_flux_fill_pipeline, tiny_pipeline, train_toy_vae
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.family == "flux-fill":

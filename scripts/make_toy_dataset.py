@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from myutils.args import POSITIVE, SEED, integer  # noqa: E402
 from myutils.errors import run_cli  # noqa: E402
-from myutils.toy_world import write_toy_dataset  # noqa: E402
+from toy_world.data import write_toy_dataset  # noqa: E402
 
 
 def main(argv=None):

@@ -75,7 +75,7 @@ def plan(args):
     from diffusers.utils import logging as dlogging
 
     from myutils import planner as pl
-    from myutils import rl_loop
+    from training import rl_loop
 
     dlogging.set_verbosity_error()  # casting meta models to fp16 warns once per model
     unet_cfg, vae_cfg = args.unet_config, args.vae_config

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from myutils.toy_world import tiny_pipeline
+    from toy_world.models import tiny_pipeline
 
     out = tmp_path_factory.mktemp("tiny_model")
     tiny_pipeline("epsilon", image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flux_dir(tmp_path_factory):
     """A tiny random-init FLUX.1-Fill pipeline folder (32 px images: 4x4 latents, 4 tokens)."""
-    from myutils.toy_world import tiny_flux_fill_pipeline
+    from toy_world.models import tiny_flux_fill_pipeline
 
     out = tmp_path_factory.mktemp("tiny_flux")
     tiny_flux_fill_pipeline(image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
@@ -32,7 +32,7 @@ def tiny_flux_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_meta(tmp_path_factory):
-    from myutils.toy_world import write_toy_dataset
+    from toy_world.data import write_toy_dataset
 
     return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num=12, resolution=32, seed=0)
 
@@ -43,7 +43,7 @@ def disc_dir(tmp_path_factory, tiny_model_dir):
     from diffusers import UNet2DConditionModel
 
     from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
-    from myutils.reward_utils import add_discriminator_lora, save_discriminator
+    from myutils.discriminator_files import add_discriminator_lora, save_discriminator
 
     disc = UNetSDXLDiscriminator.from_unet(UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet"))
     add_discriminator_lora(disc)
@@ -78,7 +78,7 @@ def sigterm_at_step(monkeypatch):
     n (as a cluster's preemption would), so the script saves checkpoint-n and exits with code 0."""
     import signal
 
-    from myutils.train_util import TrainingRun
+    from training.loop import TrainingRun
 
     def arm(step):
         real = TrainingRun.end_of_step

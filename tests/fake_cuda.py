@@ -126,10 +126,11 @@ def fake_cuda():
     from transformers import PreTrainedModel
 
     import model.unet_sdxl_discriminator as ud
-    import myutils.reward_utils as ru
+    import myutils.discriminator_files as dfiles
     import myutils.rng as rng
     import myutils.sdxl_inpaint as si
-    import myutils.train_util as tu
+    import training.adapters as adapters
+
 
     patched = []
     for cls in (DiffusionPipeline, ModelMixin, PreTrainedModel):
@@ -143,7 +144,7 @@ def fake_cuda():
             patched.append((cls, "set_timesteps", cls.set_timesteps))
             cls.set_timesteps = _outside(cls.set_timesteps)
     _patch_everywhere(torch, "load", _outside, patched)
-    for module, name in ((ru, "add_discriminator_lora"), (ru, "load_discriminator_weights"), (tu, "add_lora")):
+    for module, name in ((dfiles, "add_discriminator_lora"), (dfiles, "load_discriminator_weights"), (adapters, "add_lora")):
         _patch_everywhere(module, name, _on_host_if_real, patched)
     for name in ("encode_prompt_once", "encode_prompt_pair"):
         _patch_everywhere(si, name, _encode_where_asked, patched)

@@ -42,9 +42,9 @@ def main():
         if a.mode == "lora":
             from types import SimpleNamespace
 
-            from myutils import train_util as tu
+            from training import adapters
 
-            params = tu.add_lora(unet, SimpleNamespace(lora_rank=4, lora_alpha=None, lora_target_modules=tu.LORA_TARGETS), torch.float32)
+            params = adapters.add_lora(unet, SimpleNamespace(lora_rank=4, lora_alpha=None, lora_target_modules=adapters.LORA_TARGETS), torch.float32)
         else:
             params = list(unet.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # what AdamW picks on a GPU

@@ -158,13 +158,13 @@ def test_training_that_meets_a_broken_image_in_a_loader_worker_ends_in_one_line(
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without a GPU")
 def test_gpu_only_settings_on_a_machine_without_one(tmp_path):
     import train_RORem
-    from myutils import train_util as tu
+    from training import prepare
     from myutils.models import resolve_device_dtype
     from tests.conftest import reset_accelerate
 
     reset_accelerate()
     with pytest.raises(UserError, match="--mixed_precision fp16 needs a CUDA GPU and none is visible here"):
-        tu.make_accelerator(train_RORem.parse_args(TRAIN[:2] + ["--output_dir", str(tmp_path), "--mixed_precision", "fp16"]))
+        prepare.make_accelerator(train_RORem.parse_args(TRAIN[:2] + ["--output_dir", str(tmp_path), "--mixed_precision", "fp16"]))
     reset_accelerate()
     with pytest.raises(UserError, match="--device cuda:1: no CUDA GPU is visible here"):
         resolve_device_dtype("cuda:1")
@@ -247,7 +247,7 @@ def test_messages_name_the_flag_the_user_typed(tmp_path, toy_meta, tiny_model_di
 def test_options_that_would_do_nothing_without_their_partner(tmp_path):
     import train_RORem
     import train_RORem_dpo
-    from myutils import train_util as tu
+    from training import prepare
     from tests.conftest import reset_accelerate
 
     dpo = ["--preference_data", "p.json", "--output_dir", "o"]
@@ -257,7 +257,7 @@ def test_options_that_would_do_nothing_without_their_partner(tmp_path):
     (tmp_path / "file").write_text("x")
     reset_accelerate()
     with pytest.raises(UserError, match="--output_dir .*file: a file, not a folder"):
-        tu.make_accelerator(train_RORem.parse_args(["--meta_path", "m.json", "--output_dir", str(tmp_path / "file")]))
+        prepare.make_accelerator(train_RORem.parse_args(["--meta_path", "m.json", "--output_dir", str(tmp_path / "file")]))
     reset_accelerate()
 
 

@@ -95,3 +95,40 @@ def test_argument_errors(tiny_model_dir, scored_and_inputs, tmp_path):
         bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--RORem_discriminator", "d", "--num_candidates", "1"])
     with pytest.raises(UserError, match="--scored_meta_path"):
         bpp.parse_args(["--output_dir", str(tmp_path)])
+
+
+def test_preference_pairs_group_by_content(tmp_path):
+    import json
+
+    from myutils.data import read_meta
+    meta_to_preference_dataset_format = bpp.meta_to_preference_dataset_format
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    b = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(a).save(tmp_path / "a_copy.png")  # the same input under another name
+    Image.fromarray(np.clip(a.astype(int) + 2, 0, 255).astype(np.uint8)).save(tmp_path / "a_near.png")  # similar
+    Image.fromarray(b).save(tmp_path / "b.png")
+    m = Image.new("L", (16, 16), 0)
+    m.paste(255, (4, 4, 10, 10))
+    m.save(tmp_path / "m.png")
+    for name in ("r1", "r2", "r3", "r4", "r5"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    scored = [
+        {"source": "a.png", "mask": "m.png", "GT": "r1.png", "score": 1},
+        {"source": "a_copy.png", "mask": "m.png", "GT": "r2.png", "score": 0},  # pairs with r1 (same content)
+        {"source": "a.png", "mask": "m.png", "GT": "r3.png", "score": 0},
+        {"source": "b.png", "mask": "m.png", "GT": "r4.png", "score": 1},  # no counterpart
+        {"source": "a_near.png", "mask": "m.png", "GT": "r5.png", "score": 1},  # only similar to a
+    ]
+    (tmp_path / "scored.json").write_text(json.dumps(scored))
+    report = meta_to_preference_dataset_format(str(tmp_path / "scored.json"), str(tmp_path / "pairs.json"))
+    assert report == {"inputs": 3, "inputs_with_pairs": 1, "inputs_without_pairs": 2, "pairs": 2}
+    pairs = read_meta(str(tmp_path / "pairs.json"), "pair")
+    assert {(os.path.basename(p.paths["preferred"]), os.path.basename(p.paths["rejected"])) for p in pairs} == {("r1.png", "r2.png"), ("r1.png", "r3.png")}
+    assert pairs[0].extra["preferred_score"] == 1 and pairs[0].extra["rejected_score"] == 0
+    one = meta_to_preference_dataset_format(str(tmp_path / "scored.json"), str(tmp_path / "p1.json"), max_pairs_per_input=1)
+    assert one["pairs"] == 1
+    similar = meta_to_preference_dataset_format(str(tmp_path / "scored.json"), str(tmp_path / "p2.json"), pair_similar=True)
+    assert similar == {"inputs": 3, "inputs_with_pairs": 2, "inputs_without_pairs": 1, "pairs": 4}  # a_near borrows r2, r3

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import train_RORem
-from myutils import train_util
 from myutils.errors import UserError
+from myutils.models import save_unet
+from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +60,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, tiny_model_di
 
 def test_kill_while_saving_leaves_latest_on_the_last_complete_checkpoint(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
     out = str(tmp_path / "run")
-    real_save_unet = train_util.save_unet
+    real_save_unet = save_unet
     calls = {"n": 0}
 
     def dies_on_second_checkpoint(unet, output_dir, lora):
@@ -68,12 +69,12 @@ def test_kill_while_saving_leaves_latest_on_the_last_complete_checkpoint(tmp_pat
             raise KeyboardInterrupt  # the process dies half way through writing checkpoint-4
         real_save_unet(unet, output_dir, lora)
 
-    monkeypatch.setattr(train_util, "save_unet", dies_on_second_checkpoint)
+    monkeypatch.setattr(train_RORem, "save_unet", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "6", "--checkpointing_steps", "2"))
-    monkeypatch.setattr(train_util, "save_unet", real_save_unet)
+    monkeypatch.setattr(train_RORem, "save_unet", real_save_unet)
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4.incomplete"]
-    assert train_util.list_checkpoints(out) == ["checkpoint-2"]
+    assert checkpoint.list_checkpoints(out) == ["checkpoint-2"]
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
                                   "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest"))
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-6"]  # newest kept, stale tmp gone
@@ -117,13 +118,13 @@ def test_process_group_timeout_comes_from_the_argument(tmp_path):
     from datetime import timedelta
 
     import train_RORem
-    from myutils import train_util as tu
     from tests.conftest import reset_accelerate
+    from training import prepare
 
     base = ["--meta_path", "m.json", "--output_dir", str(tmp_path), "--report_to", "none"]
     for extra, minutes in (([], 120), (["--ddp_timeout", "45"], 45)):
         reset_accelerate()
-        accelerator = tu.make_accelerator(train_RORem.parse_args(base + extra))
+        accelerator = prepare.make_accelerator(train_RORem.parse_args(base + extra))
         assert accelerator.init_handler.timeout == timedelta(minutes=minutes)
         assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=minutes)}  # what init_process_group gets
         # DDP keeps the gradients in its buckets (one copy, as the planner counts them)

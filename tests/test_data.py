@@ -163,23 +163,23 @@ def test_loader_defaults_keep_a_gpu_fed_and_the_cpu_free(monkeypatch):
     import argparse
     import types
 
-    from myutils import train_util as tu
+    from training import prepare
 
     args = argparse.Namespace(dataloader_num_workers=None, dataloader_prefetch_factor=4, train_batch_size=2, seed=0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert tu.loader_workers(args, "cuda") == 8 and tu.loader_workers(args, "cpu") == 0  # 96 cores / 8 ranks - 1, capped at 8
+    assert prepare.loader_workers(args, "cuda") == 8 and prepare.loader_workers(args, "cpu") == 0  # 96 cores / 8 ranks - 1, capped at 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(24)))
-    assert tu.loader_workers(args, "cuda") == 2  # 24 / 8 - 1
+    assert prepare.loader_workers(args, "cuda") == 2  # 24 / 8 - 1
     args.dataloader_num_workers = 5
-    assert tu.loader_workers(args, "cpu") == 5
+    assert prepare.loader_workers(args, "cpu") == 5
     args.dataloader_num_workers = None
     gpu = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     dataset = list(range(8))
-    loader = tu.make_dataloader(args, dataset, gpu)  # built, not iterated: no GPU needed
+    loader = prepare.make_dataloader(args, dataset, gpu)  # built, not iterated: no GPU needed
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (8, True, True, 4)
-    cpu = tu.make_dataloader(args, dataset, types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")))
+    cpu = prepare.make_dataloader(args, dataset, types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")))
     assert (cpu.num_workers, cpu.pin_memory, cpu.persistent_workers) == (0, False, False)
 
 
@@ -189,18 +189,18 @@ def test_a_passed_check_is_remembered_until_a_file_changes(triplet_dir, tmp_path
     import types
 
     from myutils import data
-    from myutils import train_util as tu
+    from training import prepare
 
     d = triplet_dir
     e = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
     meta = _meta(d, [e] * 5)
     acc = types.SimpleNamespace(process_index=0, num_processes=1, is_main_process=True)
     scanned, real = [], data.scan_entries
-    monkeypatch.setattr(tu, "scan_entries", lambda entries, **k: scanned.append(len(entries)) or real(entries, **k))
+    monkeypatch.setattr(prepare, "scan_entries", lambda entries, **k: scanned.append(len(entries)) or real(entries, **k))
     out = str(tmp_path / "out")
     os.makedirs(out)
     for _ in range(2):
-        assert len(tu.load_entries([meta], "triplet", acc, output_dir=out)) == 5
+        assert len(prepare.load_entries([meta], "triplet", acc, output_dir=out)) == 5
     assert scanned == [5]  # the second load trusted the first check
     from myutils.data import entry_digests, fingerprint
 
@@ -210,11 +210,11 @@ def test_a_passed_check_is_remembered_until_a_file_changes(triplet_dir, tmp_path
     record = json.load(open(os.path.join(out, "data_check.json")))
     assert len(record) == 1 and next(iter(record.values()))["entries"] == 5
     os.utime(d / "gt/a.png", ns=(1, 1))  # same bytes, another mtime: checked again
-    tu.load_entries([meta], "triplet", acc, output_dir=out)
+    prepare.load_entries([meta], "triplet", acc, output_dir=out)
     assert scanned == [5, 5]
     (d / "gt/a.png").write_bytes(b"broken")
     with pytest.raises(UserError, match=r"entry 0: 'GT' file is not a readable image"):
-        tu.load_entries([meta], "triplet", acc, output_dir=out)
+        prepare.load_entries([meta], "triplet", acc, output_dir=out)
     assert len(json.load(open(os.path.join(out, "data_check.json")))) == 2  # the failed check is not recorded
 
 
@@ -226,14 +226,14 @@ def test_the_check_is_shared_out_and_every_rank_reports_every_problem(triplet_di
 
     import accelerate.utils
 
-    from myutils import train_util as tu
+    from training import prepare
 
     d = triplet_dir
     e = {"source": "src/a.png", "mask": "mask/a.png", "GT": "gt/a.png"}
     meta = _meta(d, [e, e, dict(e, GT="gt/none.png"), e, e, dict(e, mask="mask/none.png")])
     shares = []
-    real_scan = tu.scan_entries
-    monkeypatch.setattr(tu, "scan_entries", lambda entries, **k: shares.append(len(entries)) or real_scan(entries, **k))
+    real_scan = prepare.scan_entries
+    monkeypatch.setattr(prepare, "scan_entries", lambda entries, **k: shares.append(len(entries)) or real_scan(entries, **k))
 
     def gather(mine):  # rank 0's part, as the collective would bring it: first the files' digests, then the check
         from myutils.data import entry_digests
@@ -245,7 +245,7 @@ def test_the_check_is_shared_out_and_every_rank_reports_every_problem(triplet_di
 
     monkeypatch.setattr(accelerate.utils, "gather_object", gather)
     with pytest.raises(UserError) as err:
-        tu.load_entries([meta], "triplet", types.SimpleNamespace(process_index=1, num_processes=2, is_main_process=False))
+        prepare.load_entries([meta], "triplet", types.SimpleNamespace(process_index=1, num_processes=2, is_main_process=False))
     assert shares == [3]  # rank 1 checked entries 1, 3, 5 only
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and "entry 2: 'GT' file not found" in lines[0] and "entry 5: 'mask' file not found" in lines[1]

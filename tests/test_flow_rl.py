@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import train_RORem_ddpo as tddpo
-from myutils import rl_loop
 from myutils.rng import sample_generators
+from training import rl_loop
 
 
 def _args(model, meta, out, *extra):

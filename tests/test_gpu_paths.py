@@ -15,9 +15,8 @@ import train_RORem_ddpo
 import train_RORem_discriminator
 import train_RORem_dpo
 import train_RORem_lcm
-from myutils import rl_loop
-from myutils import train_util as tu
 from myutils.data import RemovalDataset, read_meta, stack_samples, to_device
+from training import adapters, prepare, rl_loop, validation
 from tests.fake_cuda import CUDA, fake_accelerator, fake_cuda, on_cuda, on_host
 
 
@@ -45,9 +44,9 @@ def test_supervised_step_full_and_lora(tiny_model_dir, toy_meta, tmp_path):
     for extra, dtype in (([], torch.float32), (["--use_lora"], torch.float16), (["--use_lora"], torch.bfloat16)):
         args = train_RORem.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--meta_path", toy_meta, *extra])
         with fake_cuda():
-            comps = tu.Components(args, fake_accelerator(), dtype)
+            comps = prepare.Components(args, fake_accelerator(), dtype)
             if args.use_lora:
-                tu.add_lora(comps.unet, args, dtype)
+                adapters.add_lora(comps.unet, args, dtype)
             comps.unet.to(CUDA)  # what accelerator.prepare does
             on_cuda(train_RORem.diffusion_loss(comps.unet, comps, to_device(_batch(toy_meta, "triplet"), CUDA), 32, args.seed))
 
@@ -55,8 +54,8 @@ def test_supervised_step_full_and_lora(tiny_model_dir, toy_meta, tmp_path):
 def test_dpo_policy_and_reference(tiny_model_dir, pair_meta, tmp_path):
     args = train_RORem_dpo.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--preference_data", pair_meta, "--use_lora"])
     with fake_cuda():
-        comps = tu.Components(args, fake_accelerator(), torch.float16)
-        tu.add_lora(comps.unet, args, torch.float16)
+        comps = prepare.Components(args, fake_accelerator(), torch.float16)
+        adapters.add_lora(comps.unet, args, torch.float16)
         comps.unet.to(CUDA)
         x, t, target, kw = train_RORem_dpo.pair_inputs(comps, to_device(_batch(pair_meta, "pair"), CUDA), 32, args.seed)
         pred = comps.unet(x, t, **kw).sample
@@ -73,8 +72,8 @@ def test_lcm_student_teacher_target_and_reward(tiny_model_dir, toy_meta, disc_di
                                                                                "--discriminator_path", disc_dir])
     with fake_cuda():
         acc = fake_accelerator()
-        comps = tu.Components(args, acc, torch.float16, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
-        tu.add_lora(comps.unet, args, torch.float16)
+        comps = prepare.Components(args, acc, torch.float16, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
+        adapters.add_lora(comps.unet, args, torch.float16)
         comps.unet.to(CUDA)
         sched = comps.noise_scheduler
         solver = DDIMSolver(sched.alphas_cumprod, sched.config.num_train_timesteps, args.num_ddim_timesteps).to(CUDA)
@@ -88,12 +87,12 @@ def test_lcm_student_teacher_target_and_reward(tiny_model_dir, toy_meta, disc_di
 
 
 def test_discriminator_training_step(tiny_model_dir, toy_meta, tmp_path):
-    from myutils.toy_world import write_scored_toy_dataset
+    from toy_world.data import write_scored_toy_dataset
 
     scored = write_scored_toy_dataset(toy_meta, str(tmp_path / "scored"), seed=0)
     args = train_RORem_discriminator.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--meta_path", scored])
     with fake_cuda():
-        comps = tu.Components(args, fake_accelerator(), torch.float16)
+        comps = prepare.Components(args, fake_accelerator(), torch.float16)
         with on_host():
             disc = train_RORem_discriminator.build_discriminator(args, comps, torch.float16)
         disc.to(CUDA)  # as main() does
@@ -109,7 +108,7 @@ def _rl_step(args, acc, dtype, batch):
     from pipelines.rl_sampler import sample_trajectory
 
     sampler = rl_loop.load_sampler(args, acc, dtype)
-    tu.add_lora(sampler.model, args, dtype)
+    adapters.add_lora(sampler.model, args, dtype)
     sampler.model.to(CUDA)
     reward_model = rl_loop.load_reward(args, acc, dtype)
     b = rl_loop.expand_batch(to_device(batch, CUDA), sampler, args.group_size)
@@ -117,7 +116,7 @@ def _rl_step(args, acc, dtype, batch):
     parts, total = rl_loop.compute_rewards(args, reward_model, sampler, traj["latents"][:, -1], b)
     x = traj["latents"][:, 0]
     mean, scale = sampler.distribution(sampler.model, x, 0, b)
-    with tu.adapters_disabled(sampler.model):
+    with adapters.disabled(sampler.model):
         ref_mean, _ = sampler.distribution(sampler.model, x, 0, b)
     log_prob = gaussian_log_prob(traj["latents"][:, 1], mean, scale)
     loss = ppo_loss(log_prob, traj["log_probs"][:, 0], torch.ones(len(x), device=CUDA), 1e-4)[0] + gaussian_kl(mean, ref_mean, scale).mean()
@@ -177,7 +176,7 @@ def test_several_adapters_under_fp16_keep_every_lora_weight_fp32(tiny_model_dir)
 
     args = train_RORem_ddpo.parse_args(["--meta_path", "m", "--output_dir", "o", "--lora_rank", "4", "--reward", "preserve=1"])
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    params = [tu.add_lora(unet, args, torch.float16, adapter_name=f"policy_{k}") for k in range(3)]
+    params = [adapters.add_lora(unet, args, torch.float16, adapter_name=f"policy_{k}") for k in range(3)]
     lora = {n: p.dtype for n, p in unet.named_parameters() if "lora_" in n}
     assert len(lora) == sum(len(p) for p in params) and set(lora.values()) == {torch.float32}
     assert {p.dtype for n, p in unet.named_parameters() if "lora_" not in n} == {torch.float16}
@@ -192,8 +191,8 @@ def test_validation_under_fp16_autocast_runs_the_vae_in_fp32_and_leaves_it_fp32(
     args = train_RORem.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--meta_path", toy_meta, "--use_lora",
                                                                              "--validation_inference_steps", "2"])
     acc = types.SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
-    comps = tu.Components(args, acc, torch.float16)
-    tu.add_lora(comps.unet, args, torch.float16)
+    comps = prepare.Components(args, acc, torch.float16)
+    adapters.add_lora(comps.unet, args, torch.float16)
     seen = {"vae": set(), "unet": set()}
 
     def record(name):
@@ -205,9 +204,9 @@ def test_validation_under_fp16_autocast_runs_the_vae_in_fp32_and_leaves_it_fp32(
                comps.vae.decoder.conv_in.register_forward_pre_hook(record("vae")),
                comps.unet.conv_in.register_forward_pre_hook(record("unet"))]
     try:
-        samples = tu.validation_samples(args, read_meta(toy_meta, "triplet"), count=2)
+        samples = validation.validation_samples(args, read_meta(toy_meta, "triplet"), count=2)
         with contextlib.nullcontext():
-            results = tu.sample_validation(acc, args, comps, comps.unet, samples)
+            results = validation.sample_validation(acc, args, comps, comps.unet, samples)
     finally:
         for h in handles:
             h.remove()

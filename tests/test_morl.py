@@ -77,16 +77,16 @@ def _args(model, meta, out, *extra):
 
 def test_population_trains_on_one_base_and_writes_loadable_policies(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
     import train_RORem_morl as morl
-    from myutils import train_util as tu
+    from training import adapters
 
     seen = {}
-    real = tu.add_lora
+    real = adapters.add_lora
 
     def spy(model, args, dtype, adapter_name="default"):
         seen.setdefault("models", set()).add(id(model))
         return real(model, args, dtype, adapter_name)
 
-    monkeypatch.setattr(tu, "add_lora", spy)
+    monkeypatch.setattr(adapters, "add_lora", spy)
     out = str(tmp_path / "morl")
     summary = run_script(morl, _args(tiny_model_dir, toy_meta, out, "--lr_scheduler", "linear"))
     assert len(seen["models"]) == 1  # every policy is an adapter on the same model: one base in memory

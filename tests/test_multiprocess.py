@@ -172,7 +172,7 @@ def test_discriminator_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, ru
     """The discriminator goes through DDP's forward: two ranks x batch 2 save the head and LoRA that
     one rank x batch 4 saves."""
     import train_RORem_discriminator
-    from myutils.toy_world import write_scored_toy_dataset, write_toy_dataset
+    from toy_world.data import write_scored_toy_dataset, write_toy_dataset
 
     meta = write_scored_toy_dataset(write_toy_dataset(str(tmp_path / "toy"), 8, 32, seed=2), str(tmp_path / "scored"))
 
@@ -399,7 +399,7 @@ def test_lr_schedule_counts_updates_under_deepspeed():
     import torch
     from accelerate.utils import DistributedType
 
-    from myutils.train_util import make_lr_scheduler
+    from training.prepare import make_lr_scheduler
 
     args = SimpleNamespace(lr_scheduler="linear", lr_warmup_steps=10)
     for kind, calls_per_update in ((DistributedType.DEEPSPEED, 1), (DistributedType.MULTI_GPU, 8)):

@@ -50,10 +50,10 @@ def test_lora_bytes_are_exact(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
     from types import SimpleNamespace
 
-    from myutils import train_util as tu
+    from training import adapters
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    lora = tu.add_lora(unet, SimpleNamespace(lora_rank=4, lora_alpha=None, lora_target_modules=tu.LORA_TARGETS), torch.float16)
+    lora = adapters.add_lora(unet, SimpleNamespace(lora_rank=4, lora_alpha=None, lora_target_modules=adapters.LORA_TARGETS), torch.float16)
     meta = pl.meta_unet(_tiny_config(tiny_model_dir, tmp_path))
     n_lora, n_tensors = pl.count(pl.add_meta_lora(meta, 4))
     assert (n_lora, n_tensors) == pl.count(lora)

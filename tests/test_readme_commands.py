@@ -103,7 +103,7 @@ def sandbox(tmp_path_factory, tiny_model_dir, tiny_flux_dir, toy_meta, disc_dir)
     """A folder laid out like the README's examples, every input a tiny fixture."""
     box = tmp_path_factory.mktemp("readme")
     for name in os.listdir(ROOT):
-        if name.endswith(".py") or name in ("configs", "scripts", "model", "myutils", "pipelines"):
+        if name.endswith(".py") or name in ("configs", "scripts", "model", "myutils", "pipelines", "training", "toy_world"):
             os.symlink(os.path.join(ROOT, name), box / name)
 
     def link(target, *names):

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from myutils.discriminator_files import add_discriminator_lora, load_discriminator_weights, save_discriminator
 from myutils.errors import UserError
-from myutils.reward_utils import (DiscriminatorReward, add_discriminator_lora, clamp01, load_discriminator_weights,
-                                  load_reference, load_reward_model, percentile_rank, save_discriminator,
+from myutils.reward_utils import (DiscriminatorReward, clamp01, load_reference, load_reward_model, percentile_rank,
                                   save_reference, squash01, zscore)
 
 

@@ -235,7 +235,7 @@ def test_discriminator_cli_and_rewards_take_the_rorem_folder(rorem_discriminator
     import argparse
 
     import inference_RORem_discriminator as infd
-    from myutils import rl_loop
+    from training import rl_loop
 
     argv = ["--pretrained_model", tiny_model_dir, "--RORem_discriminator", rorem_discriminator, "--meta_path", toy_meta,
             "--resolution", "32", "--device", "cpu", "--output_path", str(tmp_path / "s.json")]

@@ -117,18 +117,18 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight, "--dataloader_num_workers", "0") + common)
     common += ["--dataloader_num_workers", "2", "--dataloader_prefetch_factor", "2"]
 
-    from myutils import train_util
+    from training import checkpoint
 
-    real_save = train_util.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_die(accelerator, args, step, extra=None):
         real_save(accelerator, args, step, extra)
         raise _Killed()
 
-    monkeypatch.setattr(train_util, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         run_script(train_RORem, _args(tiny_model_dir, toy_meta, split) + common)
-    monkeypatch.setattr(train_util, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     assert os.path.isdir(os.path.join(split, "checkpoint-2", "unet")) and not os.path.isdir(os.path.join(split, "unet"))
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, split, "--resume_from_checkpoint", "latest") + common)
     a, b = _unet_state(os.path.join(straight, "unet")), _unet_state(os.path.join(split, "unet"))
@@ -300,7 +300,7 @@ def test_shipped_config_sets_each_default_and_the_command_line_wins(name):
 def test_gpu_only_options_fail_clearly_on_this_machine(toy_meta, tmp_path):
     import importlib.util
 
-    from myutils.train_util import check_args
+    from training.config import check_args
 
     base = ["--meta_path", toy_meta, "--output_dir", str(tmp_path)]
     if importlib.util.find_spec("bitsandbytes") is None:

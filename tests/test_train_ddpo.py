@@ -9,9 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_RORem_ddpo as tddpo
-from myutils import rl_loop
-from myutils import train_util as tu
 from myutils.errors import UserError
+from training import adapters, checkpoint, prepare, rl_loop, validation
 
 
 def _args(model, meta, out, *extra):
@@ -28,8 +27,8 @@ def setup(tiny_model_dir, toy_meta, tmp_path_factory):
     from myutils.data import RemovalDataset, read_meta
 
     args = tddpo.parse_args(_args(tiny_model_dir, toy_meta, str(tmp_path_factory.mktemp("x")), "--reward", "preserve=1"))
-    comps = tu.Components(args, Accelerator(), torch.float32, guidance_prompts=("", ""))
-    tu.add_lora(comps.unet, args, torch.float32)
+    comps = prepare.Components(args, Accelerator(), torch.float32, guidance_prompts=("", ""))
+    adapters.add_lora(comps.unet, args, torch.float32)
     ds = RemovalDataset(read_meta(toy_meta, "input"), "input", 32)
     batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)])
              for k in ("source", "mask", "original_size", "crop_top_left", "index", "epoch")}
@@ -139,8 +138,8 @@ def test_each_algorithm_trains_only_the_lora(tmp_path, tiny_model_dir, toy_meta,
     from diffusers import UNet2DConditionModel
 
     saved = {}
-    real_final = tu.save_final
-    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+    real_final = checkpoint.save_final
+    monkeypatch.setattr(checkpoint, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
                                                                                real_final(acc, args, model, save, **kw)))
     out = str(tmp_path / algorithm)
     extra = ["--algorithm", algorithm, "--discriminator_path", disc_dir, "--reward", "discriminator=1,preserve=0.5,jpeg=0.01",
@@ -181,7 +180,7 @@ def test_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, run_sc
     sigterm_at_step(1)
     with pytest.raises(SystemExit) as stop:
         run_script(tddpo, _args(tiny_model_dir, toy_meta, killed, *common))
-    assert stop.value.code == 0 and tu.list_checkpoints(killed) == ["checkpoint-1"]
+    assert stop.value.code == 0 and checkpoint.list_checkpoints(killed) == ["checkpoint-1"]
     assert os.path.isfile(os.path.join(killed, "checkpoint-1", rl_loop.EPOCH_SAMPLES.format(0)))
     run_script(tddpo, _args(tiny_model_dir, toy_meta, killed, *common, "--resume_from_checkpoint", "latest"))
     c = load_file(os.path.join(killed, "pytorch_lora_weights.safetensors"))
@@ -263,7 +262,7 @@ def test_pairs_labelled_by_hand_train_exactly_like_the_reward_that_labelled_them
         assert Image.open(pairs_dir / "pair-00000.png").size == (4 * 32 * 4, 32 * 4)  # source | mask | a | b, upscaled
         run_script(tddpo, _args(tiny_model_dir, toy_meta, out, *PAIRWISE, "--pair_labels", pairs_dir / "pairs.json",
                                 "--resume_from_checkpoint", "latest"))
-    assert tu.list_checkpoints(out) == tu.list_checkpoints(online)
+    assert checkpoint.list_checkpoints(out) == checkpoint.list_checkpoints(online)
     a = load_file(os.path.join(online, "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(out, "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)
@@ -306,7 +305,7 @@ def test_evaluation_runs_in_bounded_chunks_with_the_same_result(setup, toy_meta)
 
     args, comps, _ = setup
     sampler = _sampler(comps, 3, 1.0)
-    samples = tu.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
+    samples = validation.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
     seen = {"unet": [], "decode": [], "encode": []}
     hooks = [comps.unet.conv_in.register_forward_pre_hook(lambda m, i: seen["unet"].append(i[0].shape[0])),
              comps.vae.decoder.conv_in.register_forward_pre_hook(lambda m, i: seen["decode"].append(i[0].shape[0])),
@@ -333,7 +332,7 @@ def test_evaluation_memory_does_not_grow_with_the_held_out_set(setup, toy_meta):
 
     args, comps, _ = setup
     sampler = _sampler(comps, 3, 1.0)
-    samples = tu.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
+    samples = validation.validation_samples(args, read_meta(toy_meta, "input"), "input", 6)
 
     def peak(n, chunk):
         live = pl.LiveTensorBytes()

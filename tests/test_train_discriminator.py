@@ -12,7 +12,7 @@ from myutils.errors import UserError
 
 @pytest.fixture(scope="module")
 def scored_meta(tmp_path_factory):
-    from myutils.toy_world import write_scored_toy_dataset, write_toy_dataset
+    from toy_world.data import write_scored_toy_dataset, write_toy_dataset
 
     d = tmp_path_factory.mktemp("scored")
     return write_scored_toy_dataset(write_toy_dataset(str(d / "toy"), 24, 32, seed=5), str(d / "scored"), seed=0)
@@ -34,7 +34,7 @@ def test_training_raises_auc_and_writes_rorem_layout(tmp_path, tiny_model_dir, s
 
 
 def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_script, monkeypatch):
-    from myutils import train_util
+    from training import checkpoint
     from myutils.reward_utils import load_reward_model
 
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--val_fraction", "0.25"]
@@ -42,16 +42,16 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_scr
     run_script(tdisc, _args(tiny_model_dir, scored_meta, straight, *common))
     assert {"cls_pred_branch.pt", "pytorch_lora_weights.safetensors"} <= set(os.listdir(straight))
 
-    real = train_util.save_checkpoint
+    real = checkpoint.save_checkpoint
 
     def die_after(accelerator, args, step, extra=None):
         real(accelerator, args, step, extra)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_util, "save_checkpoint", die_after)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", die_after)
     with pytest.raises(KeyboardInterrupt):
         run_script(tdisc, _args(tiny_model_dir, scored_meta, split, *common))
-    monkeypatch.setattr(train_util, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
     run_script(tdisc, _args(tiny_model_dir, scored_meta, split, *common, "--resume_from_checkpoint", "latest"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     mask = torch.zeros(2, 1, 32, 32)
@@ -80,7 +80,7 @@ def test_scored_toy_data_is_balanced_and_labels_remover_outputs(tmp_path, toy_me
 
     from myutils.img_util import load_image, load_mask
     from myutils.metrics import masked_mse
-    from myutils.toy_world import FAILURES, write_scored_toy_dataset
+    from toy_world.data import FAILURES, write_scored_toy_dataset
 
     root = os.path.dirname(toy_meta)
     inputs = json.load(open(toy_meta))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train_RORem_dpo as tdpo
-from myutils import train_util as tu
 from myutils.errors import UserError
+from training import adapters, checkpoint, prepare
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_same_noise_and_timestep_for_both_halves(tiny_model_dir, pair_meta, tmp_
     from myutils.data import RemovalDataset, read_meta
 
     args = tdpo.parse_args(_args(tiny_model_dir, pair_meta, str(tmp_path)))
-    comps = tu.Components(args, Accelerator(), torch.float32)
+    comps = prepare.Components(args, Accelerator(), torch.float32)
     ds = RemovalDataset(read_meta(pair_meta, "pair"), "pair", 32)
     batch = {k: torch.stack([torch.as_tensor(ds[i][k]) for i in range(3)]) for k in ("source", "mask", "preferred", "rejected",
                                                                                     "original_size", "crop_top_left", "index", "epoch")}
@@ -53,7 +53,7 @@ def test_reference_is_the_base_model_with_adapters_off(tiny_model_dir):
 
     args = tdpo.parse_args(["--preference_data", "p", "--output_dir", "o", "--use_lora"])
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    tu.add_lora(unet, args, torch.float32)
+    adapters.add_lora(unet, args, torch.float32)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
@@ -72,9 +72,9 @@ def test_lora_run_starts_at_log2_and_changes_only_lora(tmp_path, tiny_model_dir,
     from diffusers import UNet2DConditionModel
 
     seen, saved = [], {}
-    real_loss, real_final = tdpo.diffusion_dpo_loss, tu.save_final
+    real_loss, real_final = tdpo.diffusion_dpo_loss, checkpoint.save_final
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda *a, **k: seen.append(real_loss(*a, **k)) or seen[-1])
-    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+    monkeypatch.setattr(checkpoint, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
                                                                                real_final(acc, args, model, save, **kw)))
     out = str(tmp_path / "lora")
     run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--max_train_steps", "3",
@@ -106,7 +106,7 @@ def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_
     assert seen[0] == 0.5 * 4 * 16 * 16  # converted to mean units for 4 x 16 x 16 latents
     assert os.path.isfile(os.path.join(out, "unet", "config.json"))
     assert "val_win_rate" not in metrics  # no discriminator given
-    comps = tu.Components(tdpo.parse_args(argv), Accelerator(cpu=True), torch.float32)
+    comps = prepare.Components(tdpo.parse_args(argv), Accelerator(cpu=True), torch.float32)
     trained = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
     start = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
     with torch.no_grad():
@@ -182,10 +182,10 @@ def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, t
     from myutils.data import RemovalDataset, read_meta
 
     args = tdpo.parse_args(_args(tiny_model_dir, pair_meta, str(tmp_path), "--use_lora"))
-    comps = tu.Components(args, Accelerator(), torch.float32)
+    comps = prepare.Components(args, Accelerator(), torch.float32)
     samples = [RemovalDataset(read_meta(pair_meta, "pair"), "pair", 32)[i] for i in range(6)]
     unet = comps.unet
-    tu.add_lora(unet, args, torch.float32)
+    adapters.add_lora(unet, args, torch.float32)
     assert tdpo.preference_accuracy(unet, None, comps, samples, 32) == 0.5  # policy == reference: all ties
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)  # 1e-2 spikes (a known DPO failure)
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
@@ -245,17 +245,17 @@ def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, r
     common = ["--use_lora", "--random_flip", "--checkpointing_steps", "1", "--beta_schedule", "linear", "--beta_end", "100",
               "--max_train_steps", "3"]
     run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "straight"), *common))
-    real_save = tu.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_die(accelerator, args, step, extra=None):
         real_save(accelerator, args, step, extra)
         raise KeyboardInterrupt
 
     half = str(tmp_path / "resumed")
-    monkeypatch.setattr(tu, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common))
-    monkeypatch.setattr(tu, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common, "--resume_from_checkpoint", "latest"))
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 import train_RORem_lcm as tlcm
 import train_RORem_lcm_rewarded as trew
-from myutils import train_util as tu
 from myutils.errors import UserError
+from training import adapters, checkpoint, prepare, validation
 
 
 def _args(model, meta, out, *extra):
@@ -26,7 +26,7 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
     from myutils.models import load_inpaint_pipeline
 
     seen_w, norms, saved = [], [], {}
-    real_step, real_make, real_final = tlcm.consistency_step, tu.make_optimizer, tu.save_final
+    real_step, real_make, real_final = tlcm.consistency_step, prepare.make_optimizer, checkpoint.save_final
     monkeypatch.setattr(tlcm, "consistency_step", lambda *a: seen_w.append(a[6].clone()) or real_step(*a))
 
     def recording_optimizer(args, params, accelerator):
@@ -35,11 +35,11 @@ def test_lcm_lora_trains_only_lora_clips_and_loads_with_lcm_scheduler(tmp_path, 
                                                                                    if p.grad is not None])).item()))
         return opt
 
-    monkeypatch.setattr(tu, "make_optimizer", recording_optimizer)
-    monkeypatch.setattr(tu, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
+    monkeypatch.setattr(prepare, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(checkpoint, "save_final", lambda acc, args, model, save, **kw: (saved.setdefault("m", acc.unwrap_model(model)),
                                                                                real_final(acc, args, model, save, **kw)))
-    sampled, real_sample = [], tu.sample_validation
-    monkeypatch.setattr(tu, "sample_validation", lambda *a, **kw: sampled.append(kw) or real_sample(*a, **kw))
+    sampled, real_sample = [], validation.sample_validation
+    monkeypatch.setattr(validation, "sample_validation", lambda *a, **kw: sampled.append(kw) or real_sample(*a, **kw))
     out = str(tmp_path / "lcm")
     run_script(tlcm, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "3", "--w_min", "2", "--w_max", "5",
                            "--max_grad_norm", "1e-4", "--validation_steps", "3", "--num_validation_images", "2",
@@ -243,9 +243,9 @@ def test_distillation_step_on_a_tiny_unet_matches_diffusers_schedulers(tiny_mode
     args = tlcm.parse_args(_args(tiny_model_dir, toy_meta, str(tmp_path), "--w_min", "2", "--w_max", "2",
                                  "--teacher_prompt", "sharp", "--teacher_negative_prompt", "blurry"))
     acc = Accelerator()
-    comps = tu.Components(args, acc, torch.float32, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
+    comps = prepare.Components(args, acc, torch.float32, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
     unet = comps.unet
-    tu.add_lora(unet, args, torch.float32)
+    adapters.add_lora(unet, args, torch.float32)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:

@@ -1,102 +1,20 @@
-"""The online-RL loop shared by train_RORem_ddpo.py and train_RORem_morl.py: arguments, rewards,
-sampling an epoch of trajectories, the held-out evaluation and the policy-gradient pass over the
-recorded steps. The math (log-probs, advantages, losses) is in myutils/rl_utils.py; the samplers in
-pipelines/rl_sampler.py and pipelines/flow_inpaint.py."""
-import json
+"""The online-RL loop shared by train_RORem_ddpo.py and train_RORem_morl.py: rewards, sampling an
+epoch of trajectories, the held-out evaluation, the policy-gradient pass over the recorded steps and
+an epoch's samples in a mid-epoch checkpoint. Not here: the arguments (config.py), pairs labelled by
+hand (rl_pairs.py), the math (myutils/rl_utils.py), the samplers (pipelines/)."""
 import math
 import os
 
-import numpy as np
 import torch
 
-from .args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, real
-from . import train_util as tu
-from .data import stack_samples, to_device
-from .errors import UserError
-from .img_util import content_key
-from .reward_utils import gt_reward, jpeg_reward, parse_reward_spec, preservation_reward
-from .rl_utils import (ADV_STDS, KL_UNITS, gaussian_kl, gaussian_log_prob, kl_in_unit, pairwise_preference_loss, ppo_loss,
-                       reinforce_loss)
-from .rng import sample_generators
+from myutils.data import stack_samples, to_device
+from myutils.errors import UserError
+from myutils.img_util import content_key
+from myutils.reward_utils import gt_reward, jpeg_reward, preservation_reward
+from myutils.rl_utils import gaussian_kl, gaussian_log_prob, kl_in_unit, pairwise_preference_loss, ppo_loss, reinforce_loss
+from myutils.rng import sample_generators
 
-
-def add_rl_args(parser):
-    g = parser.add_argument_group("online RL")
-    g.add_argument("--algorithm", choices=["reinforce", "ppo", "grpo", "pairwise"], default="ppo")
-    g.add_argument("--reward", default="discriminator=1", help="name=weight,...: discriminator, preserve, gt, jpeg")
-    g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
-    g.add_argument("--discriminator_base_model", default=None,
-                   help="the SDXL-inpainting model the discriminator was built on (default: --pretrained_model_name_or_path)")
-    g.add_argument("--sample_steps", type=POSITIVE, default=50, help="DDIM steps of the sampler")
-    g.add_argument("--strength", type=real(above=0, maximum=1), default=1.0, help="start from the source noised to strength * T")
-    g.add_argument("--eta", type=NONNEGATIVE_REAL, default=1.0, help="DDIM stochasticity (> 0: a log-prob exists)")
-    g.add_argument("--noise_level", type=NONNEGATIVE_REAL, default=0.7, help="flow models: the SDE's noise level (> 0)")
-    g.add_argument("--naive_sde", action="store_true", help="flow models: Euler step + noise instead of the SDE (changes marginals)")
-    g.add_argument("--flow_guidance", type=NONNEGATIVE_REAL, default=30.0, help="flow models: the distilled guidance embedding (FLUX-Fill: 30)")
-    g.add_argument("--max_sequence_length", type=POSITIVE, default=512, help="flow models: T5 prompt length")
-    g.add_argument("--beta", type=POSITIVE_REAL, default=0.1, help="pairwise: scale of the log-ratio margin in -log sigmoid(beta * margin)")
-    g.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0)
-    g.add_argument("--negative_prompt", default="")
-    g.add_argument("--sample_batch_size", type=POSITIVE, default=8, help="inputs per sampling batch per process")
-    g.add_argument("--sample_batches_per_epoch", type=POSITIVE, default=4)
-    g.add_argument("--group_size", type=POSITIVE, default=1, help="samples per input in a batch (grpo: at least 2)")
-    g.add_argument("--num_inner_epochs", type=POSITIVE, default=1)
-    g.add_argument("--timestep_fraction", type=real(above=0, maximum=1), default=1.0)
-    g.add_argument("--clip_range", type=POSITIVE_REAL, default=1e-4)
-    g.add_argument("--adv_clip_max", type=POSITIVE_REAL, default=5.0)
-    g.add_argument("--kl_coef", type=NONNEGATIVE_REAL, default=0.0, help="penalty on the per-step KL to the reference (LoRA off), in --kl_unit")
-    g.add_argument("--kl_unit", choices=KL_UNITS, default="exact",
-                   help="exact: the step's Gaussian KL; flow_grpo: flow_grpo's formula for flow models (the exact KL times the step "
-                        "length |dt|), the unit its kl_coef 0.04 was tuned in. Same for SDXL's DDIM steps")
-    g.add_argument("--adv_std", choices=ADV_STDS, default="group",
-                   help="grpo: divide by each group's reward std, or by the whole batch's (Flow-GRPO's global_std)")
-    g.add_argument("--stat_buffer_size", type=POSITIVE, default=32)
-    g.add_argument("--stat_min_count", type=POSITIVE, default=16)
-    g.add_argument("--eval_epochs", type=NONNEGATIVE, default=0, help="held-out evaluation every N epochs (0: only at start and end)")
-    g.add_argument("--eval_samples", type=NONNEGATIVE, default=16)
-    g.add_argument("--eval_batch_size", type=POSITIVE, default=8, help="held-out inputs evaluated at a time (bounds its memory)")
-    g.add_argument("--checkpointing_epochs", type=NONNEGATIVE, default=1)
-    g.add_argument("--export_pairs", default=None, metavar="DIR",
-                   help="pairwise, labelled by hand: sample one epoch with the current policy, write its pairs (images, "
-                        "trajectories, DIR/pairs.json with empty labels) and exit; train on them with --pair_labels")
-    g.add_argument("--pair_labels", default=None, metavar="FILE",
-                   help="pairwise: train one epoch on an --export_pairs folder's pairs with the labels in FILE (that "
-                        "folder's pairs.json, labels filled in: a, b, tie or null) instead of sampling")
-
-
-def check_rl_args(args, script):
-    """Parse --reward into args.rewards, set args.family from the model, and reject combinations
-    that cannot train (one line each, naming the flag)."""
-    from pipelines.flow_inpaint import model_family
-
-    args.rewards = parse_reward_spec(args.reward)
-    if not args.use_lora:
-        raise UserError(f"{script} trains a LoRA (the reference is the LoRA-off model): drop --no-use_lora")
-    args.family = model_family(args.pretrained_model_name_or_path)
-    if args.family == "sdxl" and args.eta <= 0:
-        raise UserError("--eta must be > 0: a deterministic DDIM step has no variance, hence no log-prob to train")
-    if args.family == "flow" and args.noise_level <= 0:
-        raise UserError("--noise_level must be > 0: the flow ODE step has no variance, hence no log-prob to train")
-    if args.family == "flow" and args.pretrained_unet:
-        raise UserError("--pretrained_unet is for SDXL-inpainting models; a flow model's transformer comes from its own folder")
-    if "discriminator" in args.rewards and not args.discriminator_path:
-        raise UserError("--reward discriminator needs --discriminator_path")
-    if args.algorithm == "grpo" and args.group_size < 2:
-        raise UserError("--algorithm grpo compares samples of the same input: --group_size must be at least 2")
-    if args.algorithm == "pairwise" and (args.group_size != 2 or args.train_batch_size % 2):
-        raise UserError("--algorithm pairwise trains on pairs from the same start: --group_size must be 2 and --train_batch_size even")
-    if (args.export_pairs or args.pair_labels) and args.algorithm != "pairwise":
-        raise UserError(f"--{'export_pairs' if args.export_pairs else 'pair_labels'} is for --algorithm pairwise")
-    if args.export_pairs and args.pair_labels:
-        raise UserError("--export_pairs samples new pairs, --pair_labels trains on labelled ones: use one per run")
-    per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
-    if per_epoch % args.train_batch_size:
-        raise UserError(f"--train_batch_size {args.train_batch_size} must divide the {per_epoch} samples per epoch per process "
-                        "(sample_batch_size x sample_batches_per_epoch x group_size)")
-    train_batches = args.num_inner_epochs * per_epoch // args.train_batch_size
-    if train_batches % args.gradient_accumulation_steps:
-        raise UserError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide the {train_batches} training "
-                        "batches of an epoch (num_inner_epochs x samples per epoch / train_batch_size): updates never span epochs")
+from . import adapters, checkpoint, prepare, validation
 
 
 def train_timesteps(args):
@@ -151,7 +69,7 @@ def load_sampler(args, accelerator, dtype):
         if args.gradient_checkpointing:
             sampler.model.enable_gradient_checkpointing()
         return sampler
-    comps = tu.Components(args, accelerator, dtype, guidance_prompts=(args.prompt, args.negative_prompt))
+    comps = prepare.Components(args, accelerator, dtype, guidance_prompts=(args.prompt, args.negative_prompt))
     sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, args.eta, args.resolution, args.guidance_scale)
     if len(sampler.timesteps) == 0:
         raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
@@ -161,7 +79,7 @@ def load_sampler(args, accelerator, dtype):
 def load_reward(args, accelerator, dtype):
     """The discriminator as reward (None without --discriminator_path), on the SDXL-inpainting model
     it was built on (--discriminator_base_model, default the model being trained)."""
-    from .reward_utils import load_reward_model
+    from myutils.reward_utils import load_reward_model
 
     if not args.discriminator_path:
         return None
@@ -175,11 +93,11 @@ def sampling_loader(args, entries, kind, accelerator, user_accumulation):
     """(loader of --sample_batch_size inputs, optimizer steps per epoch)."""
     import argparse
 
-    from .data import RemovalDataset
+    from myutils.data import RemovalDataset
 
     dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
                              seed=args.seed)
-    loader = tu.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
+    loader = prepare.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
     samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
     return loader, args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation
 
@@ -239,7 +157,7 @@ def _evaluate_chunk(model, sampler, args, samples, reward_model, full):
         out = sampler.output(model, x, j, b)  # one policy pass serves both the KL and the deterministic step
         if full and j < sampler.num_train_steps:
             mean, scale = sampler.step(out, j, x)
-            with tu.adapters_disabled(model):
+            with adapters.disabled(model):
                 ref_mean, _ = sampler.distribution(model, x, j, b)
             kls.append(gaussian_kl(mean, ref_mean, scale).float().cpu())
         x = sampler.step(out, j, x, deterministic=True)[0]
@@ -281,7 +199,7 @@ def reward_logs(accelerator, components, step):
     for k, v in components.items():
         all_v = accelerator.gather(v.to(accelerator.device))
         logs[f"reward_{k}_mean"], logs[f"reward_{k}_std"] = all_v.mean().item(), all_v.std(unbiased=False).item()
-        tu.log_histogram(accelerator, f"reward_{k}", all_v, step)
+        validation.log_histogram(accelerator, f"reward_{k}", all_v, step)
     return logs
 
 
@@ -296,7 +214,7 @@ def save_epoch_samples(folder, accelerator, start_step, batches, advantages, log
 def load_epoch_samples(args, accelerator, start_step):
     """(batches, advantages, logs) of the epoch that began at optimizer step start_step, from the
     checkpoint being resumed: a run stopped inside an epoch goes on with the samples it trained on."""
-    path = os.path.join(tu.resume_path(args), EPOCH_SAMPLES.format(accelerator.process_index))
+    path = os.path.join(checkpoint.resume_path(args), EPOCH_SAMPLES.format(accelerator.process_index))
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; this checkpoint was taken inside an epoch and needs the epoch's samples of every process "
                         "(resume with the number of processes that wrote it)")
@@ -354,7 +272,7 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                         loss, approx_kl, clip_fraction = ppo_loss(log_prob, cond["log_probs"][:, j], adv, args.clip_range)
                         metrics.update(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
                     if args.kl_coef > 0:
-                        with torch.no_grad(), tu.adapters_disabled(raw):
+                        with torch.no_grad(), adapters.disabled(raw):
                             ref_mean, _ = sampler.distribution(raw, x, j, cond)
                         kl = kl_in_unit(gaussian_kl(mean, ref_mean, scale).mean(), args.kl_unit, sampler.step_length(j))
                         loss = loss + args.kl_coef * kl
@@ -364,90 +282,3 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                     run.optimizer_step(optimizer, lr_scheduler, params)
                 run.end_of_step(**metrics, **logs)
     run.mid_epoch_state = None
-
-
-# ----------------------------------------------------------------------------- pairs labelled by hand
-
-PAIR_LABELS = {"a": 1.0, "b": -1.0, "tie": 0.0, None: 0.0}  # per-pair preference of the first sample (a)
-SAMPLER_SETTINGS = ("family", "sample_steps", "strength", "eta", "noise_level", "naive_sde", "resolution", "guidance_scale",
-                    "flow_guidance", "group_size", "sample_batch_size", "sample_batches_per_epoch", "seed")
-
-
-def export_pairs(args, accelerator, sampler, entries, batches, all_rewards, global_step):
-    """--export_pairs DIR: write the epoch's pairs for labelling. Per process trajectories-rankR.pt
-    (the recorded latents, log-probs and conditioning); per pair pair-K.png (source | mask | a | b);
-    DIR/pairs.json with the policy's step, the sampler settings and one entry per pair, label null."""
-    from accelerate.utils import gather_object
-
-    from .img_util import tensor_to_pil
-
-    out = args.export_pairs
-    os.makedirs(out, exist_ok=True)
-    rank = accelerator.process_index
-    torch.save([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches],
-               os.path.join(out, f"trajectories-rank{rank}.pt"))
-    index = torch.cat([b["index"] for b in batches]).cpu()
-    n_local = len(index) // 2
-    rewards = all_rewards[rank * 2 * n_local:(rank + 1) * 2 * n_local]
-    rows, p = [], 0
-    for b in batches:
-        pixels = sampler.decode(b["latents"][:, -1]).cpu()
-        for i in range(0, len(pixels), 2):
-            k = rank * n_local + p
-            source, mask = (row[0] for row in tu.input_rows([{"source": b["source"][i], "mask": b["mask"][i]}]))
-            tu.viewable_grid([[source, mask, tensor_to_pil(pixels[i]), tensor_to_pil(pixels[i + 1])]], args.resolution).save(
-                os.path.join(out, f"pair-{k:05d}.png"))
-            e = entries[int(index[2 * p])]
-            rows.append({"pair": k, "image": f"pair-{k:05d}.png", "source": e.paths["source"], "mask": e.paths["mask"],
-                         "reward_a": float(rewards[2 * p]), "reward_b": float(rewards[2 * p + 1]), "label": None})
-            p += 1
-    rows = sorted(gather_object(rows), key=lambda r: r["pair"])
-    if accelerator.is_main_process:
-        doc = {"global_step": global_step, "num_processes": accelerator.num_processes,
-               "sampler": {k: getattr(args, k) for k in SAMPLER_SETTINGS},
-               "how_to_label": "each image is source | mask | a | b: set label to \"a\" or \"b\" (preferred), \"tie\" or null "
-                               "(no preference); then train with --pair_labels <this file> --resume_from_checkpoint latest",
-               "pairs": rows}
-        with open(os.path.join(out, "pairs.json"), "w") as f:
-            json.dump(doc, f, indent=1)
-    accelerator.wait_for_everyone()
-
-
-def load_labelled_pairs(args, accelerator, global_step):
-    """--pair_labels FILE: (this process's recorded batches, the rewards recorded at export (N,),
-    per-sample preferences of all processes' samples (+1 preferred, -1 rejected, 0 no preference)).
-    The pairs must have been sampled by the policy this run resumes (same step, same settings),
-    so the recorded log-probs belong to it."""
-    path = args.pair_labels
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-        pairs = doc["pairs"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--pair_labels {path}: not a pairs.json written by --export_pairs ({e})")
-    if doc.get("global_step") != global_step:
-        raise UserError(f"--pair_labels {path}: the pairs were sampled by the policy at step {doc.get('global_step')}, but this "
-                        f"run resumes at step {global_step}; resume the checkpoint they were exported from (--resume_from_checkpoint)")
-    if doc.get("num_processes") != accelerator.num_processes:
-        raise UserError(f"--pair_labels {path}: exported by {doc.get('num_processes')} processes; launch as many "
-                        f"(now {accelerator.num_processes})")
-    for k, v in doc.get("sampler", {}).items():
-        if getattr(args, k, v) != v:
-            raise UserError(f"--pair_labels {path}: the pairs were sampled with --{k} {v}, this run has {getattr(args, k)}")
-    prefs = []
-    for i, pair in enumerate(pairs):
-        label = pair.get("label") if isinstance(pair, dict) else "<not an object>"
-        if label not in PAIR_LABELS:
-            raise UserError(f"--pair_labels {path}: pairs[{i}] ({pair.get('image') if isinstance(pair, dict) else pair}): "
-                            f"label must be \"a\", \"b\", \"tie\" or null, got {label!r}")
-        prefs += [PAIR_LABELS[label], -PAIR_LABELS[label]]
-    if not any(prefs):
-        raise UserError(f"--pair_labels {path}: no pair is labelled \"a\" or \"b\"; nothing to train on")
-    traj = os.path.join(os.path.dirname(path), f"trajectories-rank{accelerator.process_index}.pt")
-    if not os.path.isfile(traj):
-        raise UserError(f"--pair_labels {path}: {traj} is missing; keep the labels file in its --export_pairs folder")
-    batches = [to_device(b, accelerator.device) for b in torch.load(traj, map_location="cpu", weights_only=False)]
-    if sum(len(b["index"]) for b in batches) * accelerator.num_processes != len(prefs):
-        raise UserError(f"--pair_labels {path}: {len(pairs)} pairs listed, but {traj} holds another number of samples per process")
-    rewards = np.array([r for pair in pairs for r in (pair.get("reward_a", np.nan), pair.get("reward_b", np.nan))], dtype=np.float64)
-    return batches, rewards, np.array(prefs)

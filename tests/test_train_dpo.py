@@ -122,18 +122,26 @@ def test_win_rate_of_a_trained_policy_is_its_paired_score_comparison(tmp_path, t
     and the scores and results are the policy's, not the reference's."""
     import myutils.reward_utils as ru
 
-    scored = []
+    scored, raw = [], []
     real_score = ru.score_results
-    monkeypatch.setattr(ru, "score_results", lambda reward, samples, results: scored.append(real_score(reward, samples, results))
-                        or scored[-1])
+
+    def score(reward, samples, results):
+        s = real_score(reward, samples, results)
+        raw.append(s)
+        if scored:  # the policy's results (the reference is scored first): six of eight made clearly better, so the
+            s = [v + 1.0 if i < 6 else v for i, v in enumerate(s)]  # rate cannot come out 0.5 by chance and hide a swap
+        scored.append(s)
+        return s
+
+    monkeypatch.setattr(ru, "score_results", score)
     out = str(tmp_path / "trained")
     metrics = run_script(tdpo, _args(tiny_model_dir, pair_meta, out, "--use_lora", "--lora_rank", "4", "--learning_rate", "2e-2",
                                      "--max_train_steps", "3", "--validation_steps", "3", "--validation_inference_steps", "2",
                                      "--num_validation_images", "2", "--discriminator_path", disc_dir, "--win_rate_samples", "8"))
     reference, policy = scored[0], scored[1]  # the reference is scored once, then the policy
-    assert len(policy) == 8 and policy != reference
+    assert len(policy) == 8 and raw[1] != raw[0]  # the trained policy's own results score differently
     by_hand = sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy, reference)) / len(policy)
-    assert metrics["val_win_rate"] == pytest.approx(by_hand) and metrics["val_win_rate"] != 0.5
+    assert metrics["val_win_rate"] == pytest.approx(by_hand) and metrics["val_win_rate"] >= 0.75
     assert metrics["val_score"] == pytest.approx(sum(policy) / 8) and metrics["val_reference_score"] == pytest.approx(sum(reference) / 8)
     assert metrics["val_win_rate_low"] < metrics["val_win_rate"] < metrics["val_win_rate_high"]
 

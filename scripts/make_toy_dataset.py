@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from myutils.args import POSITIVE, SEED, integer  # noqa: E402
 from myutils.errors import run_cli  # noqa: E402
-from toy_world.data import write_toy_dataset  # noqa: E402
+from toy_world.data import BACKGROUNDS, write_toy_dataset  # noqa: E402
 
 
 def main(argv=None):
@@ -19,8 +19,11 @@ def main(argv=None):
     p.add_argument("--num", type=POSITIVE, default=2000)
     p.add_argument("--resolution", type=integer(16), default=32)
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=["smooth"],
+                   help="background families, drawn uniformly per sample (smooth: the original toy, where the border's "
+                        "mean colour is nearly the best fill; stripes, two_tone, grid: structure across the hole)")
     args = p.parse_args(argv)
-    meta = write_toy_dataset(args.out, args.num, args.resolution, args.seed)
+    meta = write_toy_dataset(args.out, args.num, args.resolution, args.seed, args.backgrounds)
     print(f"wrote {args.num} samples at {args.resolution}px: {meta}")
 
 

@@ -1,4 +1,5 @@
-"""The toy world's data: procedural object-removal triplets (textured gradient backgrounds, one
+"""The toy world's data: procedural object-removal triplets (a background of one family: smooth
+gradients with faint stripes, strong stripes, two tones split by an edge, or a grid; one
 ellipse/rectangle/triangle object in a random colour, sometimes with a soft shadow; mask = object +
 shadow, dilated; GT = the background alone), scored results with labelled failures, and loading toy
 images as tensors. Used by the demo, the tests and the benchmarks, never by a training script."""
@@ -23,6 +24,53 @@ def _background(rng, r):
     freq, phase, theta = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
     stripes = np.sin(2 * np.pi * freq * (np.cos(theta) * x + np.sin(theta) * y) + phase)
     return np.clip(img + rng.uniform(0.03, 0.1) * stripes[..., None], 0, 1)
+
+
+def _distinct_colours(rng, min_difference=0.3):
+    """Two RGB colours whose channels differ by at least min_difference on average (an edge to see)."""
+    c0, c1 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    while np.abs(c0 - c1).mean() < min_difference:
+        c1 = rng.uniform(0, 1, 3)
+    return c0, c1
+
+
+def _stripes(rng, r):
+    """A gradient under strong low-frequency stripes (amplitude 0.25-0.45, 1-2.5 periods across the
+    image): the hole's content follows the phase outside it, which a mean colour cannot."""
+    y, x = np.mgrid[0:r, 0:r] / r
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / (np.ptp(ramp) + 1e-8)
+    c0, c1 = rng.uniform(0.2, 0.8, 3), rng.uniform(0.2, 0.8, 3)
+    freq, phase, theta = rng.uniform(1.0, 2.5), rng.uniform(0, 2 * np.pi), rng.uniform(0, np.pi)
+    stripes = np.sin(2 * np.pi * freq * (np.cos(theta) * x + np.sin(theta) * y) + phase)
+    return np.clip(c0 + (c1 - c0) * ramp[..., None] + rng.uniform(0.25, 0.45) * stripes[..., None], 0, 1)
+
+
+def _two_tone(rng, r):
+    """Two flat colours split by a straight edge through the image's middle (it crosses most holes)."""
+    y, x = (np.mgrid[0:r, 0:r] + 0.5) / r
+    theta = rng.uniform(0, np.pi)
+    cx, cy = rng.uniform(0.35, 0.65, 2)
+    side = (np.cos(theta) * (x - cx) + np.sin(theta) * (y - cy)) > 0
+    c0, c1 = _distinct_colours(rng)
+    return np.where(side[..., None], c0, c1)
+
+
+def _grid(rng, r):
+    """Grid lines of one colour on another (period 0.18-0.3 of the image): the hole hides crossings."""
+    y, x = (np.mgrid[0:r, 0:r] + 0.5) / r
+    period = rng.uniform(0.18, 0.3)
+    width = rng.uniform(0.2, 0.35) * period
+    ox, oy = rng.uniform(0, period, 2)
+    lines = (((x - ox) % period) < width) | (((y - oy) % period) < width)
+    c0, c1 = _distinct_colours(rng)
+    return np.where(lines[..., None], c0, c1)
+
+
+# smooth: the original toy (gradients with faint stripes, where the border's mean colour is nearly the
+# best fill); the others put structure across the hole that a learned remover can continue
+BACKGROUNDS = {"smooth": _background, "stripes": _stripes, "two_tone": _two_tone, "grid": _grid}
 
 
 def _shape_alpha(rng, r):
@@ -57,9 +105,11 @@ def _dilate(binary, px):
     return np.asarray(img.filter(ImageFilter.MaxFilter(2 * px + 1))) > 127
 
 
-def toy_sample(rng, resolution=32, dilate=2):
-    """One (source, mask, GT) triple as uint8 arrays (H, W, 3), (H, W), (H, W, 3)."""
-    bg = _background(rng, resolution)
+def toy_sample(rng, resolution=32, dilate=2, backgrounds=("smooth",)):
+    """One (source, mask, GT) triple as uint8 arrays (H, W, 3), (H, W), (H, W, 3); the background
+    from one of `backgrounds` (BACKGROUNDS' names), drawn uniformly when there are several."""
+    family = backgrounds[rng.integers(len(backgrounds))] if len(backgrounds) > 1 else backgrounds[0]
+    bg = BACKGROUNDS[family](rng, resolution)
     alpha = _shape_alpha(rng, resolution)
     src = bg.copy()
     covered = alpha > 0
@@ -78,14 +128,17 @@ def toy_sample(rng, resolution=32, dilate=2):
     return to8(src), (mask * 255).astype(np.uint8), to8(bg)
 
 
-def write_toy_dataset(out_dir, num, resolution=32, seed=0):
+def write_toy_dataset(out_dir, num, resolution=32, seed=0, backgrounds=("smooth",)):
     """Write source/, mask/, GT/ PNGs and meta.json (paths relative to out_dir)."""
+    unknown = sorted(set(backgrounds) - set(BACKGROUNDS))
+    if unknown:
+        raise ValueError(f"unknown toy backgrounds {unknown}; choose from {sorted(BACKGROUNDS)}")
     rng = np.random.default_rng(seed)
     for sub in ("source", "mask", "GT"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     meta = []
     for i in range(num):
-        src, mask, gt = toy_sample(rng, resolution)
+        src, mask, gt = toy_sample(rng, resolution, backgrounds=tuple(backgrounds))
         name = f"{i:05d}.png"
         Image.fromarray(src).save(os.path.join(out_dir, "source", name))
         Image.fromarray(mask, mode="L").save(os.path.join(out_dir, "mask", name))

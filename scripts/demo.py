@@ -24,6 +24,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from myutils.args import POSITIVE, SEED  # noqa: E402
+from toy_world.data import BACKGROUNDS  # noqa: E402
 
 
 # Two stages that do not depend on each other run side by side, one CPU thread each: on 2 cores two
@@ -91,6 +92,32 @@ def stage(name, output, fn):
         LANE.log = None
     DONE.add(name)
     print(f"[{name}] done in {time.time() - start:.0f} s", flush=True)
+
+
+def check_backgrounds(w, backgrounds):
+    """Every stage after the data reuses what a work_dir holds, so a work_dir is for one choice of
+    --backgrounds: recorded with its data (write_toy_data), and a different choice is refused before
+    anything runs."""
+    path = f"{w}/data/backgrounds.json"
+    if os.path.isfile(path):
+        with open(path) as f:
+            made = json.load(f)
+        if made != list(backgrounds):
+            sys.exit(f"error: --work_dir {w} holds a demo on --backgrounds {' '.join(made)}; choose another --work_dir "
+                     f"for --backgrounds {' '.join(backgrounds)} (or remove {w})")
+    elif os.path.exists(f"{w}/data/heldout/meta.json"):  # made before the choice was recorded: the original toy
+        if list(backgrounds) != ["smooth"]:
+            sys.exit(f"error: --work_dir {w} holds a demo on the smooth backgrounds; choose another --work_dir "
+                     f"for --backgrounds {' '.join(backgrounds)} (or remove {w})")
+
+
+def write_toy_data(w, args):
+    os.makedirs(f"{w}/data", exist_ok=True)
+    with open(f"{w}/data/backgrounds.json", "w") as f:
+        json.dump(list(args.backgrounds), f)
+    for name, num, seed in (("train", args.train_samples, 0), ("heldout", args.heldout_samples, 1)):
+        run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/{name}", "--num", str(num), "--seed", str(seed),
+             "--backgrounds", *args.backgrounds])
 
 
 def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
@@ -353,6 +380,9 @@ def main():
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=["smooth"],
+                   help="the toy's background families (scripts/make_toy_dataset.py): smooth is the original; stripes, "
+                        "two_tone and grid put structure across the hole")
     p.add_argument("--only", nargs="+", default=[], metavar="STAGE",
                    help="run just these stages (e.g. 'DPO' 'online RL'); the stages before them must have run")
     args = p.parse_args()
@@ -362,9 +392,8 @@ def main():
     model_dir, remover_dir = f"{w}/models/toy_sdxl_inpaint", f"{w}/remover"
     start = time.time()
 
-    stage("data", held_meta, lambda: (
-        run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/train", "--num", str(args.train_samples), "--seed", "0"]),
-        run(["scripts/make_toy_dataset.py", "--out", f"{w}/data/heldout", "--num", str(args.heldout_samples), "--seed", "1"])))
+    check_backgrounds(w, args.backgrounds)
+    stage("data", held_meta, lambda: write_toy_data(w, args))
     if args.part == "flow":
         return write_part(w, "flow", flow_part(w, train_meta, held_meta, args), start)
     # side by side (not with --only, which runs stages in turn): the flow-matching part beside the scored
@@ -502,7 +531,8 @@ def main():
     lcm_lines = lcm_report(w, rows, evaluation) + [""] + rl_report(w)
     report = "\n".join([
         "# Toy-world demo: supervised remover", "",
-        f"{args.heldout_samples} held-out toy inputs, {args.eval_steps}-step sampling from noise with seeds "
+        f"{args.heldout_samples} held-out toy inputs (backgrounds: {', '.join(args.backgrounds)}), {args.eval_steps}-step "
+        "sampling from noise with seeds "
         f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
         "in [-1, 1] pixel space against GT.", "", *table, "",
         f"All metrics (masked PSNR, LPIPS, CLIP, FID where weights are given; success rate, speed), the discriminator's "

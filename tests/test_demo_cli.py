@@ -113,3 +113,31 @@ def test_lcm_report_on_hand_made_runs(tmp_path):
     assert "- plain LCM student, 4 steps: 0.0275, 0.550" in lines
     assert ("- reward-weighted LCM student, 4 steps: 0.0266, 0.580 (discriminator win rate against the 20-step teacher "
             "0.450 [0.330, 0.570])") in lines
+
+
+def test_a_work_dir_holds_one_choice_of_backgrounds(tmp_path):
+    """Every stage reuses what the work_dir holds, so --backgrounds is recorded with the data and another
+    choice in the same work_dir is refused (a work_dir from before the record is the smooth toy)."""
+    import json
+
+    from types import SimpleNamespace
+
+    demo = _demo_module()
+    w = str(tmp_path / "w")
+    demo.check_backgrounds(w, ["stripes", "grid"])  # nothing there yet: nothing written either
+    assert not (tmp_path / "w").exists()
+    calls = []
+    demo.run = lambda cmd: calls.append(cmd)
+    demo.write_toy_data(w, SimpleNamespace(backgrounds=["stripes", "grid"], train_samples=20, heldout_samples=4))
+    assert json.load(open(tmp_path / "w" / "data" / "backgrounds.json")) == ["stripes", "grid"]
+    assert all(c[-3:] == ["--backgrounds", "stripes", "grid"] for c in calls) and len(calls) == 2
+    demo.check_backgrounds(w, ["stripes", "grid"])  # the same choice goes on
+    with pytest.raises(SystemExit, match="holds a demo on --backgrounds stripes grid; choose another --work_dir for "
+                                         "--backgrounds smooth"):
+        demo.check_backgrounds(w, ["smooth"])
+    old = tmp_path / "old"
+    (old / "data" / "heldout").mkdir(parents=True)
+    (old / "data" / "heldout" / "meta.json").write_text("[]")
+    demo.check_backgrounds(str(old), ["smooth"])
+    with pytest.raises(SystemExit, match="holds a demo on the smooth backgrounds"):
+        demo.check_backgrounds(str(old), ["two_tone"])

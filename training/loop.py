@@ -7,9 +7,10 @@ import sys
 
 import torch
 
-from . import checkpoint, prepare
 from myutils.data import to_device
 from myutils.errors import UserError
+
+from . import checkpoint, prepare
 
 logger = logging.getLogger("rorem")
 

@@ -9,11 +9,12 @@ import os
 
 import torch
 
-from . import checkpoint, config
 from myutils.data import EpochSampler, RemovalDataset, entry_digests, fingerprint, raise_problems, read_meta, scan_entries
 from myutils.errors import UserError, output_folder
 from myutils.models import DTYPES, load_inpaint_pipeline
 from myutils.sdxl_inpaint import encode_prompt_once, encode_prompt_pair
+
+from . import checkpoint, config
 
 logger = logging.getLogger("rorem")
 

@@ -507,7 +507,7 @@ def main():
         held_scored = json.load(f)
     disc_lines = ["## Discriminator (reward model)", "",
                   f"Trained on {args.scored_inputs} training inputs x (true removal, a deliberate failure, the trained "
-                  f"remover's output labelled by masked MSE < 0.02); held out: {len(held_scored)} scored results of the "
+                  f"remover's output, labelled good when its masked MSE is below half the border fill's on the same input or below 0.02); held out: {len(held_scored)} scored results of the "
                   f"{args.heldout_samples} held-out inputs ({sum(e['score'] for e in held_scored)} positive).", "",
                   "| held-out metric | untrained (step 0) | trained |", "|---|---|---|"]
     for tag, name in (("val_accuracy", "accuracy at 0.5"), ("val_auc", "ROC AUC")):

@@ -99,3 +99,38 @@ def test_scored_toy_data_is_balanced_and_labels_remover_outputs(tmp_path, toy_me
     assert [m["score"] for m in rem] == [1, 0] * 6
     for m in bad:  # a failure really is wrong inside the mask
         assert masked_mse(load_image(m["GT"]), load_image(m["source"].replace("source", "GT")), load_mask(m["mask"])) > 1e-3
+
+
+def test_scored_remover_outputs_are_good_when_clearly_better_than_the_border_fill(tmp_path):
+    """The annotator stand-in judges against the classical fill of the same input, so it works on every
+    background family: the fill itself is a good removal only where it is nearly perfect (error < 0.02);
+    half-way from the fill to GT (error about a quarter of the fill's) is good."""
+    import numpy as np
+    from PIL import Image
+
+    from myutils.img_util import load_image, load_mask
+    from myutils.metrics import border_fill, masked_mse
+    from toy_world.data import write_scored_toy_dataset, write_toy_dataset
+
+    toy = write_toy_dataset(str(tmp_path / "toy"), 24, 32, seed=3, backgrounds=("stripes", "two_tone", "grid"))
+    root = os.path.dirname(toy)
+    fill_errors = []
+    for kind, mix in (("fill", 1.0), ("half", 0.5)):
+        (tmp_path / kind).mkdir()
+        results = []
+        for i, e in enumerate(json.load(open(toy))):
+            src, mask, gt = (os.path.join(root, e[k]) for k in ("source", "mask", "GT"))
+            fill = np.asarray(border_fill(load_image(src), load_mask(mask)), dtype=np.float64)
+            out = np.rint(mix * fill + (1 - mix) * np.asarray(load_image(gt), dtype=np.float64)).astype(np.uint8)
+            Image.fromarray(out).save(tmp_path / kind / f"{i}.png")
+            results.append({"source": src, "mask": mask, "GT": f"{i}.png"})
+            if kind == "fill":
+                fill_errors.append(masked_mse(Image.fromarray(out), load_image(gt), load_mask(mask)))
+        (tmp_path / kind / "meta.json").write_text(json.dumps(results))
+    meta = json.load(open(write_scored_toy_dataset(toy, str(tmp_path / "s"), results={
+        k: str(tmp_path / k / "meta.json") for k in ("fill", "half")})))
+    fill, half = ([m for m in meta if m["kind"] == k] for k in ("fill", "half"))
+    assert [m["score"] for m in fill] == [int(e < 0.02) for e in fill_errors]
+    assert sum(e >= 0.02 for e in fill_errors) >= 12  # the structured families: the fill mostly fails
+    assert all(m["score"] == 1 for m in half)
+    assert [m["border_fill_masked_mse"] for m in fill] == pytest.approx(fill_errors)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Build Diffusion-DPO preference pairs: natural pairs from scored annotations, and generated pairs
-where those are too few (K candidates per input from the remover, judged by the discriminator).
+where those are too few (K candidates per input from the remover, judged by the discriminator, or
+where the inputs have a GT, by their masked error against it).
 
     # natural pairs only: every score-1 result against score-0 results of the same source and mask
     python scripts/build_preference_pairs.py --scored_meta_path annotations/meta.json --output_dir pairs/
@@ -11,10 +12,14 @@ where those are too few (K candidates per input from the remover, judged by the 
         --RORem_unet path/to/RORem_unet --RORem_discriminator path/to/disc --num_candidates 8 \
         --min_margin 0.1 --output_dir pairs/
 
+    # inputs with a GT (e.g. RORem's triplets): judge the candidates by masked MSE against it
+    python scripts/build_preference_pairs.py --meta_path triplets/meta.json --judge gt \
+        --RORem_unet path/to/RORem_unet --num_candidates 8 --output_dir pairs_gt/
+
 Writes <output_dir>/meta.json (the pair format train_RORem_dpo.py reads, with both scores) and,
 when generating, <output_dir>/candidates/ (every candidate image) and <output_dir>/candidates.json
-(every candidate as a scored triplet, score = the discriminator's verdict at --threshold, the raw
-score kept as discriminator_score: train_RORem.py can fine-tune on the accepted ones, the
+(every candidate as a scored triplet, score = the judge's verdict at --threshold, the raw score kept
+as discriminator_score or masked_mse: train_RORem.py can fine-tune on the accepted ones, the
 discriminator-filtered SFT baseline). Candidate k of input i uses seed --seed + i * K + k; with several
 --guidance_scales / --inference_steps the K candidates are split into equal blocks, one per setting.
 Resumable: an input's record (<output_dir>/records/<i>.json) is written once its candidates are
@@ -35,10 +40,11 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from myutils import made_by  # noqa: E402
-from myutils.args import NONNEGATIVE_REAL, POSITIVE, SCORE, integer, real  # noqa: E402
+from myutils.args import NONNEGATIVE_REAL, POSITIVE, integer, real  # noqa: E402
 from myutils.data import Entry, check_entries, read_meta  # noqa: E402
 from myutils.errors import UserError, output_folder, run_cli  # noqa: E402
 from myutils.img_util import binarize_mask, content_key, load_image, load_mask  # noqa: E402
+from myutils.metrics import masked_mse  # noqa: E402
 from myutils.models import resolve_device_dtype  # noqa: E402
 from pipelines.inpaint import add_remover_args, check_remover_args, load_remover, remove_objects  # noqa: E402
 
@@ -90,6 +96,11 @@ def meta_to_preference_dataset_format(meta_paths, out_path, max_pairs_per_input=
     return {"inputs": len(groups), "inputs_with_pairs": with_pairs, "inputs_without_pairs": without, "pairs": len(pairs)}
 
 
+JUDGES = ("discriminator", "gt")
+DEFAULT_MARGIN = {"discriminator": 0.1, "gt": 0.005}
+DEFAULT_THRESHOLD = {"discriminator": 0.5, "gt": -0.02}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", required=True)
@@ -99,24 +110,35 @@ def parse_args(argv=None):
     g.add_argument("--pair_similar", action="store_true", help="borrow the missing side from a similar input (same mask, "
                    "sources within --similar_threshold mean squared difference)")
     g.add_argument("--similar_threshold", type=NONNEGATIVE_REAL, default=0.02)
-    g = p.add_argument_group("generated pairs (remover candidates judged by the discriminator)")
+    g = p.add_argument_group("generated pairs (remover candidates judged by the discriminator or against GT)")
     g.add_argument("--meta_path", nargs="+", default=None, help="input meta.json file(s) of {source, mask} to generate for")
     g.add_argument("--generate_for", choices=["unpaired", "all"], default="unpaired",
                    help="with --scored_meta_path: generate only for inputs without a natural pair, or for all")
+    g.add_argument("--judge", choices=JUDGES, default="discriminator",
+                   help="what scores a candidate: the discriminator's probability, or gt: minus its MSE against the input's GT "
+                        "inside the mask ([-1, 1] pixel units; the input meta.json needs GT), a known-answer preference")
     g.add_argument("--RORem_discriminator", default=None, help="discriminator folder (pytorch_lora_weights + cls_pred_branch.pt)")
     g.add_argument("--num_candidates", type=integer(2), default=8, help="K candidates per input")
     g.add_argument("--guidance_scales", type=NONNEGATIVE_REAL, nargs="+", default=None, help="several: candidates split among them")
     g.add_argument("--steps_options", type=POSITIVE, nargs="+", default=None, help="several step counts: candidates split among them")
-    g.add_argument("--min_margin", type=real(), default=0.1, help="pair best with worst only if their scores differ by more")
-    g.add_argument("--threshold", type=SCORE, default=0.5, help="discriminator verdict for candidates.json")
+    g.add_argument("--min_margin", type=real(), default=None,
+                   help="pair best with worst only if their scores differ by more (default: 0.1 for the discriminator, "
+                        "0.005 for gt)")
+    g.add_argument("--threshold", type=real(), default=None,
+                   help="a candidate's verdict in candidates.json: score >= this (default: 0.5 for the discriminator; "
+                        "-0.02 for gt, i.e. masked MSE <= 0.02)")
     add_remover_args(p)
     args = p.parse_args(argv)
     if not (args.scored_meta_path or args.meta_path):
         raise UserError("give --scored_meta_path (natural pairs), --meta_path (generated pairs), or both")
     if args.meta_path:
         check_remover_args(args)
-        if not args.RORem_discriminator:
-            raise UserError("--meta_path generates candidates, which need --RORem_discriminator to judge them")
+        if args.judge == "discriminator" and not args.RORem_discriminator:
+            raise UserError("--meta_path generates candidates, which need --RORem_discriminator to judge them (or --judge gt)")
+    if args.judge == "discriminator" and args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise UserError(f"--threshold: the discriminator's score is a probability, so a verdict threshold in [0, 1], got {args.threshold}")
+    args.min_margin = DEFAULT_MARGIN[args.judge] if args.min_margin is None else args.min_margin
+    args.threshold = DEFAULT_THRESHOLD[args.judge] if args.threshold is None else args.threshold
     return args
 
 
@@ -193,7 +215,8 @@ def generate_candidates(args, entries, chosen, records_dir):
     settings = candidate_settings(args)
     if mine:
         pipe, cond, uncond = load_remover(args, device, dtype)
-        reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype, args.variant)
+        if args.judge == "discriminator":
+            reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype, args.variant)
     cand_dir = os.path.abspath(os.path.join(args.output_dir, "candidates"))
     os.makedirs(cand_dir, exist_ok=True)
     for i in tqdm(mine, desc=f"candidates (rank {state.process_index})", disable=not mine):
@@ -209,9 +232,14 @@ def generate_candidates(args, entries, chosen, records_dir):
                 result.save(path)
                 cands.append({"path": path, "seed": args.seed + i * args.num_candidates + k,
                               "guidance_scale": setting[0], "inference_steps": setting[1]})
-        scored = [Entry(e.meta, i, {"source": e.paths["source"], "mask": e.paths["mask"], "GT": c["path"]}) for c in cands]
-        for c, s in zip(cands, score_entries(reward, scored, args.resolution, batch_size=len(scored))):
-            c["score"] = s
+        if args.judge == "gt":  # known answer: minus the masked error against the input's own GT
+            gt = load_image(e.paths["GT"])
+            scores = [-masked_mse(load_image(c["path"]), gt, mask) for c in cands]
+        else:
+            scored = [Entry(e.meta, i, {"source": e.paths["source"], "mask": e.paths["mask"], "GT": c["path"]}) for c in cands]
+            scores = score_entries(reward, scored, args.resolution, batch_size=len(scored))
+        for c, s in zip(cands, scores):
+            c["score"] = float(s)
         write_json(os.path.join(records_dir, f"{i:06d}.json"),
                    {"source": e.paths["source"], "mask": e.paths["mask"], "candidates": cands, "made_by": keys[i]})
     state.wait_for_everyone()
@@ -231,7 +259,7 @@ def main(argv=None):
         print(f"natural pairs: {report['natural']['pairs']} from {report['natural']['inputs_with_pairs']} inputs; "
               f"{report['natural']['inputs_without_pairs']} inputs have no pair")
     if args.meta_path:
-        entries = read_meta(args.meta_path, "input")
+        entries = read_meta(args.meta_path, "triplet" if args.judge == "gt" else "input")
         for w in check_entries(entries, progress=len(entries) > 200):
             print(f"warning: {w}")
         paired = {content_key(p["source"], p["mask"]) for p in pairs} if args.generate_for == "unpaired" else set()
@@ -250,12 +278,14 @@ def main(argv=None):
         generated = [(r, best_against_worst(r["candidates"], args.min_margin)) for r in records]
         pairs += [{"source": r["source"], "mask": r["mask"], "preferred": b["path"], "rejected": w["path"],
                    "preferred_score": b["score"], "rejected_score": w["score"]} for r, bw in generated if bw for b, w in [bw]]
+        raw = {"discriminator": lambda c: {"discriminator_score": c["score"]}, "gt": lambda c: {"masked_mse": -c["score"]}}[args.judge]
         candidates = [{"source": r["source"], "mask": r["mask"], "GT": c["path"], "score": int(c["score"] >= args.threshold),
-                       "discriminator_score": c["score"], "seed": c["seed"]} for r in records for c in r["candidates"]]
+                       **raw(c), "seed": c["seed"]} for r in records for c in r["candidates"]]
         write_json(os.path.join(args.output_dir, "candidates.json"), candidates)
         made = sum(bool(bw) for _, bw in generated)
         report["generated"] = {"inputs": len(records), "inputs_with_pairs": made, "inputs_below_margin": len(records) - made,
-                               "pairs": made, "min_margin": args.min_margin, "candidates": len(candidates)}
+                               "pairs": made, "min_margin": args.min_margin, "candidates": len(candidates),
+                               "judge": args.judge}
         print(f"generated pairs: {made} of {len(records)} inputs have a best-worst margin above {args.min_margin}")
     write_json(os.path.join(args.output_dir, "meta.json"), pairs)
     write_json(os.path.join(args.output_dir, "report.json"), report)

@@ -87,6 +87,35 @@ def test_margin_filter_resume_and_settings(tmp_path, tiny_model_dir, disc_dir, s
     assert all(os.stat(p).st_mtime_ns == s for p, s in stamps.items())
 
 
+def test_gt_judge_scores_candidates_by_masked_error_against_gt(tmp_path, tiny_model_dir, toy_meta):
+    """--judge gt: no discriminator; each candidate's score is minus its masked MSE against the input's GT
+    (recomputed here from the saved image), best against worst by that error; inputs without GT are refused."""
+    from myutils.img_util import load_image, load_mask
+    from myutils.metrics import masked_mse
+
+    root = os.path.dirname(toy_meta)
+    entries = [{k: os.path.join(root, v) for k, v in e.items()} for e in json.load(open(toy_meta))[:3]]
+    (tmp_path / "triplets.json").write_text(json.dumps(entries))
+    out = str(tmp_path / "pairs")
+    report = bpp.main(["--pretrained_model", tiny_model_dir, "--meta_path", str(tmp_path / "triplets.json"), "--judge", "gt",
+                       "--output_dir", out, "--num_candidates", "3", "--inference_steps", "2", "--strength", "1.0",
+                       "--resolution", "32", "--seed", "5", "--min_margin", "0"])
+    assert report["generated"]["judge"] == "gt" and report["generated"]["min_margin"] == 0
+    pairs = json.load(open(os.path.join(out, "meta.json")))
+    for i, e in enumerate(entries):
+        rec = json.load(open(os.path.join(out, "records", f"{i:06d}.json")))
+        errors = [masked_mse(load_image(c["path"]), load_image(e["GT"]), load_mask(e["mask"])) for c in rec["candidates"]]
+        assert [c["score"] for c in rec["candidates"]] == pytest.approx([-x for x in errors])
+        best, worst = (rec["candidates"][int(np.argmin(errors))]["path"], rec["candidates"][int(np.argmax(errors))]["path"])
+        assert [(p["preferred"], p["rejected"]) for p in pairs if p["source"] == e["source"]] == [(best, worst)]
+    candidates = json.load(open(os.path.join(out, "candidates.json")))
+    assert all(c["score"] == int(c["masked_mse"] <= 0.02) for c in candidates)  # the default verdict: -0.02
+    (tmp_path / "inputs.json").write_text(json.dumps([{"source": e["source"], "mask": e["mask"]} for e in entries]))
+    with pytest.raises(UserError, match="GT"):
+        bpp.main(["--pretrained_model", tiny_model_dir, "--meta_path", str(tmp_path / "inputs.json"), "--judge", "gt",
+                  "--output_dir", str(tmp_path / "p2"), "--num_candidates", "2", "--resolution", "32"])
+
+
 def test_argument_errors(tiny_model_dir, scored_and_inputs, tmp_path):
     _, inputs = scored_and_inputs
     with pytest.raises(UserError, match="--RORem_discriminator"):
@@ -95,6 +124,10 @@ def test_argument_errors(tiny_model_dir, scored_and_inputs, tmp_path):
         bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--RORem_discriminator", "d", "--num_candidates", "1"])
     with pytest.raises(UserError, match="--scored_meta_path"):
         bpp.parse_args(["--output_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="--threshold: the discriminator's score is a probability"):
+        bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--RORem_discriminator", "d", "--threshold", "-0.1"])
+    args = bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--judge", "gt"])  # no discriminator needed
+    assert (args.min_margin, args.threshold) == (0.005, -0.02)
 
 
 def test_preference_pairs_group_by_content(tmp_path):

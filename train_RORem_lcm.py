@@ -15,7 +15,8 @@ load it with pipe.load_lora_weights and an LCMScheduler (inference_RORem_4S.py).
 Reward weighting (train_RORem_lcm_rewarded.py sets its defaults): with --discriminator_path, each
 sample's loss is weighted by the discriminator's score of --reward_source: `data` (the training GT,
 scored once before training and cached), `teacher` (the teacher's guided x0 at the sampled step, on
-latents) or `student` (the student's prediction); --weighting filter / softmax / percentile
+latents) or `student` (the student's prediction); or, with no discriminator, `labels`: each training
+entry's own "score" in its meta.json (an annotator's verdict); --weighting filter / softmax / percentile
 (myutils/reward_utils.reward_weights), with an optional curriculum from permissive to strict.
 """
 import argparse
@@ -41,6 +42,9 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
                     "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
+REWARD_SOURCES = ("data", "labels", "teacher", "student")
+
+
 def add_lcm_args(parser):
     config.add_common_args(parser, meta_kind="triplet", unet_aliases=("--pretrained_teacher_unet",))
     g = parser.add_argument_group("LCM distillation")
@@ -60,9 +64,11 @@ def add_lcm_args(parser):
                         "runs 3 of 4 steps from a partly noised source)")
     g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64,
                    help="held-out inputs on which student (LCM steps) and teacher (--validation_inference_steps) are compared")
-    g = parser.add_argument_group("reward weighting (with --discriminator_path)")
+    g = parser.add_argument_group("reward weighting (with --discriminator_path, or --reward_source labels)")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
-    g.add_argument("--reward_source", choices=["data", "teacher", "student"], default="data")
+    g.add_argument("--reward_source", choices=REWARD_SOURCES, default="data",
+                   help="the discriminator's score of the training GT (data), of the teacher's or the student's x0; or "
+                        "labels: each training entry's own score in meta.json, no discriminator")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="softmax")
     g.add_argument("--reward_threshold", type=SCORE, default=0.5, help="filter: keep scores >= threshold")
     g.add_argument("--reward_temperature", type=POSITIVE_REAL, default=0.5, help="softmax: weights softmax(score / temperature)")
@@ -81,8 +87,9 @@ def parse_args(argv=None, rewarded=False):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_lcm_args(parser)
     args = config.parse_args(parser, argv)
-    if rewarded and not args.discriminator_path:
-        raise UserError("--discriminator_path is required (the discriminator folder whose scores weight the loss)")
+    if rewarded and not args.discriminator_path and args.reward_source != "labels":
+        raise UserError("--discriminator_path is required (the discriminator folder whose scores weight the loss), "
+                        "or --reward_source labels (the scores in the training meta.json)")
     if not args.use_lora:
         raise UserError("LCM distillation trains a LoRA: the teacher is the same UNet with the LoRA off (drop --no-use_lora)")
     if args.validation_steps and int(args.validation_lcm_steps * args.validation_lcm_strength) < 1:
@@ -104,6 +111,12 @@ def weighting_params(args, step, max_steps):
     elif args.curriculum == "temperature":
         temperature = value_at(step, span, 10.0 if args.curriculum_start is None else args.curriculum_start, temperature, "linear")
     return threshold, temperature
+
+
+def label_scores(entries):
+    """Each training entry's own score (read as scored entries, so every one has a score in [0, 1]):
+    the weights' source with --reward_source labels."""
+    return torch.tensor([e.score for e in entries])
 
 
 def data_scores(args, accelerator, reward, entries):
@@ -174,7 +187,7 @@ def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memor
     """(B,) discriminator scores of this batch's samples from --reward_source; teacher/student
     scores are on latents (no decode) and refreshed at most every --score_every steps."""
     index = batch["index"].cpu()
-    if args.reward_source == "data":
+    if args.reward_source in ("data", "labels"):
         return scores_of_data[index]
     stale = memory.stale(index, step)
     fresh = torch.zeros(len(index), dtype=torch.float64)
@@ -194,7 +207,9 @@ def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memor
 def main(argv=None, rewarded=False):
     args = parse_args(argv, rewarded)
     accelerator = prepare.make_accelerator(args)
-    entries, val_entries = prepare.load_train_and_validation(args, "triplet", accelerator)
+    # --reward_source labels: the training entries' own scores, so each must have one
+    entries, val_entries = prepare.load_train_and_validation(args, "scored" if args.reward_source == "labels" else "triplet",
+                                                             accelerator, validation_kind="triplet")
     dtype = prepare.weight_dtype(accelerator)
     comps = prepare.Components(args, accelerator, dtype, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
     unet = comps.unet
@@ -213,11 +228,13 @@ def main(argv=None, rewarded=False):
     if args.discriminator_path:
         reward = load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution,
                                    accelerator.device, dtype, args.variant, flags=TRAINING_FLAGS)
-    scores_of_data = data_scores(args, accelerator, reward, entries) if reward and args.reward_source == "data" else None
+    weighted = reward is not None or args.reward_source == "labels"
+    scores_of_data = (label_scores(entries) if args.reward_source == "labels" else
+                      data_scores(args, accelerator, reward, entries) if reward and args.reward_source == "data" else None)
     reference = load_reference(args.reward_reference) if args.reward_reference else None
     memory = ScoreMemory(args.score_every)
 
-    keys = ("GT", "masked", "source") if reward and args.reward_source != "data" else ("GT", "masked")
+    keys = ("GT", "masked", "source") if weighted and args.reward_source in ("teacher", "student") else ("GT", "masked")
     dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
     unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
     if ema is not None:
@@ -225,7 +242,7 @@ def main(argv=None, rewarded=False):
     save = lambda m, d: save_unet(m, d, lora=True)  # noqa: E731
     checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, lora=True), ema)
     accelerator.register_for_checkpointing(memory)
-    prepare.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if reward else "train_RORem_lcm")
+    prepare.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if weighted else "train_RORem_lcm")
     validating = args.validation_steps and accelerator.is_main_process
     count = max(args.win_rate_samples, args.num_validation_images)
     val_samples = validation.validation_samples(args, val_entries, "triplet", count) if validating else []
@@ -259,7 +276,7 @@ def main(argv=None, rewarded=False):
             model_pred, target, teacher_x0, batch = distillation_tensors(unet, accelerator, comps, batch, args, solver, ema, keys)
             losses = per_sample_lcm_loss(model_pred, target, args.loss_type, args.huber_c)
             weights, metrics = torch.ones_like(losses), {}
-            if reward is not None:
+            if weighted:
                 scores = sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred, teacher_x0)
                 all_scores = accelerator.gather(scores.to(accelerator.device))  # weights over the global batch
                 threshold, temperature = weighting_params(args, run.global_step, max_steps)

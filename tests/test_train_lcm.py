@@ -159,6 +159,45 @@ def test_rewarded_sources_score_what_they_name(tmp_path, tiny_model_dir, toy_met
         assert (runs[a]["weights"] - runs[b]["weights"]).abs().max() > 1e-3, (a, b)
 
 
+def test_labels_source_weights_by_each_entrys_own_score_without_a_discriminator(tmp_path, tiny_model_dir, toy_meta, run_script,
+                                                                                 monkeypatch):
+    """--reward_source labels: the scores are the training entries' meta.json scores (here 1 on even
+    entries), the filter keeps exactly those; an entry without a score is named in a one-line error."""
+    root = os.path.dirname(toy_meta)
+    entries = [{**{k: os.path.join(root, v) for k, v in e.items()}, "score": int(i % 2 == 0)}
+               for i, e in enumerate(json.load(open(toy_meta)))]
+    (tmp_path / "scored.json").write_text(json.dumps(entries))
+    seen = []
+    real_weights = tlcm.reward_weights
+
+    def weights(scores, *a, **k):
+        seen.append((scores.clone(), real_weights(scores, *a, **k)))
+        return seen[-1][1]
+
+    real_tensors = tlcm.distillation_tensors
+    indices = []
+
+    def tensors(*a, **k):
+        out = real_tensors(*a, **k)
+        indices.append(out[3]["index"].cpu().clone())
+        return out
+
+    monkeypatch.setattr(tlcm, "reward_weights", weights)
+    monkeypatch.setattr(tlcm, "distillation_tensors", tensors)
+    run_script(trew, _args(tiny_model_dir, str(tmp_path / "scored.json"), str(tmp_path / "o"), "--max_train_steps", "2",
+                           "--reward_source", "labels", "--weighting", "filter", "--reward_threshold", "0.5"))
+    assert len(seen) == 2
+    for (scores, w), index in zip(seen, indices):
+        labels = torch.tensor([float(i % 2 == 0) for i in index.tolist()])
+        assert torch.equal(scores.float(), labels)
+        assert torch.allclose(w.float(), labels * len(labels) / labels.sum())  # the kept ones, weights B / kept
+    assert not os.path.exists(tmp_path / "o" / "data_scores.json")
+    (tmp_path / "unscored.json").write_text(json.dumps([entries[0], {k: v for k, v in entries[1].items() if k != "score"}]))
+    with pytest.raises(UserError, match="unscored.json: entry 1: missing key 'score'"):
+        run_script(trew, _args(tiny_model_dir, str(tmp_path / "unscored.json"), str(tmp_path / "u"), "--max_train_steps", "1",
+                               "--reward_source", "labels"))
+
+
 def test_weighting_curriculum_and_argument_errors(tmp_path, toy_meta):
     args = tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--curriculum", "threshold",
                             "--reward_threshold", "0.7", "--curriculum_steps", "100"])

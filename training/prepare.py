@@ -156,12 +156,13 @@ def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path", 
     return entries
 
 
-def load_train_and_validation(args, kind, accelerator):
-    """Training entries, and the validation entries (--validation_meta_path, else the training ones)."""
+def load_train_and_validation(args, kind, accelerator, validation_kind=None):
+    """Training entries, and the validation entries (--validation_meta_path, read as validation_kind,
+    default kind; else the training ones)."""
     entries = load_entries(args.meta_path, kind, accelerator, check=not args.skip_data_check, output_dir=args.output_dir)
     if not args.validation_meta_path:
         return entries, entries
-    return entries, load_entries(args.validation_meta_path, kind, accelerator, what="--validation_meta_path",
+    return entries, load_entries(args.validation_meta_path, validation_kind or kind, accelerator, what="--validation_meta_path",
                                  output_dir=args.output_dir)
 
 

@@ -21,7 +21,9 @@ the task's weights and a fresh optimizer state. Works for SDXL and FLUX-Fill mod
 Output: policy_<k>/ (the final population) and archive/<name>/ (every policy on the front), each a
 LoRA that diffusers loads; policies.json (weights, objectives, on the front or not); front plots
 per generation (fronts/gen-XX.png) and at the end (front.png); hypervolume and sparsity per
-generation in tensorboard and final_metrics.json.
+generation in tensorboard and final_metrics.json. With --test_meta_path, the start and the front are
+evaluated once more at the end on inputs the selection never saw, each objective per input (a paired
+comparison of the front's hypervolume with the start's, e.g. by bootstrap over the inputs).
 """
 import argparse
 import concurrent.futures
@@ -55,6 +57,11 @@ def parse_args(argv=None):
     g.add_argument("--sparsity_weight", type=NONNEGATIVE_REAL, default=0.5, help="task selection maximises HV - this x sparsity (scaled units)")
     g.add_argument("--hv_reference", default=None,
                    help="comma-separated reference point of the hypervolume (default: the start minus half its size, minus 1e-3)")
+    g.add_argument("--test_meta_path", nargs="+", default=None,
+                   help="held-out inputs never used to choose the front: at the end the start and every policy on the front are "
+                        "evaluated there, per input (policies.json 'test'), free of the optimism of a front picked on the "
+                        "validation inputs")
+    g.add_argument("--test_samples", type=POSITIVE, default=None, help="the first this many test inputs (default: all)")
     parser.set_defaults(use_lora=True, algorithm="grpo", group_size=4, learning_rate=3e-4, train_batch_size=4, validation_steps=0,
                         checkpointing_steps=0, eval_samples=32)
     args = config.parse_args(parser, argv)
@@ -184,17 +191,21 @@ def main(argv=None):
         for p in sum(params, []):
             p.requires_grad_(True)
 
-    def evaluate_objectives(adapter=None):
-        """Held-out objective vector of one slot (None: the base model); the ranks share the work and
-        all get the same numbers, so all make the same choices."""
+    def objectives_per_input(samples, adapter=None):
+        """Objective vector of each sample under one slot (None: the base model); the ranks share the
+        work and all get the same numbers, so all make the same choices."""
         raw.eval()
         if adapter is None:
             with adapters.disabled(raw):
-                metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
+                per_sample = rl_loop.evaluate(raw, sampler, args, samples, reward_model, full=False, accelerator=accelerator)[2]
         else:
             activate(adapter)
-            metrics = rl_loop.evaluate(raw, sampler, args, eval_samples, reward_model, full=False, accelerator=accelerator)[0]
-        return [metrics[f"eval_reward_{n}"] for n in names]
+            per_sample = rl_loop.evaluate(raw, sampler, args, samples, reward_model, full=False, accelerator=accelerator)[2]
+        return [[p[n] for n in names] for p in per_sample]
+
+    def evaluate_objectives(adapter=None):
+        """Held-out objective vector (means over the validation inputs) of one slot."""
+        return np.mean(objectives_per_input(eval_samples, adapter), axis=0).tolist()
 
     global_step = checkpoint.resume(accelerator, args)
     first_generation = global_step // steps_per_generation
@@ -272,11 +283,26 @@ def main(argv=None):
         checkpoint.save_checkpoint(accelerator, args, run.global_step)
     pool.shutdown()
     run.finish()
-    return write_outputs(accelerator, args, raw, state, slots, names)
+    test = None
+    if args.test_meta_path:  # the start and the front on inputs the selection never saw
+        accelerator.wait_for_everyone()  # the archive's LoRAs are on disk
+        test_entries = prepare.load_entries(args.test_meta_path, kind, accelerator, what="--test_meta_path", output_dir=args.output_dir)
+        samples = validation.validation_samples(args, test_entries, kind, args.test_samples or len(test_entries))
+        keep = {n: p.detach().clone() for n, p in raw.named_parameters() if f".{slots[0]}." in n}  # slot 0 lends its adapter
+        test = {"inputs": len(samples), "start": objectives_per_input(samples), "front": {}}
+        for e in state.archive.entries:
+            load_unet_weights(raw, os.path.join(args.output_dir, "archive", e["name"]), lora=True, adapter=slots[0])
+            test["front"][e["name"]] = objectives_per_input(samples, 0)
+        with torch.no_grad():
+            for n, p in raw.named_parameters():
+                if n in keep:
+                    p.copy_(keep[n])
+    return write_outputs(accelerator, args, raw, state, slots, names, test)
 
 
-def write_outputs(accelerator, args, raw, state, slots, names):
-    """The final population and the archive as LoRAs with an index; the front plot; final metrics."""
+def write_outputs(accelerator, args, raw, state, slots, names, test=None):
+    """The final population and the archive as LoRAs with an index; the front plot; final metrics;
+    with a test set, each objective per test input of the start and of every policy on the front."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
@@ -293,6 +319,11 @@ def write_outputs(accelerator, args, raw, state, slots, names):
     hv = [h["hypervolume"] for h in state.history]
     summary = {"objectives": names, "reference": state.reference, "start": state.start, "hypervolume_per_generation": hv,
                "sparsity_per_generation": [h["sparsity"] for h in state.history], "policies": index}
+    if test is not None:
+        means = [np.mean(v, axis=0) for v in test["front"].values()]
+        test.update(hypervolume_start=mo.hypervolume([np.mean(test["start"], axis=0)], state.reference),
+                    hypervolume_front=mo.hypervolume(means, state.reference))
+        summary["test"] = test
     with open(os.path.join(args.output_dir, "policies.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if len(names) == 2:

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""The main job on the toy world, on a CPU: make data and tiny models, train a remover, and compare
-it with its untrained start and a classical baseline on held-out samples.
+"""The main job on the toy world, on a CPU: make data and tiny models, train a remover, then each
+method from it twice where it can be, once on a signal whose optimum is known (GT: masked error, pairs
+judged against GT, GT-based labels) and once on the discriminator, and compare each with its start on
+held-out inputs, same seeds, with paired intervals (<work_dir>/report/README.md leads with that table).
 
     python scripts/demo.py --work_dir .demo          (what `make demo` runs)
 
 Each stage is skipped when its output exists, so a second run only re-evaluates; delete a stage's
-folder under --work_dir to redo it. Numbers are masked-region MSE in [-1, 1] pixel space against GT
-on held-out inputs, same seeds for every system (lower is better).
+folder under --work_dir to redo it. Masked MSE is the mean squared error inside the mask in [-1, 1]
+pixel space against GT (lower is better).
 """
 import argparse
 import concurrent.futures
@@ -25,6 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from myutils.args import POSITIVE, SEED  # noqa: E402
 from toy_world.data import BACKGROUNDS  # noqa: E402
+
+STRUCTURED = ("stripes", "two_tone", "grid")
+from toy_world.report import hacking_reading, hypervolume_change, lead_table, method_row, verdict  # noqa: E402
 
 
 # Two stages that do not depend on each other run side by side, one CPU thread each: on 2 cores two
@@ -138,16 +143,22 @@ def make_scored_data(w, train_meta, held_meta, model_dir, remover_dir, args):
 
 
 def make_pairs(w, model_dir, remover_dir, disc_dir, args):
+    """Preference pairs from the same remover candidates (4 per training input, fixed seeds), judged two
+    ways: against GT (masked error, the known answer) and by the discriminator (the research signal);
+    held-out natural pairs (true removal against a failure) for DPO's preference accuracy."""
     with open(f"{w}/scored/inputs/meta.json") as f:
         inputs = json.load(f)[: args.pair_inputs]
     os.makedirs(f"{w}/pairs", exist_ok=True)
     with open(f"{w}/pairs/candidate_inputs.json", "w") as f:
         json.dump(inputs, f)
-    run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/train/meta.json",
-         "--meta_path", f"{w}/pairs/candidate_inputs.json", "--generate_for", "all", "--pretrained_model", model_dir,
-         "--RORem_unet", f"{remover_dir}/unet", "--RORem_discriminator", disc_dir, "--num_candidates", "4",
-         "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--resolution", "32", "--seed", str(args.seed + 2000),
-         "--output_dir", f"{w}/pairs/train"])
+    for judge, extra in (("gt", []), ("discriminator", ["--RORem_discriminator", disc_dir])):
+        # every input paired (margin 0), so both runs train on the same inputs and candidates and differ
+        # only in which candidate each judge prefers
+        run(["scripts/build_preference_pairs.py", "--meta_path", f"{w}/pairs/candidate_inputs.json", "--judge", judge, *extra,
+             "--min_margin", "0",
+             "--pretrained_model", model_dir, "--RORem_unet", f"{remover_dir}/unet", "--num_candidates", "4",
+             "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--resolution", "32", "--seed", str(args.seed + 2000),
+             "--output_dir", f"{w}/pairs/{judge}"])
     run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/heldout/meta.json", "--output_dir", f"{w}/pairs/heldout"])
 
 
@@ -161,73 +172,133 @@ def win_of(evaluation, a, b):
     raise KeyError(f"no win rate of {a} against {b} in the evaluation")
 
 
+# the evaluated systems, by the name each has in the evaluation and the report
+SYSTEMS = {"fill": "border fill (classical)", "untrained": "untrained remover", "teacher": "trained remover (teacher)",
+           "dpo_gt": "DPO, GT-judged pairs", "dpo": "DPO, discriminator-judged pairs",
+           "rl_gt": "GRPO, GT reward", "ppo_gt": "PPO, GT reward", "rl": "GRPO, discriminator reward",
+           "lcm_undistilled": "trained remover, 4 LCM steps, not distilled", "lcm": "LCM student, 4 steps",
+           "lcm_labels": "LCM student weighted by labels, 4 steps",
+           "lcm_rewarded": "LCM student weighted by the discriminator, 4 steps"}
+# (method, its signal, the system it is, the system it starts from) for the evaluation's systems
+KNOWN_ANSWER = [("supervised remover vs the border fill", "GT (training triplets)", "teacher", "fill"),
+                ("DPO", "candidate pairs judged against GT", "dpo_gt", "teacher"),
+                ("GRPO", "reward: minus the masked error against GT", "rl_gt", "teacher"),
+                ("PPO", "reward: minus the masked error against GT", "ppo_gt", "teacher"),
+                ("label-weighted LCM vs plain LCM", "each target's GT-based label", "lcm_labels", "lcm")]
+RESEARCH = [("DPO", "candidate pairs judged by the discriminator", "dpo", "teacher"),
+            ("GRPO", "reward: the discriminator", "rl", "teacher"),
+            ("discriminator-weighted LCM vs plain LCM", "the discriminator's score of each target", "lcm_rewarded", "lcm")]
+
+
+def method_rows(w, evaluation):
+    """The lead table: each method against its own start on the same held-out inputs and seeds, in the
+    measure its signal optimises (masked MSE for the GT signals, the discriminator's score for the
+    discriminator's), then Flow-GRPO's held-out reward and PGMORL's hypervolume."""
+    per = evaluation["per_input"]
+    rows = [method_row(m, sig, "masked MSE", per[SYSTEMS[a]]["masked_mse"], per[SYSTEMS[b]]["masked_mse"], True)
+            for m, sig, b, a in KNOWN_ANSWER]
+    if os.path.isfile(f"{w}/flow_rl/reward_history.json"):
+        with open(f"{w}/flow_rl/reward_history.json") as f:
+            evals = json.load(f)["evals"]
+        rows.append(method_row("Flow-GRPO (tiny FLUX-Fill, from random init)", "reward: minus the masked error against GT, "
+                               "plus preservation", "held-out reward (ODE)", [p["reward"] for p in evals[0]["per_sample"]],
+                               [p["reward"] for p in evals[-1]["per_sample"]], False))
+    rows += [method_row(m, sig, "discriminator score", per[SYSTEMS[a]]["discriminator_score"], per[SYSTEMS[b]]["discriminator_score"],
+                        False, digits=3) for m, sig, b, a in RESEARCH]
+    for name, out, objectives in MORL_RUNS:
+        if os.path.isfile(f"{w}/{out}/policies.json"):
+            with open(f"{w}/{out}/policies.json") as f:
+                summary = json.load(f)
+            t = summary["test"]
+            change, low, high = hypervolume_change(t["start"], list(t["front"].values()), summary["reference"])
+            method = f"PGMORL ({len(t['front'])} polic{'y' if len(t['front']) == 1 else 'ies'} on the front)"
+            signal = " and ".join(summary["objectives"]).replace("gt", "GT error")
+            v = verdict(low, high, lower_is_better=False)
+            rows.append({"method": method, "signal": signal, "measure": "hypervolume, test inputs", "start": t["hypervolume_start"],
+                         "end": t["hypervolume_front"], "difference": change, "low": low, "high": high, "verdict": v,
+                         "inputs": t["inputs"], "cells": [method, signal, "hypervolume (test inputs, bootstrap)",
+                                                          f"{t['hypervolume_start']:.5f}", f"{t['hypervolume_front']:.5f}",
+                                                          f"{change:+.5f} [{low:+.5f}, {high:+.5f}]", v]})
+    return rows
+
+
+def hacking_lines(evaluation):
+    """Per method trained on a signal (against its start): the change of the discriminator's score
+    and of the GT error, each with its interval, and what they say together."""
+    per = evaluation["per_input"]
+    lines = ["| method | signal | discriminator score change [95% CI] | masked MSE change [95% CI] | reading |", "|---|---|---|---|---|"]
+    for m, sig, b, a in KNOWN_ANSWER[1:] + RESEARCH:
+        score = method_row(m, sig, "", per[SYSTEMS[a]]["discriminator_score"], per[SYSTEMS[b]]["discriminator_score"], False, 3)
+        error = method_row(m, sig, "", per[SYSTEMS[a]]["masked_mse"], per[SYSTEMS[b]]["masked_mse"], True)
+        lines.append(f"| {m} | {sig} | {score['cells'][5]} | {error['cells'][5]} | {hacking_reading(score, error)} |")
+    return lines
+
+
 def dpo_report(w, args, rows, evaluation):
-    with open(f"{w}/dpo/final_metrics.json") as f:
-        final = json.load(f)
-    m, steps = final["metrics"], final["args"]["max_train_steps"]
-    with open(f"{w}/pairs/train/report.json") as f:
-        built = json.load(f)
+    score = {k: d for k, m, s, d, c in rows}
     with open(f"{w}/pairs/heldout/meta.json") as f:
         held = len(json.load(f))
-    nat, gen = built["natural"], built["generated"]
-    teacher, dpo = "trained remover (teacher)", "DPO LoRA on the trained remover"
-    score = {k: d for k, m, s, d, c in rows}
-    win, low, high = win_of(evaluation, dpo, teacher)
-    return ["## Diffusion-DPO (LoRA rank 8 on the trained remover)", "",
-            f"Pairs: {nat['pairs']} natural (a true removal or a good remover result against a failure of the same input) and "
-            f"{gen['pairs']} generated (best against worst of 4 remover candidates, discriminator margin > {gen['min_margin']}; "
-            f"{gen['inputs_below_margin']} of {gen['inputs']} inputs fell below it). {steps} steps of 16 pairs, "
-            f"beta 2000 (mean-error units), lr 1e-4 (`configs/toy_dpo.yaml`).", "",
-            "| held-out measure | start (= reference) | DPO |", "|---|---|---|",
-            f"| preference accuracy ({held} natural pairs, 2 noises x 5 timesteps) | 0.500 | {m['val_preference_accuracy']:.3f} |",
-            f"| discriminator win rate vs start, same seeds ({args.heldout_samples} inputs, the evaluation) [95% CI] | 0.500 | "
-            f"{win:.3f} [{low:.3f}, {high:.3f}] |",
-            f"| mean discriminator score (the evaluation) | {score[teacher]:.3f} | {score[dpo]:.3f} |", "",
-            ("DPO wins more often than its start: the interval lies above 0.5." if low > 0.5 else
-             "**DPO does not clearly beat its start here**: the win-rate interval includes 0.5 or lies below it.")
-            + " The masked MSE against GT of the DPO model is in the first table."]
+    lines = ["## Diffusion-DPO (LoRA rank 8 on the trained remover)", "",
+             f"The same 4 remover candidates for each of {args.pair_inputs} training inputs (fixed seeds), best against worst, judged "
+             "against GT (masked error) or by the discriminator; beta 2000 (mean-error units), lr 1e-4, 16 pairs a step "
+             "(`configs/toy_dpo.yaml`). Preference accuracy: held-out natural pairs (true removal against a failure), "
+             "2 noises x 5 timesteps; win rate: the discriminator's, against the start on the same seeds.", "",
+             "| pairs judged by | pairs (inputs below the margin) | steps | held-out preference accuracy (start 0.500) | "
+             "win rate vs start [95% CI] | mean discriminator score (start) |", "|---|---|---|---|---|---|"]
+    for judge, out, system in (("GT", "dpo_gt", "dpo_gt"), ("discriminator", "dpo", "dpo")):
+        with open(f"{w}/{out}/final_metrics.json") as f:
+            final = json.load(f)
+        with open(f"{w}/pairs/{'gt' if out == 'dpo_gt' else 'discriminator'}/report.json") as f:
+            gen = json.load(f)["generated"]
+        win, low, high = win_of(evaluation, SYSTEMS[system], SYSTEMS["teacher"])
+        lines.append(f"| {judge} | {gen['pairs']} ({gen['inputs_below_margin']} below {gen['min_margin']:g}) | "
+                     f"{final['args']['max_train_steps']} | {final['metrics']['val_preference_accuracy']:.3f} ({held} pairs) | "
+                     f"{win:.3f} [{low:.3f}, {high:.3f}] | {score[SYSTEMS[system]]:.3f} ({score[SYSTEMS['teacher']]:.3f}) |")
+    return lines
 
 
 def lcm_report(w, rows, evaluation):
     by = {k: (m, d, c) for k, m, s, d, c in rows}
-    names = ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
-             "reward-weighted LCM student, 4 steps")
-    t, u, p, r = (by[k] for k in names)
     with open(f"{w}/lcm/final_metrics.json") as f:
         steps = json.load(f)["args"]["max_train_steps"]
-    win, low, high = win_of(evaluation, names[3], names[0])
-    return ["## LCM distillation (4-step students of the trained remover)", "",
-            f"LoRA rank 16, {steps} steps of 16, lr 1e-4, l2 (`configs/toy_lcm.yaml`), on the "
-            "scored training results (true removals, failures and remover outputs as targets). Reward-weighted: the discriminator "
-            "scores each training target once and the filter keeps those >= 0.5.", "",
-            f"- teacher ({t[2]:g} UNet calls): masked MSE {t[0]:.4f}, discriminator {t[1]:.3f}",
-            f"- the same teacher run for 4 LCM steps without distillation: {u[0]:.4f}, {u[1]:.3f}",
-            f"- plain LCM student, 4 steps: {p[0]:.4f}, {p[1]:.3f}",
-            f"- reward-weighted LCM student, 4 steps: {r[0]:.4f}, {r[1]:.3f} (discriminator win rate against the 20-step teacher "
-            f"{win:.3f} [{low:.3f}, {high:.3f}])"]
+    t = by[SYSTEMS["teacher"]]
+    lines = ["## LCM distillation (4-step students of the trained remover)", "",
+             f"LoRA rank 16, {steps} steps of 16, lr 1e-4, l2 (`configs/toy_lcm.yaml`), on the scored training results (true "
+             "removals, failures and remover outputs as targets). Weighted students: a filter keeps the targets whose label "
+             "(GT-based, the annotator stand-in) or whose discriminator score (computed once) is >= 0.5.", "",
+             f"- teacher ({t[2]:g} UNet calls): masked MSE {t[0]:.4f}, discriminator {t[1]:.3f}"]
+    for key, what in (("lcm_undistilled", "the same teacher run for 4 LCM steps without distillation"),
+                      ("lcm", "plain LCM student, 4 steps"), ("lcm_labels", "label-weighted LCM student, 4 steps"),
+                      ("lcm_rewarded", "discriminator-weighted LCM student, 4 steps")):
+        m, d, _ = by[SYSTEMS[key]]
+        line = f"- {what}: {m:.4f}, {d:.3f}"
+        if key in ("lcm_labels", "lcm_rewarded"):
+            win, low, high = win_of(evaluation, SYSTEMS[key], SYSTEMS["teacher"])
+            line += f" (discriminator win rate against the 20-step teacher {win:.3f} [{low:.3f}, {high:.3f}])"
+        lines.append(line)
+    return lines
 
 
 def rl_report(w):
-    with open(f"{w}/rl/final_metrics.json") as f:
-        final = json.load(f)
-    m, a = final["metrics"], final["args"]
-    with open(f"{w}/rl/reward_history.json") as f:
-        history = json.load(f)
-    return ["## Online RL (GRPO on a LoRA of the trained remover, discriminator reward)", "",
-            f"{a['num_train_epochs']} epochs of {a['sample_batch_size'] * a['sample_batches_per_epoch']} training inputs x "
+    lines = []
+    for name, out in (("GRPO, GT reward", "rl_gt"), ("PPO, GT reward", "ppo_gt"), ("GRPO, discriminator reward", "rl")):
+        with open(f"{w}/{out}/final_metrics.json") as f:
+            final = json.load(f)
+        m, a = final["metrics"], final["args"]
+        with open(f"{w}/{out}/reward_history.json") as f:
+            evals = json.load(f)["evals"]
+        det = method_row(name, "", "", [p["reward"] for p in evals[0]["per_sample"]], [p["reward"] for p in evals[-1]["per_sample"]], False)
+        lines.append(f"| {name} | {m['start_eval_sde_reward']:.4f} -> {m['eval_sde_reward']:.4f} | "
+                     f"{m['start_eval_reward']:.4f} -> {m['eval_reward']:.4f} | {det['cells'][5]} | {m['eval_kl_to_start']:.4f} |")
+    return ["## Online RL (LoRA on the trained remover)", "",
+            f"Each run: {a['num_train_epochs']} epochs of {a['sample_batch_size'] * a['sample_batches_per_epoch']} training inputs x "
             f"{a['group_size']} samples, {a['sample_steps']} DDIM steps at eta {a['eta']:g}, lr {a['learning_rate']:g}, clip range "
-            f"{a['clip_range']:g} (`configs/toy_ddpo.yaml`). Held out: {a['eval_samples']} inputs, deterministic DDIM from fixed "
-            "noises, the same before and after.", "",
-            "| held-out measure | start | after RL |", "|---|---|---|",
-            f"| discriminator reward, stochastic sampler RL trains (eta {a['eta']:g}, fixed seeds) | "
-            f"{m['start_eval_sde_reward_discriminator']:.4f} | {m['eval_sde_reward_discriminator']:.4f} |",
-            f"| discriminator reward, deterministic DDIM (eta 0) | {m['start_eval_reward_discriminator']:.4f} | "
-            f"{m['eval_reward_discriminator']:.4f} |",
-            f"| mean per-step KL to the start (eta {a['eta']:g} Gaussians) | 0 | {m['eval_kl_to_start']:.4f} |", "",
-            f"Reward curve: `tensorboard --logdir {w}/rl/logs` (reward_discriminator_mean per epoch); grids of start vs "
-            f"current: `{w}/rl/validation/`. Held-out reward at each evaluation (stochastic / deterministic): "
-            + ", ".join(f"epoch {e['epoch']}: {e['eval_sde_reward']:.4f} / {e['eval_reward']:.4f}" for e in history.get("evals", []))
-            + "."]
+            f"{a['clip_range']:g} (`configs/toy_ddpo.yaml`; PPO normalises by each input's running reward statistics from its first 4 and makes two "
+            f"clipped passes over each epoch's samples). "
+            f"Held out: {a['eval_samples']} inputs, fixed noises, the same before and after; reward = the run's own signal.", "",
+            "| run | held-out reward, stochastic sampler it trains | deterministic DDIM (eta 0) | paired change (eta 0) [95% CI] | "
+            "KL to the start |", "|---|---|---|---|---|", *lines, "",
+            f"Curves: `tensorboard --logdir {w}/rl_gt/logs` (and ppo_gt, rl); grids of start vs current: `{w}/rl_gt/validation/`."]
 
 
 def flow_part(w, train_meta, held_meta, args):
@@ -263,33 +334,60 @@ def flow_part(w, train_meta, held_meta, args):
             f"Grids: `{w}/flow_rl/validation/`; curves: `tensorboard --logdir {w}/flow_rl/logs`."]
 
 
+MORL_RUNS = (("multi-objective RL (GT)", "morl_gt", "gt,preserve"), ("multi-objective RL", "morl", "discriminator,preserve"))
+
+
+def split_heldout(w, held_meta, first):
+    """The held-out inputs split in two (absolute paths): PGMORL chooses its front on the first `first`
+    and is tested on the rest, which the choice never saw."""
+    root = os.path.dirname(held_meta)
+    with open(held_meta) as f:
+        entries = [{k: os.path.join(root, v) if k in ("source", "mask", "GT") else v for k, v in e.items()} for e in json.load(f)]
+    os.makedirs(f"{w}/data/heldout_split", exist_ok=True)
+    for name, part in (("selection", entries[:first]), ("test", entries[first:])):
+        with open(f"{w}/data/heldout_split/{name}.json", "w") as f:
+            json.dump(part, f)
+    return f"{w}/data/heldout_split/selection.json", f"{w}/data/heldout_split/test.json"
+
+
 def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
-    """PGMORL: a population of LoRA policies on the trained remover trading the discriminator against preservation."""
-    out = f"{w}/morl"
-    stage("multi-objective RL", f"{out}/policies.json", lambda: run([
-        "train_RORem_morl.py", "--config", "configs/toy_morl.yaml", "--pretrained_model_name_or_path", model_dir,
-        "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
-        "--discriminator_path", disc_dir, "--output_dir", out, "--seed", str(args.seed)]))
-    with open(f"{out}/policies.json") as f:
-        summary = json.load(f)
+    """PGMORL: a population of LoRA policies on the trained remover trading the GT error (the known
+    answer) or the discriminator against preservation; the front is chosen on half the held-out inputs
+    and tested on the other half."""
     with open(os.path.join(ROOT, "configs", "toy_morl.yaml")) as f:
         cfg = yaml.safe_load(f)
-    hv = summary["hypervolume_per_generation"]
-    names = summary["objectives"]
-    front = sorted((p for p in summary["policies"] if p["name"].startswith("gen")), key=lambda p: p["objectives"][0])
-    return ["## Multi-objective RL (PGMORL, discriminator vs preservation)", "",
-            f"{cfg['population']} LoRA policies on one copy of the trained remover, {cfg['generations']} generations "
-            f"({cfg['warmup_generations']} of warm-up with weights evenly spread on [0, 1]), {cfg['epochs_per_generation']} GRPO "
-            f"epoch(s) per policy and generation (`configs/toy_morl.yaml`). Objectives on {cfg['eval_samples']} held-out inputs "
-            f"(deterministic DDIM): {names[0]} and {names[1]}; start (LoRA off): "
-            + ", ".join(f"{v:.4f}" for v in summary["start"]) + "; hypervolume reference: "
-            + ", ".join(f"{v:.4f}" for v in summary["reference"]) + ".", "",
-            "Hypervolume of the archive per generation: " + ", ".join(f"{h:.5f}" for h in hv) + ".", "",
-            "| on the front | weights | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
-            *[f"| {p['name']} | " + ", ".join(f"{x:.2f}" for x in p["weights"]) + " | " + " | ".join(f"{v:.4f}" for v in p["objectives"])
-              + " |" for p in front], "",
-            "![front](../morl/front.png)", "",
-            f"Per generation: `{out}/fronts/`; every policy: `{out}/policies.json` (each a LoRA that diffusers loads)."]
+    selection, test = split_heldout(w, held_meta, cfg["eval_samples"])
+    lines = ["## Multi-objective RL (PGMORL)", "",
+             f"{cfg['population']} LoRA policies on one copy of the trained remover, {cfg['generations']} generations "
+             f"({cfg['warmup_generations']} of warm-up with weights evenly spread on [0, 1]), {cfg['epochs_per_generation']} GRPO "
+             f"epoch(s) per policy and generation (`configs/toy_morl.yaml`). The front is chosen on {cfg['eval_samples']} held-out "
+             "inputs (deterministic DDIM) and tested on the other held-out inputs, which the choice never saw; the test's interval "
+             "is a paired bootstrap over those inputs of the front's hypervolume minus the start's (LoRA off).", ""]
+    for name, out, objectives in MORL_RUNS:
+        stage(name, f"{w}/{out}/policies.json", lambda out=out, objectives=objectives: run([
+            "train_RORem_morl.py", "--config", "configs/toy_morl.yaml", "--pretrained_model_name_or_path", model_dir,
+            "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", selection,
+            "--test_meta_path", test, "--objectives", objectives, "--discriminator_path", disc_dir, "--output_dir", f"{w}/{out}",
+            "--seed", str(args.seed)]))
+        with open(f"{w}/{out}/policies.json") as f:
+            summary = json.load(f)
+        hv, names = summary["hypervolume_per_generation"], summary["objectives"]
+        front = sorted((p for p in summary["policies"] if p["name"].startswith("gen")), key=lambda p: p["objectives"][0])
+        t = summary["test"]
+        change, low, high = hypervolume_change(t["start"], list(t["front"].values()), summary["reference"])
+        lines += [f"**{' and '.join(names)}.** Start (LoRA off) on the selection inputs: "
+                  + ", ".join(f"{v:.4f}" for v in summary["start"]) + "; hypervolume reference: "
+                  + ", ".join(f"{v:.4f}" for v in summary["reference"]) + ". Hypervolume of the archive per generation "
+                  "(selection inputs): " + ", ".join(f"{h:.5f}" for h in hv) + f". On the {t['inputs']} test inputs: start "
+                  + ", ".join(f"{v:.4f}" for v in np.mean(t["start"], axis=0)) + f", hypervolume {t['hypervolume_start']:.5f} -> "
+                  f"front {t['hypervolume_front']:.5f}, change {change:+.5f} [{low:+.5f}, {high:+.5f}].", "",
+                  "| on the front | weights | " + " | ".join(f"{n} (selection / test)" for n in names) + " |",
+                  "|---|---|" + "---|" * len(names),
+                  *[f"| {p['name']} | " + ", ".join(f"{x:.2f}" for x in p["weights"]) + " | "
+                    + " | ".join(f"{v:.4f} / {u:.4f}" for v, u in zip(p["objectives"], np.mean(t["front"][p["name"]], axis=0)))
+                    + " |" for p in front], "", f"![front]({'../' + out}/front.png)", ""]
+    return lines + [f"Per generation: `{w}/morl_gt/fronts/`, `{w}/morl/fronts/`; every policy: `policies.json` there (each a "
+                    "LoRA that diffusers loads)."]
 
 
 def scalar_series(log_dir, tag):
@@ -317,9 +415,14 @@ def plot_curves(w, path):
     import matplotlib.pyplot as plt
 
     panels = [("remover: loss", "remover", "loss"), ("discriminator: held-out AUC", "discriminator", "val_auc"),
-              ("DPO: loss", "dpo", "loss"), ("LCM: loss", "lcm", "loss"), ("reward-weighted LCM: loss", "lcm_rewarded", "loss"),
-              ("GRPO: mean discriminator reward", "rl", "reward_discriminator_mean"), ("GRPO: held-out reward", "rl", "eval_reward"),
-              ("flow GRPO: held-out reward (ODE)", "flow_rl", "eval_reward"), ("PGMORL: hypervolume", "morl", "hypervolume")]
+              ("DPO, GT-judged pairs: loss", "dpo_gt", "loss"), ("DPO, discriminator-judged pairs: loss", "dpo", "loss"),
+              ("LCM: loss", "lcm", "loss"), ("label-weighted LCM: loss", "lcm_labels", "loss"),
+              ("discriminator-weighted LCM: loss", "lcm_rewarded", "loss"),
+              ("GRPO, GT reward: held-out reward", "rl_gt", "eval_reward"), ("PPO, GT reward: held-out reward", "ppo_gt", "eval_reward"),
+              ("GRPO, discriminator: mean reward", "rl", "reward_discriminator_mean"),
+              ("GRPO, discriminator: held-out reward", "rl", "eval_reward"),
+              ("flow GRPO: held-out reward (ODE)", "flow_rl", "eval_reward"), ("PGMORL, GT error: hypervolume", "morl_gt", "hypervolume"),
+              ("PGMORL, discriminator: hypervolume", "morl", "hypervolume")]
     found = [(title, *scalar_series(f"{w}/{run}/logs", tag)) for title, run, tag in panels if os.path.isdir(f"{w}/{run}/logs")]
     found = [f for f in found if len(f[1])]
     cols = 3
@@ -371,8 +474,9 @@ def main():
     p.add_argument("--vae_steps", type=POSITIVE, default=500)
     p.add_argument("--remover_steps", type=POSITIVE, default=400, help="at batch 32")
     p.add_argument("--eval_steps", type=POSITIVE, default=20)
-    p.add_argument("--scored_inputs", type=POSITIVE, default=200, help="training inputs that get scored results for the discriminator")
-    p.add_argument("--pair_inputs", type=POSITIVE, default=32, help="training inputs that also get remover candidates judged by the discriminator")
+    p.add_argument("--scored_inputs", type=POSITIVE, default=600, help="training inputs that get scored results for the discriminator")
+    p.add_argument("--pair_inputs", type=POSITIVE, default=64,
+                   help="training inputs that get 4 remover candidates each, judged against GT and by the discriminator (DPO's pairs)")
     p.add_argument("--dpo_steps", type=POSITIVE, default=100)
     p.add_argument("--lcm_steps", type=POSITIVE, default=80, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=POSITIVE, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
@@ -380,9 +484,10 @@ def main():
     p.add_argument("--part", choices=["all", "flow", "morl"], default="all",
                    help="flow / morl: only the flow-matching RL or the multi-objective RL part (and what it needs)")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=["smooth"],
-                   help="the toy's background families (scripts/make_toy_dataset.py): smooth is the original; stripes, "
-                        "two_tone and grid put structure across the hole")
+    p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=list(STRUCTURED),
+                   help="the toy's background families (scripts/make_toy_dataset.py): stripes, two_tone and grid put "
+                        "structure across the hole, which the border fill cannot continue; smooth is the first toy's, where "
+                        "the border fill is close to the best possible fill")
     p.add_argument("--only", nargs="+", default=[], metavar="STAGE",
                    help="run just these stages (e.g. 'DPO' 'online RL'); the stages before them must have run")
     args = p.parse_args()
@@ -427,45 +532,59 @@ def main():
     if args.part == "morl":
         return write_part(w, "morl", morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args), start)
 
-    # online RL (GRPO) from the trained remover with the discriminator as reward, then multi-objective
-    # RL (a population of LoRAs on the remover): beside the preference and LCM stages
-    rl_dir = f"{w}/rl"
+    # online RL from the trained remover, each run from the same start, seeds and settings
+    # (configs/toy_ddpo.yaml), only the reward differing: GRPO and PPO with the known answer (minus the
+    # masked error against GT), GRPO with the discriminator; then multi-objective RL. Beside the
+    # preference and LCM stages.
+    rl_common = ["train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
+                 "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
+                 "--seed", str(args.seed)]
 
     def online_rl():
-        stage("online RL", f"{rl_dir}/final_metrics.json", lambda: run([
-            "train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
-            "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
-            "--discriminator_path", disc_dir, "--output_dir", rl_dir, "--seed", str(args.seed)]))
+        stage("GRPO (GT reward)", f"{w}/rl_gt/final_metrics.json", lambda: run([
+            *rl_common, "--reward", "gt=1", "--output_dir", f"{w}/rl_gt"]))
+        # PPO (DDPO's): advantages from each input's running reward statistics, from its first group of 4
+        # (with the default 16 an input seen once per epoch falls back to whole-batch statistics, which
+        # mostly say which inputs are easy), and two clipped passes over each epoch's samples (with one,
+        # and a new input each time, it would be GRPO to the last bit)
+        stage("PPO (GT reward)", f"{w}/ppo_gt/final_metrics.json", lambda: run([
+            *rl_common, "--reward", "gt=1", "--algorithm", "ppo", "--stat_min_count", "4", "--num_inner_epochs", "2",
+            "--output_dir", f"{w}/ppo_gt"]))
+        stage("online RL", f"{w}/rl/final_metrics.json", lambda: run([
+            *rl_common, "--discriminator_path", disc_dir, "--output_dir", f"{w}/rl"]))
         return morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args)
 
     morl_lines = pool.submit(in_lane, online_rl) if parallel else None
-    pairs, dpo_dir, lcm_dir, rlcm_dir = f"{w}/pairs", f"{w}/dpo", f"{w}/lcm", f"{w}/lcm_rewarded"
+    pairs = f"{w}/pairs"
 
     def preference_and_lcm():
-        # Diffusion-DPO: natural pairs (true removal or a good remover result against a failure of the
-        # same input), plus best-against-worst of 4 remover candidates judged by the discriminator
+        # Diffusion-DPO on pairs of remover candidates (best against worst of 4 per input), judged against
+        # GT (the known answer) or by the discriminator; preference accuracy on held-out natural pairs
+        # (validation here needs only its grids and that accuracy, hence 8 win-rate inputs: the evaluation
+        # at the end measures every system on all held-out inputs)
         stage("preference pairs", f"{pairs}/heldout/meta.json", lambda: make_pairs(w, model_dir, remover_dir, disc_dir, args))
-        # (validation here needs only its grids and the preference accuracy, hence 8 win-rate inputs: the
-        # evaluation at the end measures the win rates of every system on all held-out inputs)
-        stage("DPO", f"{dpo_dir}/final_metrics.json", lambda: run([
-            "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
-            "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{pairs}/train/meta.json",
-            "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", dpo_dir,
-            "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--win_rate_samples", "8",
-            "--seed", str(args.seed)]))
+        for name, judge, out in (("DPO (GT-judged pairs)", "gt", "dpo_gt"), ("DPO", "discriminator", "dpo")):
+            stage(name, f"{w}/{out}/final_metrics.json", lambda judge=judge, out=out: run([
+                "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
+                "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{pairs}/{judge}/meta.json",
+                "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", f"{w}/{out}",
+                "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--win_rate_samples", "8",
+                "--seed", str(args.seed)]))
 
-        # LCM distillation into 4-step students, plain and reward-weighted, on the scored training results
-        # (true removals, failures and remover outputs as "GT"): weighting by the discriminator's score of
-        # each GT (filter at 0.5) keeps the failures out of the starting points the student learns from
+        # LCM distillation into 4-step students on the scored training results (true removals, failures
+        # and remover outputs as targets): plain, weighted by each target's label (the known answer: the
+        # GT-based annotator stand-in; the filter keeps the good targets), and weighted by the
+        # discriminator's score of each target (filter at 0.5)
         lcm_args = ["--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", model_dir, "--pretrained_teacher_unet",
                     f"{remover_dir}/unet", "--meta_path", scored_train, "--validation_meta_path", held_meta, "--discriminator_path", disc_dir,
                     "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--win_rate_samples", "8",
                     "--seed", str(args.seed)]
-        stage("LCM", f"{lcm_dir}/final_metrics.json", lambda: run(["train_RORem_lcm.py", *lcm_args, "--weighting", "none",
-                                                                   "--output_dir", lcm_dir]))
-        stage("reward-weighted LCM", f"{rlcm_dir}/final_metrics.json", lambda: run([
-            "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", "data", "--weighting", "filter", "--reward_threshold", "0.5",
-            "--output_dir", rlcm_dir]))
+        stage("LCM", f"{w}/lcm/final_metrics.json", lambda: run(["train_RORem_lcm.py", *lcm_args, "--weighting", "none",
+                                                                 "--output_dir", f"{w}/lcm"]))
+        for name, source, out in (("label-weighted LCM", "labels", "lcm_labels"), ("reward-weighted LCM", "data", "lcm_rewarded")):
+            stage(name, f"{w}/{out}/final_metrics.json", lambda source=source, out=out: run([
+                "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", source, "--weighting", "filter",
+                "--reward_threshold", "0.5", "--output_dir", f"{w}/{out}"]))
 
     with side_by_side(parallel):
         preference_and_lcm()
@@ -485,11 +604,11 @@ def main():
         for i, e in enumerate(entries):
             border_fill(load_image(e.paths["source"]), load_mask(e.paths["mask"])).save(f"{fill_dir}/{i:05d}.png")
     unet = f"{remover_dir}/unet"
-    systems = [("border fill (classical)", f"results:{fill_dir}"), ("untrained remover", "base"),
-               ("trained remover (teacher)", f"unet:{unet}"), ("DPO LoRA on the trained remover", f"lora:{dpo_dir}"),
-               ("RL (GRPO) LoRA on the trained remover", f"lora:{rl_dir}"),
-               ("trained remover, 4 LCM steps, not distilled", f"unet:{unet},steps=4,strength=1,scheduler=lcm"),
-               ("LCM student, 4 steps", f"lcm:{lcm_dir}"), ("reward-weighted LCM student, 4 steps", f"lcm:{rlcm_dir}")]
+    systems = [(SYSTEMS["fill"], f"results:{fill_dir}"), (SYSTEMS["untrained"], "base"), (SYSTEMS["teacher"], f"unet:{unet}"),
+               (SYSTEMS["dpo_gt"], f"lora:{w}/dpo_gt"), (SYSTEMS["dpo"], f"lora:{w}/dpo"),
+               (SYSTEMS["rl_gt"], f"lora:{w}/rl_gt"), (SYSTEMS["ppo_gt"], f"lora:{w}/ppo_gt"), (SYSTEMS["rl"], f"lora:{w}/rl"),
+               (SYSTEMS["lcm_undistilled"], f"unet:{unet},steps=4,strength=1,scheduler=lcm"), (SYSTEMS["lcm"], f"lcm:{w}/lcm"),
+               (SYSTEMS["lcm_labels"], f"lcm:{w}/lcm_labels"), (SYSTEMS["lcm_rewarded"], f"lcm:{w}/lcm_rewarded")]
     eval_dir = f"{w}/evaluation"
     stage("evaluate", f"{eval_dir}/results.json", lambda: run([
         "evaluate_RORem.py", "--meta_path", held_meta, "--output_dir", eval_dir, "--pretrained_model", model_dir, "--base_unet", unet,
@@ -498,7 +617,6 @@ def main():
         *[a for name, spec in systems for a in ("--system", f"{name}={spec}")]]))
     with open(f"{eval_dir}/results.json") as f:
         evaluation = json.load(f)
-    per_input = {k: v["masked_mse"] for k, v in evaluation["per_input"].items()}
     rows = [(r["system"], r["masked_mse"], r["masked_mse_stderr"], r["discriminator_score"], r.get("unet_calls_per_image", 0))
             for r in evaluation["systems"]]
     os.makedirs(f"{w}/report", exist_ok=True)
@@ -507,52 +625,48 @@ def main():
         held_scored = json.load(f)
     disc_lines = ["## Discriminator (reward model)", "",
                   f"Trained on {args.scored_inputs} training inputs x (true removal, a deliberate failure, the trained "
-                  f"remover's output, labelled good when its masked MSE is below half the border fill's on the same input or below 0.02); held out: {len(held_scored)} scored results of the "
-                  f"{args.heldout_samples} held-out inputs ({sum(e['score'] for e in held_scored)} positive).", "",
+                  f"remover's output, labelled good when its masked MSE is below half the border fill's on the same input or "
+                  f"below 0.02); held out: {len(held_scored)} scored results of the {args.heldout_samples} held-out inputs "
+                  f"({sum(e['score'] for e in held_scored)} positive).", "",
                   "| held-out metric | untrained (step 0) | trained |", "|---|---|---|"]
     for tag, name in (("val_accuracy", "accuracy at 0.5"), ("val_auc", "ROC AUC")):
         if tag in disc_metrics:
             first, last, step = disc_metrics[tag]
             disc_lines.append(f"| {name} | {first:.3f} | {last:.3f} (step {step}) |")
-    dpo_lines = dpo_report(w, args, rows, evaluation)
+    methods = method_rows(w, evaluation)
+    hacking = hacking_lines(evaluation)
     table = ["| system | UNet calls / image | masked MSE (lower is better) | std. error | mean discriminator score |",
              "|---|---|---|---|---|"]
     table += [f"| {k} | {c:g} | {m:.4f} | {s:.4f} | {d:.3f} |" for k, m, s, d, c in rows]
-
-    def paired(a, b, what):
-        diff = np.asarray(per_input[a]) - np.asarray(per_input[b])
-        return (f"{what}: {diff.mean():+.4f} (std. error {diff.std() / np.sqrt(len(diff)):.4f}; lower on "
-                f"{int((diff < 0).sum())} of {len(diff)} inputs)")
-
-    table += ["", "Paired masked-MSE differences, same inputs and seeds: "
-              + paired("DPO LoRA on the trained remover", "trained remover (teacher)", "DPO - trained remover") + "; "
-              + paired("RL (GRPO) LoRA on the trained remover", "trained remover (teacher)", "RL - trained remover") + "; "
-              + paired("reward-weighted LCM student, 4 steps", "LCM student, 4 steps", "reward-weighted - plain LCM student") + "."]
-    lcm_lines = lcm_report(w, rows, evaluation) + [""] + rl_report(w)
+    sections = [*disc_lines, "", *dpo_report(w, args, rows, evaluation), "", *lcm_report(w, rows, evaluation), "", *rl_report(w), "",
+                *flow_lines, "", *morl_lines]
     report = "\n".join([
-        "# Toy-world demo: supervised remover", "",
-        f"{args.heldout_samples} held-out toy inputs (backgrounds: {', '.join(args.backgrounds)}), {args.eval_steps}-step "
-        "sampling from noise with seeds "
-        f"{args.seed}..{args.seed + args.heldout_samples - 1}; result pasted into the source; MSE over the mask "
-        "in [-1, 1] pixel space against GT.", "", *table, "",
+        "# Toy-world demo", "",
+        f"{args.heldout_samples} held-out toy inputs (backgrounds: {', '.join(args.backgrounds)}); every SDXL-family system "
+        f"samples {args.eval_steps} steps from noise (4 for the LCM rows) with seeds {args.seed}..{args.seed + args.heldout_samples - 1}, "
+        "the result pasted into the source; masked MSE = mean squared error inside the mask in [-1, 1] pixel space against "
+        "GT. Each method is compared with its own start on the same inputs and seeds; the interval is a 95% normal "
+        "interval of the mean paired difference, and the verdict says on which side of zero it lies.", "",
+        "## What each method did", "", *lead_table(methods), "",
+        "Known-answer rows first (the signal's optimum is GT), then the research runs with the discriminator as the signal.", "",
+        "![rows: source, mask, GT, then each system in the evaluation table's order](../evaluation/grids/grid_00.png)", "",
+        "## Reward hacking: the discriminator's score against the GT error", "", *hacking, "",
+        "## Every system", "", *table, "",
         f"All metrics (masked PSNR, LPIPS, CLIP, FID where weights are given; success rate, speed), the discriminator's "
         f"pairwise win rates and the grids: `{eval_dir}/results.md`, `win_rates.md`, `index.html`.", "",
-        "![rows: source, mask, GT, then each system in the table's order](../evaluation/grids/grid_00.png)", "",
-        "![training curves](curves.png)", "", *curves, "", *disc_lines, "",
-        *dpo_lines, "", *lcm_lines, "", *flow_lines, "", *morl_lines, "",
-        f"Validation grids during training: `{remover_dir}/validation/`; curves: "
-        f"`tensorboard --logdir {remover_dir}/logs`.", ""])
+        "![training curves](curves.png)", "", *curves, "", *sections, "",
+        f"Validation grids during training: `{remover_dir}/validation/`; curves: `tensorboard --logdir {remover_dir}/logs`.", ""])
     with open(f"{w}/report/README.md", "w") as f:
         f.write(report)
     with open(f"{w}/report/results.json", "w") as f:
-        json.dump({k: {"masked_mse": m, "stderr": s, "discriminator_score": d, "unet_calls_per_image": c} for k, m, s, d, c in rows},
-                  f, indent=1)
-    print("\n" + "\n".join(table) + "\n\n" + "\n".join(disc_lines[4:]) + "\n\n" + "\n".join(dpo_lines)
-          + "\n\n" + "\n".join(lcm_lines) + "\n\n" + "\n".join(flow_lines) + "\n\n" + "\n".join(morl_lines))
+        json.dump({"systems": {k: {"masked_mse": m, "stderr": s, "discriminator_score": d, "unet_calls_per_image": c}
+                               for k, m, s, d, c in rows},
+                   "methods": [{k: v for k, v in r.items() if k != "cells"} for r in methods]}, f, indent=1)
+    print("\n" + "\n".join(["## What each method did", "", *lead_table(methods), "", *hacking, "", *table, "", *sections]))
     print(f"\nreport: {w}/report/README.md   curves: {w}/report/curves.png   evaluation: {eval_dir}/index.html "
           f"({time.time() - start:.0f} s)")
-    untrained, trained = per_input["untrained remover"], per_input["trained remover (teacher)"]
-    if np.mean(trained) >= np.mean(untrained):
+    per_input = {k: v["masked_mse"] for k, v in evaluation["per_input"].items()}
+    if np.mean(per_input[SYSTEMS["teacher"]]) >= np.mean(per_input[SYSTEMS["untrained"]]):
         sys.exit("the trained remover did not beat the untrained one: something is wrong")
     if "val_auc" in disc_metrics and disc_metrics["val_auc"][1] < 0.75:
         sys.exit(f"the discriminator's held-out AUC is only {disc_metrics['val_auc'][1]:.3f}: something is wrong")

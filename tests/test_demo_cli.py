@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,44 +76,82 @@ def _write(path, doc):
     path.write_text(json.dumps(doc))
 
 
-@pytest.mark.parametrize("low", [0.41, 0.53])
-def test_dpo_report_on_hand_made_runs(tmp_path, low):
-    """The DPO section reads the run's final metrics, the pair builder's report and the evaluation: each
-    number lands in its row, and the verdict follows the win-rate interval (above 0.5 or not)."""
+def _hand_made_evaluation(demo, n=6):
+    """Per-input masked MSE and discriminator scores of every demo system: the teacher at 0.2 / 0.5 on
+    every input; DPO-GT 0.01 lower on every input; GRPO-GT mixed (no clear change); the discriminator's
+    GRPO raises the score while the error grows (hacking); the weighted students beside the plain one."""
+    rng = np.random.default_rng(0)
+    base = {k: (0.2, 0.5) for k in demo.SYSTEMS}
+    base.update(fill=(0.3, 0.4), dpo_gt=(0.19, 0.5), lcm=(0.25, 0.45), lcm_labels=(0.24, 0.45), lcm_rewarded=(0.25, 0.55),
+                dpo=(0.2, 0.52), rl=(0.23, 0.6), ppo_gt=(0.2, 0.5))
+    per_input = {demo.SYSTEMS[k]: {"masked_mse": [m] * n, "discriminator_score": [d] * n} for k, (m, d) in base.items()}
+    per_input[demo.SYSTEMS["rl_gt"]]["masked_mse"] = list(0.2 + rng.normal(0, 0.01, n))
+    wins = [{"a": demo.SYSTEMS[k], "b": demo.SYSTEMS["teacher"], "win_rate": 0.6, "low": 0.45, "high": 0.73}
+            for k in ("dpo_gt", "dpo", "lcm_labels", "lcm_rewarded")]
+    return {"per_input": per_input, "win_rates": wins}
+
+
+def test_lead_table_and_hacking_rows_on_a_hand_made_evaluation(tmp_path):
+    demo = _demo_module()
+    evaluation = _hand_made_evaluation(demo)
+    _write(tmp_path / "flow_rl" / "reward_history.json", {"evals": [{"per_sample": [{"reward": -0.7}] * 3},
+                                                                     {"per_sample": [{"reward": r} for r in (-0.6, -0.65, -0.62)]}]})
+    # PGMORL: a front of one policy exactly 1 above the start on both objectives on every test input;
+    # reference (0, 0): hypervolume 2 x 3 = 6 against 1 x 2 = 2
+    _write(tmp_path / "morl_gt" / "policies.json", {"objectives": ["gt", "preserve"], "reference": [0.0, 0.0], "test": {
+        "inputs": 4, "start": [[1.0, 2.0]] * 4, "front": {"gen01_policy0": [[2.0, 3.0]] * 4}, "hypervolume_start": 2.0,
+        "hypervolume_front": 6.0}})
+    rows = {(r["method"], r["signal"]): r for r in demo.method_rows(str(tmp_path), evaluation)}
+    first = rows["supervised remover vs the border fill", "GT (training triplets)"]
+    assert (first["start"], first["end"], first["verdict"]) == (pytest.approx(0.3), pytest.approx(0.2), "better")
+    assert rows["DPO", "candidate pairs judged against GT"]["verdict"] == "better"
+    assert rows["DPO", "candidate pairs judged against GT"]["difference"] == pytest.approx(-0.01)
+    assert rows["GRPO", "reward: minus the masked error against GT"]["verdict"] == "no clear change"
+    assert rows["label-weighted LCM vs plain LCM", "each target's GT-based label"]["difference"] == pytest.approx(-0.01)
+    flow = rows["Flow-GRPO (tiny FLUX-Fill, from random init)", "reward: minus the masked error against GT, plus preservation"]
+    assert flow["difference"] == pytest.approx(0.7 - 0.6233333, abs=1e-6) and flow["verdict"] == "better"
+    grpo = rows["GRPO", "reward: the discriminator"]
+    assert grpo["measure"] == "discriminator score" and grpo["difference"] == pytest.approx(0.1) and grpo["verdict"] == "better"
+    morl = rows["PGMORL (1 policy on the front)", "GT error and preserve"]
+    assert (morl["start"], morl["end"], morl["difference"], morl["low"], morl["high"]) == (2.0, 6.0, 4.0, 4.0, 4.0)
+    assert morl["verdict"] == "better" and morl["cells"][5] == "+4.00000 [+4.00000, +4.00000]"
+    assert not any(m == "PGMORL (1 policy on the front)" and s != "GT error and preserve" for m, s in rows)  # no run, no row
+    hacking = demo.hacking_lines(evaluation)
+    line = next(x for x in hacking if x.startswith("| GRPO | reward: the discriminator |"))
+    assert "+0.100 [+0.100, +0.100]" in line and "+0.0300 [+0.0300, +0.0300]" in line and "reward hacking" in line
+    assert any(x.startswith("| DPO | candidate pairs judged against GT |") and "GT error fell, the score unchanged" in x for x in hacking)
+
+
+def test_dpo_lcm_and_rl_sections_on_hand_made_runs(tmp_path):
     from types import SimpleNamespace
 
     demo = _demo_module()
-    _write(tmp_path / "dpo" / "final_metrics.json", {"metrics": {"val_preference_accuracy": 0.8125}, "args": {"max_train_steps": 37}})
-    _write(tmp_path / "pairs" / "train" / "report.json", {"natural": {"pairs": 11}, "generated": {"pairs": 5, "min_margin": 0.05,
-                                                                                               "inputs_below_margin": 2, "inputs": 7}})
+    evaluation = _hand_made_evaluation(demo)
+    for judge, out, steps, acc in (("gt", "dpo_gt", 37, 0.8125), ("discriminator", "dpo", 38, 0.625)):
+        _write(tmp_path / out / "final_metrics.json", {"metrics": {"val_preference_accuracy": acc}, "args": {"max_train_steps": steps}})
+        _write(tmp_path / "pairs" / judge / "report.json", {"generated": {"pairs": 5, "min_margin": 0.005, "inputs_below_margin": 2}})
     _write(tmp_path / "pairs" / "heldout" / "meta.json", [{}] * 9)
-    teacher, dpo = "trained remover (teacher)", "DPO LoRA on the trained remover"
-    rows = [(teacher, 0.02, 0.0, 0.4321, 20), (dpo, 0.019, 0.0, 0.4567, 20)]
-    evaluation = {"win_rates": [{"a": teacher, "b": dpo, "win_rate": 1 - 0.62, "low": 1 - 0.71, "high": 1 - low}]}  # stored reversed
-    text = "\n".join(demo.dpo_report(str(tmp_path), SimpleNamespace(heldout_samples=24), rows, evaluation))
-    assert "Pairs: 11 natural" in text and "5 generated" in text and "margin > 0.05; 2 of 7 inputs" in text and "37 steps" in text
-    assert "| preference accuracy (9 natural pairs, 2 noises x 5 timesteps) | 0.500 | 0.812 |" in text
-    assert f"(24 inputs, the evaluation) [95% CI] | 0.500 | 0.620 [{low:.3f}, 0.710] |" in text
-    assert "| mean discriminator score (the evaluation) | 0.432 | 0.457 |" in text
-    assert ("DPO wins more often than its start" in text) == (low > 0.5)
-    assert ("**DPO does not clearly beat its start here**" in text) == (low <= 0.5)
-
-
-def test_lcm_report_on_hand_made_runs(tmp_path):
-    demo = _demo_module()
+    rows = [(demo.SYSTEMS[k], 0.2, 0.0, 0.5, 4 if "lcm" in k else 20) for k in demo.SYSTEMS]
+    text = "\n".join(demo.dpo_report(str(tmp_path), SimpleNamespace(pair_inputs=7), rows, evaluation))
+    assert "| GT | 5 (2 below 0.005) | 37 | 0.812 (9 pairs) | 0.600 [0.450, 0.730] | 0.500 (0.500) |" in text
+    assert "| discriminator | 5 (2 below 0.005) | 38 | 0.625 (9 pairs) |" in text
     _write(tmp_path / "lcm" / "final_metrics.json", {"args": {"max_train_steps": 123}})
-    names = ("trained remover (teacher)", "trained remover, 4 LCM steps, not distilled", "LCM student, 4 steps",
-             "reward-weighted LCM student, 4 steps")
-    rows = [(names[0], 0.0251, 0.0, 0.61, 20), (names[1], 0.0302, 0.0, 0.42, 4), (names[2], 0.0275, 0.0, 0.55, 4),
-            (names[3], 0.0266, 0.0, 0.58, 4)]
-    evaluation = {"win_rates": [{"a": names[3], "b": names[0], "win_rate": 0.45, "low": 0.33, "high": 0.57}]}
     lines = demo.lcm_report(str(tmp_path), rows, evaluation)
     assert "123 steps of 16" in lines[2]
-    assert "- teacher (20 UNet calls): masked MSE 0.0251, discriminator 0.610" in lines
-    assert "- the same teacher run for 4 LCM steps without distillation: 0.0302, 0.420" in lines
-    assert "- plain LCM student, 4 steps: 0.0275, 0.550" in lines
-    assert ("- reward-weighted LCM student, 4 steps: 0.0266, 0.580 (discriminator win rate against the 20-step teacher "
-            "0.450 [0.330, 0.570])") in lines
+    assert "- teacher (20 UNet calls): masked MSE 0.2000, discriminator 0.500" in lines
+    assert ("- label-weighted LCM student, 4 steps: 0.2000, 0.500 (discriminator win rate against the 20-step teacher "
+            "0.600 [0.450, 0.730])") in lines
+    args = {"num_train_epochs": 6, "sample_batch_size": 8, "sample_batches_per_epoch": 2, "group_size": 4, "sample_steps": 10,
+            "eta": 1.0, "learning_rate": 5e-3, "clip_range": 0.2, "eval_samples": 3}
+    for out, end in (("rl_gt", -0.1), ("ppo_gt", -0.2), ("rl", 0.6)):
+        _write(tmp_path / out / "final_metrics.json", {"args": args, "metrics": {
+            "start_eval_sde_reward": -0.3, "eval_sde_reward": -0.25, "start_eval_reward": -0.2, "eval_reward": end, "eval_kl_to_start": 0.01}})
+        _write(tmp_path / out / "reward_history.json", {"evals": [{"per_sample": [{"reward": -0.2}] * 3},
+                                                                  {"per_sample": [{"reward": end}] * 3}]})
+    text = "\n".join(demo.rl_report(str(tmp_path)))
+    assert "6 epochs of 16 training inputs x 4 samples" in text
+    assert "| GRPO, GT reward | -0.3000 -> -0.2500 | -0.2000 -> -0.1000 | +0.1000 [+0.1000, +0.1000] | 0.0100 |" in text
+    assert "| GRPO, discriminator reward | -0.3000 -> -0.2500 | -0.2000 -> 0.6000 | +0.8000 [+0.8000, +0.8000] |" in text
 
 
 def test_a_work_dir_holds_one_choice_of_backgrounds(tmp_path):

@@ -88,7 +88,10 @@ def test_population_trains_on_one_base_and_writes_loadable_policies(tmp_path, ti
 
     monkeypatch.setattr(adapters, "add_lora", spy)
     out = str(tmp_path / "morl")
-    summary = run_script(morl, _args(tiny_model_dir, toy_meta, out, "--lr_scheduler", "linear"))
+    # the test inputs here are the validation inputs themselves, so the end-of-run test must reproduce
+    # the numbers the selection saw: each front policy loaded back into a slot, the start with LoRAs off
+    summary = run_script(morl, _args(tiny_model_dir, toy_meta, out, "--lr_scheduler", "linear", "--test_meta_path", toy_meta,
+                                     "--test_samples", "2"))
     assert len(seen["models"]) == 1  # every policy is an adapter on the same model: one base in memory
     # each policy's linear schedule runs its whole course over that policy's own 3 of the 9 steps
     for k in range(3):
@@ -103,6 +106,17 @@ def test_population_trains_on_one_base_and_writes_loadable_policies(tmp_path, ti
     assert mo.pareto_indices(pts) == list(range(len(pts)))  # the archive holds no dominated policy
     for name in ("front.png", "fronts/gen-00.png", "fronts/gen-02.png", "final_metrics.json", "checkpoint-9"):
         assert os.path.exists(os.path.join(out, name)), name
+    test = summary["test"]
+    assert test["inputs"] == 2 and len(test["start"]) == 2 and all(len(v) == 2 for v in test["start"])
+    assert np.mean(test["start"], axis=0) == pytest.approx(summary["start"], abs=1e-6)
+    assert sorted(test["front"]) == sorted(p["name"] for p in front)
+    for p in front:
+        assert np.mean(test["front"][p["name"]], axis=0) == pytest.approx(p["objectives"], abs=1e-6)
+    assert test["hypervolume_front"] == pytest.approx(mo.hypervolume(pts, summary["reference"]))
+    from safetensors.torch import load_file  # slot 0 lent its adapter to the test and got its own weights back
+    saved = load_file(os.path.join(out, "policy_0", "pytorch_lora_weights.safetensors"))
+    final = load_file(os.path.join(out, "checkpoint-9", "policy_0", "pytorch_lora_weights.safetensors"))
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
 
     # a saved policy loads into the stock pipeline and moves its weights away from the base
     from diffusers import StableDiffusionXLInpaintPipeline

@@ -534,13 +534,13 @@ def main():
 
     # online RL from the trained remover, each run from the same start, seeds and settings
     # (configs/toy_ddpo.yaml), only the reward differing: GRPO and PPO with the known answer (minus the
-    # masked error against GT), GRPO with the discriminator; then multi-objective RL. Beside the
-    # preference and LCM stages.
+    # masked error against GT), then multi-objective RL; beside the preference and LCM stages, which
+    # end with GRPO on the discriminator (so the two lanes take about as long)
     rl_common = ["train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
                  "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
                  "--seed", str(args.seed)]
 
-    def online_rl():
+    def known_answer_rl_and_morl():
         stage("GRPO (GT reward)", f"{w}/rl_gt/final_metrics.json", lambda: run([
             *rl_common, "--reward", "gt=1", "--output_dir", f"{w}/rl_gt"]))
         # PPO (DDPO's): advantages from each input's running reward statistics, from its first group of 4
@@ -550,14 +550,12 @@ def main():
         stage("PPO (GT reward)", f"{w}/ppo_gt/final_metrics.json", lambda: run([
             *rl_common, "--reward", "gt=1", "--algorithm", "ppo", "--stat_min_count", "4", "--num_inner_epochs", "2",
             "--output_dir", f"{w}/ppo_gt"]))
-        stage("online RL", f"{w}/rl/final_metrics.json", lambda: run([
-            *rl_common, "--discriminator_path", disc_dir, "--output_dir", f"{w}/rl"]))
         return morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args)
 
-    morl_lines = pool.submit(in_lane, online_rl) if parallel else None
+    morl_lines = pool.submit(in_lane, known_answer_rl_and_morl) if parallel else None
     pairs = f"{w}/pairs"
 
-    def preference_and_lcm():
+    def preference_lcm_and_discriminator_rl():
         # Diffusion-DPO on pairs of remover candidates (best against worst of 4 per input), judged against
         # GT (the known answer) or by the discriminator; preference accuracy on held-out natural pairs
         # (validation here needs only its grids and that accuracy, hence 8 win-rate inputs: the evaluation
@@ -585,10 +583,12 @@ def main():
             stage(name, f"{w}/{out}/final_metrics.json", lambda source=source, out=out: run([
                 "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", source, "--weighting", "filter",
                 "--reward_threshold", "0.5", "--output_dir", f"{w}/{out}"]))
+        stage("online RL", f"{w}/rl/final_metrics.json", lambda: run([
+            *rl_common, "--discriminator_path", disc_dir, "--output_dir", f"{w}/rl"]))
 
     with side_by_side(parallel):
-        preference_and_lcm()
-    morl_lines = morl_lines.result() if parallel else online_rl()
+        preference_lcm_and_discriminator_rl()
+    morl_lines = morl_lines.result() if parallel else known_answer_rl_and_morl()
     if not parallel:  # flow-matching RL (tiny FLUX-Fill)
         flow_lines = flow_part(w, train_meta, held_meta, args)
     pool.shutdown()

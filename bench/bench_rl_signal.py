@@ -53,14 +53,22 @@ def epoch_gradients(argv, epochs):
 
 
 def signal_and_noise(estimates, samples_each):
-    """(|g|^2, noise variance per sample, mean cosine between estimates) from independent estimates."""
+    """(|g|^2, its jackknife standard error over the estimates, noise variance per sample, mean
+    cosine between estimates) from independent estimates of one gradient."""
+    def signal_of(e):
+        dots = e @ e.T
+        return dots[~torch.eye(len(e), dtype=torch.bool)].mean().item()
+
     dots = estimates @ estimates.T
     off = ~torch.eye(len(estimates), dtype=torch.bool)
     signal = dots[off].mean().item()
+    n = len(estimates)
+    leave_one_out = np.array([signal_of(torch.cat([estimates[:i], estimates[i + 1:]])) for i in range(n)])
+    stderr = float(np.sqrt((n - 1) / n * ((leave_one_out - leave_one_out.mean()) ** 2).sum()))
     noise = samples_each * (dots.diag().mean().item() - signal)
     norms = dots.diag().sqrt()
     cosine = (dots / (norms[:, None] * norms[None, :]))[off].mean().item()
-    return signal, noise, cosine
+    return signal, stderr, noise, cosine
 
 
 def main():
@@ -79,7 +87,7 @@ def main():
     per_epoch = demo["sample_batch_size"] * demo["sample_batches_per_epoch"] * demo["group_size"]
     drawn = per_epoch * demo["num_train_epochs"]
     print(f"demo's online RL: {demo['num_train_epochs']} epochs x {per_epoch} samples = {drawn} samples")
-    print("| reward | epochs | samples per estimate | signal |g|^2 | noise per sample | cosine between estimates | "
+    print("| reward | epochs | samples per estimate | signal |g|^2 (+- std. error) | noise per sample | cosine between estimates | "
           "samples for SNR 1 | demo's samples / that |")
     print("|---|---|---|---|---|---|---|---|")
     for reward in args.rewards:
@@ -91,12 +99,13 @@ def main():
                                  "--output_dir", out, "--seed", "0", "--learning_rate", "1e-12", "--max_grad_norm", "0",
                                  "--num_train_epochs", str(args.epochs), "--eval_epochs", "0", "--eval_samples", "2",
                                  "--checkpointing_epochs", "0", "--report_to", "none"], args.epochs)
-        signal, noise, cosine = signal_and_noise(g, per_epoch)
-        needed = noise / signal if signal > 0 else float("inf")
-        print(f"| {reward.split('=')[0]} | {args.epochs} | {per_epoch} | {signal:.3e} | {noise:.3e} | {cosine:+.4f} | "
-              f"{needed:.0f} | {drawn / needed:.3f} |" if np.isfinite(needed) else
-              f"| {reward.split('=')[0]} | {args.epochs} | {per_epoch} | {signal:.3e} (not above 0) | {noise:.3e} | {cosine:+.4f} | "
-              f"not measurable with {args.epochs} epochs | - |", flush=True)
+        signal, stderr, noise, cosine = signal_and_noise(g, per_epoch)
+        # SNR 1 at noise / signal samples; with the signal two standard errors higher, at least this many
+        low = noise / (signal + 2 * stderr) if signal + 2 * stderr > 0 else float("inf")
+        needed = f"{noise / signal:.0f} (at least {low:.0f})" if signal > 0 else f"not measurable (at least {low:.0f})"
+        ratio = f"{drawn * signal / noise:.3f}" if signal > 0 else "-"
+        print(f"| {reward.split('=')[0]} | {args.epochs} | {per_epoch} | {signal:.2e} +- {stderr:.1e} | {noise:.2e} | {cosine:+.4f} | "
+              f"{needed} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -69,10 +69,14 @@ def test_rl_signal_bench_separates_signal_from_noise_by_hand():
     e = torch.zeros(4, 8, dtype=torch.float64)
     for i in range(4):  # orthogonal to g and to each other, |e|^2 = 9
         e[i, i + 1] = 3.0
-    signal, noise, cosine = bench.signal_and_noise(g + e, samples_each=10)
-    assert signal == pytest.approx(1.0)
+    signal, stderr, noise, cosine = bench.signal_and_noise(g + e, samples_each=10)
+    assert signal == pytest.approx(1.0) and stderr == pytest.approx(0.0, abs=1e-12)  # every leave-one-out gives 1
     assert noise == pytest.approx(90.0)  # 10 samples per estimate: per-sample variance 10 x 9
     assert cosine == pytest.approx(1 / 10)  # (g + e_i).(g + e_j) / |g + e|^2 = 1 / (1 + 9)
+    # one dimension, estimates 1, 2, 3: cross products 2, 3, 6 (mean 11/3); leaving one out gives 6, 3, 2,
+    # so the jackknife error is sqrt(2/3 x ((7/3)^2 + (2/3)^2 + (5/3)^2)) = sqrt(52) / 3
+    signal, stderr, _, _ = bench.signal_and_noise(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64), samples_each=1)
+    assert signal == pytest.approx(11 / 3) and stderr == pytest.approx(52 ** 0.5 / 3)
 
 
 def test_hypervolume_change_by_hand():
@@ -91,3 +95,33 @@ def test_hypervolume_change_by_hand():
     assert change == pytest.approx(0.04) and low < 0 < high
     with pytest.raises(ValueError, match="one objective vector per test input"):
         hypervolume_change(start, [[[1.0, 1.0]] * 4], [0.0, 0.0])
+
+
+def test_rl_signal_bench_runs_on_a_demo_layout(tmp_path, tiny_model_dir, toy_meta, disc_dir, capsys, monkeypatch):
+    """The bench on a folder laid out as a finished demo (tiny models, 12 toy inputs): one table row per
+    reward, each from its own epochs, with the demo's sample count taken from rl/final_metrics.json."""
+    import importlib.util
+    import json
+    import os
+    import shutil
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_rl_signal", os.path.join(root, "bench", "bench_rl_signal.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    w = tmp_path / "demo"
+    shutil.copytree(tiny_model_dir, w / "models" / "toy_sdxl_inpaint")
+    shutil.copytree(os.path.join(tiny_model_dir, "unet"), w / "remover" / "unet")
+    shutil.copytree(disc_dir, w / "discriminator")
+    for part in ("train", "heldout"):
+        shutil.copytree(os.path.dirname(toy_meta), w / "data" / part)
+    (w / "rl").mkdir()
+    (w / "rl" / "final_metrics.json").write_text(json.dumps({"args": {
+        "sample_batch_size": 8, "sample_batches_per_epoch": 2, "group_size": 4, "num_train_epochs": 6}}))
+    monkeypatch.setattr(sys, "argv", ["bench_rl_signal.py", "--work_dir", str(w), "--epochs", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "demo's online RL: 6 epochs x 64 samples = 384 samples" in out
+    rows = [line for line in out.splitlines() if line.startswith("| gt |") or line.startswith("| discriminator |")]
+    assert len(rows) == 2 and all(r.split(" | ")[1:3] == ["2", "64"] for r in rows)

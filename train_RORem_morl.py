@@ -27,6 +27,7 @@ comparison of the front's hypervolume with the start's, e.g. by bootstrap over t
 """
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -195,11 +196,9 @@ def main(argv=None):
         """Objective vector of each sample under one slot (None: the base model); the ranks share the
         work and all get the same numbers, so all make the same choices."""
         raw.eval()
-        if adapter is None:
-            with adapters.disabled(raw):
-                per_sample = rl_loop.evaluate(raw, sampler, args, samples, reward_model, full=False, accelerator=accelerator)[2]
-        else:
+        if adapter is not None:
             activate(adapter)
+        with adapters.disabled(raw) if adapter is None else contextlib.nullcontext():
             per_sample = rl_loop.evaluate(raw, sampler, args, samples, reward_model, full=False, accelerator=accelerator)[2]
         return [[p[n] for n in names] for p in per_sample]
 

@@ -115,7 +115,7 @@ def parse_args(argv=None):
     g.add_argument("--generate_for", choices=["unpaired", "all"], default="unpaired",
                    help="with --scored_meta_path: generate only for inputs without a natural pair, or for all")
     g.add_argument("--judge", choices=JUDGES, default="discriminator",
-                   help="what scores a candidate: the discriminator's probability, or gt: minus its MSE against the input's GT "
+                   help="what scores a candidate: the discriminator's score, or gt: minus its MSE against the input's GT "
                         "inside the mask ([-1, 1] pixel units; the input meta.json needs GT), a known-answer preference")
     g.add_argument("--RORem_discriminator", default=None, help="discriminator folder (pytorch_lora_weights + cls_pred_branch.pt)")
     g.add_argument("--num_candidates", type=integer(2), default=8, help="K candidates per input")
@@ -136,7 +136,7 @@ def parse_args(argv=None):
         if args.judge == "discriminator" and not args.RORem_discriminator:
             raise UserError("--meta_path generates candidates, which need --RORem_discriminator to judge them (or --judge gt)")
     if args.judge == "discriminator" and args.threshold is not None and not 0 <= args.threshold <= 1:
-        raise UserError(f"--threshold: the discriminator's score is a probability, so a verdict threshold in [0, 1], got {args.threshold}")
+        raise UserError(f"--threshold: a discriminator verdict threshold is on its labels' scale, [0, 1], got {args.threshold}")
     args.min_margin = DEFAULT_MARGIN[args.judge] if args.min_margin is None else args.min_margin
     args.threshold = DEFAULT_THRESHOLD[args.judge] if args.threshold is None else args.threshold
     return args
@@ -222,7 +222,7 @@ def generate_candidates(args, entries, chosen, records_dir):
     for i in tqdm(mine, desc=f"candidates (rank {state.process_index})", disable=not mine):
         e = entries[i]
         image, mask = load_image(e.paths["source"]), load_mask(e.paths["mask"])
-        cands = []
+        cands, images = [], []
         for setting, block in itertools.groupby(range(args.num_candidates), key=lambda k: settings[k]):
             ks = list(block)
             run = argparse.Namespace(**{**vars(args), "guidance_scale": setting[0], "inference_steps": setting[1]})
@@ -230,11 +230,12 @@ def generate_candidates(args, entries, chosen, records_dir):
             for k, result in zip(ks, remove_objects(pipe, cond, uncond, [image] * len(ks), [mask] * len(ks), run, seed)):
                 path = os.path.join(cand_dir, f"{i:06d}_{k:02d}.png")
                 result.save(path)
+                images.append(result)
                 cands.append({"path": path, "seed": args.seed + i * args.num_candidates + k,
                               "guidance_scale": setting[0], "inference_steps": setting[1]})
         if args.judge == "gt":  # known answer: minus the masked error against the input's own GT
             gt = load_image(e.paths["GT"])
-            scores = [-masked_mse(load_image(c["path"]), gt, mask) for c in cands]
+            scores = [-masked_mse(result, gt, mask) for result in images]
         else:
             scored = [Entry(e.meta, i, {"source": e.paths["source"], "mask": e.paths["mask"], "GT": c["path"]}) for c in cands]
             scores = score_entries(reward, scored, args.resolution, batch_size=len(scored))

@@ -13,6 +13,7 @@ pixel space against GT (lower is better).
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -207,10 +208,8 @@ def method_rows(w, evaluation):
                         False, digits=3) for m, sig, b, a in RESEARCH]
     for name, out, objectives in MORL_RUNS:
         if os.path.isfile(f"{w}/{out}/policies.json"):
-            with open(f"{w}/{out}/policies.json") as f:
-                summary = json.load(f)
+            summary, (change, low, high) = morl_test(f"{w}/{out}/policies.json")
             t = summary["test"]
-            change, low, high = hypervolume_change(t["start"], list(t["front"].values()), summary["reference"])
             method = f"PGMORL ({len(t['front'])} polic{'y' if len(t['front']) == 1 else 'ies'} on the front)"
             signal = " and ".join(summary["objectives"]).replace("gt", "GT error")
             v = verdict(low, high, lower_is_better=False)
@@ -337,6 +336,16 @@ def flow_part(w, train_meta, held_meta, args):
 MORL_RUNS = (("multi-objective RL (GT)", "morl_gt", "gt,preserve"), ("multi-objective RL", "morl", "discriminator,preserve"))
 
 
+@functools.lru_cache(maxsize=None)
+def morl_test(policies_json):
+    """(PGMORL's summary, the test change of its front's hypervolume with its bootstrap interval): read
+    and bootstrapped once, for its section and for the lead table."""
+    with open(policies_json) as f:
+        summary = json.load(f)
+    t = summary["test"]
+    return summary, hypervolume_change(t["start"], list(t["front"].values()), summary["reference"])
+
+
 def split_heldout(w, held_meta, first):
     """The held-out inputs split in two (absolute paths): PGMORL chooses its front on the first `first`
     and is tested on the rest, which the choice never saw."""
@@ -369,12 +378,10 @@ def morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args):
             "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", selection,
             "--test_meta_path", test, "--objectives", objectives, "--discriminator_path", disc_dir, "--output_dir", f"{w}/{out}",
             "--seed", str(args.seed)]))
-        with open(f"{w}/{out}/policies.json") as f:
-            summary = json.load(f)
+        summary, (change, low, high) = morl_test(f"{w}/{out}/policies.json")
         hv, names = summary["hypervolume_per_generation"], summary["objectives"]
         front = sorted((p for p in summary["policies"] if p["name"].startswith("gen")), key=lambda p: p["objectives"][0])
         t = summary["test"]
-        change, low, high = hypervolume_change(t["start"], list(t["front"].values()), summary["reference"])
         lines += [f"**{' and '.join(names)}.** Start (LoRA off) on the selection inputs: "
                   + ", ".join(f"{v:.4f}" for v in summary["start"]) + "; hypervolume reference: "
                   + ", ".join(f"{v:.4f}" for v in summary["reference"]) + ". Hypervolume of the archive per generation "

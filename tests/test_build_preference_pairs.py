@@ -124,7 +124,7 @@ def test_argument_errors(tiny_model_dir, scored_and_inputs, tmp_path):
         bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--RORem_discriminator", "d", "--num_candidates", "1"])
     with pytest.raises(UserError, match="--scored_meta_path"):
         bpp.parse_args(["--output_dir", str(tmp_path)])
-    with pytest.raises(UserError, match="--threshold: the discriminator's score is a probability"):
+    with pytest.raises(UserError, match="--threshold: a discriminator verdict threshold is on its labels' scale"):
         bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--RORem_discriminator", "d", "--threshold", "-0.1"])
     args = bpp.parse_args(["--meta_path", inputs, "--output_dir", str(tmp_path), "--judge", "gt"])  # no discriminator needed
     assert (args.min_margin, args.threshold) == (0.005, -0.02)

@@ -175,7 +175,7 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_fract
     pixel units; where the fill is nearly perfect, e.g. a hole inside one flat region), else 0. One
     absolute threshold cannot serve every background family: the fill's error is 0.018 on the smooth
     family and 0.16-0.26 on the structured ones."""
-    from myutils.img_util import load_image, load_mask
+    from myutils.img_util import load_image
     from myutils.metrics import border_fill, masked_mse
 
     rng = np.random.default_rng(seed)
@@ -191,18 +191,19 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_fract
     meta = []
     for i, e in enumerate(inputs):
         paths = {k: os.path.join(root, e[k]) for k in ("source", "mask", "GT")}
-        src, mask, gt = (np.asarray(Image.open(paths[k]).convert("L" if k == "mask" else "RGB")) for k in ("source", "mask", "GT"))
+        images = {k: Image.open(paths[k]).convert("L" if k == "mask" else "RGB") for k in ("source", "mask", "GT")}
+        src, mask, gt = (np.asarray(images[k]) for k in ("source", "mask", "GT"))
         kind = FAILURES[rng.integers(len(FAILURES))]
         bad = os.path.join(out_dir, "edited", f"{i:05d}_bad.png")
         Image.fromarray(_failure(kind, src, mask, gt, rng).astype(np.uint8)).save(bad)
         base = {"source": paths["source"], "mask": paths["mask"]}
         meta.append({**base, "GT": paths["GT"], "score": 1, "kind": "ground truth"})
         meta.append({**base, "GT": bad, "score": 0, "kind": kind})
+        fill_err = masked_mse(border_fill(images["source"], images["mask"]), images["GT"], images["mask"]) if results else None
         for name in results or {}:
             res = outputs.get((name, os.path.normpath(paths["source"])))
             if res and os.path.isfile(res):
-                source, truth, hole = load_image(paths["source"]), load_image(paths["GT"]), load_mask(paths["mask"])
-                err, fill_err = masked_mse(load_image(res), truth, hole), masked_mse(border_fill(source, hole), truth, hole)
+                err = masked_mse(load_image(res), images["GT"], images["mask"])
                 meta.append({**base, "GT": res, "score": int(err < max(good_fraction * fill_err, good_floor)), "kind": name,
                              "masked_mse": err, "border_fill_masked_mse": fill_err})
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

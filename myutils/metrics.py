@@ -88,3 +88,18 @@ def masked_means(values, mask):
     inside = (values * m).sum((1, 2, 3)) / m.sum((1, 2, 3))
     outside = (values * (1 - m)).sum((1, 2, 3)) / (1 - m).sum((1, 2, 3))
     return inside, outside
+
+
+def cohen_kappa(labels_a, labels_b):
+    """Cohen's kappa of two raters over the same items: (p_o - p_e) / (1 - p_e), p_o the observed
+    agreement, p_e the agreement expected from each rater's own label frequencies. 1.0 when both give
+    one and the same label throughout (no chance to disagree); None for no items."""
+    a, b = list(labels_a), list(labels_b)
+    if len(a) != len(b):
+        raise ValueError(f"cohen_kappa needs two equally long label lists (got {len(a)} and {len(b)})")
+    if not a:
+        return None
+    n = len(a)
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    p_e = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
+    return 1.0 if p_e == 1 else float((p_o - p_e) / (1 - p_e))

@@ -95,3 +95,62 @@ def sigterm_at_step(monkeypatch):
 def torch_extensions_dir(tmp_path_factory):
     """One folder for the ops DeepSpeed compiles on first use (about a minute), shared by its tests."""
     return str(tmp_path_factory.mktemp("torch_extensions"))
+
+
+SCREENSHOTS = os.path.join(ROOT, "test_screenshots")  # what the browser tests saw, kept for a person to look at
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium, headless, driven by Playwright (no browser downloads here). Without it the
+    browser tests skip, unless RORem_REQUIRE_BROWSER=1 (as .ci/run sets), where they fail."""
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not os.path.isfile(chromium):
+        message = f"browser tests need playwright and {chromium} (apt-get install chromium)"
+        if os.environ.get("RORem_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def serve():
+    """serve(asgi_app) -> base URL: the app on a free 127.0.0.1 port in a thread, stopped after the test
+    (or earlier by calling the returned stop())."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    servers = []
+
+    def start(app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+
+        def stop():
+            server.should_exit = True
+            thread.join(10)
+        servers.append(stop)
+        return f"http://127.0.0.1:{port}", stop
+
+    yield start
+    for stop in servers:
+        stop()

@@ -1,0 +1,163 @@
+"""People's labels: an append-only journal per annotator, the files the training scripts read, and
+agreement between annotators and with the discriminator (annotate_RORem.py, scripts/data_round.py).
+
+A journal line is one label as it was given: {"item", "label", "annotator", "time"}; the last line
+for an item wins (relabelling appends). Output files are rewritten whole from the journal and
+replaced atomically, so a crash leaves the old file or the new one, never half of one.
+"""
+import json
+import os
+import re
+import time
+
+from .errors import UserError
+from .metrics import cohen_kappa
+
+SCORE_LABELS = {"good": 1, "bad": 0, "skip": None}
+PAIR_LABELS = ("a", "b", "tie", "skip")
+ANNOTATOR_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_annotator(name):
+    if not isinstance(name, str) or not ANNOTATOR_NAME.match(name) or name in (".", ".."):
+        raise UserError(f"annotator {name!r}: use 1-64 letters, digits, '_', '-' or '.'")
+    return name
+
+
+def write_json_atomic(path, obj):
+    """Write JSON to path.tmp, flush it to disk, then rename over path: the file is whole or old."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def journal_path(output_dir, annotator):
+    return os.path.join(output_dir, annotator, "journal.jsonl")
+
+
+def append_label(path, item, label, annotator, when=None):
+    """Append one label to the journal and force it to disk before returning (the label is saved
+    the moment it is given). Returns the record."""
+    record = {"item": item, "label": label, "annotator": annotator,
+              "time": when or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return record
+
+
+def read_journal(path):
+    """{item: last record} from a journal. A last line cut short by a crash is ignored (its label was
+    never confirmed to the annotator); a bad line before it is an error naming the line."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    latest = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            latest[record["item"]] = record
+        except (ValueError, KeyError, TypeError):
+            if n >= len(lines) - 1:  # the last line, torn by a crash mid-write
+                continue
+            raise UserError(f"{path}: line {n} is not a label record") from None
+    return latest
+
+
+def read_all_journals(output_dir):
+    """{annotator: {item: record}} for every annotator folder with a journal under output_dir."""
+    found = {}
+    if os.path.isdir(output_dir):
+        for name in sorted(os.listdir(output_dir)):
+            path = journal_path(output_dir, name)
+            if ANNOTATOR_NAME.match(name) and os.path.isfile(path):
+                found[name] = read_journal(path)
+    return found
+
+
+def scored_entries(items, labels):
+    """The scored meta.json entries of the labelled items (skips left out): each item's own keys
+    (absolute image paths, anything it carried, such as discriminator_score), score 0/1, annotator
+    and time. items: [(key, entry dict with absolute paths)] in order."""
+    out = []
+    for key, entry in items:
+        record = labels.get(key)
+        if record is None or SCORE_LABELS.get(record["label"]) is None:
+            continue
+        out.append({**entry, "score": SCORE_LABELS[record["label"]], "annotator": record["annotator"],
+                    "annotated_at": record["time"]})
+    return out
+
+
+def labelled_pairs(doc, labels):
+    """A copy of an --export_pairs pairs.json with each pair's label ("a", "b", "tie"; null when
+    skipped or not yet given), plus who gave it and when: what --pair_labels reads."""
+    pairs = []
+    for pair in doc["pairs"]:
+        record = labels.get(pair_key(pair))
+        label = record["label"] if record else None
+        pairs.append({**pair, "label": None if label == "skip" else label,
+                      **({"annotator": record["annotator"], "annotated_at": record["time"]} if record else {})})
+    return {**doc, "pairs": pairs}
+
+
+def pair_key(pair):
+    return pair["image"]
+
+
+def discriminator_label(item, mode, threshold=0.5):
+    """What the discriminator (or the reward recorded at export) says of an item, in the annotators'
+    labels: "good"/"bad" from an entry's discriminator_score; "a"/"b"/"tie" from a pair's rewards.
+    None when the item carries no such score."""
+    if mode == "score":
+        s = item.get("discriminator_score")
+        return None if not isinstance(s, (int, float)) else ("good" if s >= threshold else "bad")
+    a, b = item.get("reward_a"), item.get("reward_b")
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return None
+    return "a" if a > b else "b" if b > a else "tie"
+
+
+def agreement(journals, items, mode, threshold=0.5):
+    """Who labelled how much, Cohen's kappa for every two annotators on the items both labelled
+    (skips left out), and each annotator's agreement with the discriminator (fraction and kappa).
+    journals: {annotator: {item: record}}; items: {item key: item dict}."""
+    def given(labels):
+        return {k: r["label"] for k, r in labels.items() if r["label"] != "skip" and k in items}
+
+    names = sorted(journals)
+    per = {n: given(journals[n]) for n in names}
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sorted(set(per[a]) & set(per[b]))
+            la, lb = [per[a][k] for k in common], [per[b][k] for k in common]
+            pairs.append({"a": a, "b": b, "items": len(common), "kappa": cohen_kappa(la, lb),
+                          "agreement": sum(x == y for x, y in zip(la, lb)) / len(common) if common else None})
+    machine = {}
+    for n in names:
+        both = [(lab, d) for k, lab in per[n].items() if (d := discriminator_label(items[k], mode, threshold)) is not None]
+        machine[n] = {"items": len(both), "agreement": sum(x == y for x, y in both) / len(both) if both else None,
+                      "kappa": cohen_kappa([x for x, _ in both], [y for _, y in both])}
+    return {"labelled": {n: len(per[n]) for n in names}, "annotators": pairs, "discriminator": machine}
+
+
+def agreement_lines(report):
+    """The agreement report as lines a person reads."""
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [f"{n}: {k} labels" for n, k in report["labelled"].items()] or ["no labels yet"]
+    lines += [f"{p['a']} vs {p['b']}: {p['items']} items both labelled, agreement {num(p['agreement'], '.1%')}, "
+              f"Cohen's kappa {num(p['kappa'], '.3f')}" for p in report["annotators"]]
+    lines += [f"{n} vs the discriminator: {m['items']} items, agreement {num(m['agreement'], '.1%')}, "
+              f"kappa {num(m['kappa'], '.3f')}" for n, m in report["discriminator"].items() if m["items"]]
+    return lines

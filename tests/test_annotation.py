@@ -1,0 +1,168 @@
+"""The annotation app's parts: Cohen's kappa by hand, the journal, the files it writes (read back by
+the scripts that consume them), its HTTP API, and its errors. The browser tests are in
+test_annotation_browser.py."""
+import json
+import os
+
+import pytest
+from fastapi.testclient import TestClient
+
+import annotate_RORem as app_script
+from myutils import annotation as ann
+from myutils.data import read_meta
+from myutils.errors import UserError
+from myutils.metrics import cohen_kappa
+
+
+def test_cohen_kappa_by_hand():
+    # 50 items: both yes 20, A yes / B no 5, A no / B yes 10, both no 15: p_o = 0.7,
+    # p_e = 0.5 * 0.6 + 0.5 * 0.4 = 0.5, kappa = 0.2 / 0.5 = 0.4
+    a = ["y"] * 25 + ["n"] * 25
+    b = ["y"] * 20 + ["n"] * 5 + ["y"] * 10 + ["n"] * 15
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    # three labels: p_o = 3/4, p_e = (2*1 + 1*2 + 1*1) / 16 = 5/16, kappa = (12/16 - 5/16) / (11/16) = 7/11
+    assert cohen_kappa(["a", "a", "b", "tie"], ["a", "b", "b", "tie"]) == pytest.approx(7 / 11)
+    assert cohen_kappa(["good"] * 3, ["good"] * 3) == 1.0
+    assert cohen_kappa(["good", "bad"], ["bad", "good"]) == pytest.approx(-1.0)
+    assert cohen_kappa([], []) is None
+    with pytest.raises(ValueError):
+        cohen_kappa(["a"], [])
+
+
+def test_journal_last_label_wins_and_a_torn_last_line_is_ignored(tmp_path):
+    path = str(tmp_path / "alice" / "journal.jsonl")
+    ann.append_label(path, "x.png", "good", "alice", when="t1")
+    ann.append_label(path, "y.png", "bad", "alice", when="t2")
+    ann.append_label(path, "x.png", "bad", "alice", when="t3")
+    with open(path, "a") as f:
+        f.write('{"item": "z.png", "lab')  # a crash mid-write
+    got = ann.read_journal(path)
+    assert {k: (r["label"], r["time"]) for k, r in got.items()} == {"x.png": ("bad", "t3"), "y.png": ("bad", "t2")}
+    with open(path, "w") as f:
+        f.write('{"item": "x.png", "label": "good", "annotator": "alice", "time": "t"}\nnot json\n{"item": "y.png", "label": "bad"}\n')
+    with pytest.raises(UserError, match=r"journal.jsonl: line 2 is not a label record"):
+        ann.read_journal(path)
+
+
+def test_agreement_between_annotators_and_with_the_discriminator():
+    items = {f"{i}.png": {"discriminator_score": s} for i, s in enumerate([0.9, 0.8, 0.2, 0.1, 0.7, 0.4])}
+    alice = ["good", "good", "bad", "bad", "good", "skip"]
+    bob = ["good", "bad", "bad", "bad", "bad", "good"]
+    journals = {n: {f"{i}.png": {"label": lab} for i, lab in enumerate(labels)} for n, labels in (("alice", alice), ("bob", bob))}
+    report = ann.agreement(journals, items, "score")
+    assert report["labelled"] == {"alice": 5, "bob": 6}
+    # both labelled items 0-4 (alice skipped 5): alice g g b b g, bob g b b b b: p_o 3/5,
+    # p_e = 3/5 * 1/5 + 2/5 * 4/5 = 11/25, kappa = (15/25 - 11/25) / (14/25) = 4/14
+    (pair,) = report["annotators"]
+    assert (pair["items"], pair["agreement"]) == (5, pytest.approx(0.6))
+    assert pair["kappa"] == pytest.approx(4 / 14)
+    # the discriminator at 0.5 says g g b b g b: alice agrees on all 5 she gave, bob on 3 of 6 (items 0, 2, 3)
+    assert report["discriminator"]["alice"]["agreement"] == 1.0
+    assert report["discriminator"]["bob"]["agreement"] == pytest.approx(3 / 6)
+    lines = ann.agreement_lines(report)
+    assert "alice vs bob: 5 items both labelled, agreement 60.0%, Cohen's kappa 0.286" in lines
+    # pairs: the reward recorded at export decides the discriminator's side
+    pair_items = {"p0": {"reward_a": 1.0, "reward_b": 0.0}, "p1": {"reward_a": 0.0, "reward_b": 1.0}}
+    rep = ann.agreement({"alice": {"p0": {"label": "a"}, "p1": {"label": "a"}}}, pair_items, "pairs")
+    assert rep["discriminator"]["alice"]["agreement"] == 0.5
+
+
+@pytest.fixture
+def results_meta(tmp_path, toy_meta):
+    """A results meta.json (source, mask, GT = result) of 6 toy entries with discriminator scores, in
+    its own folder, with relative paths as inference_RORem.py writes them."""
+    entries = read_meta(toy_meta, "triplet")[:6]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    meta = [{"source": os.path.relpath(e.paths["source"], folder), "mask": os.path.relpath(e.paths["mask"], folder),
+             "GT": os.path.relpath(e.paths["GT"], folder), "discriminator_score": 0.2 * i} for i, e in enumerate(entries)]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder / "meta.json"
+
+
+def _client(*argv):
+    args = app_script.parse_args([str(a) for a in argv])
+    labels = app_script.Labels(args)
+    return labels, TestClient(app_script.build_app(labels, args.annotator))
+
+
+def test_score_mode_writes_a_scored_meta_the_scripts_read_and_resumes_after_a_restart(results_meta):
+    labels, client = _client("--meta_path", results_meta.parent, "--annotator", "alice")
+    state = client.get("/api/state", params={"annotator": "alice"}).json()
+    assert (state["mode"], state["total"], state["done"], state["item"]["index"]) == ("score", 6, 0, 0)
+    assert [im["name"] for im in state["item"]["images"]] == ["source", "mask", "result"]
+    # the image served is the entry's file, byte for byte
+    entry = read_meta(str(results_meta), "triplet")[0]
+    assert client.get("/file/0/2").content == open(entry.paths["GT"], "rb").read()
+    for i, label in enumerate(["good", "bad", "skip"]):
+        r = client.post("/api/label", json={"annotator": "alice", "index": i, "label": label})
+        assert r.status_code == 200 and r.json()["next"] == i + 1
+    out = results_meta.parent / "annotations" / "alice" / "meta.json"
+    scored = read_meta(str(out), "scored")  # what train_RORem_discriminator.py and build_preference_pairs.py read
+    assert [e.score for e in scored] == [1.0, 0.0]  # the skip is left out
+    assert [e.paths["GT"] for e in scored] == [e.paths["GT"] for e in read_meta(str(results_meta), "triplet")[:2]]
+    assert scored[1].extra["discriminator_score"] == pytest.approx(0.2) and scored[0].extra["annotator"] == "alice"
+    # a bad label is refused with a message and changes nothing
+    r = client.post("/api/label", json={"annotator": "alice", "index": 3, "label": "great"})
+    assert r.status_code == 400 and r.json()["error"] == "label 'great': one of good, bad, skip in score mode"
+    assert len(open(ann.journal_path(str(results_meta.parent / "annotations"), "alice")).readlines()) == 3
+    # a restart (a new server on the same files) resumes at the first unlabelled item; relabelling wins
+    labels2, client2 = _client("--meta_path", results_meta, "--annotator", "alice")
+    state = client2.get("/api/state", params={"annotator": "alice"}).json()
+    assert (state["done"], state["item"]["index"]) == (3, 3)
+    client2.post("/api/label", json={"annotator": "alice", "index": 1, "label": "good"})
+    assert [e.score for e in read_meta(str(out), "scored")] == [1.0, 1.0]
+    # another annotator starts at the beginning, in their own files
+    assert client2.get("/api/state", params={"annotator": "bob"}).json()["item"]["index"] == 0
+
+
+def test_only_the_data_files_are_served_and_names_are_checked(results_meta):
+    _, client = _client("--meta_path", results_meta)
+    assert client.get("/file/6/0").status_code == 404
+    assert client.get("/file/0/3").status_code == 404
+    assert client.get("/file/0/..%2F..%2Fmeta.json").status_code in (404, 422)
+    assert client.get("/meta.json").status_code == 404
+    r = client.post("/api/label", json={"annotator": "../evil", "index": 0, "label": "good"})
+    assert r.status_code == 400 and "annotator '../evil'" in r.json()["error"]
+    assert not os.path.exists(results_meta.parent / "evil")
+    assert app_script.parse_args(["--meta_path", "x"]).host == "127.0.0.1"
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, results_meta, capsys):
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            app_script.run_cli(lambda: app_script.main([str(a) for a in argv]))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")
+        return err[0]
+
+    assert fails("--meta_path", tmp_path) == f"error: {tmp_path}: a folder without meta.json"
+    assert fails("--pairs_path", tmp_path / "nope.json") == f"error: {tmp_path / 'nope.json'}: file not found"
+    (tmp_path / "pairs.json").write_text('{"not": "pairs"}')
+    assert "not a pairs.json written by --export_pairs" in fails("--pairs_path", tmp_path)
+    assert "annotator 'a b'" in fails("--meta_path", results_meta, "--annotator", "a b")
+
+
+def test_an_item_whose_file_is_missing_is_shown_as_a_problem_and_can_be_skipped(results_meta):
+    meta = json.loads(results_meta.read_text())
+    meta[2]["GT"] = "gone.png"
+    results_meta.write_text(json.dumps(meta))
+    _, client = _client("--meta_path", results_meta)
+    item = client.get("/api/state", params={"annotator": "alice", "index": 2}).json()["item"]
+    assert "'GT' file not found" in item["problem"]
+    assert client.post("/api/label", json={"annotator": "alice", "index": 2, "label": "skip"}).status_code == 200
+
+
+def test_report_prints_the_agreement(results_meta, capsys):
+    root = results_meta.parent / "annotations"
+    for who, labels in (("alice", ["good", "bad", "good"]), ("bob", ["good", "good", "good"])):
+        for i, label in enumerate(labels):
+            key = os.path.relpath(read_meta(str(results_meta), "triplet")[i].paths["GT"], results_meta.parent)
+            ann.append_label(ann.journal_path(str(root), who), key, label, who)
+    app_script.main(["--meta_path", str(results_meta), "--report"])
+    out = capsys.readouterr().out
+    # p_o 2/3; alice g b g (2/3 good), bob g g g: p_e = 2/3, kappa 0
+    assert "alice vs bob: 3 items both labelled, agreement 66.7%, Cohen's kappa 0.000" in out
+    # discriminator scores 0, 0.2, 0.4: all bad at 0.5; alice agrees on 1 of 3
+    assert "alice vs the discriminator: 3 items, agreement 33.3%" in out

@@ -49,8 +49,9 @@ def export_pairs(args, accelerator, sampler, entries, batches, all_rewards, glob
     if accelerator.is_main_process:
         doc = {"global_step": global_step, "num_processes": accelerator.num_processes,
                "sampler": {k: getattr(args, k) for k in SAMPLER_SETTINGS},
-               "how_to_label": "each image is source | mask | a | b: set label to \"a\" or \"b\" (preferred), \"tie\" or null "
-                               "(no preference); then train with --pair_labels <this file> --resume_from_checkpoint latest",
+               "how_to_label": "python annotate_RORem.py --pairs_path <this folder> --annotator NAME (keys a, b, t, s), or by hand: "
+                               "each image is source | mask | a | b: set label to \"a\" or \"b\" (preferred), \"tie\" or null "
+                               "(no preference); then train with --pair_labels <the labelled file> --resume_from_checkpoint latest",
                "pairs": rows}
         with open(os.path.join(out, "pairs.json"), "w") as f:
             json.dump(doc, f, indent=1)

@@ -208,6 +208,7 @@ def main(argv=None):
 
     print(f"annotating {len(labels.keys)} items ({labels.mode} mode) at http://{args.host}:{args.port} ; labels in {labels.output_dir}")
     uvicorn.run(build_app(labels, args.annotator), host=args.host, port=args.port, log_level="warning")
+    return labels
 
 
 if __name__ == "__main__":

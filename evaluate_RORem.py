@@ -22,8 +22,10 @@ stopped. Metrics, each against GT at the input's own size unless said: masked MS
 against all GTs (pytorch-fid's Inception); the discriminator's mean score and success rate (score >=
 --success_threshold), at --resolution x --resolution; seconds per image, UNet calls per image and peak
 memory; the discriminator's pairwise win rate between systems (same inputs, same seeds) with a 95%
-interval. A metric whose weights are not given is reported as unavailable with the argument that
-enables it; --stand_in_weights (tests) uses random-weight networks instead and marks those numbers.
+interval. A metric without a weights file uses its library's standard weights, fetched and cached
+by the library (--no-fetch_weights, or HF_HUB_OFFLINE=1, keeps the run offline); a metric whose
+weights are neither given nor fetchable is reported as unavailable, with the reason and the argument
+that enables it; --stand_in_weights (tests) uses random-weight networks instead and marks those numbers.
 Writes results.md, results.csv, results.json, win_rates.md, grids/grid_XX.png and index.html.
 """
 import argparse
@@ -110,12 +112,17 @@ def parse_args(argv=None):
     p.add_argument("--lpips_backbone_weights", default=None, help=f"torchvision's {em.ALEXNET_FILE} (LPIPS)")
     p.add_argument("--clip_weights", default=None, help="an open_clip checkpoint file for --clip_model (CLIP similarity)")
     p.add_argument("--clip_model", default="ViT-B-32")
+    p.add_argument("--fetch_weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="metrics without a weights file use each library's standard weights, downloaded and cached by the "
+                        "library (default: yes, unless HF_HUB_OFFLINE=1); offline, such a metric is reported unavailable")
     p.add_argument("--stand_in_weights", action="store_true",
                    help="random-weight networks for metrics without weights (tests only: such numbers mean nothing)")
     p.add_argument("--num_grid_inputs", type=NONNEGATIVE, default=16, help="inputs shown in the image grids (8 per grid)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     args = p.parse_args(argv)
+    if args.fetch_weights is None:
+        args.fetch_weights = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes")
     args.systems = [parse_system(s, args) for s in args.system]
     names = [s["name"] for s in args.systems]
     if len(set(names)) != len(names):
@@ -261,21 +268,26 @@ NEEDS = {"lpips_in_mask": "lpips", "lpips_out_of_mask": "lpips", "clip_similarit
          "discriminator_score": "discriminator", "success_rate": "discriminator"}
 
 
-def cell(row, key, fmt, stand_ins):
+def why_unavailable(metric, reasons):
+    """What to do for a metric without its network: the fetch's failure and the flag, or the flag."""
+    return f"{reasons[metric]}; or give {METRIC_WEIGHTS[metric]}" if metric in reasons else METRIC_WEIGHTS[metric]
+
+
+def cell(row, key, fmt, stand_ins, reasons):
     value = row.get(key)
     if value is None:
         if key in NEEDS:
-            return f"unavailable ({METRIC_WEIGHTS[NEEDS[key]]})"
+            return f"unavailable ({why_unavailable(NEEDS[key], reasons)})"
         return "n/a (results reused)" if key in ("seconds_per_image", "unet_calls_per_image", "peak_memory") else "n/a"
     text = fmt.format(value)
     return text + " (random stand-in)" if NEEDS.get(key) in stand_ins else text
 
 
-def write_outputs(args, rows, wins, stand_ins, inputs, results_by_system, per_input):
+def write_outputs(args, rows, wins, stand_ins, reasons, inputs, results_by_system, per_input):
     out = args.output_dir
     header = ["system"] + [title for _, title, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join([r["system"]] + [cell(r, k, f, stand_ins) for k, _, f in COLUMNS]) + " |" for r in rows]
+    lines += ["| " + " | ".join([r["system"]] + [cell(r, k, f, stand_ins, reasons) for k, _, f in COLUMNS]) + " |" for r in rows]
     notes = [f"{len(inputs[0])} test inputs, seed {args.seed} + i for input i; metrics against GT; discriminator at "
              f"{args.resolution} px, success = score >= {args.success_threshold}."]
     if stand_ins:
@@ -287,7 +299,7 @@ def write_outputs(args, rows, wins, stand_ins, inputs, results_by_system, per_in
         w.writerow(["system"] + [k for k, _, _ in COLUMNS])
         for r in rows:
             w.writerow([r["system"]] + [r.get(k) for k, _, _ in COLUMNS])
-    unavailable = {k: METRIC_WEIGHTS[v] for k, v in NEEDS.items() if all(r.get(k) is None for r in rows)}
+    unavailable = {k: why_unavailable(v, reasons) for k, v in NEEDS.items() if all(r.get(k) is None for r in rows)}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"systems": rows, "win_rates": wins, "unavailable": unavailable, "stand_ins": sorted(stand_ins),
                    "seed": args.seed, "inputs": len(inputs[0]), "per_input": per_input}, f, indent=1)
@@ -338,20 +350,26 @@ def main(argv=None):
 
     inputs = ([load_image(e.paths["source"]) for e in entries], [load_mask(e.paths["mask"]) for e in entries],
               [load_image(e.paths["GT"]) for e in entries])
-    stand_ins = set()
+    stand_ins, reasons = set(), {}
 
-    def net(key, loaded, make_stand_in):
+    def net(key, load, make_stand_in):
+        try:
+            loaded = load()
+        except em.WeightsUnavailable as e:
+            print(f"warning: {key} unavailable: {e} (give {METRIC_WEIGHTS[key]} FILE)")
+            loaded, reasons[key] = None, str(e)
         if loaded is None and args.stand_in_weights:
             stand_ins.add(key)
             return make_stand_in()
         return loaded
 
     # the metric networks on the evaluation device, fed --batch_size images at a time
-    nets = {"inception": net("fid", em.load_inception(args.inception_weights, dims=args.fid_dims, device=device),
+    fetch = args.fetch_weights
+    nets = {"inception": net("fid", lambda: em.load_inception(args.inception_weights, dims=args.fid_dims, device=device, fetch=fetch),
                              lambda: em.load_inception(random_stand_in=True, dims=args.fid_dims, device=device)),
-            "lpips": net("lpips", em.load_lpips(args.lpips_backbone_weights, device=device),
+            "lpips": net("lpips", lambda: em.load_lpips(args.lpips_backbone_weights, device=device, fetch=fetch),
                          lambda: em.load_lpips(random_stand_in=True, device=device)),
-            "clip": net("clip", em.load_clip(args.clip_model, args.clip_weights, device=device),
+            "clip": net("clip", lambda: em.load_clip(args.clip_model, args.clip_weights, device=device, fetch=fetch),
                         lambda: em.load_clip(args.clip_model, random_stand_in=True, device=device)),
             "discriminator": None}
     if args.discriminator_path:
@@ -378,7 +396,7 @@ def main(argv=None):
             for b in names[i + 1:]:
                 p, (lo, hi) = win_rate(per_input[a]["discriminator_score"], per_input[b]["discriminator_score"])
                 wins.append({"a": a, "b": b, "win_rate": p, "low": lo, "high": hi})
-    text = write_outputs(args, rows, wins, stand_ins, inputs, results_by_system, per_input)
+    text = write_outputs(args, rows, wins, stand_ins, reasons, inputs, results_by_system, per_input)
     print(text + f"\n\nwrote {args.output_dir}/results.md, results.csv, results.json, win_rates.md, grids/, index.html")
     return {"systems": rows, "win_rates": wins, "stand_ins": sorted(stand_ins)}
 

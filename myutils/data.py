@@ -238,15 +238,20 @@ class RemovalDataset(Dataset):
             images = {k: (load_mask(p) if k == "mask" else load_image(p)) for k, p in entry.paths.items()}
         except UserError as e:  # a file broken after the data check, or a truncation it could not see
             raise UserError(f"{entry.where()}: {e}") from None
-        params = self.crop_for(epoch, index, images["source"].size, flip)
-        item = {"index": index, "epoch": epoch, "original_size": torch.tensor(params["original_size"]),
-                "crop_top_left": torch.tensor(params["crop_top_left"])}
-        for k, img in images.items():
-            out = apply_crop(img, params, is_mask=(k == "mask"))
-            item[k] = binarize_mask(out) if k == "mask" else pil_to_tensor(out)
+        item = {"index": index, "epoch": epoch, **crop_sample(images, self.crop_for(epoch, index, images["source"].size, flip))}
         if entry.score is not None:
             item["score"] = torch.tensor(entry.score, dtype=torch.float32)
         return item
+
+
+def crop_sample(images, params):
+    """One sample from PIL images (key -> image, "mask" a mask), all cropped as `params` (crop_params)
+    says: images as tensors in [-1, 1], the mask binarised, and SDXL's size conditioning."""
+    item = {"original_size": torch.tensor(params["original_size"]), "crop_top_left": torch.tensor(params["crop_top_left"])}
+    for k, img in images.items():
+        out = apply_crop(img, params, is_mask=(k == "mask"))
+        item[k] = binarize_mask(out) if k == "mask" else pil_to_tensor(out)
+    return item
 
 
 BOOKKEEPING_KEYS = ("index", "epoch", "noise_index")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 
-from .data import RemovalDataset, stack_samples
+from .data import RemovalDataset, crop_sample, stack_samples
 from .discriminator_files import load_discriminator_weights, read_discriminator_config
 from .errors import UserError
 from .models import load_inpaint_pipeline
@@ -102,6 +102,16 @@ def score_results(reward, samples, results, batch_size=16):
         edited = torch.stack([pil_to_tensor(r) for r in results[i:i + batch_size]])
         scores += reward.score_pixels(stack["source"], stack["mask"], edited, stack["original_size"], stack["crop_top_left"]).tolist()
     return scores
+
+
+def score_images(reward, source, mask, edited):
+    """The score of one result given as PIL images (source, mask, edited), centre-cropped at the
+    discriminator's resolution as the scored data is."""
+    from .img_util import crop_params
+
+    sample = crop_sample({"source": source, "mask": mask, "GT": edited}, crop_params(source.size, reward.resolution))
+    b = stack_samples([sample])
+    return reward.score_pixels(b["source"], b["mask"], b["GT"], b["original_size"], b["crop_top_left"]).item()
 
 
 def load_reward_model(pretrained_model, discriminator_path, resolution=512, device="cpu", dtype=torch.float32, variant=None,

@@ -621,6 +621,7 @@ def main():
         "evaluate_RORem.py", "--meta_path", held_meta, "--output_dir", eval_dir, "--pretrained_model", model_dir, "--base_unet", unet,
         "--resolution", "32", "--inference_steps", str(args.eval_steps), "--strength", "1.0", "--batch_size", "16",
         "--seed", str(args.seed), "--discriminator_path", disc_dir, "--num_grid_inputs", "8",
+        "--no-fetch_weights",  # 32 px toy images: ImageNet networks would measure nothing; and the demo runs offline
         *[a for name, spec in systems for a in ("--system", f"{name}={spec}")]]))
     with open(f"{eval_dir}/results.json") as f:
         evaluation = json.load(f)

@@ -231,3 +231,81 @@ def test_metric_networks_go_to_the_evaluation_device_and_take_chunks():
     images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
     targets = images[1:] + images[:1]
     assert em.clip_similarity(clip, images, targets, batch_size=2) == pytest.approx(em.clip_similarity(clip, images, targets, 5), abs=1e-5)
+
+
+def _three_results(tmp_path, toy_meta):
+    from myutils.data import read_meta
+
+    folder = tmp_path / "res"
+    os.makedirs(folder)
+    for i, e in enumerate(read_meta(toy_meta, "triplet")[:3]):
+        Image.open(e.paths["GT"]).save(folder / f"{i:05d}.png")
+    return ["--meta_path", toy_meta, "--limit", "3", "--resolution", "32", "--system", f"mine=results:{folder}", "--fetch_weights"]
+
+
+def test_metrics_fetch_each_librarys_standard_weights(tmp_path, toy_meta, monkeypatch):
+    """Without weight files the metrics ask each library for its own standard weights: pytorch-fid's FID
+    Inception URL, torchvision's AlexNet URL (LPIPS), open_clip's LAION-2B tag (CLIP). The downloads
+    are answered here with random weights of the right shapes (no network); the metrics then exist
+    and are not marked as stand-ins (they came through the standard path)."""
+    import open_clip
+    import pytorch_fid.inception as pi
+    import torchvision
+    import torchvision.models._api as tv_api
+
+    asked = []
+
+    def fid_download(url, **kw):
+        asked.append(url)
+        return pi._inception_v3(num_classes=1008, aux_logits=False, weights=None).state_dict()
+
+    def tv_download(url, **kw):
+        asked.append(url)
+        return torchvision.models.alexnet(weights=None).state_dict()
+
+    real_clip = open_clip.create_model_and_transforms
+
+    def clip(name, pretrained=None, **kw):
+        asked.append(f"open_clip:{name}:{pretrained}")
+        return real_clip(name, pretrained=None, **kw)
+
+    monkeypatch.setattr(pi, "load_state_dict_from_url", fid_download)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", tv_download)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", clip)
+    summary = ev.main(_three_results(tmp_path, toy_meta) + ["--output_dir", str(tmp_path / "eval")])
+    assert asked[0] == pi.FID_WEIGHTS_URL and "alexnet" in asked[1] and asked[2] == "open_clip:ViT-B-32:laion2b_s34b_b79k"
+    row = summary["systems"][0]
+    assert row["fid"] == pytest.approx(0.0, abs=1e-3) and row["lpips_in_mask"] == 0.0
+    assert row["clip_similarity"] == pytest.approx(1.0, abs=1e-5) and summary["stand_ins"] == []
+
+
+def test_offline_metrics_say_why_and_which_argument(tmp_path, toy_meta, monkeypatch, capsys):
+    import urllib.error
+
+    import open_clip
+    import pytorch_fid.inception as pi
+    import torchvision.models._api as tv_api
+
+    def offline(url, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    def clip_offline(*a, **k):
+        raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b79k'")
+
+    monkeypatch.setattr(pi, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", clip_offline)
+    out = tmp_path / "eval"
+    summary = ev.main(_three_results(tmp_path, toy_meta) + ["--output_dir", str(out)])
+    assert summary["systems"][0]["masked_mse"] == 0.0 and "fid" not in summary["systems"][0]  # the run went on
+    table = open(out / "results.md").read()
+    assert ("unavailable (could not fetch pytorch-fid's FID Inception weights (URLError: <urlopen error [Errno -2] Name or "
+            "service not known>); or give --inception_weights)") in table
+    assert "unavailable (could not fetch torchvision's AlexNet weights (LPIPS) (URLError" in table
+    assert "unavailable (could not fetch open_clip's ViT-B-32 weights (RuntimeError: Failed to download" in table
+    unavailable = json.load(open(out / "results.json"))["unavailable"]
+    assert unavailable["fid"].startswith("could not fetch") and unavailable["fid"].endswith("or give --inception_weights")
+    assert "warning: fid unavailable: could not fetch" in capsys.readouterr().out
+    # HF_HUB_OFFLINE=1 (as here, tests) means no fetching: the metric names its argument only
+    args = ev.parse_args(["--meta_path", toy_meta, "--output_dir", str(out), "--system", "x=results:" + str(out)])
+    assert args.fetch_weights is False

@@ -49,6 +49,8 @@ TINY = {
     "bench_data_check.py": ["--entries", "400", "--pool", "4", "--sample", "40", "--resolution", "64"],
     "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
     "convert_lora.py": [],
+    "annotate_RORem.py": [],
+    "app_RORem.py": ["--resolution", "32", "--inference_steps", "2"],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",
                        "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json",  # the tiny models'
                        "--flux_config", "black-forest-labs/FLUX.1-Fill-dev/transformer/config.json",
@@ -352,8 +354,40 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
     elif name == "plan_memory.py":
         rows, _ = result
         assert rows and all(r["total"] > r["weights"] and r["tflop"] > 0 for r in rows)
+    elif name == "annotate_RORem.py" and "--report" in args:
+        assert re.search(r"^alice: \d+ labels$", out, re.M) and "alice vs the discriminator" not in out  # no discriminator scores here
+    elif name == "annotate_RORem.py":
+        _annotate_everything(box, args, *result)
+    elif name == "app_RORem.py":
+        from app_RORem import FOUR
+
+        remover, _ = result
+        image = _image(box / "photo.jpg")
+        removed, path, score = remover.remove(image, _image(box / "mask.png"), FOUR, 0)
+        assert removed.size == image.size and os.path.isfile(path) and score is not None
     else:
         raise AssertionError(f"no check of what {name} produces")
+
+
+def _annotate_everything(box, args, labels, app):
+    """An annotator at work through the page's API: every item labelled (pairs by their recorded
+    reward, results alternately good and bad); the file the README names then holds every label."""
+    from fastapi.testclient import TestClient
+
+    client, who = TestClient(app), _value(args, "--annotator")
+    state = client.get("/api/state", params={"annotator": who}).json()
+    while state["item"]:
+        item = labels.items[state["item"]["key"]]
+        label = (("a" if item["reward_a"] >= item["reward_b"] else "b") if labels.mode == "pairs"
+                 else ("good", "bad")[state["item"]["index"] % 2])
+        nxt = client.post("/api/label", json={"annotator": who, "index": state["item"]["index"], "label": label}).json()["next"]
+        state = client.get("/api/state", params={"annotator": who, **({"index": nxt} if nxt is not None else {"after": 0})}).json()
+    if labels.mode == "pairs":
+        doc = _json(box / _value(args, "--pairs_path") / f"pairs-{who}.json")
+        assert doc["pairs"] and all(p["label"] in ("a", "b") for p in doc["pairs"])
+    else:
+        scored = _json(os.path.join(labels.output_dir, who, "meta.json"))
+        assert len(scored) == len(labels.keys) and [e["score"] for e in scored[:2]] == [1, 0]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-{_id(c)}" for i, c in enumerate(COMMANDS)])
@@ -391,8 +425,20 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
         for p in doc["pairs"]:
             p["label"] = p["label"] or ("a" if p["reward_a"] >= p["reward_b"] else "b")
         path.write_text(json.dumps(doc))
+    served = {}  # the apps: built as the command says; the server is not started (a person would use it, here the check does)
+    if name == "annotate_RORem.py":
+        import uvicorn
+
+        monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    elif name == "app_RORem.py":
+        import gradio
+
+        monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kw: served.update(app=self, **kw))
     capsys.readouterr()
     result = _run_in_process(script, args, sandbox, monkeypatch, run_script)
+    if served:
+        assert served.get("host", served.get("server_name")) == "127.0.0.1"
+        result = (result, served["app"])
     check_products(name, args, sandbox, result, capsys.readouterr().out, monkeypatch=monkeypatch, run_script=run_script)
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-flow demo-morl test install clean-demo
+.PHONY: demo demo-flow demo-morl demo-rounds test install clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo-flow: $(STAMP)  # only the flow-matching RL part (make demo runs it too)
 
 demo-morl: $(STAMP)  # only the multi-objective RL part and what it needs (make demo runs it too)
 	$(BIN)/python scripts/demo.py --work_dir .demo --part morl
+
+demo-rounds: $(STAMP)  # two rounds of the data loop with a simulated annotator (and what they need)
+	$(BIN)/python scripts/demo.py --work_dir .demo --part rounds
 
 clean-demo:
 	rm -rf .demo

@@ -75,7 +75,7 @@ class Labels:
             root = os.path.dirname(os.path.abspath(path))
             entries = read_meta(path, "triplet")
             dropped = ("score", "annotator", "annotated_at")  # replaced by this annotation
-            self.keys = [os.path.relpath(e.paths["GT"], root) for e in entries]
+            self.keys = [ann.result_key(e.paths["GT"], root) for e in entries]
             self.items = {k: {**{x: v for x, v in e.extra.items() if x not in dropped}, **e.paths}
                           for k, e in zip(self.keys, entries)}
             self.images = {k: [("source", e.paths["source"]), ("mask", e.paths["mask"]), ("result", e.paths["GT"])]

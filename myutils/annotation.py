@@ -83,6 +83,29 @@ def read_all_journals(output_dir):
     return found
 
 
+def result_key(result_path, meta_dir):
+    """How a score-mode item is named in journals: its result's path relative to the meta.json's folder
+    (stays valid when the whole folder moves)."""
+    return os.path.relpath(os.path.abspath(result_path), os.path.abspath(meta_dir))
+
+
+def consensus(journals, keys):
+    """{key: 1 good / 0 bad} for items the annotators' good/bad labels settle by majority (skips do not
+    count; a tie settles nothing), and {key: number of good/bad labels} for every key."""
+    votes = {k: [SCORE_LABELS[labels[k]["label"]] for labels in journals.values()
+                 if k in labels and SCORE_LABELS.get(labels[k]["label"]) is not None] for k in keys}
+    settled = {k: int(sum(v) * 2 > len(v)) for k, v in votes.items() if v and sum(v) * 2 != len(v)}
+    return settled, {k: len(v) for k, v in votes.items()}
+
+
+def gt_label(error, border_fill_error, good_fraction=0.5, good_floor=0.02):
+    """A simulated annotator's verdict from the known answer: good (1) when the result's masked error
+    against GT is below `good_fraction` of the border fill's on the same input (not clearly better than
+    the trivial fill is not a good removal), or below `good_floor` ([-1, 1] pixel units: where the fill
+    is nearly perfect)."""
+    return int(error < max(good_fraction * border_fill_error, good_floor))
+
+
 def scored_entries(items, labels):
     """The scored meta.json entries of the labelled items (skips left out): each item's own keys
     (absolute image paths, anything it carried, such as discriminator_score), score 0/1, annotator

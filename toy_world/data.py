@@ -175,6 +175,7 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_fract
     pixel units; where the fill is nearly perfect, e.g. a hole inside one flat region), else 0. One
     absolute threshold cannot serve every background family: the fill's error is 0.018 on the smooth
     family and 0.16-0.26 on the structured ones."""
+    from myutils.annotation import gt_label
     from myutils.img_util import load_image
     from myutils.metrics import border_fill, masked_mse
 
@@ -204,7 +205,7 @@ def write_scored_toy_dataset(toy_meta, out_dir, seed=0, results=None, good_fract
             res = outputs.get((name, os.path.normpath(paths["source"])))
             if res and os.path.isfile(res):
                 err = masked_mse(load_image(res), images["GT"], images["mask"])
-                meta.append({**base, "GT": res, "score": int(err < max(good_fraction * fill_err, good_floor)), "kind": name,
+                meta.append({**base, "GT": res, "score": gt_label(err, fill_err, good_fraction, good_floor), "kind": name,
                              "masked_mse": err, "border_fill_masked_mse": fill_err})
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

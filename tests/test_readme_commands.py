@@ -50,6 +50,7 @@ TINY = {
     "bench_lcm.py": ["--resolution", "32", "--batch", "2", "--many_steps", "3", "--images", "2", "--steps", "1", "2"],
     "convert_lora.py": [],
     "annotate_RORem.py": [],
+    "data_round.py": ["--resolution", "32", "--inference_steps", "2"],
     "app_RORem.py": ["--resolution", "32", "--inference_steps", "2"],
     "plan_memory.py": ["--resolutions", "64", "--unet_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/unet/config.json",
                        "--vae_config", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1/vae/config.json",  # the tiny models'
@@ -358,6 +359,12 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         assert re.search(r"^alice: \d+ labels$", out, re.M) and "alice vs the discriminator" not in out  # no discriminator scores here
     elif name == "annotate_RORem.py":
         _annotate_everything(box, args, *result)
+    elif name == "data_round.py" and "waiting" in result:  # the round stops for people: the annotation set is written
+        assert len(_json(box / _value(args, "--round_dir") / "annotate" / "meta.json")) == result["waiting"] > 0
+    elif name == "data_round.py":  # the same command after the annotation: the next training data and the report
+        rd = box / _value(args, "--round_dir")
+        assert len(_json(rd / "train" / "meta.json")) == result["train_entries"] == len(_json(box / "data/meta.json")) + result["kept"]
+        assert result["annotators"] == {"alice": result["to_annotation"]} and (rd / "report.md").is_file()
     elif name == "app_RORem.py":
         from app_RORem import FOUR
 
@@ -387,7 +394,7 @@ def _annotate_everything(box, args, labels, app):
         assert doc["pairs"] and all(p["label"] in ("a", "b") for p in doc["pairs"])
     else:
         scored = _json(os.path.join(labels.output_dir, who, "meta.json"))
-        assert len(scored) == len(labels.keys) and [e["score"] for e in scored[:2]] == [1, 0]
+        assert len(scored) == len(labels.keys) and [e["score"] for e in scored] == [1 - n % 2 for n in range(len(scored))]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-{_id(c)}" for i, c in enumerate(COMMANDS)])

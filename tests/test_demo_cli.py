@@ -180,3 +180,27 @@ def test_a_work_dir_holds_one_choice_of_backgrounds(tmp_path):
     demo.check_backgrounds(str(old), ["smooth"])
     with pytest.raises(SystemExit, match="holds a demo on the smooth backgrounds"):
         demo.check_backgrounds(str(old), ["two_tone"])
+
+
+def test_rounds_section_on_hand_made_rounds(tmp_path):
+    """make demo-rounds' report: each remover against the start and the rounds' data against the steps
+    alone, paired, and the per-round figures of the round reports."""
+    from types import SimpleNamespace
+
+    demo = _demo_module()
+    w = tmp_path
+    for r in (1, 2):  # every stage's output exists: nothing runs
+        for path in (f"rounds/inputs{r}/meta.json", f"rounds/remover{r}/unet/config.json", f"rounds/steps{r}/unet/config.json"):
+            _write(w / path, {})
+        _write(w / f"rounds/r{r}/report.json", {"true_success_rate": 0.25 * r, "discriminator_success_rate": 0.3, "success_rate": 0.4,
+                                                 "kept_precision": 0.5, "audit_agreement": None, "train_entries": 100 * r})
+    mse = {"start": [0.3, 0.3, 0.3], "after round 1": [0.2, 0.3, 0.25], "round 1: the same steps, original data": [0.3] * 3,
+           "after round 2": [0.2, 0.2, 0.2], "round 2: the same steps, original data": [0.1, 0.1, 0.1]}
+    _write(w / "rounds/evaluation/results.json", {"per_input": {k: {"masked_mse": v} for k, v in mse.items()}})
+    args = SimpleNamespace(round_inputs=400, round_steps=200, eval_steps=20, backgrounds=["grid"], seed=0)
+    lines = demo.rounds_part(str(w), "model", str(w / "remover"), "disc", "train.json", "held.json", args)
+    text = "\n".join(lines)
+    assert "| round 2 data + steps | rounds 1-2's kept results | masked MSE | 0.3000 | 0.2000 | -0.1000 [-0.1000, -0.1000] | better |" in text
+    assert "| the rounds' data vs the steps alone | kept results | masked MSE | 0.1000 | 0.2000 | +0.1000 [+0.1000, +0.1000] | worse |" in text
+    assert "| success rate, known answer (the remover of the round) | 25.0% | 50.0% |" in text
+    assert "| people vs discriminator on the audit | - | - |" in text and "| training entries after the round | 100 | 200 |" in text

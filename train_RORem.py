@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from myutils.args import FRACTION
 from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
-from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
-from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
+from myutils.sdxl_inpaint import noised_inputs
 from training import adapters, checkpoint, config, loop, prepare, validation
 
 
@@ -34,25 +33,8 @@ def parse_args(argv=None):
 
 def diffusion_loss(unet, comps, batch, resolution, seed):
     """Noise the target latents, predict from the 9-channel input, MSE against noise or velocity."""
-    sched, vae = comps.noise_scheduler, comps.vae
-    if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
-        batch = {**batch, **batch_latent_params(vae, batch, ["GT", "masked"])}
-    gens = sample_generators(batch, seed)  # per-sample: same on any number of ranks
-    latents = sample_latents(batch["params:GT"], vae.config, gens)
-    masked_latents = sample_latents(batch["params:masked"], vae.config, gens)
-    noise = randn_per_sample(gens, latents.shape[1:], latents.device)
-    t = randint_per_sample(gens, sched.config.num_train_timesteps, latents.device)
-    noisy = sched.add_noise(latents, noise, t)
-    dtype = comps.condition.prompt_embeds.dtype
-    pred = unet(unet_input(noisy, batch["mask_latent"], masked_latents).to(dtype), t,
-                **comps.condition.unet_kwargs(batch["original_size"], batch["crop_top_left"], (resolution, resolution))).sample
-    if sched.config.prediction_type == "epsilon":
-        target = noise
-    elif sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    else:
-        raise UserError(f"prediction type {sched.config.prediction_type!r} is not supported (epsilon or v_prediction)")
-    return F.mse_loss(pred.float(), target.float())
+    x, t, target, kw = noised_inputs(comps.noise_scheduler, comps.vae, comps.condition, batch, resolution, seed)
+    return F.mse_loss(unet(x, t, **kw).sample.float(), target.float())
 
 
 def main(argv=None):

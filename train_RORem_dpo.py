@@ -17,19 +17,14 @@ and converts it (beta_mean = beta_sum * C * H * W of the latents).
 """
 import argparse
 import copy
-import contextlib
-
-import torch
 
 from myutils.args import NONNEGATIVE, POSITIVE_REAL
-from myutils.data import stack_samples, to_device
-from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, per_sample_error, sft_loss
+from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
 from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
-from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
-from myutils.sdxl_inpaint import batch_latent_params, sample_latents, unet_input
 from training import adapters, checkpoint, config, loop, prepare, validation
+from training.preference import pair_inputs, preference_accuracy, reference_model, reference_prediction
 
 
 def parse_args(argv=None):
@@ -50,69 +45,6 @@ def parse_args(argv=None):
         raise UserError(f"--beta_schedule {args.beta_schedule} and --beta_end {args.beta_end}: a linear or cosine schedule needs "
                         "--beta_end, and --beta_end needs one")
     return args
-
-
-def pair_inputs(comps, batch, resolution, seed, timestep=None):
-    """The stacked [preferred..., rejected...] UNet input, timesteps, target and conditioning, with
-    the same noise and timestep for both halves of each pair (a fixed `timestep` for evaluation)."""
-    sched, vae = comps.noise_scheduler, comps.vae
-    if "params:masked" not in batch:
-        batch = {**batch, **batch_latent_params(vae, batch, ["preferred", "rejected", "masked"])}
-    gens = sample_generators(batch, seed)
-    lat_w = sample_latents(batch["params:preferred"], vae.config, gens)
-    lat_l = sample_latents(batch["params:rejected"], vae.config, gens)
-    masked = sample_latents(batch["params:masked"], vae.config, gens)
-    noise = randn_per_sample(gens, lat_w.shape[1:], lat_w.device)
-    t = randint_per_sample(gens, sched.config.num_train_timesteps, lat_w.device)
-    if timestep is not None:
-        t = torch.full_like(t, timestep)
-    latents, noise, t = torch.cat([lat_w, lat_l]), torch.cat([noise, noise]), torch.cat([t, t])
-    x = unet_input(sched.add_noise(latents, noise, t), batch["mask_latent"].repeat(2, 1, 1, 1), masked.repeat(2, 1, 1, 1))
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    kw = comps.condition.unet_kwargs(batch["original_size"].repeat(2, 1), batch["crop_top_left"].repeat(2, 1), (resolution, resolution))
-    return x.to(comps.condition.prompt_embeds.dtype), t, target, kw
-
-
-@contextlib.contextmanager
-def reference_model(unet, ref_unet):
-    """The reference policy: the frozen copy, or the LoRA model with its adapters switched off."""
-    if ref_unet is not None:
-        yield ref_unet
-    else:
-        with adapters.disabled(unet):
-            yield unet
-
-
-@torch.no_grad()
-def reference_prediction(unet, ref_unet, x, t, kw):
-    with reference_model(unet, ref_unet) as ref:
-        return ref(x, t, **kw).sample
-
-
-EVAL_SEEDS, EVAL_TIMESTEPS = (0, 1), (100, 300, 500, 700, 900)
-
-
-@torch.no_grad()
-def preference_accuracy(unet, ref_unet, comps, samples, resolution, chunk=8):
-    """Held-out preference accuracy: per pair, the DPO margin -((err_w - err_l) - (ref_err_w - ref_err_l))
-    averaged over fixed noises and timesteps; the fraction of pairs where it is positive (ties half).
-    0.5 when the policy equals the reference. `chunk` pairs at a time, each image encoded once."""
-    margin = []
-    for i in range(0, len(samples), chunk):
-        batch = to_device(stack_samples(samples[i:i + chunk], ("source", "mask", "preferred", "rejected", "original_size",
-                                                              "crop_top_left", "index", "epoch")), comps.vae.device)
-        batch.update(batch_latent_params(comps.vae, batch, ["preferred", "rejected", "masked"]))  # once, for every noise
-        m = torch.zeros(len(batch["index"]))
-        for seed in EVAL_SEEDS:
-            for timestep in EVAL_TIMESTEPS:
-                x, t, target, kw = pair_inputs(comps, batch, resolution, seed, timestep)
-                err = per_sample_error(unet(x, t, **kw).sample, target)
-                ref = per_sample_error(reference_prediction(unet, ref_unet, x, t, kw), target)
-                (w, l_), (rw, rl) = err.chunk(2), ref.chunk(2)
-                m += (-((w - l_) - (rw - rl))).cpu()
-        margin.append(m)
-    margin = torch.cat(margin)
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
 def main(argv=None):
@@ -159,7 +91,7 @@ def main(argv=None):
                 return validation.sample_validation(accelerator, args, comps, ref, val_samples)
 
         metrics.update(validation.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
-                                                 reward, reference))
+                                                 reward, reference, mse_key="preferred"))
         model.train()
         validation.log_validation(accelerator, metrics, step)
         return metrics

@@ -1,4 +1,5 @@
-"""Diffusion-DPO (Wallace et al. 2023) for object removal: the loss, its metrics, beta units and schedules.
+"""Diffusion-DPO (Wallace et al. 2023) for object removal: the loss, its metrics, beta units and schedules;
+and Diffusion-KTO (Li et al. 2024), the same implicit reward on single results labelled good or bad.
 
 A batch stacks the pairs as [preferred_1..B, rejected_1..B], all four predictions made with the
 same noise and timestep for both halves of a pair. Per-sample denoising error:
@@ -73,3 +74,44 @@ def beta_at(step, max_steps, beta, beta_end=None, schedule="constant"):
     """Beta at an optimizer step: constant, or moving from `beta` (step 0) to `beta_end`
     (max_steps) linearly or along a half cosine; a rising schedule is a warm-up, a falling one an anneal."""
     return value_at(step, max_steps, beta, beta_end, schedule)
+
+
+# ----------------------------------------------------------------------------- Diffusion-KTO
+
+def kto_class_weights(n_desirable, n_undesirable):
+    """(lambda_D, lambda_U) so that lambda_D * n_D == lambda_U * n_U, the larger class at weight 1: the
+    KTO paper's balance (it recommends lambda_D n_D / (lambda_U n_U) in [1, 4/3]; 1 here)."""
+    if n_desirable <= 0 or n_undesirable <= 0:
+        raise ValueError(f"KTO needs desirable and undesirable samples (got {n_desirable} and {n_undesirable})")
+    if n_desirable >= n_undesirable:
+        return n_undesirable / n_desirable, 1.0
+    return 1.0, n_desirable / n_undesirable
+
+
+def diffusion_kto_loss(model_pred, ref_pred, target, labels, beta, lambda_desirable=1.0, lambda_undesirable=1.0,
+                       reduce_mean=None):
+    """(loss, metrics) of Diffusion-KTO (Li et al. 2024) on a batch of single results, policy and
+    reference predicting at the same noise and timestep per sample.
+
+        r     = ref_err - err                        the implicit reward (err: mean squared error per sample)
+        z     = max(0, mean of r over the batch)     the reference point, detached; reduce_mean (e.g. the
+                                                     mean over every rank) turns the local mean into the global one
+        loss  = lambda_D (1 - sigmoid(beta (r - z)))  for a desirable result (label 1)
+                lambda_U (1 - sigmoid(beta (z - r)))  for an undesirable one (label 0)
+    averaged over the batch. labels: (B,) in {0, 1}."""
+    err = per_sample_error(model_pred, target)
+    with torch.no_grad():
+        ref_err = per_sample_error(ref_pred, target)
+    reward = ref_err - err
+    z = reward.detach().mean()
+    z = (reduce_mean(z) if reduce_mean is not None else z).detach().clamp(min=0)
+    sign = 2 * labels.to(reward.dtype) - 1
+    desirable = labels >= 0.5
+    weight = torch.where(desirable, torch.full_like(reward, lambda_desirable), torch.full_like(reward, lambda_undesirable))
+    losses = weight * (1 - torch.sigmoid(sign * beta * (reward - z)))
+    with torch.no_grad():
+        metrics = {"reference_point": z.item(), "implicit_accuracy": ((sign * (reward - z)) > 0).float().mean().item(),
+                   "reward_desirable": reward[desirable].mean().item() if desirable.any() else float("nan"),
+                   "reward_undesirable": reward[~desirable].mean().item() if (~desirable).any() else float("nan"),
+                   "mse": err.mean().item(), "ref_mse": ref_err.mean().item()}
+    return losses.mean(), metrics

@@ -148,3 +148,29 @@ def batch_latent_params(vae, batch, keys):
         out[f"params:{k}"] = vae_latent_params(vae, pixels)
     out["mask_latent"] = downsample_mask(batch["mask"].float(), out[f"params:{keys[0]}"].shape[-2:])
     return out
+
+
+def noised_inputs(noise_scheduler, vae, condition, batch, resolution, seed, key="GT"):
+    """The training input of one denoising step for batch[key]'s image: its latents (drawn from the
+    VAE posterior) noised at a random timestep, as the 9-channel UNet input; the timesteps, the target
+    (noise, or velocity for v-prediction) and the UNet's conditioning. Noise, timestep and latent draws
+    come from per-sample generators, so a sample gets the same ones on any number of ranks."""
+    from .errors import UserError
+    from .rng import randint_per_sample, sample_generators
+
+    if "params:masked" not in batch:  # pixels: encode now (with --cache_latents they come from disk)
+        batch = {**batch, **batch_latent_params(vae, batch, [key, "masked"])}
+    gens = sample_generators(batch, seed)
+    latents = sample_latents(batch[f"params:{key}"], vae.config, gens)
+    masked_latents = sample_latents(batch["params:masked"], vae.config, gens)
+    noise = randn_per_sample(gens, latents.shape[1:], latents.device)
+    t = randint_per_sample(gens, noise_scheduler.config.num_train_timesteps, latents.device)
+    x = unet_input(noise_scheduler.add_noise(latents, noise, t), batch["mask_latent"], masked_latents)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        raise UserError(f"prediction type {noise_scheduler.config.prediction_type!r} is not supported (epsilon or v_prediction)")
+    kw = condition.unet_kwargs(batch["original_size"], batch["crop_top_left"], (resolution, resolution))
+    return x.to(condition.prompt_embeds.dtype), t, target, kw

@@ -176,6 +176,7 @@ def win_of(evaluation, a, b):
 # the evaluated systems, by the name each has in the evaluation and the report
 SYSTEMS = {"fill": "border fill (classical)", "untrained": "untrained remover", "teacher": "trained remover (teacher)",
            "dpo_gt": "DPO, GT-judged pairs", "dpo": "DPO, discriminator-judged pairs",
+           "kto": "KTO, scored results", "dpo_natural": "DPO, natural pairs of the scored results",
            "rl_gt": "GRPO, GT reward", "ppo_gt": "PPO, GT reward", "rl": "GRPO, discriminator reward",
            "lcm_undistilled": "trained remover, 4 LCM steps, not distilled", "lcm": "LCM student, 4 steps",
            "lcm_labels": "LCM student weighted by labels, 4 steps",
@@ -183,6 +184,8 @@ SYSTEMS = {"fill": "border fill (classical)", "untrained": "untrained remover", 
 # (method, its signal, the system it is, the system it starts from) for the evaluation's systems
 KNOWN_ANSWER = [("supervised remover vs the border fill", "GT (training triplets)", "teacher", "fill"),
                 ("DPO", "candidate pairs judged against GT", "dpo_gt", "teacher"),
+                ("KTO", "the scored results' GT-based 0/1 labels", "kto", "teacher"),
+                ("DPO", "natural pairs of the same scored results", "dpo_natural", "teacher"),
                 ("GRPO", "reward: minus the masked error against GT", "rl_gt", "teacher"),
                 ("PPO", "reward: minus the masked error against GT", "ppo_gt", "teacher"),
                 ("label-weighted LCM vs plain LCM", "each target's GT-based label", "lcm_labels", "lcm")]
@@ -622,6 +625,20 @@ def main():
         stage("PPO (GT reward)", f"{w}/ppo_gt/final_metrics.json", lambda: run([
             *rl_common, "--reward", "gt=1", "--algorithm", "ppo", "--stat_min_count", "4", "--num_inner_epochs", "2",
             "--output_dir", f"{w}/ppo_gt"]))
+        # Diffusion-KTO on the scored results themselves (0/1 labels from the known answer, no pairs), and
+        # beside it DPO on the natural pairs of the same results (each good one against each bad one of
+        # its input): the two preference methods on one data set, from the same start and seeds
+        stage("KTO", f"{w}/kto/final_metrics.json", lambda: run([
+            "train_RORem_kto.py", "--config", "configs/toy_kto.yaml", "--pretrained_model_name_or_path", model_dir,
+            "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", scored_train, "--output_dir", f"{w}/kto",
+            "--max_train_steps", str(args.dpo_steps), "--validation_steps", "0", "--seed", str(args.seed)]))
+        stage("natural pairs", f"{w}/pairs/natural/meta.json", lambda: run([
+            "scripts/build_preference_pairs.py", "--scored_meta_path", scored_train, "--output_dir", f"{w}/pairs/natural"]))
+        stage("DPO (natural pairs)", f"{w}/dpo_natural/final_metrics.json", lambda: run([
+            "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
+            "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{w}/pairs/natural/meta.json",
+            "--output_dir", f"{w}/dpo_natural", "--max_train_steps", str(args.dpo_steps), "--validation_steps", "0",
+            "--seed", str(args.seed)]))
         return morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args)
 
     morl_lines = pool.submit(in_lane, known_answer_rl_and_morl) if parallel else None
@@ -678,6 +695,7 @@ def main():
     unet = f"{remover_dir}/unet"
     systems = [(SYSTEMS["fill"], f"results:{fill_dir}"), (SYSTEMS["untrained"], "base"), (SYSTEMS["teacher"], f"unet:{unet}"),
                (SYSTEMS["dpo_gt"], f"lora:{w}/dpo_gt"), (SYSTEMS["dpo"], f"lora:{w}/dpo"),
+               (SYSTEMS["kto"], f"lora:{w}/kto"), (SYSTEMS["dpo_natural"], f"lora:{w}/dpo_natural"),
                (SYSTEMS["rl_gt"], f"lora:{w}/rl_gt"), (SYSTEMS["ppo_gt"], f"lora:{w}/ppo_gt"), (SYSTEMS["rl"], f"lora:{w}/rl"),
                (SYSTEMS["lcm_undistilled"], f"unet:{unet},steps=4,strength=1,scheduler=lcm"), (SYSTEMS["lcm"], f"lcm:{w}/lcm"),
                (SYSTEMS["lcm_labels"], f"lcm:{w}/lcm_labels"), (SYSTEMS["lcm_rewarded"], f"lcm:{w}/lcm_rewarded")]

@@ -63,6 +63,27 @@ def test_dpo_policy_and_reference(tiny_model_dir, pair_meta, tmp_path):
         on_cuda(x, t, target, pred, ref)  # (the loss reads its metrics with .item(), which fake tensors cannot)
 
 
+def test_kto_policy_reference_and_labels(tiny_model_dir, toy_meta, tmp_path):
+    import train_RORem_kto
+    from myutils.sdxl_inpaint import noised_inputs
+    from training.preference import reference_prediction
+
+    scored = tmp_path / "scored.json"
+    root = os.path.dirname(toy_meta)
+    scored.write_text(json.dumps([{**{k: os.path.join(root, v) for k, v in e.items()}, "score": i % 2}
+                                  for i, e in enumerate(json.load(open(toy_meta)))]))
+    args = train_RORem_kto.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--meta_path", str(scored), "--use_lora"])
+    with fake_cuda():
+        comps = prepare.Components(args, fake_accelerator(), torch.bfloat16)
+        adapters.add_lora(comps.unet, args, torch.bfloat16)
+        comps.unet.to(CUDA)
+        batch = to_device(_batch(str(scored), "scored"), CUDA)
+        x, t, target, kw = noised_inputs(comps.noise_scheduler, comps.vae, comps.condition, batch, 32, args.seed)
+        pred = comps.unet(x, t, **kw).sample
+        ref = reference_prediction(comps.unet, None, x, t, kw)
+        on_cuda(x, t, target, pred, ref, (batch["score"] >= 0.5).to(pred.device))  # the labels the loss takes
+
+
 def test_lcm_student_teacher_target_and_reward(tiny_model_dir, toy_meta, disc_dir, tmp_path):
     from myutils.lcm_utils import DDIMSolver
     from myutils.reward_utils import load_reward_model

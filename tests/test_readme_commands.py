@@ -34,6 +34,8 @@ TINY = {
     "train_RORem_discriminator.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_dpo.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--win_rate_samples", "2",
                            "--num_validation_images", "2", "--validation_steps", "1"],
+    "train_RORem_kto.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--win_rate_samples", "2",
+                           "--num_validation_images", "2", "--validation_steps", "1"],
     "train_RORem_lcm.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_lcm_rewarded.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_ddpo.py": _RL,
@@ -297,6 +299,12 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         metrics = _json(folder / "final_metrics.json")["metrics"]
         assert {"val_preference_accuracy", "val_win_rate", "val_win_rate_low", "val_win_rate_high"} <= set(metrics)
         _lora_trained(folder)
+        _lora_changes_the_unet(box, folder)
+    elif name == "train_RORem_kto.py":  # the README: a LoRA of the config's rank 8, validated as DPO is
+        folder = box / _value(args, "--output_dir")
+        metrics = _json(folder / "final_metrics.json")["metrics"]
+        assert {"val_preference_accuracy", "val_masked_mse", "val_win_rate", "val_win_rate_low"} <= set(metrics)
+        _lora_trained(folder, rank=8)
         _lora_changes_the_unet(box, folder)
     elif name in ("sweep_dpo.py", "sweep_lcm.py"):
         root = box / _value(args, "--output_root")

@@ -1,0 +1,143 @@
+"""Diffusion-KTO: the loss against hand values and against the official implementation's steps
+(jacklishufan/diffusion-kto, train_kto_sd_v1.5.py, written out independently below), the class
+weights, and train_RORem_kto.py: a LoRA that trains, resume equal to a straight run, two ranks equal
+to one (the reference point is the mean over both ranks), its validation and its errors."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_RORem_kto as tkto
+from myutils.dpo_utils import diffusion_kto_loss, kto_class_weights
+from myutils.errors import UserError
+from training import checkpoint
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_loss_by_hand():
+    target = torch.zeros(2, 1)
+    labels = torch.tensor([1, 0])
+    # errors 0.25 and 1.0, reference errors 1.0 and 0.25: rewards +0.75 and -0.75, mean 0 -> z = 0;
+    # both terms 1 - sigmoid(2 * 0.75)
+    loss, m = diffusion_kto_loss(torch.tensor([[0.5], [1.0]]), torch.tensor([[1.0], [0.5]]), target, labels, beta=2.0)
+    assert loss.item() == pytest.approx(1 - _sig(1.5)) and m["reference_point"] == 0.0 and m["implicit_accuracy"] == 1.0
+    loss, _ = diffusion_kto_loss(torch.tensor([[0.5], [1.0]]), torch.tensor([[1.0], [0.5]]), target, labels, beta=2.0,
+                                 lambda_desirable=2.0)
+    assert loss.item() == pytest.approx((2 * (1 - _sig(1.5)) + (1 - _sig(1.5))) / 2)
+    # rewards +0.75 and +0.25: z = 0.5; desirable 1 - sigmoid(2 * 0.25), undesirable 1 - sigmoid(2 * (0.5 - 0.25))
+    loss, m = diffusion_kto_loss(torch.tensor([[0.5], [0.5]]), torch.tensor([[1.0], [math.sqrt(0.5)]]), target, labels, beta=2.0)
+    assert m["reference_point"] == pytest.approx(0.5) and loss.item() == pytest.approx(1 - _sig(0.5))
+    # rewards -0.75 and -0.25: the mean -0.5 is clamped, z = 0
+    _, m = diffusion_kto_loss(torch.tensor([[1.0], [math.sqrt(0.5)]]), torch.tensor([[0.5], [0.5]]), target, labels, beta=2.0)
+    assert m["reference_point"] == 0.0
+    # reduce_mean replaces the local mean (several ranks): z = 0.3 here
+    _, m = diffusion_kto_loss(torch.tensor([[0.5], [1.0]]), torch.tensor([[1.0], [0.5]]), target, labels, beta=2.0,
+                              reduce_mean=lambda z: z + 0.3)
+    assert m["reference_point"] == pytest.approx(0.3)
+
+
+def test_kto_loss_equals_the_official_steps_and_pushes_the_right_way():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
+    ref, target = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    labels = torch.tensor([1, 0, 1, 1, 0, 0])
+    beta, lam_d, lam_u = 3.0, 1.5, 0.7
+    loss, _ = diffusion_kto_loss(pred, ref, target, labels, beta, lam_d, lam_u)
+    # the official training step, line by line
+    model_losses = ((pred - target) ** 2).mean(dim=[1, 2, 3])
+    ref_loss = ((ref - target) ** 2).mean(dim=[1, 2, 3])
+    g_term = -model_losses - (-ref_loss)
+    kl = g_term.mean().detach().clamp(min=0)
+    label_scale_g = (2 * labels - 1) * beta * (g_term - kl)
+    w_y = lam_d * (labels == 1) + lam_u * (labels != 1)
+    official = (w_y * (1 - torch.sigmoid(label_scale_g))).mean()
+    assert loss.item() == pytest.approx(official.item(), rel=1e-6)
+    # a step down the gradient lowers the error of the good results and raises that of the bad ones
+    loss.backward()
+    with torch.no_grad():
+        after = ((pred - 0.05 * pred.grad - target) ** 2).mean(dim=[1, 2, 3])
+    assert all(after[i] < model_losses[i] for i in (0, 2, 3)) and all(after[i] > model_losses[i] for i in (1, 4, 5))
+
+
+def test_class_weights_balance_the_classes():
+    assert kto_class_weights(30, 10) == (pytest.approx(1 / 3), 1.0)  # 30 * 1/3 == 10 * 1
+    assert kto_class_weights(10, 40) == (1.0, pytest.approx(0.25))
+    with pytest.raises(ValueError):
+        kto_class_weights(0, 5)
+
+
+@pytest.fixture(scope="module")
+def scored_meta(tmp_path_factory, toy_meta):
+    """Toy scored triplets: the true removal (1) and a deliberate failure (0) per input."""
+    from toy_world.data import write_scored_toy_dataset
+
+    return write_scored_toy_dataset(toy_meta, str(tmp_path_factory.mktemp("scored")))
+
+
+@pytest.fixture(scope="module")
+def pair_meta(tmp_path_factory, toy_meta):
+    root = os.path.dirname(toy_meta)
+    pairs = [{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+              "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])} for e in json.load(open(toy_meta))]
+    path = tmp_path_factory.mktemp("kto_pairs") / "pairs.json"
+    path.write_text(json.dumps(pairs[:4]))
+    return str(path)
+
+
+def _args(model, meta, out, *extra):
+    return ["--pretrained_model_name_or_path", model, "--meta_path", meta, "--output_dir", out, "--resolution", "32",
+            "--train_batch_size", "4", "--report_to", "none", "--checkpointing_steps", "100", "--learning_rate", "1e-3",
+            "--use_lora", "--beta", "50", *extra]
+
+
+def test_kto_trains_a_lora_validates_and_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, pair_meta, run_script, monkeypatch):
+    common = ["--random_flip", "--checkpointing_steps", "1", "--max_train_steps", "3"]
+    metrics = run_script(tkto, _args(tiny_model_dir, scored_meta, str(tmp_path / "straight"), *common, "--validation_meta_path",
+                                     pair_meta, "--validation_steps", "3", "--num_validation_images", "2"))
+    assert 0.0 <= metrics["val_preference_accuracy"] <= 1.0 and "val_masked_mse" in metrics
+    a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(accelerator, args, step, extra=None):
+        real_save(accelerator, args, step, extra)
+        raise KeyboardInterrupt
+
+    half = str(tmp_path / "resumed")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(tkto, _args(tiny_model_dir, scored_meta, half, *common))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    run_script(tkto, _args(tiny_model_dir, scored_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_kto_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, scored_meta, run_script):
+    """Two ranks x batch 2 save the LoRA of one rank x batch 4: the reference point is the mean over
+    both ranks' samples (with each rank's own mean the two runs would differ)."""
+    from test_multiprocess import _TIGHT, _lora_moved, _max_weight_diff, _saved_weights, launch_two_ranks
+
+    def args(out, batch):
+        return _args(tiny_model_dir, scored_meta, out, "--max_train_steps", "3", "--checkpointing_steps", "3", *_TIGHT) + [
+            "--train_batch_size", str(batch)]
+
+    two, one = str(tmp_path / "kto2"), str(tmp_path / "kto1")
+    res = launch_two_ranks("train_RORem_kto.py", args(two, 2), str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_script(tkto, args(one, 4))
+    a, b = _saved_weights(two, "pytorch_lora_weights.safetensors"), _saved_weights(one, "pytorch_lora_weights.safetensors")
+    assert _lora_moved(a) and _max_weight_diff(a, b) <= 1e-6
+
+
+def test_kto_needs_both_kinds_of_result(tmp_path, tiny_model_dir, scored_meta, run_script):
+    good = [e for e in json.load(open(scored_meta)) if e["score"] == 1]
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    with pytest.raises(UserError, match="KTO needs good and bad results; all 12 entries are good"):
+        run_script(tkto, _args(tiny_model_dir, str(tmp_path / "good.json"), str(tmp_path / "out"), "--max_train_steps", "1"))

@@ -24,7 +24,8 @@ from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from training import adapters, checkpoint, config, loop, prepare, validation
-from training.preference import pair_inputs, preference_accuracy, reference_model, reference_prediction
+from training import preference
+from training.preference import pair_inputs, reference_prediction
 
 
 def parse_args(argv=None):
@@ -76,25 +77,7 @@ def main(argv=None):
     latent_shape = None
 
     def validate(step):
-        """Held-out preference accuracy; policy and reference results with the same seeds, their
-        discriminator win rate; a grid (rows: source, mask, reference, policy, preferred)."""
-        if not val_samples:
-            return None
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution,
-                                                                  args.validation_batch_size)}
-        results = validation.sample_validation(accelerator, args, comps, model, val_samples)
-
-        def reference_results():
-            with reference_model(model, ref_unet) as ref:
-                return validation.sample_validation(accelerator, args, comps, ref, val_samples)
-
-        metrics.update(validation.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
-                                                 reward, reference, mse_key="preferred"))
-        model.train()
-        validation.log_validation(accelerator, metrics, step)
-        return metrics
+        return preference.validate_against_reference(accelerator, args, comps, unet, ref_unet, val_samples, reward, reference, step)
 
     global_step, final = checkpoint.resume(accelerator, args), None
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)

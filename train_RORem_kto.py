@@ -28,7 +28,8 @@ from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from myutils.sdxl_inpaint import noised_inputs
 from training import adapters, checkpoint, config, loop, prepare, validation
-from training.preference import preference_accuracy, reference_model, reference_prediction
+from training import preference
+from training.preference import reference_prediction
 
 
 def parse_args(argv=None):
@@ -85,25 +86,7 @@ def main(argv=None):
     reference = {}
 
     def validate(step):
-        """As train_RORem_dpo.py's: held-out preference accuracy, then policy and reference results with
-        the same seeds (masked MSE against the preferred image, the discriminator's win rate, a grid)."""
-        if not val_samples:
-            return None
-        model = accelerator.unwrap_model(unet)
-        model.eval()
-        metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, val_samples, args.resolution,
-                                                                  args.validation_batch_size)}
-        results = validation.sample_validation(accelerator, args, comps, model, val_samples)
-
-        def reference_results():
-            with reference_model(model, ref_unet) as ref:
-                return validation.sample_validation(accelerator, args, comps, ref, val_samples)
-
-        metrics.update(validation.compare_with_reference(accelerator, args, val_samples, results, reference_results, step, "preferred",
-                                                         reward, reference, mse_key="preferred"))
-        model.train()
-        validation.log_validation(accelerator, metrics, step)
-        return metrics
+        return preference.validate_against_reference(accelerator, args, comps, unet, ref_unet, val_samples, reward, reference, step)
 
     def global_mean(x):
         return accelerator.reduce(x.reshape(1), reduction="mean")[0]  # the reference point over every rank's batch

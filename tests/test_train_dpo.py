@@ -9,7 +9,7 @@ import torch
 
 import train_RORem_dpo as tdpo
 from myutils.errors import UserError
-from training import adapters, checkpoint, prepare
+from training import adapters, checkpoint, preference, prepare
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,9 @@ def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_
     from diffusers import UNet2DConditionModel
 
     seen, held_out = [], []
-    real_loss, real_accuracy = tdpo.diffusion_dpo_loss, tdpo.preference_accuracy
+    real_loss, real_accuracy = tdpo.diffusion_dpo_loss, preference.preference_accuracy
     monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
-    monkeypatch.setattr(tdpo, "preference_accuracy", lambda u, r, c, samples, *a: held_out.append(samples) or real_accuracy(u, r, c, samples, *a))
+    monkeypatch.setattr(preference, "preference_accuracy", lambda u, r, c, samples, *a: held_out.append(samples) or real_accuracy(u, r, c, samples, *a))
     out = str(tmp_path / "full")
     argv = _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum", "--learning_rate", "1e-2",
                  "--validation_steps", "2", "--num_validation_images", "3", "--validation_inference_steps", "2")
@@ -194,7 +194,7 @@ def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, t
     samples = [RemovalDataset(read_meta(pair_meta, "pair"), "pair", 32)[i] for i in range(6)]
     unet = comps.unet
     adapters.add_lora(unet, args, torch.float32)
-    assert tdpo.preference_accuracy(unet, None, comps, samples, 32) == 0.5  # policy == reference: all ties
+    assert preference.preference_accuracy(unet, None, comps, samples, 32) == 0.5  # policy == reference: all ties
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-3)  # 1e-2 spikes (a known DPO failure)
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
     for step in range(20):  # plain DPO steps on these pairs
@@ -203,14 +203,14 @@ def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, t
         opt.zero_grad()
         loss.backward()
         opt.step()
-    whole = tdpo.preference_accuracy(unet, None, comps, samples, 32, chunk=6)
+    whole = preference.preference_accuracy(unet, None, comps, samples, 32, chunk=6)
     assert whole > 0.5
     # in chunks of 2 pairs: the same accuracy, no UNet batch above 2 pairs (4 images), each image encoded once
     seen = {"unet": [], "encode": []}
     hooks = [unet.conv_in.register_forward_pre_hook(lambda m, i: seen["unet"].append(i[0].shape[0])),
              comps.vae.encoder.conv_in.register_forward_pre_hook(lambda m, i: seen["encode"].append(i[0].shape[0]))]
     try:
-        assert tdpo.preference_accuracy(unet, None, comps, samples, 32, chunk=2) == whole
+        assert preference.preference_accuracy(unet, None, comps, samples, 32, chunk=2) == whole
     finally:
         for h in hooks:
             h.remove()

@@ -74,3 +74,29 @@ def preference_accuracy(unet, ref_unet, comps, samples, resolution, chunk=8):
         margin.append(m)
     margin = torch.cat(margin)
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
+def validate_against_reference(accelerator, args, comps, unet, ref_unet, samples, reward, cache, step):
+    """DPO's and KTO's validation: held-out preference accuracy, then policy and reference results
+    with the same seeds (masked MSE against the preferred image, the discriminator's win rate when
+    there is one, a grid of source, mask, reference, policy, preferred). `cache` keeps the reference's
+    results and scores, the same at every validation. None without held-out samples."""
+    from . import validation
+
+    if not samples:
+        return None
+    model = accelerator.unwrap_model(unet)
+    model.eval()
+    metrics = {"val_preference_accuracy": preference_accuracy(model, ref_unet, comps, samples, args.resolution,
+                                                              args.validation_batch_size)}
+    results = validation.sample_validation(accelerator, args, comps, model, samples)
+
+    def reference_results():
+        with reference_model(model, ref_unet) as ref:
+            return validation.sample_validation(accelerator, args, comps, ref, samples)
+
+    metrics.update(validation.compare_with_reference(accelerator, args, samples, results, reference_results, step, "preferred",
+                                                     reward, cache, mse_key="preferred"))
+    model.train()
+    validation.log_validation(accelerator, metrics, step)
+    return metrics

@@ -16,15 +16,13 @@ SDXL scale). --beta_unit sum takes the research plan's unit (errors summed over 
 and converts it (beta_mean = beta_sum * C * H * W of the latents).
 """
 import argparse
-import copy
 
 from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
 from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
-from training import adapters, checkpoint, config, loop, prepare, validation
-from training import preference
+from training import checkpoint, config, loop, preference, prepare, validation
 from training.preference import pair_inputs, reference_prediction
 
 
@@ -54,14 +52,8 @@ def main(argv=None):
     entries, val_entries = prepare.load_train_and_validation(args, "pair", accelerator)
     dtype = prepare.weight_dtype(accelerator)
     comps = prepare.Components(args, accelerator, dtype)
-    unet, ref_unet = comps.unet, None
-    if args.use_lora:
-        adapters.add_lora(unet, args, dtype)
-    else:
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype).eval()
-        unet.requires_grad_(True)
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    unet = comps.unet
+    ref_unet, params = preference.policy_and_reference(unet, args, dtype, accelerator.device)
 
     dataset = prepare.make_train_dataset(args, entries, "pair", accelerator, comps.vae, cache_keys=("preferred", "rejected", "masked"))
     unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)

@@ -19,7 +19,6 @@ over the rejected), the masked MSE of policy and reference results against the p
 for natural pairs), and the discriminator's win rate of policy against reference.
 """
 import argparse
-import copy
 
 from myutils.args import NONNEGATIVE, POSITIVE_REAL
 from myutils.dpo_utils import diffusion_kto_loss, kto_class_weights
@@ -27,8 +26,7 @@ from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
 from myutils.sdxl_inpaint import noised_inputs
-from training import adapters, checkpoint, config, loop, prepare, validation
-from training import preference
+from training import checkpoint, config, loop, preference, prepare, validation
 from training.preference import reference_prediction
 
 
@@ -64,14 +62,8 @@ def main(argv=None):
     lambda_d, lambda_u = class_weights(args, entries)
     dtype = prepare.weight_dtype(accelerator)
     comps = prepare.Components(args, accelerator, dtype)
-    unet, ref_unet = comps.unet, None
-    if args.use_lora:
-        adapters.add_lora(unet, args, dtype)
-    else:
-        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(accelerator.device, dtype).eval()
-        unet.requires_grad_(True)
-    unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
+    unet = comps.unet
+    ref_unet, params = preference.policy_and_reference(unet, args, dtype, accelerator.device)
 
     dataset = prepare.make_train_dataset(args, entries, "scored", accelerator, comps.vae, cache_keys=("GT", "masked"))
     unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)

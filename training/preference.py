@@ -2,6 +2,7 @@
 (the LoRA model with its adapters off, or a frozen copy), the stacked input of a preference pair, and
 the held-out preference accuracy both report, so the two compare in one table."""
 import contextlib
+import copy
 
 import torch
 
@@ -100,3 +101,17 @@ def validate_against_reference(accelerator, args, comps, unet, ref_unet, samples
     model.train()
     validation.log_validation(accelerator, metrics, step)
     return metrics
+
+
+def policy_and_reference(unet, args, dtype, device):
+    """The trainable policy and the reference: with --use_lora, LoRA adapters on the UNet and no
+    second UNet (the reference is the same UNet with its adapters off: reference None); for a full
+    fine-tune, a frozen copy in the compute dtype. Returns (reference or None, trainable params)."""
+    ref_unet = None
+    if args.use_lora:
+        adapters.add_lora(unet, args, dtype)
+    else:
+        ref_unet = copy.deepcopy(unet).requires_grad_(False).to(device, dtype).eval()
+        unet.requires_grad_(True)
+    unet.train()
+    return ref_unet, [p for p in unet.parameters() if p.requires_grad]

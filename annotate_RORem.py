@@ -69,7 +69,7 @@ class Labels:
 
     def __init__(self, args):
         self.threshold = args.discriminator_threshold
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # labels arrive on the server's worker threads; reads take it too
         if args.meta_path:
             self.mode, path = "score", json_in(args.meta_path, "meta.json")
             root = os.path.dirname(os.path.abspath(path))
@@ -141,7 +141,8 @@ class Labels:
                 "problem": self.problems.get(key)}
 
     def report(self):
-        return ann.agreement(self.journals, self.items, self.mode, self.threshold)
+        with self.lock:
+            return ann.agreement(self.journals, self.items, self.mode, self.threshold)
 
 
 def build_app(labels, default_annotator):
@@ -165,17 +166,19 @@ def build_app(labels, default_annotator):
         n = len(labels.keys)
         if index is not None and not 0 <= index < n:
             raise UserError(f"item {index}: there are {n} items")
-        nxt = labels.next_index(annotator, after) if index is None else index
-        done = sum(k in labels.journals.get(annotator, {}) for k in labels.keys)
-        return {"mode": labels.mode, "data": labels.data_path, "annotator": annotator, "total": n, "done": done,
-                "labels": list(labels.allowed), "output": labels.output_path(annotator),
-                "item": None if nxt is None else labels.item(annotator, nxt),
-                "agreement": ann.agreement_lines(labels.report())}
+        with labels.lock:  # one consistent view while other annotators' labels arrive
+            nxt = labels.next_index(annotator, after) if index is None else index
+            done = sum(k in labels.journals.get(annotator, {}) for k in labels.keys)
+            return {"mode": labels.mode, "data": labels.data_path, "annotator": annotator, "total": n, "done": done,
+                    "labels": list(labels.allowed), "output": labels.output_path(annotator),
+                    "item": None if nxt is None else labels.item(annotator, nxt),
+                    "agreement": ann.agreement_lines(labels.report())}
 
     @app.post("/api/label")
     def label(annotator: str = Body(...), index: int = Body(...), label: str = Body(...)):
         record = labels.give(annotator, index, label)
-        return {"saved": record, "next": labels.next_index(annotator, index)}
+        with labels.lock:
+            return {"saved": record, "next": labels.next_index(annotator, index)}
 
     @app.get("/api/agreement")
     def agreement():

@@ -166,3 +166,32 @@ def test_report_prints_the_agreement(results_meta, capsys):
     assert "alice vs bob: 3 items both labelled, agreement 66.7%, Cohen's kappa 0.000" in out
     # discriminator scores 0, 0.2, 0.4: all bad at 0.5; alice agrees on 1 of 3
     assert "alice vs the discriminator: 3 items, agreement 33.3%" in out
+
+
+def test_two_annotators_at_once_lose_nothing(results_meta):
+    """Labels arrive on the server's worker threads: two annotators labelling at the same moment while
+    the agreement is read, and every label is in each one's journal and output."""
+    import threading
+
+    labels, client = _client("--meta_path", results_meta)
+    errors = []
+
+    def annotate(who):
+        try:
+            for i in range(6):
+                client.post("/api/label", json={"annotator": who, "index": i, "label": "good" if i % 2 else "bad"}).raise_for_status()
+                client.get("/api/state", params={"annotator": who}).raise_for_status()
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=annotate, args=(who,)) for who in ("alice", "bob", "carol")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    root = str(results_meta.parent / "annotations")
+    for who in ("alice", "bob", "carol"):
+        assert len(open(ann.journal_path(root, who)).readlines()) == 6
+        assert [e.score for e in read_meta(os.path.join(root, who, "meta.json"), "scored")] == [0, 1, 0, 1, 0, 1]
+    assert labels.report()["annotators"][0]["kappa"] == 1.0

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_RORem  # noqa: E402
+from myutils import sdxl_inpaint  # noqa: E402
 from myutils.data import read_meta  # noqa: E402
 from toy_world.data import write_toy_dataset  # noqa: E402
 from toy_world.models import tiny_pipeline  # noqa: E402
@@ -64,8 +65,8 @@ def bench(latent, cache, steps, batch, work):
     opt = torch.optim.AdamW(params, lr=1e-5)
     t = Timer()
     unet.forward = t.wrap("unet forward", unet.forward)
-    real_encode = train_RORem.batch_latent_params
-    train_RORem.batch_latent_params = t.wrap("VAE encode", real_encode)
+    real_encode = sdxl_inpaint.batch_latent_params  # what the training step's noised_inputs calls
+    sdxl_inpaint.batch_latent_params = t.wrap("VAE encode", real_encode)
     warmup, measured = 3, 0
     batches = iter(prepare.epoch_batches(loader, 0, 1, 1000))
     try:
@@ -89,7 +90,7 @@ def bench(latent, cache, steps, batch, work):
             measured += i >= warmup
         wall = time.perf_counter() - start
     finally:
-        train_RORem.batch_latent_params = real_encode
+        sdxl_inpaint.batch_latent_params = real_encode
     per_step = wall / measured
     unet_share = (t.total["unet forward"] + t.total["backward"]) / wall
     return per_step, unet_share, {k: v / wall for k, v in t.total.items()}

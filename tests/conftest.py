@@ -101,10 +101,12 @@ def torch_extensions_dir(tmp_path_factory):
 SCREENSHOTS = os.path.join(ROOT, "test_screenshots")  # what the browser tests saw, kept for a person to look at
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Debian's chromium, headless, driven by Playwright (no browser downloads here). Without it the
-    browser tests skip, unless RORem_REQUIRE_BROWSER=1 (as .ci/run sets), where they fail."""
+    browser tests skip, unless RORem_REQUIRE_BROWSER=1 (as .ci/run sets), where they fail. Module scope,
+    not session: while Playwright's sync API is open, its event loop counts as running in this thread,
+    and later tests whose libraries look for a running loop (wandb) would wait on it forever."""
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     try:
         from playwright.sync_api import sync_playwright

@@ -254,6 +254,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, toy_meta, run_script):
 CONFIG_SCRIPTS = {"train_RORem.yaml": "train_RORem", "toy_RORem.yaml": "train_RORem",
                   "train_RORem_discriminator.yaml": "train_RORem_discriminator", "toy_RORem_discriminator.yaml": "train_RORem_discriminator",
                   "dpo_config.yaml": "train_RORem_dpo", "toy_dpo.yaml": "train_RORem_dpo",
+                  "kto_config.yaml": "train_RORem_kto", "toy_kto.yaml": "train_RORem_kto",
                   "lcm_config.yaml": "train_RORem_lcm", "toy_lcm.yaml": "train_RORem_lcm", "lcm_rewarded_config.yaml": "train_RORem_lcm_rewarded",
                   "ddpo_config.yaml": "train_RORem_ddpo", "toy_ddpo.yaml": "train_RORem_ddpo", "flow_grpo_config.yaml": "train_RORem_ddpo",
                   "toy_flow_grpo.yaml": "train_RORem_ddpo", "morl_config.yaml": "train_RORem_morl", "toy_morl.yaml": "train_RORem_morl"}
@@ -277,7 +278,8 @@ def test_shipped_config_sets_each_default_and_the_command_line_wins(name):
     script = importlib.import_module(CONFIG_SCRIPTS[name])
     if name == "lcm_rewarded_config.yaml":
         script = importlib.import_module("train_RORem_lcm")
-    required = {"train_RORem_dpo": ["--preference_data", "p.json", "--output_dir", "o"]}.get(
+    required = {"train_RORem_dpo": ["--preference_data", "p.json", "--output_dir", "o"],
+                "train_RORem_kto": ["--meta_path", "m.json", "--output_dir", "o"]}.get(
         CONFIG_SCRIPTS[name], ["--meta_path", "m.json", "--output_dir", "o", "--discriminator_path", "d"])
     if CONFIG_SCRIPTS[name] in ("train_RORem", "train_RORem_discriminator", "train_RORem_lcm"):
         required = required[:4]

@@ -168,26 +168,29 @@ def choose_annotation_set(args, entries, scores):
     return meta
 
 
-def simulate_annotator(args, entries, to_annotate):
-    """The known answer's labels, given through the annotation journal under the name "simulated"."""
+def known_label(args, entries, i):
+    """The known answer for input i's result (1 good, 0 bad): its masked error against the input's GT
+    against the border fill's (myutils.annotation.gt_label)."""
     from myutils.img_util import load_image, load_mask
     from myutils.metrics import border_fill, masked_mse
 
+    e = entries[i]
+    if "GT" not in e.extra:
+        raise UserError(f"{e.where()}: --simulate_annotator gt needs each input's 'GT'")
+    source, mask = load_image(e.paths["source"]), load_mask(e.paths["mask"])
+    gt = load_image(os.path.join(os.path.dirname(os.path.abspath(e.meta)), e.extra["GT"]))
+    return ann.gt_label(masked_mse(load_image(result_path(args, i)), gt, mask), masked_mse(border_fill(source, mask), gt, mask))
+
+
+def simulate_annotator(args, entries, to_annotate):
+    """The known answer's labels, given through the annotation journal under the name "simulated"."""
     folder = os.path.join(args.round_dir, "annotate")
     journal = ann.journal_path(os.path.join(folder, "annotations"), "simulated")
     given = ann.read_journal(journal)
     for item in to_annotate:
         key = ann.result_key(item["GT"], folder)
-        if key in given:
-            continue
-        e = entries[item["round_index"]]
-        if "GT" not in e.extra:
-            raise UserError(f"{e.where()}: --simulate_annotator gt needs each input's 'GT'")
-        source, mask = load_image(e.paths["source"]), load_mask(e.paths["mask"])
-        gt = load_image(os.path.join(os.path.dirname(os.path.abspath(e.meta)), e.extra["GT"]))
-        error = masked_mse(load_image(item["GT"]), gt, mask)
-        ann.append_label(journal, key, "good" if ann.gt_label(error, masked_mse(border_fill(source, mask), gt, mask)) else "bad",
-                         "simulated")
+        if key not in given:
+            ann.append_label(journal, key, "good" if known_label(args, entries, item["round_index"]) else "bad", "simulated")
 
 
 def finish(args, entries, scores, to_annotate):
@@ -241,24 +244,12 @@ def round_report(args, entries, decision, to_annotate, journals, n_previous, n_n
               "audit_kappa": cohen_kappa([h for h, _ in pairs], [m for _, m in pairs]) if pairs else None,
               "train_entries": n_previous + n_new, "previous_train_entries": n_previous}
     if args.simulate_annotator == "gt":  # the known answer for every result, not only the annotated ones
-        truth = known_answer(args, entries)
+        truth = {i: known_label(args, entries, i) for i in range(len(entries))}
         kept = [i for i, d in decision.items() if d["keep"]]
         report["true_success_rate"] = sum(truth.values()) / n
         report["kept_precision"] = sum(truth[i] for i in kept) / len(kept) if kept else None
         report["good_results_kept"] = sum(truth[i] for i in kept) / max(1, sum(truth.values()))
     return report
-
-
-def known_answer(args, entries):
-    from myutils.img_util import load_image, load_mask
-    from myutils.metrics import border_fill, masked_mse
-
-    truth = {}
-    for i, e in enumerate(entries):
-        source, mask = load_image(e.paths["source"]), load_mask(e.paths["mask"])
-        gt = load_image(os.path.join(os.path.dirname(os.path.abspath(e.meta)), e.extra["GT"]))
-        truth[i] = ann.gt_label(masked_mse(load_image(result_path(args, i)), gt, mask), masked_mse(border_fill(source, mask), gt, mask))
-    return truth
 
 
 def report_lines(r):

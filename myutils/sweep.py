@@ -31,13 +31,16 @@ def parse_sweep_args(parser, argv=None):
 
 
 def run_all(args, script, runs):
-    """Run each (name, extra args) with `script` into <output_root>/<name>; returns their
-    final_metrics.json contents in order (empty on --dry_run). Exits with a message if a run fails."""
+    """Run each (name, extra args) with `script` and the arguments after `--` into
+    <output_root>/<name> (a run given as (name, extra, its own script, its own arguments) uses those
+    instead); returns their final_metrics.json contents in order (empty on --dry_run). Exits with a
+    message if a run fails."""
     os.makedirs(args.output_root, exist_ok=True)
     finals = []
-    for name, extra in runs:
+    for name, extra, *own in runs:
+        run_script, train_args = own or (script, args.train_args)
         folder = os.path.join(args.output_root, name)
-        cmd = [*shlex.split(args.launch), os.path.join(ROOT, script), *args.train_args, *extra,
+        cmd = [*shlex.split(args.launch), os.path.join(ROOT, run_script), *train_args, *extra,
                "--output_dir", folder, "--resume_from_checkpoint", "latest"]
         done = os.path.join(folder, "final_metrics.json")
         if args.dry_run:

@@ -208,6 +208,7 @@ def tiny_part(check, work, w):
     import train_RORem_ddpo
     import train_RORem_discriminator
     import train_RORem_dpo
+    import train_RORem_kto
     import train_RORem_lcm
     import train_RORem_lcm_rewarded
     import train_RORem_morl
@@ -232,6 +233,10 @@ def tiny_part(check, work, w):
         check.run("tiny", "train_RORem_dpo (LoRA, validation with win rate)", train_RORem_dpo,
                   common + steps + mp + val + ["--preference_data", w["pairs"], "--output_dir", out("dpo"), "--use_lora",
                                                "--discriminator_path", disc, "--win_rate_samples", "2"], p, [out("dpo")])
+        check.run("tiny", "train_RORem_kto (LoRA, all-rank reference point, validation with win rate)", train_RORem_kto,
+                  common + steps + mp + val + ["--meta_path", w["scored"], "--validation_meta_path", w["pairs"], "--output_dir",
+                                               out("kto"), "--use_lora", "--discriminator_path", disc, "--win_rate_samples", "2"],
+                  p, [out("kto")])
         lcm = ["--lora_rank", "4", "--num_ddim_timesteps", "10", "--meta_path", w["meta"]]
         check.run("tiny", "train_RORem_lcm (validation: student vs teacher)", train_RORem_lcm,
                   common + steps + mp + val + lcm + ["--output_dir", out("lcm")], p, [out("lcm")])
@@ -306,6 +311,8 @@ REAL_RUNS = [  # (script, config, resolution key, extra arguments, what differs 
     ("train_RORem_dpo.py", "dpo_config.yaml", "lo", ["--max_train_steps", "4", "--gradient_accumulation_steps", "1"],
      "accumulation 1 (config: 16)"),
     ("train_RORem_dpo.py", "dpo_config.yaml", "hi", ["--max_train_steps", "3", "--gradient_accumulation_steps", "1"],
+     "accumulation 1 (config: 16)"),
+    ("train_RORem_kto.py", "kto_config.yaml", "lo", ["--max_train_steps", "4", "--gradient_accumulation_steps", "1"],
      "accumulation 1 (config: 16)"),
     ("train_RORem_lcm.py", "lcm_config.yaml", "lo", ["--max_train_steps", "4"], ""),
     ("train_RORem_discriminator.py", "train_RORem_discriminator.yaml", "lo", ["--max_train_steps", "4"], ""),
@@ -401,7 +408,7 @@ def real_part(check, work, w):
             argv += ["--meta_path", r["meta"]]
         elif script == "train_RORem_dpo.py":
             argv += ["--preference_data", r["pairs"]]
-        elif script == "train_RORem_discriminator.py":
+        elif script in ("train_RORem_discriminator.py", "train_RORem_kto.py"):
             argv += ["--meta_path", r["scored"]]
         else:
             argv += ["--meta_path", r["meta"], "--discriminator_path", r["disc"]]

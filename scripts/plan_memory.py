@@ -40,6 +40,8 @@ SCRIPTS = {
                                      "what": "1 encoder fwd+bwd", "discriminator": True},
     "train_RORem_dpo.py": {"config": "dpo_config.yaml", "train": 2, "frozen": 2, "encodes": 3, "what": "2 fwd+bwd, 2 reference fwd",
                            "reference": True},
+    "train_RORem_kto.py": {"config": "kto_config.yaml", "train": 1, "frozen": 1, "encodes": 2, "what": "1 fwd+bwd, 1 reference fwd",
+                           "reference": True},
     "train_RORem_lcm.py": {"config": "lcm_config.yaml", "train": 1, "frozen": 3, "encodes": 2,
                            "what": "1 fwd+bwd, 2 teacher fwd (CFG), 1 target fwd", "reference": True},
     "train_RORem_ddpo.py": {"config": "ddpo_config.yaml", "train": None, "frozen": None, "encodes": 0,

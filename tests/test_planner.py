@@ -106,7 +106,8 @@ def test_plan_script_prints_every_training_script(tiny_model_dir, tiny_flux_dir,
     assert {r["script"] for r in rows} == {plan.SCRIPTS[n].get("script", n) for n in plan.SCRIPTS} | {"train_RORem_ddpo.py (FLUX.1-Fill)"}
     assert all(r["total"] > r["weights"] + r["gradients"] + r["optimizer"] for r in rows)
     assert all(r["total"] > 0 and r["tflop"] > 0 for r in rows) and all(r["fits"] for r in rows)
-    assert "| train_RORem_dpo.py | 64 | LoRA" in open(tmp_path / "plan.md").read()
+    table = open(tmp_path / "plan.md").read()
+    assert "| train_RORem_dpo.py | 64 | LoRA" in table and "| train_RORem_kto.py | 64 | LoRA r8 | 16 |" in table
     with pytest.raises(Exception, match="multiple of 64"):
         plan.main(["--resolutions", "100"])
 

@@ -15,6 +15,8 @@ from myutils.dpo_utils import diffusion_kto_loss, kto_class_weights
 from myutils.errors import UserError
 from training import checkpoint
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _sig(x):
     return 1 / (1 + math.exp(-x))
@@ -141,3 +143,60 @@ def test_kto_needs_both_kinds_of_result(tmp_path, tiny_model_dir, scored_meta, r
     (tmp_path / "good.json").write_text(json.dumps(good))
     with pytest.raises(UserError, match="KTO needs good and bad results; all 12 entries are good"):
         run_script(tkto, _args(tiny_model_dir, str(tmp_path / "good.json"), str(tmp_path / "out"), "--max_train_steps", "1"))
+
+
+def _sweep_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_dpo", os.path.join(ROOT, "scripts", "sweep_dpo.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_sweep_puts_kto_beside_dpo_on_the_same_scored_data(tmp_path, tiny_model_dir, scored_meta, disc_dir, capsys):
+    """sweep_dpo.py --variants lora kto --scored_meta_path: the natural pairs of the scored results
+    built once for DPO, KTO on the results themselves, both validated on the same held-out pairs, one
+    table whose rows are the runs' own final metrics."""
+    sweep = _sweep_module()
+    held = json.load(open(scored_meta))
+    root = os.path.dirname(scored_meta)
+    pairs = [{"source": os.path.join(root, g["source"]), "mask": os.path.join(root, g["mask"]),
+              "preferred": os.path.join(root, g["GT"]), "rejected": os.path.join(root, b["GT"])}
+             for g, b in zip(held[0::2], held[1::2])][:2]
+    (tmp_path / "held.json").write_text(json.dumps(pairs))
+    out = tmp_path / "sweep"
+    argv = ["--output_root", str(out), "--betas", "50", "--beta_unit", "mean", "--variants", "lora", "kto",
+            "--scored_meta_path", scored_meta, "--kto_config", os.path.join(ROOT, "configs", "toy_kto.yaml"), "--",
+            "--pretrained_model_name_or_path", tiny_model_dir, "--resolution", "32", "--train_batch_size", "2", "--report_to", "none",
+            "--learning_rate", "1e-3", "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "2",
+            "--validation_meta_path", str(tmp_path / "held.json"), "--validation_inference_steps", "2", "--num_validation_images", "2",
+            "--discriminator_path", disc_dir, "--win_rate_samples", "2", "--beta", "50", "--no-cache_latents",
+            "--validation_strength", "1.0"]
+    rows = sweep.main(argv)
+    assert [r["run"] for r in rows] == ["start (reference)", "lora_beta50", "kto"]
+    natural = json.load(open(out / "natural_pairs" / "meta.json"))
+    goods = {os.path.abspath(os.path.join(root, e["GT"])) for e in held if e["score"] == 1}
+    assert natural and all(os.path.abspath(p["preferred"]) in goods for p in natural)  # pairs of the scored results
+    dpo, kto = (json.load(open(out / run / "final_metrics.json")) for run in ("lora_beta50", "kto"))
+    assert dpo["args"]["meta_path"] == [str(out / "natural_pairs" / "meta.json")]
+    assert kto["args"]["meta_path"] == [scored_meta]
+    assert kto["args"]["lora_rank"] == 8 and kto["args"]["beta"] == 50  # toy_kto.yaml's rank; the common --beta overrides
+    for row, final in zip(rows[1:], (dpo, kto)):
+        m = final["metrics"]
+        assert (row["preference_accuracy"], row["win_rate"], row["masked_mse"]) == (
+            m["val_preference_accuracy"], m["val_win_rate"], m["val_masked_mse"])
+    assert rows[2]["loss"] == "kto" and rows[2]["beta"] == "50 (mean)"
+    assert rows[0]["masked_mse"] == rows[1]["reference_masked_mse"] == rows[2]["reference_masked_mse"]  # one start, one held-out set
+    assert "| kto | kto | 50 (mean) | LoRA r8 |" in open(out / "sweep_results.md").read()
+
+
+def test_sweep_kto_arguments_and_refusals():
+    sweep = _sweep_module()
+    args = sweep.parse_args(["--output_root", "o", "--variants", "kto", "--scored_meta_path", "s.json", "--kto_config", "k.yaml", "--",
+                             "--config", "d.yaml", "--preference_data=p.json", "--use_lora", "--meta_path", "x", "--beta", "9"])
+    assert sweep.kto_arguments(args) == ["--config", "k.yaml", "--use_lora", "--beta", "9", "--meta_path", "s.json"]
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--output_root", "o", "--variants", "kto", "--", "--preference_data", "p.json"])
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--output_root", "o", "--variants", "lora"])  # no pairs and nothing to pair

@@ -14,11 +14,17 @@ images only (the supervised baseline).
 Beta units: --beta multiplies errors averaged over latent elements (the paper's unit: about 5000 at
 SDXL scale). --beta_unit sum takes the research plan's unit (errors summed over elements: 0.1 ... 2.0)
 and converts it (beta_mean = beta_sum * C * H * W of the latents).
+
+--safeguard_mu: Diffusion-SDPO (AIDC-AI/Diffusion-SDPO), against the failure users report most with
+Diffusion-DPO, the loss falling while samples get worse because the preferred images' error rises
+along with the rejected ones'. Each step scales the rejected half's gradient by lambda in [0, 1],
+chosen so that to first order the preferred error falls (myutils/dpo_utils.py); the ratio is taken
+over the global batch (every rank). The official SDXL example uses mu 0.6.
 """
 import argparse
 
-from myutils.args import NONNEGATIVE, POSITIVE_REAL
-from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss
+from myutils.args import FRACTION, NONNEGATIVE, POSITIVE_REAL
+from myutils.dpo_utils import LOSS_TYPES, beta_at, beta_in_mean_units, diffusion_dpo_loss, sft_loss, winner_preserving_scale
 from myutils.errors import UserError, run_cli
 from myutils.models import load_unet_weights, save_unet
 from myutils.reward_utils import TRAINING_FLAGS, load_reward_model
@@ -35,6 +41,8 @@ def parse_args(argv=None):
     g.add_argument("--beta_end", type=POSITIVE_REAL, default=None, help="with --beta_schedule linear or cosine")
     g.add_argument("--beta_schedule", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--loss_type", choices=list(LOSS_TYPES) + ["sft"], default="sigmoid")
+    g.add_argument("--safeguard_mu", type=FRACTION, default=None,
+                   help="Diffusion-SDPO: scale the rejected half's gradient so the preferred error falls (off by default; see the top)")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None,
                    help="a discriminator folder: validation also reports the win rate of policy vs reference")
     g.add_argument("--win_rate_samples", type=NONNEGATIVE, default=64, help="held-out inputs for the win rate")
@@ -43,6 +51,8 @@ def parse_args(argv=None):
     if (args.beta_schedule != "constant") != (args.beta_end is not None):  # one without the other does nothing
         raise UserError(f"--beta_schedule {args.beta_schedule} and --beta_end {args.beta_end}: a linear or cosine schedule needs "
                         "--beta_end, and --beta_end needs one")
+    if args.safeguard_mu is not None and args.loss_type == "sft":
+        raise UserError("--safeguard_mu scales the rejected half's gradient; --loss_type sft has no rejected half")
     return args
 
 
@@ -84,7 +94,9 @@ def main(argv=None):
                 beta = beta_in_mean_units(beta_at(run.global_step, max_steps, args.beta, args.beta_end, args.beta_schedule),
                                           latent_shape, args.beta_unit)
                 ref = reference_prediction(accelerator.unwrap_model(unet), ref_unet, x, t, kw)
-                loss, metrics = diffusion_dpo_loss(pred, ref, target, beta, args.loss_type)
+                scale = None if args.safeguard_mu is None else winner_preserving_scale(
+                    pred, target, args.safeguard_mu, reduce_sum=lambda s: accelerator.reduce(s, reduction="sum"))
+                loss, metrics = diffusion_dpo_loss(pred, ref, target, beta, args.loss_type, loser_scale=scale)
                 metrics["beta"] = beta
             if run.loss_is_finite(loss):
                 accelerator.backward(loss)

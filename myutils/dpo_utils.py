@@ -9,6 +9,12 @@ same noise and timestep for both halves of a pair. Per-sample denoising error:
     sigmoid: loss = mean(-logsigmoid(inside))     (the mean is taken AFTER logsigmoid, per pair)
     hinge:   loss = mean(relu(1 - inside))
     ipo:     loss = mean((inside / beta - 1 / (2 beta))^2)
+Diffusion-SDPO (Fu et al. 2025, the safeguard): the rejected half's error enters the loss as
+err_l.detach() + lambda * (err_l - err_l.detach()) (same value, gradient scaled by lambda), with
+    lambda = min(1, (1 - mu) |g_w|^2 / <g_l, g_w>)  when <g_l, g_w> > 0, else 1,
+g_w and g_l the output-space gradients of the preferred and rejected halves' errors (pairs share
+noise and timestep, so their elements line up): to first order the step then lowers the preferred
+error by at least mu |g_w|^2, instead of letting it rise with the rejected one's.
 Beta units: the paper's beta (about 5000 for SD1.5/SDXL) multiplies mean errors; the research plan's
 sweep (0.1 ... 2.0) only makes sense for summed errors. beta_sum * sum_err == beta_mean * mean_err
 when beta_mean = beta_sum * (C * H * W), which `beta_in_mean_units` converts.
@@ -37,13 +43,35 @@ def beta_in_mean_units(beta, latent_shape, error_reduction):
     return beta * math.prod(latent_shape)
 
 
-def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid", error_reduction="mean"):
-    """(loss, metrics). Predictions and target are (2B, ...) stacked [preferred..., rejected...]."""
+def winner_preserving_scale(model_pred, target, mu, reduce_sum=None, max_scale=1.0):
+    """Diffusion-SDPO's lambda (see the top) for a stacked [preferred..., rejected...] batch, one
+    scalar for the batch. The mean errors' output-space gradients are 2 (pred - target) / n, so
+    their common factor cancels in the ratio; `reduce_sum` (e.g. a sum over ranks) makes the ratio
+    the global batch's."""
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError(f"mu must be in [0, 1], got {mu}")
+    with torch.no_grad():
+        r_w, r_l = (model_pred.float() - target.float()).chunk(2)
+        stats = torch.stack([(r_w * r_w).sum(), (r_l * r_w).sum()])
+        if reduce_sum is not None:
+            stats = reduce_sum(stats)
+        num, den = stats[0], stats[1]
+        if den <= 0:  # the rejected gradient does not pull the preferred error up: no need to scale it
+            return torch.tensor(max_scale, device=model_pred.device)
+        return ((1.0 - mu) * num / den).clamp(0.0, max_scale)
+
+
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid", error_reduction="mean", loser_scale=None):
+    """(loss, metrics). Predictions and target are (2B, ...) stacked [preferred..., rejected...].
+    loser_scale: Diffusion-SDPO's lambda (winner_preserving_scale), scaling the rejected half's
+    gradient only."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if model_pred.shape[0] % 2:
         raise ValueError("the batch must stack [preferred..., rejected...]: an even number of samples")
     err_w, err_l = per_sample_error(model_pred, target, error_reduction).chunk(2)
+    if loser_scale is not None:
+        err_l = err_l.detach() + loser_scale * (err_l - err_l.detach())
     with torch.no_grad():
         ref_w, ref_l = per_sample_error(ref_pred, target, error_reduction).chunk(2)
     model_diff, ref_diff = err_w - err_l, ref_w - ref_l
@@ -61,6 +89,8 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid", 
             "ref_mse_preferred": ref_w.mean().item(), "ref_mse_rejected": ref_l.mean().item(),
             "reward_margin": inside.mean().item(),  # beta-scaled implicit reward of preferred minus rejected
         }
+        if loser_scale is not None:
+            metrics["loser_scale"] = float(loser_scale)
     return losses.mean(), metrics
 
 

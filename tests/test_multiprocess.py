@@ -197,9 +197,11 @@ def test_discriminator_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, ru
     assert _max_weight_diff(a, b) <= 1e-6
 
 
-def test_dpo_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script):
+@pytest.mark.parametrize("extra", [[], ["--safeguard_mu", "0.6"]], ids=["dpo", "sdpo"])
+def test_dpo_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script, extra):
     """DPO's reference pass (adapters off, no grad) must not upset DDP's gradient synchronisation: two
-    ranks x batch 2 save the LoRA of one rank x batch 4."""
+    ranks x batch 2 save the LoRA of one rank x batch 4. With the SDPO safeguard too, whose scale is
+    a ratio over the global batch (summed over ranks; each rank's own would differ)."""
     import train_RORem_dpo
 
     root = os.path.dirname(toy_meta)
@@ -211,7 +213,7 @@ def test_dpo_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, ru
     def args(out, batch):
         return ["--pretrained_model_name_or_path", tiny_model_dir, "--preference_data", str(tmp_path / "pairs.json"),
                 "--output_dir", out, "--resolution", "32", "--train_batch_size", str(batch), "--max_train_steps", "3",
-                "--checkpointing_steps", "3", "--use_lora", "--report_to", "none", *_TIGHT]
+                "--checkpointing_steps", "3", "--use_lora", "--report_to", "none", *_TIGHT, *extra]
 
     two, one = str(tmp_path / "dpo2"), str(tmp_path / "dpo1")
     res = launch_two_ranks("train_RORem_dpo.py", args(two, 2), str(tmp_path))

@@ -97,7 +97,7 @@ def test_full_finetune_with_beta_in_summed_units(tmp_path, tiny_model_dir, pair_
 
     seen, held_out = [], []
     real_loss, real_accuracy = tdpo.diffusion_dpo_loss, preference.preference_accuracy
-    monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt: seen.append(beta) or real_loss(p, r, t, beta, lt))
+    monkeypatch.setattr(tdpo, "diffusion_dpo_loss", lambda p, r, t, beta, lt, **k: seen.append(beta) or real_loss(p, r, t, beta, lt, **k))
     monkeypatch.setattr(preference, "preference_accuracy", lambda u, r, c, samples, *a: held_out.append(samples) or real_accuracy(u, r, c, samples, *a))
     out = str(tmp_path / "full")
     argv = _args(tiny_model_dir, pair_meta, out, "--max_train_steps", "2", "--beta", "0.5", "--beta_unit", "sum", "--learning_rate", "1e-2",
@@ -185,6 +185,29 @@ def test_dpo_config_parses():
     assert not tdpo.parse_args(["--config", cfg, "--preference_data", "p.json", "--output_dir", "o", "--no-use_lora"]).use_lora
 
 
+def test_safeguard_scale_reaches_the_loss(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
+    """--safeguard_mu: each step's loss gets Diffusion-SDPO's lambda of that step's own prediction,
+    (1 - mu) |r_w|^2 / <r_l, r_w> clipped to [0, 1] (residuals r = prediction - target); SFT refuses it."""
+    seen = []
+    real = tdpo.diffusion_dpo_loss
+
+    def spy(pred, ref, target, beta, loss_type, loser_scale=None):
+        seen.append((pred.detach().clone(), target.clone(), loser_scale))
+        return real(pred, ref, target, beta, loss_type, loser_scale=loser_scale)
+
+    monkeypatch.setattr(tdpo, "diffusion_dpo_loss", spy)
+    run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "o"), "--use_lora", "--max_train_steps", "2",
+                           "--safeguard_mu", "0.6"))
+    assert len(seen) == 2
+    for pred, target, scale in seen:
+        r_w, r_l = (pred - target).chunk(2)
+        den = (r_l * r_w).sum().item()
+        expected = 1.0 if den <= 0 else min(1.0, 0.4 * (r_w * r_w).sum().item() / den)
+        assert float(scale) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UserError, match="--safeguard_mu scales the rejected half's gradient; --loss_type sft has no rejected half"):
+        tdpo.parse_args(["--preference_data", "p.json", "--output_dir", "o", "--loss_type", "sft", "--safeguard_mu", "0.5"])
+
+
 def test_preference_accuracy_is_half_at_init_and_rises_with_training(tmp_path, tiny_model_dir, pair_meta):
     from accelerate import Accelerator
 
@@ -248,11 +271,11 @@ def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pa
 
 def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
     """Killed right after checkpoint-1 and resumed: equal to a straight run (the beta schedule, which
-    depends on the step, included)."""
+    depends on the step, and the SDPO safeguard included)."""
     from safetensors.torch import load_file
 
     common = ["--use_lora", "--random_flip", "--checkpointing_steps", "1", "--beta_schedule", "linear", "--beta_end", "100",
-              "--max_train_steps", "3"]
+              "--max_train_steps", "3", "--safeguard_mu", "0.6"]
     run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "straight"), *common))
     real_save = checkpoint.save_checkpoint
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-flow demo-morl demo-rounds test install clean-demo
+.PHONY: demo demo-flow demo-morl demo-rounds demo-lcm-epsilon test install clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo-morl: $(STAMP)  # only the multi-objective RL part and what it needs (make 
 
 demo-rounds: $(STAMP)  # two rounds of the data loop with a simulated annotator (and what they need)
 	$(BIN)/python scripts/demo.py --work_dir .demo --part rounds
+
+demo-lcm-epsilon: $(STAMP)  # LCM distillation of an epsilon-prediction teacher (what distillation buys; and what it needs)
+	$(BIN)/python scripts/demo.py --work_dir .demo --part lcm_epsilon
 
 clean-demo:
 	rm -rf .demo

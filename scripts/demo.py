@@ -176,6 +176,7 @@ def win_of(evaluation, a, b):
 # the evaluated systems, by the name each has in the evaluation and the report
 SYSTEMS = {"fill": "border fill (classical)", "untrained": "untrained remover", "teacher": "trained remover (teacher)",
            "dpo_gt": "DPO, GT-judged pairs", "dpo": "DPO, discriminator-judged pairs",
+           "sdpo_gt": "SDPO, GT-judged pairs", "sdpo": "SDPO, discriminator-judged pairs",
            "kto": "KTO, scored results", "dpo_natural": "DPO, natural pairs of the scored results",
            "rl_gt": "GRPO, GT reward", "ppo_gt": "PPO, GT reward", "rl": "GRPO, discriminator reward",
            "lcm_undistilled": "trained remover, 4 LCM steps, not distilled", "lcm": "LCM student, 4 steps",
@@ -184,12 +185,14 @@ SYSTEMS = {"fill": "border fill (classical)", "untrained": "untrained remover", 
 # (method, its signal, the system it is, the system it starts from) for the evaluation's systems
 KNOWN_ANSWER = [("supervised remover vs the border fill", "GT (training triplets)", "teacher", "fill"),
                 ("DPO", "candidate pairs judged against GT", "dpo_gt", "teacher"),
+                ("SDPO (DPO + safeguard, mu 0.6)", "candidate pairs judged against GT", "sdpo_gt", "teacher"),
                 ("KTO", "the scored results' GT-based 0/1 labels", "kto", "teacher"),
                 ("DPO", "natural pairs of the same scored results", "dpo_natural", "teacher"),
                 ("GRPO", "reward: minus the masked error against GT", "rl_gt", "teacher"),
                 ("PPO", "reward: minus the masked error against GT", "ppo_gt", "teacher"),
                 ("label-weighted LCM vs plain LCM", "each target's GT-based label", "lcm_labels", "lcm")]
 RESEARCH = [("DPO", "candidate pairs judged by the discriminator", "dpo", "teacher"),
+            ("SDPO (DPO + safeguard, mu 0.6)", "candidate pairs judged by the discriminator", "sdpo", "teacher"),
             ("GRPO", "reward: the discriminator", "rl", "teacher"),
             ("discriminator-weighted LCM vs plain LCM", "the discriminator's score of each target", "lcm_rewarded", "lcm")]
 
@@ -245,17 +248,30 @@ def dpo_report(w, args, rows, evaluation):
              "against GT (masked error) or by the discriminator; beta 2000 (mean-error units), lr 1e-4, 16 pairs a step "
              "(`configs/toy_dpo.yaml`). Preference accuracy: held-out natural pairs (true removal against a failure), "
              "2 noises x 5 timesteps; win rate: the discriminator's, against the start on the same seeds.", "",
-             "| pairs judged by | pairs (inputs below the margin) | steps | held-out preference accuracy (start 0.500) | "
-             "win rate vs start [95% CI] | mean discriminator score (start) |", "|---|---|---|---|---|---|"]
-    for judge, out, system in (("GT", "dpo_gt", "dpo_gt"), ("discriminator", "dpo", "dpo")):
+             "| loss | pairs judged by | pairs (inputs below the margin) | steps | held-out preference accuracy (start 0.500) | "
+             "win rate vs start [95% CI] | mean discriminator score (start) |", "|---|---|---|---|---|---|---|"]
+    for loss, judge, out in (("DPO", "GT", "dpo_gt"), ("DPO", "discriminator", "dpo"), ("SDPO", "GT", "sdpo_gt"),
+                             ("SDPO", "discriminator", "sdpo")):
+        if not os.path.isfile(f"{w}/{out}/final_metrics.json"):
+            continue  # a work_dir from before the SDPO stages
         with open(f"{w}/{out}/final_metrics.json") as f:
             final = json.load(f)
-        with open(f"{w}/pairs/{'gt' if out == 'dpo_gt' else 'discriminator'}/report.json") as f:
+        with open(f"{w}/pairs/{'gt' if judge == 'GT' else 'discriminator'}/report.json") as f:
             gen = json.load(f)["generated"]
-        win, low, high = win_of(evaluation, SYSTEMS[system], SYSTEMS["teacher"])
-        lines.append(f"| {judge} | {gen['pairs']} ({gen['inputs_below_margin']} below {gen['min_margin']:g}) | "
+        win, low, high = win_of(evaluation, SYSTEMS[out], SYSTEMS["teacher"])
+        lines.append(f"| {loss} | {judge} | {gen['pairs']} ({gen['inputs_below_margin']} below {gen['min_margin']:g}) | "
                      f"{final['args']['max_train_steps']} | {final['metrics']['val_preference_accuracy']:.3f} ({held} pairs) | "
-                     f"{win:.3f} [{low:.3f}, {high:.3f}] | {score[SYSTEMS[system]]:.3f} ({score[SYSTEMS['teacher']]:.3f}) |")
+                     f"{win:.3f} [{low:.3f}, {high:.3f}] | {score[SYSTEMS[out]]:.3f} ({score[SYSTEMS['teacher']]:.3f}) |")
+    per = evaluation["per_input"]
+    safeguard = [method_row(f"SDPO vs DPO, {judge} pairs", "", "masked MSE", per[SYSTEMS[dpo]]["masked_mse"],
+                            per[SYSTEMS[sdpo]]["masked_mse"], True)
+                 for judge, dpo, sdpo in (("GT-judged", "dpo_gt", "sdpo_gt"), ("discriminator-judged", "dpo", "sdpo"))
+                 if SYSTEMS[sdpo] in per]
+    if safeguard:
+        lines += ["", "SDPO (`--safeguard_mu 0.6`, the official SDXL example's value) scales the rejected half's gradient so the "
+                  "preferred error does not rise; against DPO on the same pairs, seeds and steps (held-out masked MSE):", "",
+                  "| comparison | DPO | SDPO | paired difference [95% CI] | verdict |", "|---|---|---|---|---|",
+                  *[f"| {r['method']} | {r['cells'][3]} | {r['cells'][4]} | {r['cells'][5]} | {r['cells'][6]} |" for r in safeguard]]
     return lines
 
 
@@ -529,6 +545,68 @@ def rounds_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args
             f"Round reports: `{w}/rounds/r1/report.md`, `{w}/rounds/r2/report.md`; grids: `{eval_dir}/grids/`."]
 
 
+def lcm_epsilon_part(w, model_dir, remover_dir, train_meta, held_meta, args):
+    """What distillation buys where few undistilled steps are poor, as on the real (epsilon-prediction)
+    SDXL remover: the demo's v-prediction remover fine-tuned as epsilon-prediction (the same UNet and
+    data, the scheduler's prediction type switched), then distilled into a 4-step LCM student. Held-out
+    masked MSE of the student against the teacher's own sampler at 4 and 20 steps and against the
+    teacher run for 4 LCM steps undistilled, paired, same seeds. (On the demo's v teacher 4 undistilled
+    steps are already good: masked MSE rewards the blur few-step sampling lands near.)"""
+    import shutil
+
+    from toy_world.report import markdown_table, method_row
+
+    d = f"{w}/lcm_epsilon"
+    eps_model, teacher, student = f"{d}/model", f"{d}/teacher", f"{d}/student"
+
+    def epsilon_model():
+        shutil.copytree(model_dir, eps_model + ".tmp", dirs_exist_ok=True)
+        path = f"{eps_model}.tmp/scheduler/scheduler_config.json"
+        with open(path) as f:
+            config = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**config, "prediction_type": "epsilon"}, f, indent=2)
+        os.replace(eps_model + ".tmp", eps_model)
+
+    stage("epsilon model", f"{eps_model}/model_index.json", epsilon_model)
+    stage("epsilon teacher", f"{teacher}/unet/config.json", lambda: run([
+        "train_RORem.py", "--config", "configs/toy_RORem.yaml", "--pretrained_model_name_or_path", eps_model,
+        "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
+        "--output_dir", teacher, "--max_train_steps", str(args.epsilon_steps), "--validation_steps", str(args.epsilon_steps),
+        "--seed", str(args.seed)]))
+    stage("epsilon LCM student", f"{student}/final_metrics.json", lambda: run([
+        "train_RORem_lcm.py", "--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", eps_model,
+        "--pretrained_teacher_unet", f"{teacher}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
+        "--output_dir", student, "--max_train_steps", str(args.epsilon_lcm_steps), "--validation_steps", str(args.epsilon_lcm_steps),
+        "--win_rate_samples", "0", "--seed", str(args.seed)]))
+    systems = {"teacher, 20 steps": f"unet:{teacher}/unet", "teacher, 4 steps": f"unet:{teacher}/unet,steps=4",
+               "teacher, 4 LCM steps undistilled": f"unet:{teacher}/unet,steps=4,strength=1,scheduler=lcm",
+               "student, 4 LCM steps": f"lcm:{student}"}
+    eval_dir = f"{d}/evaluation"
+    stage("epsilon LCM evaluation", f"{eval_dir}/results.json", lambda: run([
+        "evaluate_RORem.py", "--meta_path", held_meta, "--output_dir", eval_dir, "--pretrained_model", eps_model,
+        "--base_unet", f"{teacher}/unet", "--resolution", "32", "--inference_steps", str(args.eval_steps), "--strength", "1.0",
+        "--batch_size", "16", "--seed", str(args.seed), "--num_grid_inputs", "8", "--no-fetch_weights",
+        *[a for name, spec in systems.items() for a in ("--system", f"{name}={spec}")]]))
+    with open(f"{eval_dir}/results.json") as f:
+        mse = {name: v["masked_mse"] for name, v in json.load(f)["per_input"].items()}
+    s = "student, 4 LCM steps"
+    rows = [method_row("LCM distillation vs the teacher's 4 steps", "the teacher", "masked MSE", mse["teacher, 4 steps"], mse[s], True),
+            method_row("LCM distillation vs the teacher's 20 steps", "the teacher", "masked MSE", mse["teacher, 20 steps"], mse[s], True),
+            method_row("LCM distillation vs 4 undistilled LCM steps", "the teacher", "masked MSE",
+                       mse["teacher, 4 LCM steps undistilled"], mse[s], True)]
+    return ["## LCM on an epsilon-prediction teacher (what distillation buys)", "",
+            f"The demo's remover fine-tuned as epsilon-prediction for {args.epsilon_steps} steps (`configs/toy_RORem.yaml`; the "
+            "real SDXL remover is epsilon-prediction, where few undistilled steps are poor), then distilled for "
+            f"{args.epsilon_lcm_steps} steps into a 4-step LCM LoRA (`configs/toy_lcm.yaml`, the training triplets as targets). "
+            f"The teacher samples with its pipeline's scheduler (Euler) at 4 and {args.eval_steps} steps; held-out masked MSE, "
+            f"{args.heldout_samples} inputs, seeds {args.seed}.., paired (start = the teacher's system, end = the student):", "",
+            *markdown_table(["comparison", "teacher", "measure", "start", "end", "paired difference [95% CI]", "verdict"],
+                            [r["cells"] for r in rows]), "",
+            "| system | masked MSE |", "|---|---|", *[f"| {k} | {np.mean(v):.4f} |" for k, v in mse.items()], "",
+            f"Grids (source, mask, GT, then each system): `{eval_dir}/grids/`."]
+
+
 def write_part(w, name, lines, start):
     os.makedirs(f"{w}/report", exist_ok=True)
     with open(f"{w}/report/{name}.md", "w") as f:
@@ -551,11 +629,15 @@ def main():
     p.add_argument("--lcm_steps", type=POSITIVE, default=80, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=POSITIVE, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
-    p.add_argument("--part", choices=["all", "flow", "morl", "rounds"], default="all",
-                   help="flow / morl / rounds: only the flow-matching RL, the multi-objective RL or the data rounds part (and what "
-                        "it needs; make demo does not run the rounds: make demo-rounds)")
+    p.add_argument("--part", choices=["all", "flow", "morl", "rounds", "lcm_epsilon"], default="all",
+                   help="flow / morl / rounds / lcm_epsilon: only the flow-matching RL, the multi-objective RL, the data rounds or "
+                        "the epsilon teacher's LCM part (and what it needs; make demo runs neither the rounds nor lcm_epsilon: "
+                        "make demo-rounds, make demo-lcm-epsilon)")
     p.add_argument("--round_inputs", type=POSITIVE, default=400, help="rounds: new inputs per round")
     p.add_argument("--round_steps", type=POSITIVE, default=200, help="rounds: fine-tuning steps after each round (at batch 32)")
+    p.add_argument("--epsilon_steps", type=POSITIVE, default=1500,
+                   help="lcm_epsilon: fine-tuning steps of the remover as epsilon-prediction (at batch 32)")
+    p.add_argument("--epsilon_lcm_steps", type=POSITIVE, default=200, help="lcm_epsilon: distillation steps of its 4-step student")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=list(STRUCTURED),
                    help="the toy's background families (scripts/make_toy_dataset.py): stripes, two_tone and grid put "
@@ -591,6 +673,8 @@ def main():
     from myutils.data import read_meta
     # the discriminator: scored results (true removals, deliberate failures, the remover's outputs
     # labelled by their error against GT) for some training inputs and all held-out ones
+    if args.part == "lcm_epsilon":
+        return write_part(w, "lcm_epsilon", lcm_epsilon_part(w, model_dir, remover_dir, train_meta, held_meta, args), start)
     flow_lines = pool.submit(in_lane, flow_part, w, train_meta, held_meta, args) if parallel else None
     scored_train, scored_held, disc_dir = f"{w}/scored/train/meta.json", f"{w}/scored/heldout/meta.json", f"{w}/discriminator"
     with side_by_side(parallel):
@@ -650,13 +734,16 @@ def main():
         # (validation here needs only its grids and that accuracy, hence 8 win-rate inputs: the evaluation
         # at the end measures every system on all held-out inputs)
         stage("preference pairs", f"{pairs}/heldout/meta.json", lambda: make_pairs(w, model_dir, remover_dir, disc_dir, args))
-        for name, judge, out in (("DPO (GT-judged pairs)", "gt", "dpo_gt"), ("DPO", "discriminator", "dpo")):
-            stage(name, f"{w}/{out}/final_metrics.json", lambda judge=judge, out=out: run([
+        # and the same two runs with Diffusion-SDPO's safeguard (the official SDXL example's mu)
+        for name, judge, out, extra in (("DPO (GT-judged pairs)", "gt", "dpo_gt", []), ("DPO", "discriminator", "dpo", []),
+                                        ("SDPO (GT-judged pairs)", "gt", "sdpo_gt", ["--safeguard_mu", "0.6"]),
+                                        ("SDPO", "discriminator", "sdpo", ["--safeguard_mu", "0.6"])):
+            stage(name, f"{w}/{out}/final_metrics.json", lambda judge=judge, out=out, extra=extra: run([
                 "train_RORem_dpo.py", "--config", "configs/toy_dpo.yaml", "--pretrained_model_name_or_path", model_dir,
                 "--pretrained_unet", f"{remover_dir}/unet", "--preference_data", f"{pairs}/{judge}/meta.json",
                 "--validation_meta_path", f"{pairs}/heldout/meta.json", "--discriminator_path", disc_dir, "--output_dir", f"{w}/{out}",
                 "--max_train_steps", str(args.dpo_steps), "--validation_steps", str(args.dpo_steps), "--win_rate_samples", "8",
-                "--seed", str(args.seed)]))
+                "--seed", str(args.seed), *extra]))
 
         # LCM distillation into 4-step students on the scored training results (true removals, failures
         # and remover outputs as targets): plain, weighted by each target's label (the known answer: the
@@ -695,6 +782,7 @@ def main():
     unet = f"{remover_dir}/unet"
     systems = [(SYSTEMS["fill"], f"results:{fill_dir}"), (SYSTEMS["untrained"], "base"), (SYSTEMS["teacher"], f"unet:{unet}"),
                (SYSTEMS["dpo_gt"], f"lora:{w}/dpo_gt"), (SYSTEMS["dpo"], f"lora:{w}/dpo"),
+               (SYSTEMS["sdpo_gt"], f"lora:{w}/sdpo_gt"), (SYSTEMS["sdpo"], f"lora:{w}/sdpo"),
                (SYSTEMS["kto"], f"lora:{w}/kto"), (SYSTEMS["dpo_natural"], f"lora:{w}/dpo_natural"),
                (SYSTEMS["rl_gt"], f"lora:{w}/rl_gt"), (SYSTEMS["ppo_gt"], f"lora:{w}/ppo_gt"), (SYSTEMS["rl"], f"lora:{w}/rl"),
                (SYSTEMS["lcm_undistilled"], f"unet:{unet},steps=4,strength=1,scheduler=lcm"), (SYSTEMS["lcm"], f"lcm:{w}/lcm"),

@@ -1,5 +1,6 @@
 """scripts/demo.py --only: a stage whose prerequisites have not run stops with a one-line error that
 names the missing stage and its output, and writes nothing."""
+import json
 import os
 import subprocess
 import sys
@@ -82,12 +83,15 @@ def _hand_made_evaluation(demo, n=6):
     GRPO raises the score while the error grows (hacking); the weighted students beside the plain one."""
     rng = np.random.default_rng(0)
     base = {k: (0.2, 0.5) for k in demo.SYSTEMS}
-    base.update(fill=(0.3, 0.4), dpo_gt=(0.19, 0.5), lcm=(0.25, 0.45), lcm_labels=(0.24, 0.45), lcm_rewarded=(0.25, 0.55),
+    base.update(fill=(0.3, 0.4), dpo_gt=(0.19, 0.5), sdpo_gt=(0.18, 0.5), lcm=(0.25, 0.45), lcm_labels=(0.24, 0.45),
+                lcm_rewarded=(0.25, 0.55),
                 dpo=(0.2, 0.52), rl=(0.23, 0.6), ppo_gt=(0.2, 0.5))
     per_input = {demo.SYSTEMS[k]: {"masked_mse": [m] * n, "discriminator_score": [d] * n} for k, (m, d) in base.items()}
     per_input[demo.SYSTEMS["rl_gt"]]["masked_mse"] = list(0.2 + rng.normal(0, 0.01, n))
     wins = [{"a": demo.SYSTEMS[k], "b": demo.SYSTEMS["teacher"], "win_rate": 0.6, "low": 0.45, "high": 0.73}
             for k in ("dpo_gt", "dpo", "lcm_labels", "lcm_rewarded")]
+    wins += [{"a": demo.SYSTEMS["teacher"], "b": demo.SYSTEMS[k], "win_rate": 0.35, "low": 0.22, "high": 0.5}
+             for k in ("sdpo_gt", "sdpo")]
     return {"per_input": per_input, "win_rates": wins}
 
 
@@ -127,14 +131,19 @@ def test_dpo_lcm_and_rl_sections_on_hand_made_runs(tmp_path):
 
     demo = _demo_module()
     evaluation = _hand_made_evaluation(demo)
-    for judge, out, steps, acc in (("gt", "dpo_gt", 37, 0.8125), ("discriminator", "dpo", 38, 0.625)):
+    for judge, out, steps, acc in (("gt", "dpo_gt", 37, 0.8125), ("discriminator", "dpo", 38, 0.625), ("gt", "sdpo_gt", 37, 0.75),
+                                   ("discriminator", "sdpo", 38, 0.5)):
         _write(tmp_path / out / "final_metrics.json", {"metrics": {"val_preference_accuracy": acc}, "args": {"max_train_steps": steps}})
         _write(tmp_path / "pairs" / judge / "report.json", {"generated": {"pairs": 5, "min_margin": 0.005, "inputs_below_margin": 2}})
     _write(tmp_path / "pairs" / "heldout" / "meta.json", [{}] * 9)
     rows = [(demo.SYSTEMS[k], 0.2, 0.0, 0.5, 4 if "lcm" in k else 20) for k in demo.SYSTEMS]
     text = "\n".join(demo.dpo_report(str(tmp_path), SimpleNamespace(pair_inputs=7), rows, evaluation))
-    assert "| GT | 5 (2 below 0.005) | 37 | 0.812 (9 pairs) | 0.600 [0.450, 0.730] | 0.500 (0.500) |" in text
-    assert "| discriminator | 5 (2 below 0.005) | 38 | 0.625 (9 pairs) |" in text
+    assert "| DPO | GT | 5 (2 below 0.005) | 37 | 0.812 (9 pairs) | 0.600 [0.450, 0.730] | 0.500 (0.500) |" in text
+    assert "| DPO | discriminator | 5 (2 below 0.005) | 38 | 0.625 (9 pairs) |" in text
+    assert "| SDPO | GT | 5 (2 below 0.005) | 37 | 0.750 (9 pairs) | 0.650 [0.500, 0.780] |" in text
+    # SDPO against DPO on the same pairs: GT-judged 0.18 vs DPO's 0.19 on every input
+    assert "| SDPO vs DPO, GT-judged pairs | 0.1900 | 0.1800 | -0.0100 [-0.0100, -0.0100] | better |" in text
+    assert "| SDPO vs DPO, discriminator-judged pairs | 0.2000 | 0.2000 | +0.0000 [+0.0000, +0.0000] | no clear change |" in text
     _write(tmp_path / "lcm" / "final_metrics.json", {"args": {"max_train_steps": 123}})
     lines = demo.lcm_report(str(tmp_path), rows, evaluation)
     assert "123 steps of 16" in lines[2]
@@ -204,3 +213,31 @@ def test_rounds_section_on_hand_made_rounds(tmp_path):
     assert "| the rounds' data vs the steps alone | kept results | masked MSE | 0.1000 | 0.2000 | +0.1000 [+0.1000, +0.1000] | worse |" in text
     assert "| success rate, known answer (the remover of the round) | 25.0% | 50.0% |" in text
     assert "| people vs discriminator on the audit | - | - |" in text and "| training entries after the round | 100 | 200 |" in text
+
+
+def test_lcm_epsilon_part_switches_the_prediction_type_and_compares_the_student(tmp_path):
+    """make demo-lcm-epsilon: the epsilon model is the demo's model folder with only the scheduler's
+    prediction type switched; the report compares the student with the teacher's 4 and 20 steps and
+    its undistilled 4 LCM steps, paired."""
+    from types import SimpleNamespace
+
+    demo = _demo_module()
+    w, model = tmp_path / "w", tmp_path / "w" / "models" / "toy"
+    _write(model / "model_index.json", {"_class_name": "StableDiffusionXLInpaintPipeline"})
+    _write(model / "scheduler" / "scheduler_config.json", {"prediction_type": "v_prediction", "num_train_timesteps": 1000})
+    _write(model / "unet" / "config.json", {"sample_size": 4})
+    d = w / "lcm_epsilon"
+    for path in ("teacher/unet/config.json", "student/final_metrics.json"):  # the training stages have run
+        _write(d / path, {})
+    mse = {"teacher, 20 steps": [0.3, 0.3], "teacher, 4 steps": [0.4, 0.5], "teacher, 4 LCM steps undistilled": [0.25, 0.25],
+           "student, 4 LCM steps": [0.2, 0.3]}
+    _write(d / "evaluation" / "results.json", {"per_input": {k: {"masked_mse": v} for k, v in mse.items()}})
+    args = SimpleNamespace(epsilon_steps=1500, epsilon_lcm_steps=200, eval_steps=20, heldout_samples=2, seed=0)
+    lines = demo.lcm_epsilon_part(str(w), str(model), str(w / "remover"), "train.json", "held.json", args)
+    eps = d / "model"
+    assert json.load(open(eps / "scheduler" / "scheduler_config.json")) == {"prediction_type": "epsilon", "num_train_timesteps": 1000}
+    assert json.load(open(eps / "unet" / "config.json")) == {"sample_size": 4} and not (d / "model.tmp").exists()
+    text = "\n".join(lines)
+    assert "| LCM distillation vs the teacher's 4 steps | the teacher | masked MSE | 0.4500 | 0.2500 | -0.2000 [-0.2000, -0.2000] | better |" in text
+    assert "| LCM distillation vs 4 undistilled LCM steps | the teacher | masked MSE | 0.2500 | 0.2500 |" in text
+    assert "| teacher, 20 steps | 0.3000 |" in text

@@ -300,8 +300,10 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         assert {"val_preference_accuracy", "val_win_rate", "val_win_rate_low", "val_win_rate_high"} <= set(metrics)
         _lora_trained(folder)
         _lora_changes_the_unet(box, folder)
-    elif name == "train_RORem_kto.py":  # the README: a LoRA of the config's rank 8, validated as DPO is
-        folder = box / _value(args, "--output_dir")
+        if "--safeguard_mu" in args:  # Diffusion-SDPO: the run used the safeguard
+            assert _json(folder / "final_metrics.json")["args"]["safeguard_mu"] == float(_value(args, "--safeguard_mu"))
+    elif name in ("train_RORem_kto.py", "run_train_kto.sh"):  # the README: a LoRA of the config's rank 8, validated as DPO is
+        folder = box / (args[2] if name.endswith(".sh") else _value(args, "--output_dir"))
         metrics = _json(folder / "final_metrics.json")["metrics"]
         assert {"val_preference_accuracy", "val_masked_mse", "val_win_rate", "val_win_rate_low"} <= set(metrics)
         _lora_trained(folder, rank=8)
@@ -310,6 +312,7 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         root = box / _value(args, "--output_root")
         rows = _json(root / "sweep_results.json")
         assert rows == result and os.path.isfile(root / "sweep_results.md") and os.path.isfile(root / "sweep_results.csv")
+        assert ("kto" in [r["run"] for r in rows]) == ("kto" in args)
         for row in rows[1:]:  # after the reference/teacher row, each run's own final validation
             m = _json(root / row["run"] / "final_metrics.json")["metrics"]
             assert row["win_rate"] == m["val_win_rate"]
@@ -417,13 +420,14 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
         i = args.index("--launch")
         args[i + 1] = sys.executable
         cut = args.index("--")
-        args = args[:cut] + SWEEP_TINY[name] + args[cut:] + TINY["train_RORem_dpo.py" if "dpo" in name else "train_RORem_lcm.py"]
+        tiny = SWEEP_TINY[name] + (["kto"] if "kto" in args[:cut] else [])  # one DPO run, and KTO's when the command has it
+        args = args[:cut] + tiny + args[cut:] + TINY["train_RORem_dpo.py" if "dpo" in name else "train_RORem_lcm.py"]
         args += SWEEP_RUN_TINY
     elif words[0] == "bash" and name == "gpu_check.sh":  # its dry run (no GPU here) is tests/test_gpu_check.py
         pytest.skip("run (in its --dry mode) by tests/test_gpu_check.py")
     elif words[0] == "bash":
         trainer = {"run_train_RORem.sh": "train_RORem.py", "run_train_dpo.sh": "train_RORem_dpo.py",
-                   "run_train_lcm_rewarded.sh": "train_RORem_lcm_rewarded.py"}[name]
+                   "run_train_kto.sh": "train_RORem_kto.py", "run_train_lcm_rewarded.sh": "train_RORem_lcm_rewarded.py"}[name]
         run_env = dict(os.environ, **env, NUM_GPUS="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
                        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
         res = subprocess.run(["bash", str(sandbox / script), *args, *TINY[trainer]], cwd=sandbox, env=run_env,

@@ -39,7 +39,7 @@ class DiscriminatorReward:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         if conditioning == "rorem" and alpha_t0 is None:
             raise ValueError("RORem's conditioning needs alphas_cumprod[0] of the noise schedule (alpha_t0)")
-        self.disc, self.vae, self.resolution = disc.eval(), vae, resolution
+        self.disc, self.vae, self.resolution = disc.eval().requires_grad_(False), vae, resolution  # a judge, never trained here
         self.condition = condition.to(disc.device, disc.dtype)
         self.conditioning, self.alpha_t0 = conditioning, alpha_t0
 
@@ -51,6 +51,11 @@ class DiscriminatorReward:
     @torch.no_grad()
     def score_latents(self, source_latents, mask_latent, edited_latents, original_size=None, crop_top_left=None):
         """Latents already scaled by the VAE's scaling factor (what a sampler produces): no decode."""
+        return self.score_latents_differentiable(source_latents, mask_latent, edited_latents, original_size, crop_top_left)
+
+    def score_latents_differentiable(self, source_latents, mask_latent, edited_latents, original_size=None, crop_top_left=None):
+        """score_latents with gradients flowing to the edited latents (direct reward fine-tuning); the
+        discriminator's own weights stay frozen."""
         b, device = edited_latents.shape[0], self.disc.device
         if self.conditioning == "rorem":
             edited_latents = self._rorem_noised(edited_latents)
@@ -279,6 +284,22 @@ def gt_reward(result, gt, mask):
     """-(mean squared error against GT inside the mask): agreement with the true background."""
     hole = (mask >= 0.5).float().expand_as(result)
     return -(((result.float() - gt.float()) ** 2) * hole).sum((1, 2, 3)) / hole.sum((1, 2, 3)).clamp(min=1)
+
+
+def latent_rewards(weights, reward_model, cond, latents, gt_latents=None):
+    """({component: (B,)}, weighted total (B,)) of final latents, differentiable (direct reward
+    fine-tuning): the discriminator on the latents as it reads them; gt and preserve as gt_reward and
+    preservation_reward in latent space (the mask downsampled to the latents), so no decode is needed.
+    weights: {name: weight} of discriminator, gt, preserve."""
+    parts = {}
+    if "discriminator" in weights:
+        parts["discriminator"] = reward_model.score_latents_differentiable(cond["source_latents"], cond["mask_latent"], latents,
+                                                                           cond["original_size"], cond["crop_top_left"])
+    if "gt" in weights:
+        parts["gt"] = gt_reward(latents, gt_latents, cond["mask_latent"])
+    if "preserve" in weights:
+        parts["preserve"] = preservation_reward(latents, cond["source_latents"], cond["mask_latent"])
+    return parts, sum(w * parts[n].float() for n, w in weights.items())
 
 
 def jpeg_reward(result, quality=95):

@@ -122,3 +122,31 @@ def sample_trajectory(sampler, model, cond, generators, deterministic=False, sta
     b = latents[0].shape[0]
     return {"latents": torch.stack(latents, 1),
             "log_probs": torch.stack(log_probs, 1) if log_probs else torch.zeros(b, 0, device=latents[0].device)}
+
+
+def sample_with_grad(sampler, model, cond, generators, grad_steps, refl_step=None, checkpointing=False):
+    """Direct reward fine-tuning's sample: deterministic DDIM (eta 0) from per-sample noise, with
+    gradients through the last `grad_steps` steps only (DRaFT-K; all steps: AlignProp), the steps
+    before them taken without a graph (the gradient is truncated there). refl_step=j (ReFL): steps
+    before j without a graph, then one step with gradients straight to the predicted x0 from step j.
+    checkpointing: recompute each differentiated UNet call in backward (AlignProp's memory: one call's
+    activations instead of all of them). Returns (final latents, [(j, x_j, output_j)] of the
+    differentiated steps, for a drift penalty against the reference)."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = len(sampler.timesteps)
+    first = n - grad_steps if refl_step is None else refl_step
+    x, steps = sampler.start(cond, generators), []
+    with torch.no_grad():
+        for j in range(first):
+            x = sampler.step(sampler.output(model, x, j, cond), j, x, deterministic=True)[0]
+    for j in range(first, n if refl_step is None else first + 1):
+        x_in = x
+        if checkpointing:
+            out = checkpoint(lambda v, j=j: sampler.output(model, v, j, cond), x_in, use_reentrant=False)
+        else:
+            out = sampler.output(model, x_in, j, cond)
+        steps.append((j, x_in, out))
+        result = sampler.scheduler.step(out, sampler.timesteps[j], x_in.float(), eta=0.0)
+        x = result.pred_original_sample if refl_step is not None else result.prev_sample
+    return x, steps

@@ -155,6 +155,39 @@ def test_online_rl_sdxl_sampling_rewards_and_policy_step(tiny_model_dir, toy_met
     assert set(parts) == {"discriminator", "preserve", "gt"} and total.shape == (4,)
 
 
+def test_direct_reward_chain_rewards_and_drift(tiny_model_dir, toy_meta, disc_dir, tmp_path):
+    """train_RORem_draft.py's step under fp16: the differentiable chain of each method (ReFL's x0,
+    AlignProp's checkpointed calls), the latent rewards through the discriminator and the drift
+    against the LoRA-off start."""
+    import train_RORem_draft
+    from myutils.reward_utils import TRAINING_FLAGS, latent_rewards, load_reward_model
+    from myutils.rng import sample_generators
+    from pipelines.rl_sampler import SDXLInpaintSampler, sample_with_grad
+
+    args = train_RORem_draft.parse_args(_common(tiny_model_dir, str(tmp_path)) + [
+        "--meta_path", toy_meta, "--reward", "discriminator=1,preserve=0.5,gt=1", "--discriminator_path", disc_dir,
+        "--sample_steps", "3"])
+    host = _batch(toy_meta, "triplet")
+    gens = sample_generators(host, 0)  # CPU generators from the CPU bookkeeping, as the script draws them
+    with fake_cuda():
+        acc = fake_accelerator()
+        comps = prepare.Components(args, acc, torch.float16, guidance_prompts=("", ""))
+        adapters.add_lora(comps.unet, args, torch.float16)
+        comps.unet.to(CUDA)
+        sampler = SDXLInpaintSampler(comps, 3, 1.0, 0.0, 32)
+        reward = load_reward_model(tiny_model_dir, disc_dir, 32, acc.device, torch.float16, flags=TRAINING_FLAGS)
+        batch = to_device(host, CUDA)
+        cond = train_RORem_draft.conditioned(sampler, batch)
+        for grad_steps, refl, ckpt in ((1, None, False), (3, None, True), (1, 1, False)):
+            x, steps = sample_with_grad(sampler, comps.unet, cond, [g.clone_state() for g in gens], grad_steps, refl_step=refl,
+                                        checkpointing=ckpt)
+            parts, total = latent_rewards(args.rewards, reward, cond, x, cond["GT_latents"])
+            with torch.no_grad(), adapters.disabled(comps.unet):
+                refs = [sampler.output(comps.unet, x_in.detach(), j, cond) for j, x_in, _ in steps]
+            drift = torch.stack([((out - ref) ** 2).mean() for (_, _, out), ref in zip(steps, refs)]).mean()
+            on_cuda(x, total, drift, *parts.values())
+
+
 def test_flow_grpo_sampler_starts_and_steps(tiny_flux_dir, toy_meta, tmp_path, monkeypatch):
     """Also: the text encoders are on the device when the prompt is encoded there. (diffusers 0.42 moves
     the token ids to the encoders' device, so encoders left on the CPU no longer crash, but T5-XXL then

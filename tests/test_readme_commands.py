@@ -36,6 +36,8 @@ TINY = {
                            "--num_validation_images", "2", "--validation_steps", "1"],
     "train_RORem_kto.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--win_rate_samples", "2",
                            "--num_validation_images", "2", "--validation_steps", "1"],
+    "train_RORem_draft.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--sample_steps", "3", "--validation_steps", "2",
+                             "--eval_samples", "2", "--num_validation_images", "2"],
     "train_RORem_lcm.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_lcm_rewarded.py": [*_TRAIN, "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0"],
     "train_RORem_ddpo.py": _RL,
@@ -306,6 +308,12 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         folder = box / (args[2] if name.endswith(".sh") else _value(args, "--output_dir"))
         metrics = _json(folder / "final_metrics.json")["metrics"]
         assert {"val_preference_accuracy", "val_masked_mse", "val_win_rate", "val_win_rate_low"} <= set(metrics)
+        _lora_trained(folder, rank=8)
+        _lora_changes_the_unet(box, folder)
+    elif name == "train_RORem_draft.py":  # a LoRA of the config's rank 8; the GT metric beside the reward, for the start too
+        folder = box / _value(args, "--output_dir")
+        metrics = _json(folder / "final_metrics.json")["metrics"]
+        assert {"val_reward", "val_reward_discriminator", "val_reward_preserve", "val_masked_mse", "val_start_masked_mse"} <= set(metrics)
         _lora_trained(folder, rank=8)
         _lora_changes_the_unet(box, folder)
     elif name in ("sweep_dpo.py", "sweep_lcm.py"):

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Direct reward fine-tuning of the RORem remover through a differentiable reward: DRaFT-K, ReFL and
+AlignProp, on a LoRA, with the discriminator (read on latents), the GT error and preservation.
+
+    accelerate launch --config_file configs/accelerate_8gpu.yaml train_RORem_draft.py --config configs/draft_config.yaml \
+        --pretrained_unet path/to/RORem_unet --meta_path data/meta.json --discriminator_path path/to/disc \
+        --method draft --draft_k 1 --reward discriminator=1,preserve=0.5 --output_dir experiment/RORem_DRaFT
+
+RORem's reward model is a UNet encoder on latents: differentiable and cheap, so the policy can be
+trained by the reward's gradient itself instead of a policy-gradient estimate. Per step, each input is
+removed by deterministic DDIM (eta 0) from its own noise (seeded by seed, epoch and input index) and
+the loss is minus the weighted reward of the result, plus --reg_coef x the squared drift of the UNet's
+output from the start (LoRA off) at the differentiated steps, the guard against reward hacking:
+- draft (Clark et al. 2023, DRaFT-K): the whole chain, gradients through the last --draft_k steps only;
+- alignprop (Prabhudesai et al. 2023): gradients through every step, each UNet call recomputed in the
+  backward pass (memory of one call, not of the chain);
+- refl (Xu et al. 2023, ReFL): the chain without gradients down to a random step among the last
+  --refl_last, then one step with gradients to the predicted x0 (the same step for every sample of
+  a global step: a batch shares its UNet call).
+Rewards (myutils/reward_utils.py latent_rewards): discriminator, gt (minus the masked error against
+GT's latents: a known answer) and preserve (minus the change outside the mask), all on latents.
+Validation every --validation_steps on held-out triplets (deterministic DDIM from fixed noises, the
+same for policy and start): each reward component and, beside the reward, the masked MSE against GT
+in pixels, so a reward that rises while the GT error grows (reward hacking) shows; a grid of source,
+mask, start, policy and GT.
+"""
+import argparse
+import contextlib
+
+import torch
+
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, real
+from myutils.data import stack_samples, to_device
+from myutils.errors import UserError, run_cli
+from myutils.models import load_unet_weights, save_unet
+from myutils.reward_utils import TRAINING_FLAGS, gt_reward, latent_rewards, load_reward_model, parse_reward_spec
+from myutils.rng import sample_generators
+from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents
+from pipelines.rl_sampler import SDXLInpaintSampler, sample_with_grad
+from training import adapters, checkpoint, config, loop, prepare, validation
+
+REWARDS = ("discriminator", "gt", "preserve")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    config.add_common_args(parser, meta_kind="triplet")
+    g = parser.add_argument_group("direct reward fine-tuning")
+    g.add_argument("--method", choices=["draft", "alignprop", "refl"], default="draft")
+    g.add_argument("--draft_k", type=POSITIVE, default=1, help="draft: the last K steps carry gradients")
+    g.add_argument("--refl_last", type=POSITIVE, default=None, help="refl: the random step is among the last N (default: a quarter)")
+    g.add_argument("--reward", default="discriminator=1", help="name=weight,...: discriminator, gt, preserve (on latents)")
+    g.add_argument("--reg_coef", type=NONNEGATIVE_REAL, default=0.0,
+                   help="penalty on the squared drift of the UNet's output from the start's at the differentiated steps")
+    g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
+    g.add_argument("--sample_steps", type=POSITIVE, default=20, help="DDIM steps of the chain")
+    g.add_argument("--strength", type=real(above=0, maximum=1), default=1.0, help="start from the source noised to strength * T")
+    g.add_argument("--eval_samples", type=NONNEGATIVE, default=16, help="held-out inputs of the validation")
+    parser.set_defaults(use_lora=True, learning_rate=1e-4, validation_steps=0)
+    args = config.parse_args(parser, argv)
+    args.rewards = parse_reward_spec(args.reward)
+    unknown = set(args.rewards) - set(REWARDS)
+    if unknown:
+        raise UserError(f"--reward {args.reward}: {', '.join(sorted(unknown))} cannot be differentiated here; use {', '.join(REWARDS)}")
+    if "discriminator" in args.rewards and not args.discriminator_path:
+        raise UserError("--reward discriminator needs --discriminator_path")
+    if not args.use_lora:
+        raise UserError("train_RORem_draft.py trains a LoRA (the start is the same UNet with its adapters off): keep --use_lora")
+    steps = int(args.sample_steps * args.strength)
+    if steps == 0:
+        raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
+    if args.method == "draft" and args.draft_k > steps:
+        raise UserError(f"--draft_k {args.draft_k} is more than the {steps} steps the chain denoises (--sample_steps x --strength)")
+    return args
+
+
+def conditioned(sampler, batch):
+    """The sampler's conditioning plus GT's latents (the gt reward's target)."""
+    cond = sampler.condition(batch)
+    with torch.no_grad():
+        cond["GT_latents"] = posterior_mean_latents(batch_latent_params(sampler.vae, batch, ["GT"])["params:GT"], sampler.vae.config)
+    return cond
+
+
+def refl_step(args, step, n):
+    """ReFL's step index for an optimizer step: among the last --refl_last of n, drawn from (seed, step)
+    alone, so every rank and a resumed run draw the same."""
+    last = min(n, args.refl_last or max(1, n // 4))
+    g = torch.Generator("cpu").manual_seed(args.seed * 1_000_003 + step)
+    return n - 1 - int(torch.randint(0, last, (1,), generator=g, device="cpu"))
+
+
+@torch.no_grad()
+def evaluate(args, sampler, model, reward, samples, use_adapters=True):
+    """Held-out rewards (on latents) and the masked MSE against GT (pixels), per sample, and results."""
+    from myutils.img_util import tensor_to_pil
+
+    b = conditioned(sampler, to_device(stack_samples(samples), sampler.vae.device))
+    gens = sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed)
+    with contextlib.nullcontext() if use_adapters else adapters.disabled(model):
+        x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
+    parts, total = latent_rewards(args.rewards, reward, b, x, b["GT_latents"])
+    pixels = sampler.decode(x)
+    metrics = {"reward": total.mean().item(), **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
+               "masked_mse": -gt_reward(pixels, b["GT"], b["mask"]).mean().item()}
+    return metrics, [tensor_to_pil(p) for p in pixels.cpu()]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = prepare.make_accelerator(args)
+    entries, val_entries = prepare.load_train_and_validation(args, "triplet", accelerator)
+    dtype = prepare.weight_dtype(accelerator)
+    comps = prepare.Components(args, accelerator, dtype, guidance_prompts=(args.prompt, ""))
+    unet = comps.unet
+    params = adapters.add_lora(unet, args, dtype)
+    sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, 0.0, args.resolution)
+    reward = (load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution, accelerator.device,
+                                dtype, args.variant, flags=TRAINING_FLAGS) if args.discriminator_path else None)
+
+    dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator)
+    unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
+    save = lambda m, d: save_unet(m, d, True)  # noqa: E731
+    checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, True))
+    prepare.init_trackers(accelerator, args, "train_RORem_draft")
+    samples = validation.validation_samples(args, val_entries, "triplet", args.eval_samples) if accelerator.is_main_process else []
+    start = {}
+
+    def validate(step):
+        if not samples:
+            return None
+        model = accelerator.unwrap_model(unet)
+        if not start:  # the start's held-out figures and results: the same at every validation
+            start["metrics"], start["images"] = evaluate(args, sampler, model, reward, samples, use_adapters=False)
+        metrics, images = evaluate(args, sampler, model, reward, samples)
+        out = {**{f"val_{k}": v for k, v in metrics.items()}, **{f"val_start_{k}": v for k, v in start["metrics"].items()}}
+        source, mask, gt = validation.input_rows(samples[:args.num_validation_images], "GT")
+        n = len(source)
+        validation.save_validation_grid(accelerator, args, [source, mask, start["images"][:n], images[:n], gt], step)
+        validation.log_validation(accelerator, out, step)
+        return out
+
+    global_step, final = checkpoint.resume(accelerator, args), None
+    run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
+    n = len(sampler.timesteps)
+    for batch in run.batches():
+        with accelerator.accumulate(unet):
+            cond = conditioned(sampler, batch)
+            gens = sample_generators(batch, args.seed)
+            grad_steps = {"draft": args.draft_k, "alignprop": n, "refl": 1}[args.method]
+            j = refl_step(args, run.global_step, n) if args.method == "refl" else None
+            x, steps = sample_with_grad(sampler, unet, cond, gens, grad_steps, refl_step=j, checkpointing=args.method == "alignprop")
+            parts, total = latent_rewards(args.rewards, reward, cond, x, cond["GT_latents"])
+            drift = torch.zeros((), device=x.device)
+            if args.reg_coef:
+                model = accelerator.unwrap_model(unet)
+                with torch.no_grad(), adapters.disabled(model):
+                    refs = [sampler.output(model, x_in.detach(), i, cond) for i, x_in, _ in steps]
+                drift = torch.stack([((out - ref) ** 2).mean() for (_, _, out), ref in zip(steps, refs)]).mean()
+            loss = -total.mean() + args.reg_coef * drift
+            if run.loss_is_finite(loss):
+                accelerator.backward(loss)
+            run.optimizer_step(optimizer, lr_scheduler, params)
+        logs = {"reward": total.mean().item(), "drift": drift.item(), **{f"reward_{k}": v.mean().item() for k, v in parts.items()}}
+        if run.end_of_step(**logs) and args.validation_steps and run.global_step % args.validation_steps == 0:
+            final = validate(run.global_step)
+    run.finish()
+    if args.validation_steps and (final is None or run.global_step % args.validation_steps):
+        final = validate(run.global_step)
+    checkpoint.save_final(accelerator, args, unet, save, metrics=final)
+    return final
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -92,18 +92,24 @@ def refl_step(args, step, n):
 
 @torch.no_grad()
 def evaluate(args, sampler, model, reward, samples, use_adapters=True):
-    """Held-out rewards (on latents) and the masked MSE against GT (pixels), per sample, and results."""
+    """Held-out means of each reward (on latents) and of the masked MSE against GT (pixels), and the
+    first --num_validation_images results; --validation_batch_size inputs at a time, so memory does
+    not grow with --eval_samples (a sample's noise depends on its index only)."""
     from myutils.img_util import tensor_to_pil
 
-    b = conditioned(sampler, to_device(stack_samples(samples), sampler.vae.device))
-    gens = sample_generators({"epoch": [10_000] * len(samples), "index": b["index"]}, args.seed)
-    with contextlib.nullcontext() if use_adapters else adapters.disabled(model):
-        x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
-    parts, total = latent_rewards(args.rewards, reward, b, x, b["GT_latents"])
-    pixels = sampler.decode(x)
-    metrics = {"reward": total.mean().item(), **{f"reward_{k}": v.mean().item() for k, v in parts.items()},
-               "masked_mse": -gt_reward(pixels, b["GT"], b["mask"]).mean().item()}
-    return metrics, [tensor_to_pil(p) for p in pixels.cpu()]
+    per_sample, images = {}, []
+    for i in range(0, len(samples), args.validation_batch_size):
+        b = conditioned(sampler, to_device(stack_samples(samples[i:i + args.validation_batch_size]), sampler.vae.device))
+        gens = sample_generators({"epoch": [10_000] * len(b["index"]), "index": b["index"]}, args.seed)
+        with contextlib.nullcontext() if use_adapters else adapters.disabled(model):
+            x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
+        parts, total = latent_rewards(args.rewards, reward, b, x, b["GT_latents"])
+        pixels = sampler.decode(x)
+        for k, v in {"reward": total, **{f"reward_{k}": v for k, v in parts.items()},
+                     "masked_mse": -gt_reward(pixels, b["GT"], b["mask"])}.items():
+            per_sample.setdefault(k, []).extend(v.float().cpu().tolist())
+        images += [tensor_to_pil(p) for p in pixels[:max(0, args.num_validation_images - len(images))].cpu()]
+    return {k: sum(v) / len(v) for k, v in per_sample.items()}, images
 
 
 def main(argv=None):

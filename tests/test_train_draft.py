@@ -210,3 +210,28 @@ def test_bad_arguments(tmp_path, tiny_model_dir, toy_meta):
     for extra, message in cases:
         with pytest.raises(UserError, match=message.replace("(", r"\(")):
             tdraft.parse_args(base + extra)
+
+
+def test_validation_memory_is_bounded_by_its_batch(lora_sampler, toy_meta):
+    """evaluate() works --validation_batch_size inputs at a time: no UNet batch above it, and the same
+    figures as in one piece (a sample's noise depends on its index only)."""
+    import copy
+
+    from myutils.data import RemovalDataset, read_meta
+
+    dataset = RemovalDataset(read_meta(toy_meta, "triplet")[:5], "triplet", 32)
+    samples = [dataset[i] for i in range(5)]
+    seen = []
+    hook = lora_sampler.unet.register_forward_pre_hook(lambda m, a, k=None: seen.append(a[0].shape[0]))
+    try:
+        results = {}
+        for size in (2, 5):
+            args = copy.copy(lora_sampler.args)
+            args.validation_batch_size, args.num_validation_images = size, 3
+            results[size] = tdraft.evaluate(args, lora_sampler.sampler, lora_sampler.unet, None, samples)
+    finally:
+        hook.remove()
+    assert max(seen[:len(seen) // 2]) == 2 and max(seen) == 5
+    (small, small_images), (whole, whole_images) = results[2], results[5]
+    assert set(small) == {"reward", "reward_gt", "masked_mse"} and len(small_images) == len(whole_images) == 3
+    assert all(small[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6) for k in whole)

@@ -74,6 +74,28 @@ def run_script():
 
 
 @pytest.fixture
+def crash_then_resume(run_script, monkeypatch):
+    """crash_then_resume(module, argv): the script dies right after saving its first checkpoint, then
+    the same command runs again with --resume_from_checkpoint latest (a crash and its restart).
+    Returns the second run's result."""
+    from training import checkpoint
+
+    def run(module, argv):
+        real_save = checkpoint.save_checkpoint
+
+        def save_then_die(accelerator, args, step, extra=None):
+            real_save(accelerator, args, step, extra)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run_script(module, argv)
+        monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+        return run_script(module, [*argv, "--resume_from_checkpoint", "latest"])
+    return run
+
+
+@pytest.fixture
 def sigterm_at_step(monkeypatch):
     """sigterm_at_step(n): a real SIGTERM arrives during the micro-batch that completes optimizer step
     n (as a cluster's preemption would), so the script saves checkpoint-n and exits with code 0."""

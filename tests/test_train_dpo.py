@@ -269,7 +269,7 @@ def test_sweep_runs_each_variant_once_and_tabulates(tmp_path, tiny_model_dir, pa
     assert "done before, skipped" in capsys.readouterr().out
 
 
-def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, run_script, monkeypatch):
+def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, run_script, crash_then_resume):
     """Killed right after checkpoint-1 and resumed: equal to a straight run (the beta schedule, which
     depends on the step, and the SDPO safeguard included)."""
     from safetensors.torch import load_file
@@ -277,18 +277,8 @@ def test_dpo_resume_equals_a_straight_run(tmp_path, tiny_model_dir, pair_meta, r
     common = ["--use_lora", "--random_flip", "--checkpointing_steps", "1", "--beta_schedule", "linear", "--beta_end", "100",
               "--max_train_steps", "3", "--safeguard_mu", "0.6"]
     run_script(tdpo, _args(tiny_model_dir, pair_meta, str(tmp_path / "straight"), *common))
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(accelerator, args, step, extra=None):
-        real_save(accelerator, args, step, extra)
-        raise KeyboardInterrupt
-
     half = str(tmp_path / "resumed")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    run_script(tdpo, _args(tiny_model_dir, pair_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    crash_then_resume(tdpo, _args(tiny_model_dir, pair_meta, half, *common))
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 import train_RORem_draft as tdraft
 from myutils.errors import UserError
-from training import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +149,7 @@ def _args(model, meta, out, *extra):
             "--lora_rank", "4", *extra]
 
 
-def test_draft_trains_validates_and_resumes_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
+def test_draft_trains_validates_and_resumes_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, crash_then_resume):
     common = ["--method", "draft", "--draft_k", "2", "--reg_coef", "0.1", "--checkpointing_steps", "1", "--max_train_steps", "3"]
     metrics = run_script(tdraft, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common, "--validation_steps", "3",
                                        "--validation_meta_path", toy_meta, "--eval_samples", "3", "--num_validation_images", "2"))
@@ -159,18 +158,8 @@ def test_draft_trains_validates_and_resumes_exactly(tmp_path, tiny_model_dir, to
     assert os.path.isfile(tmp_path / "straight" / "validation" / "step-000003.png")
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(accelerator, args, step, extra=None):
-        real_save(accelerator, args, step, extra)
-        raise KeyboardInterrupt
-
     half = str(tmp_path / "resumed")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_script(tdraft, _args(tiny_model_dir, toy_meta, half, *common))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    run_script(tdraft, _args(tiny_model_dir, toy_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    crash_then_resume(tdraft, _args(tiny_model_dir, toy_meta, half, *common))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 import train_RORem_kto as tkto
 from myutils.dpo_utils import diffusion_kto_loss, kto_class_weights
 from myutils.errors import UserError
-from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,25 +97,16 @@ def _args(model, meta, out, *extra):
             "--use_lora", "--beta", "50", *extra]
 
 
-def test_kto_trains_a_lora_validates_and_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, pair_meta, run_script, monkeypatch):
+def test_kto_trains_a_lora_validates_and_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, pair_meta, run_script,
+                                                         crash_then_resume):
     common = ["--random_flip", "--checkpointing_steps", "1", "--max_train_steps", "3"]
     metrics = run_script(tkto, _args(tiny_model_dir, scored_meta, str(tmp_path / "straight"), *common, "--validation_meta_path",
                                      pair_meta, "--validation_steps", "3", "--num_validation_images", "2"))
     assert 0.0 <= metrics["val_preference_accuracy"] <= 1.0 and "val_masked_mse" in metrics
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_die(accelerator, args, step, extra=None):
-        real_save(accelerator, args, step, extra)
-        raise KeyboardInterrupt
-
     half = str(tmp_path / "resumed")
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_script(tkto, _args(tiny_model_dir, scored_meta, half, *common))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    run_script(tkto, _args(tiny_model_dir, scored_meta, half, *common, "--resume_from_checkpoint", "latest"))
+    crash_then_resume(tkto, _args(tiny_model_dir, scored_meta, half, *common))
     b = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -208,6 +208,7 @@ def tiny_part(check, work, w):
     import train_RORem_ddpo
     import train_RORem_discriminator
     import train_RORem_dpo
+    import train_RORem_draft
     import train_RORem_kto
     import train_RORem_lcm
     import train_RORem_lcm_rewarded
@@ -243,6 +244,11 @@ def tiny_part(check, work, w):
         check.run("tiny", "train_RORem_lcm_rewarded (teacher scores on latents)", train_RORem_lcm_rewarded,
                   common + steps + mp + lcm + ["--output_dir", out("lcm_rewarded"), "--discriminator_path", disc, "--reward_source",
                                               "teacher", "--weighting", "softmax"], p, [out("lcm_rewarded")])
+        check.run("tiny", "train_RORem_draft (DRaFT-2 through the discriminator, preserve, drift; validation)", train_RORem_draft,
+                  common + steps + mp + ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--output_dir", out("draft"),
+                                         "--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc, "--draft_k", "2",
+                                         "--sample_steps", "3", "--reg_coef", "0.1", "--validation_steps", "2", "--eval_samples", "2",
+                                         "--num_validation_images", "2", "--lora_rank", "4"], p, [out("draft")])
         check.run("tiny", "train_RORem_ddpo (PPO, discriminator + preserve, CFG, KL)", train_RORem_ddpo,
                   common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("ddpo"), "--reward", "discriminator=1,preserve=0.5",
                                       "--discriminator_path", disc, "--guidance_scale", "2", "--kl_coef", "0.01"], p, [out("ddpo")])
@@ -317,6 +323,7 @@ REAL_RUNS = [  # (script, config, resolution key, extra arguments, what differs 
     ("train_RORem_lcm.py", "lcm_config.yaml", "lo", ["--max_train_steps", "4"], ""),
     ("train_RORem_discriminator.py", "train_RORem_discriminator.yaml", "lo", ["--max_train_steps", "4"], ""),
     ("train_RORem_lcm_rewarded.py", "lcm_rewarded_config.yaml", "lo", ["--max_train_steps", "4"], "data scores of 48 inputs first"),
+    ("train_RORem_draft.py", "draft_config.yaml", "lo", ["--max_train_steps", "4"], "DRaFT-1, 20 DDIM steps"),
     ("train_RORem_ddpo.py", "ddpo_config.yaml", "lo", ["--sample_batches_per_epoch", "1", "--num_train_epochs", "1", "--eval_samples", "2",
                                                       "--checkpointing_epochs", "0"], "one epoch of 8 samples (config: 32/epoch)"),
     ("train_RORem_morl.py", "morl_config.yaml", "lo", ["--population", "2", "--generations", "1", "--warmup_generations", "1",
@@ -418,7 +425,7 @@ def real_part(check, work, w):
         if check.args.dry:  # CPU: fp32 (accelerate autocasts fp16 on a GPU only), small batches, few sampling steps
             precision = "no"
             argv += ["--mixed_precision", "no", "--train_batch_size", "4"]
-            if script in ("train_RORem_ddpo.py", "train_RORem_morl.py"):
+            if script in ("train_RORem_ddpo.py", "train_RORem_morl.py", "train_RORem_draft.py"):
                 argv += ["--sample_steps", "4"]
         patches = [(checkpoint, "save_final", lambda accelerator, *a, **k: accelerator.end_training())] if script == "train_RORem.py" else []
         check.run("real", f"{script} ({config})", module, argv, precision, plan=plans.get((script, plan_res[key])),

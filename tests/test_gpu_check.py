@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from tests.conftest import ROOT
 
 TRAINING = ["train_RORem.py", "train_RORem_dpo.py", "train_RORem_kto.py", "train_RORem_lcm.py", "train_RORem_lcm_rewarded.py",
-            "train_RORem_discriminator.py", "train_RORem_ddpo.py", "train_RORem_morl.py"]
+            "train_RORem_discriminator.py", "train_RORem_ddpo.py", "train_RORem_morl.py", "train_RORem_draft.py"]
 
 
 def test_dry_run_runs_every_script_and_writes_the_table(tmp_path):

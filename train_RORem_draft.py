@@ -74,11 +74,12 @@ def parse_args(argv=None):
     return args
 
 
-def conditioned(sampler, batch):
-    """The sampler's conditioning plus GT's latents (the gt reward's target)."""
+def conditioned(sampler, batch, gt=True):
+    """The sampler's conditioning, plus GT's latents (the gt reward's target) when gt is asked for."""
     cond = sampler.condition(batch)
-    with torch.no_grad():
-        cond["GT_latents"] = posterior_mean_latents(batch_latent_params(sampler.vae, batch, ["GT"])["params:GT"], sampler.vae.config)
+    if gt:  # one more VAE encode per batch: only for the gt reward
+        with torch.no_grad():
+            cond["GT_latents"] = posterior_mean_latents(batch_latent_params(sampler.vae, batch, ["GT"])["params:GT"], sampler.vae.config)
     return cond
 
 
@@ -99,11 +100,12 @@ def evaluate(args, sampler, model, reward, samples, use_adapters=True):
 
     per_sample, images = {}, []
     for i in range(0, len(samples), args.validation_batch_size):
-        b = conditioned(sampler, to_device(stack_samples(samples[i:i + args.validation_batch_size]), sampler.vae.device))
+        b = conditioned(sampler, to_device(stack_samples(samples[i:i + args.validation_batch_size]), sampler.vae.device),
+                        gt="gt" in args.rewards)
         gens = sample_generators({"epoch": [10_000] * len(b["index"]), "index": b["index"]}, args.seed)
         with contextlib.nullcontext() if use_adapters else adapters.disabled(model):
             x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
-        parts, total = latent_rewards(args.rewards, reward, b, x, b["GT_latents"])
+        parts, total = latent_rewards(args.rewards, reward, b, x, b.get("GT_latents"))
         pixels = sampler.decode(x)
         for k, v in {"reward": total, **{f"reward_{k}": v for k, v in parts.items()},
                      "masked_mse": -gt_reward(pixels, b["GT"], b["mask"])}.items():
@@ -151,12 +153,12 @@ def main(argv=None):
     n = len(sampler.timesteps)
     for batch in run.batches():
         with accelerator.accumulate(unet):
-            cond = conditioned(sampler, batch)
+            cond = conditioned(sampler, batch, gt="gt" in args.rewards)
             gens = sample_generators(batch, args.seed)
             grad_steps = {"draft": args.draft_k, "alignprop": n, "refl": 1}[args.method]
             j = refl_step(args, run.global_step, n) if args.method == "refl" else None
             x, steps = sample_with_grad(sampler, unet, cond, gens, grad_steps, refl_step=j, checkpointing=args.method == "alignprop")
-            parts, total = latent_rewards(args.rewards, reward, cond, x, cond["GT_latents"])
+            parts, total = latent_rewards(args.rewards, reward, cond, x, cond.get("GT_latents"))
             drift = torch.zeros((), device=x.device)
             if args.reg_coef:
                 model = accelerator.unwrap_model(unet)

@@ -50,9 +50,14 @@ def parse_args(argv=None):
     args = parse_sweep_args(p, argv)
     if "kto" in args.variants and not args.scored_meta_path:
         p.error("--variants kto needs --scored_meta_path (the scored results KTO trains on)")
-    if not any(a.split("=")[0] == "--preference_data" for a in args.train_args) and not args.scored_meta_path:
+    if not given(args.train_args, "--preference_data") and not args.scored_meta_path:
         p.error("give --preference_data after --, or --scored_meta_path to pair the scored results")
     return args
+
+
+def given(argv, flag):
+    """Whether argv has `flag X` or `flag=X`."""
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def without_option(argv, flag):
@@ -71,13 +76,15 @@ def without_option(argv, flag):
 def kto_arguments(args):
     """The KTO run's arguments: the DPO runs' with the scored results in place of the pairs and the
     KTO config in place of theirs."""
-    argv = without_option(without_option(without_option(args.train_args, "--config"), "--preference_data"), "--meta_path")
+    argv = args.train_args
+    for flag in ("--config", "--preference_data", "--meta_path"):
+        argv = without_option(argv, flag)
     return ["--config", args.kto_config, *argv, "--meta_path", args.scored_meta_path]
 
 
 def natural_pairs(args):
     """--preference_data for the DPO runs: as given, or the scored results' natural pairs, built once."""
-    if any(a == "--preference_data" or a.startswith("--preference_data=") for a in args.train_args):
+    if given(args.train_args, "--preference_data"):
         return
     folder = os.path.join(args.output_root, "natural_pairs")
     if not os.path.isfile(os.path.join(folder, "meta.json")) and not args.dry_run:

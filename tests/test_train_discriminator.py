@@ -33,8 +33,7 @@ def test_training_raises_auc_and_writes_rorem_layout(tmp_path, tiny_model_dir, s
     assert {"cls_pred_branch.pt", "discriminator.safetensors", "discriminator_config.json"} <= set(os.listdir(out))
 
 
-def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_script, monkeypatch):
-    from training import checkpoint
+def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_script, crash_then_resume):
     from myutils.reward_utils import load_reward_model
 
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--val_fraction", "0.25"]
@@ -42,17 +41,7 @@ def test_lora_run_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, run_scr
     run_script(tdisc, _args(tiny_model_dir, scored_meta, straight, *common))
     assert {"cls_pred_branch.pt", "pytorch_lora_weights.safetensors"} <= set(os.listdir(straight))
 
-    real = checkpoint.save_checkpoint
-
-    def die_after(accelerator, args, step, extra=None):
-        real(accelerator, args, step, extra)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", die_after)
-    with pytest.raises(KeyboardInterrupt):
-        run_script(tdisc, _args(tiny_model_dir, scored_meta, split, *common))
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real)
-    run_script(tdisc, _args(tiny_model_dir, scored_meta, split, *common, "--resume_from_checkpoint", "latest"))
+    crash_then_resume(tdisc, _args(tiny_model_dir, scored_meta, split, *common))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     mask = torch.zeros(2, 1, 32, 32)
     mask[..., 4:20, 4:20] = 1

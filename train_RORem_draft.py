@@ -5,6 +5,13 @@ AlignProp, on a LoRA, with the discriminator (read on latents), the GT error and
     accelerate launch --config_file configs/accelerate_8gpu.yaml train_RORem_draft.py --config configs/draft_config.yaml \
         --pretrained_unet path/to/RORem_unet --meta_path data/meta.json --discriminator_path path/to/disc \
         --method draft --draft_k 1 --reward discriminator=1,preserve=0.5 --output_dir experiment/RORem_DRaFT
+    ... --config configs/draft_lcm_config.yaml --student_lora path/to/RORem_LCM_lora    # the 4-step student
+
+With --student_lora (a 4-step LCM LoRA: train_RORem_lcm.py's, or RORem's release) the LoRA trained
+is the student's own, from where it is, sampled as inference_RORem_4S.py samples it (multistep LCM,
+each step's noise drawn from the per-sample generators); the start is that LoRA as loaded, and the
+result is a LoRA of the same shape, for inference_RORem_4S.py. With 4 steps, backpropagating through
+all of them (alignprop) is cheap.
 
 RORem's reward model is a UNet encoder on latents: differentiable and cheap, so the policy can be
 trained by the reward's gradient itself instead of a policy-gradient estimate. Per step, each input is
@@ -25,7 +32,6 @@ in pixels, so a reward that rises while the GT error grows (reward hacking) show
 mask, start, policy and GT.
 """
 import argparse
-import contextlib
 
 import torch
 
@@ -53,6 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--reg_coef", type=NONNEGATIVE_REAL, default=0.0,
                    help="penalty on the squared drift of the UNet's output from the start's at the differentiated steps")
     g.add_argument("--discriminator_path", "--RORem_discriminator", default=None)
+    g.add_argument("--student_lora", default=None,
+                   help="a 4-step LCM LoRA to train on (sampled with LCM steps; its own rank and layers: --lora_* are not used)")
     g.add_argument("--sample_steps", type=POSITIVE, default=20, help="DDIM steps of the chain")
     g.add_argument("--strength", type=real(above=0, maximum=1), default=1.0, help="start from the source noised to strength * T")
     g.add_argument("--eval_samples", type=NONNEGATIVE, default=16, help="held-out inputs of the validation")
@@ -65,7 +73,8 @@ def parse_args(argv=None):
     if "discriminator" in args.rewards and not args.discriminator_path:
         raise UserError("--reward discriminator needs --discriminator_path")
     if not args.use_lora:
-        raise UserError("train_RORem_draft.py trains a LoRA (the start is the same UNet with its adapters off): keep --use_lora")
+        raise UserError("train_RORem_draft.py trains a LoRA (the start is the same UNet with its adapters off, or the "
+                        "--student_lora as loaded): keep --use_lora")
     steps = int(args.sample_steps * args.strength)
     if steps == 0:
         raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
@@ -92,7 +101,7 @@ def refl_step(args, step, n):
 
 
 @torch.no_grad()
-def evaluate(args, sampler, model, reward, samples, use_adapters=True):
+def evaluate(args, sampler, model, reward, samples):
     """Held-out means of each reward (on latents) and of the masked MSE against GT (pixels), and the
     first --num_validation_images results; --validation_batch_size inputs at a time, so memory does
     not grow with --eval_samples (a sample's noise depends on its index only)."""
@@ -103,8 +112,7 @@ def evaluate(args, sampler, model, reward, samples, use_adapters=True):
         b = conditioned(sampler, to_device(stack_samples(samples[i:i + args.validation_batch_size]), sampler.vae.device),
                         gt="gt" in args.rewards)
         gens = sample_generators({"epoch": [10_000] * len(b["index"]), "index": b["index"]}, args.seed)
-        with contextlib.nullcontext() if use_adapters else adapters.disabled(model):
-            x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
+        x, _ = sample_with_grad(sampler, model, b, gens, grad_steps=0)
         parts, total = latent_rewards(args.rewards, reward, b, x, b.get("GT_latents"))
         pixels = sampler.decode(x)
         for k, v in {"reward": total, **{f"reward_{k}": v for k, v in parts.items()},
@@ -121,30 +129,36 @@ def main(argv=None):
     dtype = prepare.weight_dtype(accelerator)
     comps = prepare.Components(args, accelerator, dtype, guidance_prompts=(args.prompt, ""))
     unet = comps.unet
-    params = adapters.add_lora(unet, args, dtype)
-    sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, 0.0, args.resolution)
+    if args.student_lora:
+        params = adapters.load_trainable_lora(unet, args.student_lora, dtype, "--student_lora")
+    else:
+        params = adapters.add_lora(unet, args, dtype)
+    sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, 0.0, args.resolution,
+                                 scheduler="lcm" if args.student_lora else "ddim")
     reward = (load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution, accelerator.device,
                                 dtype, args.variant, flags=TRAINING_FLAGS) if args.discriminator_path else None)
 
     dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator)
     unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
+    raw = accelerator.unwrap_model(unet)  # the start, on the device, before a resume: the student as loaded, or (a new
+    start = adapters.called_with(raw, adapters.trainable_state(raw))  # LoRA, B = 0) exactly the UNet it was added to
     save = lambda m, d: save_unet(m, d, True)  # noqa: E731
     checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, True))
     prepare.init_trackers(accelerator, args, "train_RORem_draft")
     samples = validation.validation_samples(args, val_entries, "triplet", args.eval_samples) if accelerator.is_main_process else []
-    start = {}
+    start_figures = {}
 
     def validate(step):
         if not samples:
             return None
         model = accelerator.unwrap_model(unet)
-        if not start:  # the start's held-out figures and results: the same at every validation
-            start["metrics"], start["images"] = evaluate(args, sampler, model, reward, samples, use_adapters=False)
+        if not start_figures:  # the start's held-out figures and results: the same at every validation
+            start_figures["metrics"], start_figures["images"] = evaluate(args, sampler, start, reward, samples)
         metrics, images = evaluate(args, sampler, model, reward, samples)
-        out = {**{f"val_{k}": v for k, v in metrics.items()}, **{f"val_start_{k}": v for k, v in start["metrics"].items()}}
+        out = {**{f"val_{k}": v for k, v in metrics.items()}, **{f"val_start_{k}": v for k, v in start_figures["metrics"].items()}}
         source, mask, gt = validation.input_rows(samples[:args.num_validation_images], "GT")
         n = len(source)
-        validation.save_validation_grid(accelerator, args, [source, mask, start["images"][:n], images[:n], gt], step)
+        validation.save_validation_grid(accelerator, args, [source, mask, start_figures["images"][:n], images[:n], gt], step)
         validation.log_validation(accelerator, out, step)
         return out
 
@@ -161,9 +175,8 @@ def main(argv=None):
             parts, total = latent_rewards(args.rewards, reward, cond, x, cond.get("GT_latents"))
             drift = torch.zeros((), device=x.device)
             if args.reg_coef:
-                model = accelerator.unwrap_model(unet)
-                with torch.no_grad(), adapters.disabled(model):
-                    refs = [sampler.output(model, x_in.detach(), i, cond) for i, x_in, _ in steps]
+                with torch.no_grad():
+                    refs = [sampler.output(start, x_in.detach(), i, cond) for i, x_in, _ in steps]
                 drift = torch.stack([((out - ref) ** 2).mean() for (_, _, out), ref in zip(steps, refs)]).mean()
             loss = -total.mean() + args.reg_coef * drift
             if run.loss_is_finite(loss):

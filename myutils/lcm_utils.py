@@ -4,7 +4,6 @@ conditions, x0/epsilon conversions, the loss, and one step's student/target comp
 The solver runs on the 4-channel latents; the UNet sees them with the mask and masked-source
 latents appended (myutils/sdxl_inpaint.unet_input), which `unet_fn` below takes care of.
 """
-import numpy as np
 import torch
 
 from .rng import rand_per_sample
@@ -15,7 +14,7 @@ class DDIMSolver:
     N = 50; alpha_prev of index n is alphas_cumprod[t_{n-1}] (alphas_cumprod[0] for n = 0)."""
 
     def __init__(self, alphas_cumprod, timesteps=1000, ddim_timesteps=50):
-        alphas_cumprod = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float64)
+        alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         self.step_ratio = timesteps // ddim_timesteps
         self.ddim_timesteps = (torch.arange(1, ddim_timesteps + 1) * self.step_ratio).round().long() - 1
         self.ddim_alpha_cumprods = alphas_cumprod[self.ddim_timesteps]
@@ -65,6 +64,26 @@ def predicted_noise(model_output, timesteps, sample, prediction_type, alphas_cum
     if prediction_type == "v_prediction":
         return alpha * model_output.float() + sigma * sample.float()
     raise ValueError(f"unsupported prediction_type {prediction_type!r}: epsilon or v_prediction")
+
+
+def lcm_denoised(model_output, t, sample, prediction_type, alphas_cumprod):
+    """The consistency output at timestep t (an int shared by the batch), what LCMScheduler.step calls
+    `denoised`: c_skip(t) x_t + c_out(t) x0(x_t), fp32."""
+    view = (-1,) + (1,) * (sample.dim() - 1)
+    c_skip, c_out = (c.to(sample.device).view(view) for c in scalings_for_boundary_conditions([t]))
+    tt = torch.full((sample.shape[0],), int(t), device=sample.device)
+    return c_skip * sample.float() + c_out * predicted_origin(model_output, tt, sample, prediction_type, alphas_cumprod)
+
+
+def lcm_step_mean_std(model_output, t, prev_t, sample, prediction_type, alphas_cumprod):
+    """One step of multistep LCM sampling (diffusers' LCMScheduler.step) as a Gaussian: the consistency
+    output noised afresh to prev_t, mean sqrt(a_prev) denoised and std sqrt(1 - a_prev) (a 0-dim tensor); prev_t None
+    (the last step): (denoised, None), no noise."""
+    denoised = lcm_denoised(model_output, t, sample, prediction_type, alphas_cumprod)
+    if prev_t is None:
+        return denoised, None
+    a_prev = torch.as_tensor(alphas_cumprod, device=denoised.device)[int(prev_t)].float()  # a 0-dim tensor: no host read
+    return a_prev.sqrt() * denoised, (1 - a_prev).sqrt()
 
 
 def per_sample_lcm_loss(pred, target, loss_type="l2", huber_c=0.001):

@@ -131,8 +131,14 @@ def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
 
 
 def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
-    """Put a LoRA file on the pipeline's UNet (read_lora: any naming) and check that every one of its
-    weights landed; returns the adapter's name. diffusers only warns about keys it could not place."""
+    """Put a LoRA file on the pipeline's UNet (load_lora_into_unet); returns the adapter's name."""
+    return load_lora_into_unet(pipe.unet, path, flag)
+
+
+def load_lora_into_unet(unet, path, flag="--RORem_LoRA", adapter_name=None):
+    """Put a LoRA file on a UNet as a new adapter (read_lora: any naming; its rank, alpha and target
+    layers from the file) and check that every one of its weights landed; returns the adapter's name.
+    diffusers only warns about keys it could not place."""
     from peft.utils import get_peft_model_state_dict
 
     from model.unet_sdxl_discriminator import HEAD_FILE
@@ -142,11 +148,11 @@ def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
         raise UserError(f"{flag} {path}: a discriminator (its folder holds {HEAD_FILE}), not a remover LoRA; a discriminator "
                         "goes to --RORem_discriminator / --discriminator_path")
     state, metadata = read_lora(path, flag)
-    before = set(getattr(pipe.unet, "peft_config", {}) or {})
-    pipe.load_lora_into_unet({f"unet.{k}": v for k, v in state.items()}, network_alphas=None, unet=pipe.unet, metadata=metadata,
-                             _pipeline=pipe)
-    added = [n for n in pipe.unet.peft_config if n not in before]
-    loaded = get_peft_model_state_dict(pipe.unet, adapter_name=added[0]) if added else {}
+    before = set(getattr(unet, "peft_config", {}) or {})
+    unet.load_lora_adapter({f"unet.{k}": v for k, v in state.items()}, prefix="unet", network_alphas=None, metadata=metadata,
+                           adapter_name=adapter_name)
+    added = [n for n in unet.peft_config if n not in before]
+    loaded = get_peft_model_state_dict(unet, adapter_name=added[0]) if added else {}
     missing = [k for k in state if k not in loaded]
     if missing:
         raise UserError(f"{flag} {path}: {len(missing)} of its {len(state)} LoRA weights do not fit this UNet (e.g. {missing[0]})")

@@ -8,11 +8,12 @@ so a LoRA policy and its LoRA-off reference share one base. Same methods for bot
         = step(output(model, x, j, cond), j, x, deterministic)
     decode(latents) -> pixels in [-1, 1]                   timesteps, num_train_steps
     step_length(j) -> |dt| of a flow step (1 for DDIM), for the KL's unit (rl_utils.kl_in_unit)
-SDXLInpaintSampler here (stochastic DDIM, DESIGN.md section 7); FlowFillSampler in
-pipelines/flow_inpaint.py (the marginal-preserving SDE, section 8).
+SDXLInpaintSampler here (stochastic DDIM, DESIGN.md section 7; or multistep LCM for a 4-step student);
+FlowFillSampler in pipelines/flow_inpaint.py (the marginal-preserving SDE, section 8).
 """
 import torch
 
+from myutils.lcm_utils import lcm_denoised, lcm_step_mean_std
 from myutils.rl_utils import ddim_step_mean_std, gaussian_log_prob
 from myutils.rng import randn_per_sample
 from myutils.sdxl_inpaint import batch_latent_params, decode_latents, posterior_mean_latents, unet_input
@@ -53,17 +54,30 @@ def predict(unet, latents, t, mask_latent, masked_latents, condition_kwargs, gui
 
 class SDXLInpaintSampler:
     """Stochastic DDIM (eta > 0) for the SDXL-inpainting UNet; deterministic = DDIM at eta 0. The
-    start is the source noised to --strength * T (pure noise at 1), as in the inpainting pipeline."""
+    start is the source noised to --strength * T (pure noise at 1), as in the inpainting pipeline.
+
+    scheduler="lcm": multistep LCM sampling, as inference_RORem_4S.py runs a 4-step student
+    (LCMScheduler's timesteps and step): each step's consistency output noised afresh to the next
+    timestep (a Gaussian step: mean sqrt(a_prev) denoised, scale sqrt(1 - a_prev)), the last step's
+    returned as it is; eta is ignored and `deterministic` takes the mean (LCM has no eta-0 form)."""
 
     family = "sdxl"
 
-    def __init__(self, comps, num_steps, strength, eta, resolution, guidance_scale=1.0):
+    def __init__(self, comps, num_steps, strength, eta, resolution, guidance_scale=1.0, scheduler="ddim"):
+        from diffusers import LCMScheduler
+
         self.vae, self.model = comps.vae, comps.unet
         self.prompt, self.negative = comps.guidance
-        self.scheduler = rl_scheduler(comps.sample_scheduler_config, num_steps)
+        self.lcm = scheduler == "lcm"
+        if self.lcm:
+            self.scheduler = LCMScheduler.from_config(comps.sample_scheduler_config)
+            self.scheduler.set_timesteps(num_steps)
+        else:
+            self.scheduler = rl_scheduler(comps.sample_scheduler_config, num_steps)
         self.timesteps = denoising_timesteps(self.scheduler, strength)
-        self.num_train_steps = len(self.timesteps)  # every DDIM step has a variance
-        self.strength, self.eta, self.resolution, self.guidance_scale = strength, eta, resolution, guidance_scale
+        # every DDIM step has a variance; LCM's last step has none
+        self.num_train_steps = len(self.timesteps) - 1 if self.lcm else len(self.timesteps)
+        self.strength, self.eta, self.resolution, self.guidance_scale = strength, 1.0 if self.lcm else eta, resolution, guidance_scale
 
     @torch.no_grad()
     def condition(self, batch):
@@ -90,9 +104,19 @@ class SDXLInpaintSampler:
 
     def step(self, out, j, x, deterministic=False):
         t = self.timesteps[j]
+        if self.lcm:
+            prev = self.timesteps[j + 1] if j + 1 < len(self.timesteps) else None
+            mean, scale = lcm_step_mean_std(out, t, prev, x, self.scheduler.config.prediction_type, self.scheduler.alphas_cumprod)
+            return mean, None if deterministic else scale
         if deterministic:
             return self.scheduler.step(out, t, x.float(), eta=0.0).prev_sample, None
         return ddim_step_mean_std(self.scheduler, out, t, x, self.eta)
+
+    def x0(self, out, j, x):
+        """The clean latents predicted at step j (ReFL's one-step result): DDIM's x0; LCM's consistency output."""
+        if self.lcm:
+            return lcm_denoised(out, self.timesteps[j], x, self.scheduler.config.prediction_type, self.scheduler.alphas_cumprod)
+        return self.scheduler.step(out, self.timesteps[j], x.float(), eta=0.0).pred_original_sample
 
     def distribution(self, model, x, j, cond, deterministic=False):
         return self.step(self.output(model, x, j, cond), j, x, deterministic)
@@ -125,21 +149,26 @@ def sample_trajectory(sampler, model, cond, generators, deterministic=False, sta
 
 
 def sample_with_grad(sampler, model, cond, generators, grad_steps, refl_step=None, checkpointing=False):
-    """Direct reward fine-tuning's sample: deterministic DDIM (eta 0) from per-sample noise, with
-    gradients through the last `grad_steps` steps only (DRaFT-K; all steps: AlignProp), the steps
-    before them taken without a graph (the gradient is truncated there). refl_step=j (ReFL): steps
-    before j without a graph, then one step with gradients straight to the predicted x0 from step j.
-    checkpointing: recompute each differentiated UNet call in backward (AlignProp's memory: one call's
-    activations instead of all of them). Returns (final latents, [(j, x_j, output_j)] of the
-    differentiated steps, for a drift penalty against the reference)."""
+    """Direct reward fine-tuning's sample, with gradients through the last `grad_steps` steps only
+    (DRaFT-K; all steps: AlignProp), the steps before them taken without a graph (the gradient is
+    truncated there). The chain: deterministic DDIM for a sampler at eta 0; a stochastic sampler (LCM)
+    draws each step's noise from the per-sample generators, so a sample is a fixed function of them
+    and the weights. refl_step=j (ReFL): steps before j without a graph, then one step with gradients
+    straight to the predicted x0 from step j. checkpointing: recompute each differentiated UNet call in
+    backward (AlignProp's memory: one call's activations instead of all of them). Returns (final
+    latents, [(j, x_j, output_j)] of the differentiated steps, for a drift penalty against the start)."""
     from torch.utils.checkpoint import checkpoint
+
+    def advance(out, j, x):
+        mean, scale = sampler.step(out, j, x, deterministic=sampler.eta == 0)
+        return mean if scale is None else mean + scale * randn_per_sample(generators, mean.shape[1:], mean.device)
 
     n = len(sampler.timesteps)
     first = n - grad_steps if refl_step is None else refl_step
     x, steps = sampler.start(cond, generators), []
     with torch.no_grad():
         for j in range(first):
-            x = sampler.step(sampler.output(model, x, j, cond), j, x, deterministic=True)[0]
+            x = advance(sampler.output(model, x, j, cond), j, x)
     for j in range(first, n if refl_step is None else first + 1):
         x_in = x
         if checkpointing:
@@ -147,6 +176,5 @@ def sample_with_grad(sampler, model, cond, generators, grad_steps, refl_step=Non
         else:
             out = sampler.output(model, x_in, j, cond)
         steps.append((j, x_in, out))
-        result = sampler.scheduler.step(out, sampler.timesteps[j], x_in.float(), eta=0.0)
-        x = result.pred_original_sample if refl_step is not None else result.prev_sample
+        x = sampler.x0(out, j, x_in) if refl_step is not None else advance(out, j, x_in)
     return x, steps

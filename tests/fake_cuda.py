@@ -144,7 +144,8 @@ def fake_cuda():
             patched.append((cls, "set_timesteps", cls.set_timesteps))
             cls.set_timesteps = _outside(cls.set_timesteps)
     _patch_everywhere(torch, "load", _outside, patched)
-    for module, name in ((dfiles, "add_discriminator_lora"), (dfiles, "load_discriminator_weights"), (adapters, "add_lora")):
+    for module, name in ((dfiles, "add_discriminator_lora"), (dfiles, "load_discriminator_weights"), (adapters, "add_lora"),
+                         (adapters, "load_trainable_lora")):
         _patch_everywhere(module, name, _on_host_if_real, patched)
     for name in ("encode_prompt_once", "encode_prompt_pair"):
         _patch_everywhere(si, name, _encode_where_asked, patched)

@@ -18,6 +18,7 @@ import train_RORem_lcm
 from myutils.data import RemovalDataset, read_meta, stack_samples, to_device
 from training import adapters, prepare, rl_loop, validation
 from tests.fake_cuda import CUDA, fake_accelerator, fake_cuda, on_cuda, on_host
+from test_rorem_files import rorem_lcm_lora  # noqa: F401 (fixture: RORem's 4-step LoRA file)
 
 
 def _batch(meta, kind, n=2):
@@ -155,10 +156,11 @@ def test_online_rl_sdxl_sampling_rewards_and_policy_step(tiny_model_dir, toy_met
     assert set(parts) == {"discriminator", "preserve", "gt"} and total.shape == (4,)
 
 
-def test_direct_reward_chain_rewards_and_drift(tiny_model_dir, toy_meta, disc_dir, tmp_path):
+@pytest.mark.parametrize("student", [False, True], ids=["remover", "lcm_student"])
+def test_direct_reward_chain_rewards_and_drift(tiny_model_dir, toy_meta, disc_dir, tmp_path, rorem_lcm_lora, student):  # noqa: F811
     """train_RORem_draft.py's step under fp16: the differentiable chain of each method (ReFL's x0,
     AlignProp's checkpointed calls), the latent rewards through the discriminator and the drift
-    against the LoRA-off start."""
+    against the start (a new LoRA's UNet; or RORem's 4-step LoRA file as loaded, sampled with LCM steps)."""
     import train_RORem_draft
     from myutils.reward_utils import TRAINING_FLAGS, latent_rewards, load_reward_model
     from myutils.rng import sample_generators
@@ -172,9 +174,13 @@ def test_direct_reward_chain_rewards_and_drift(tiny_model_dir, toy_meta, disc_di
     with fake_cuda():
         acc = fake_accelerator()
         comps = prepare.Components(args, acc, torch.float16, guidance_prompts=("", ""))
-        adapters.add_lora(comps.unet, args, torch.float16)
+        if student:
+            adapters.load_trainable_lora(comps.unet, rorem_lcm_lora, torch.float16, "--student_lora")
+        else:
+            adapters.add_lora(comps.unet, args, torch.float16)
         comps.unet.to(CUDA)
-        sampler = SDXLInpaintSampler(comps, 3, 1.0, 0.0, 32)
+        start = adapters.called_with(comps.unet, adapters.trainable_state(comps.unet))
+        sampler = SDXLInpaintSampler(comps, 3, 1.0, 0.0, 32, scheduler="lcm" if student else "ddim")
         reward = load_reward_model(tiny_model_dir, disc_dir, 32, acc.device, torch.float16, flags=TRAINING_FLAGS)
         batch = to_device(host, CUDA)
         cond = train_RORem_draft.conditioned(sampler, batch)
@@ -182,8 +188,8 @@ def test_direct_reward_chain_rewards_and_drift(tiny_model_dir, toy_meta, disc_di
             x, steps = sample_with_grad(sampler, comps.unet, cond, [g.clone_state() for g in gens], grad_steps, refl_step=refl,
                                         checkpointing=ckpt)
             parts, total = latent_rewards(args.rewards, reward, cond, x, cond["GT_latents"])
-            with torch.no_grad(), adapters.disabled(comps.unet):
-                refs = [sampler.output(comps.unet, x_in.detach(), j, cond) for j, x_in, _ in steps]
+            with torch.no_grad():
+                refs = [sampler.output(start, x_in.detach(), j, cond) for j, x_in, _ in steps]
             drift = torch.stack([((out - ref) ** 2).mean() for (_, _, out), ref in zip(steps, refs)]).mean()
             on_cuda(x, total, drift, *parts.values())
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from myutils.lcm_utils import (DDIMSolver, consistency_step, per_sample_lcm_loss, predicted_noise, predicted_origin,
-                               scalings_for_boundary_conditions)
+from myutils.lcm_utils import (DDIMSolver, consistency_step, lcm_denoised, lcm_step_mean_std, per_sample_lcm_loss, predicted_noise,
+                               predicted_origin, scalings_for_boundary_conditions)
 
 ALPHAS = 1.0 - torch.arange(1000, dtype=torch.float64) / 1000.0  # alphas_cumprod[t] = 1 - t / 1000: easy by hand
 
@@ -87,3 +87,45 @@ def test_consistency_step_matches_diffusers_ddim_and_lcm_schedulers(prediction_t
         want_target = lcm.step(student(x_prev, torch.tensor([t_prev])), t_prev, x_prev).denoised
         assert torch.allclose(pred[i:i + 1], want_pred, atol=1e-4), (prediction_type, i)
         assert torch.allclose(target[i:i + 1], want_target, atol=1e-4), (prediction_type, i)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_lcm_step_is_lcm_schedulers_step(prediction_type):
+    """Four steps of multistep LCM sampling = LCMScheduler.step with the same noise draws (a CPU
+    generator; batch 1, so its draw is the same numbers as the noise handed in)."""
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    lcm = LCMScheduler.from_config(base.config)
+    lcm.set_timesteps(4)
+    ts = lcm.timesteps.tolist()
+    assert ts == [999, 759, 499, 259]  # 4 of the 50 solver steps, as inference_RORem_4S.py runs them
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 4, generator=g) * 0.3
+    out_of = lambda x, t: torch.einsum("oc,bchw->bohw", w, x) * (1 + t / 1000)  # noqa: E731
+    x = torch.randn(1, 4, 3, 3, generator=g)
+    ours, draws = x.clone(), torch.Generator().manual_seed(7)
+    theirs, their_draws = x.clone(), torch.Generator().manual_seed(7)
+    for j, t in enumerate(ts):
+        prev = ts[j + 1] if j + 1 < len(ts) else None
+        denoised = lcm_denoised(out_of(ours, t), t, ours, prediction_type, base.alphas_cumprod)
+        mean, std = lcm_step_mean_std(out_of(ours, t), t, prev, ours, prediction_type, base.alphas_cumprod)
+        ours = mean if std is None else mean + std * torch.randn(1, 4, 3, 3, generator=draws)
+        step = lcm.step(out_of(theirs, t), t, theirs, generator=their_draws)
+        theirs = step.prev_sample
+        assert torch.allclose(denoised, step.denoised, atol=1e-5), (prediction_type, j)
+        assert torch.allclose(ours, theirs, atol=1e-5), (prediction_type, j)
+    assert torch.equal(ours, denoised)  # the last step returns the consistency output itself
+
+
+def test_lcm_step_by_hand():
+    """t = 1 (c_skip = 0.25 / 100.25, c_out = 10 / sqrt(100.25)), epsilon 0, x = 2: x0 = 2 / sqrt(a_1)."""
+    x, out = torch.full((1, 1, 1, 1), 2.0), torch.zeros(1, 1, 1, 1)
+    want = 0.25 / 100.25 * 2 + 10 / math.sqrt(100.25) * (2 / math.sqrt(0.999))
+    assert lcm_denoised(out, 1, x, "epsilon", ALPHAS).item() == pytest.approx(want, rel=1e-5)
+    mean, std = lcm_step_mean_std(out, 1, 0, x, "epsilon", ALPHAS)
+    assert mean.item() == pytest.approx(want, rel=1e-5) and std.item() == 0.0  # a_0 = 1: no noise added back
+    mean, std = lcm_step_mean_std(out, 1, 500, x, "epsilon", ALPHAS)
+    assert mean.item() == pytest.approx(math.sqrt(0.5) * want, rel=1e-5) and std.item() == pytest.approx(math.sqrt(0.5))
+    mean, std = lcm_step_mean_std(out, 1, None, x, "epsilon", ALPHAS)
+    assert mean.item() == pytest.approx(want, rel=1e-5) and std is None

@@ -2,8 +2,11 @@
 plain sampler, where the gradient is cut, ReFL's x0 against the prediction formula, checkpointing
 that changes nothing but memory), the latent rewards by hand, a gradient step that raises the
 reward, and the script: a LoRA that trains and validates with the GT metric beside the reward,
-resume equal to a straight run, two ranks equal to one, bad arguments."""
+resume equal to a straight run, two ranks equal to one, bad arguments; on the 4-step student: the LCM
+chain against LCMScheduler's own steps, RORem's released LoRA file trained on from where it is, its
+start and its result as stock diffusers loads them."""
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,14 +14,13 @@ from safetensors.torch import load_file
 
 import train_RORem_draft as tdraft
 from myutils.errors import UserError
+from test_rorem_files import rorem_lcm_lora  # noqa: F401 (fixture: RORem's 4-step LoRA file, both namings mixed)
 
 
 @pytest.fixture(scope="module")
 def lora_sampler(tiny_model_dir):
     """The tiny remover with a LoRA (up weights moved off zero, so the adapters matter), its sampler
     (6 DDIM steps) and a conditioned batch of 2 toy inputs."""
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
 
     from pipelines.rl_sampler import SDXLInpaintSampler
@@ -224,3 +226,90 @@ def test_validation_memory_is_bounded_by_its_batch(lora_sampler, toy_meta):
     (small, small_images), (whole, whole_images) = results[2], results[5]
     assert set(small) == {"reward", "reward_gt", "masked_mse"} and len(small_images) == len(whole_images) == 3
     assert all(small[k] == pytest.approx(whole[k], rel=1e-4, abs=1e-6) for k in whole)
+
+
+def test_lcm_chain_is_lcm_schedulers_sampling(lora_sampler, cond):
+    """The student's chain (multistep LCM, 4 steps) equals diffusers' LCMScheduler stepping the same
+    UNet outputs, each sample's noise from its own generator (one scheduler per sample: it counts
+    its steps); gradients reach every step's input under AlignProp."""
+    from diffusers import LCMScheduler
+
+    from pipelines.rl_sampler import SDXLInpaintSampler, sample_with_grad
+
+    base = lora_sampler.sampler
+    comps = SimpleNamespace(vae=base.vae, unet=lora_sampler.unet, guidance=(base.prompt, base.negative),
+                            sample_scheduler_config=base.scheduler.config)
+    s = SDXLInpaintSampler(comps, 4, 1.0, 0.0, 32, scheduler="lcm")
+    assert s.timesteps == [999, 759, 499, 259] and s.num_train_steps == 3
+    unet = lora_sampler.unet
+    x, steps = sample_with_grad(s, unet, cond, _gens(2), grad_steps=4)
+    assert [j for j, _, _ in steps] == [0, 1, 2, 3] and steps[1][1].grad_fn is not None
+    with torch.no_grad():
+        for i, g in enumerate(_gens(2)):
+            one = {k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in cond.items()}
+            sched = LCMScheduler.from_config(base.scheduler.config)
+            sched.set_timesteps(4)
+            z = torch.randn(x.shape[1:], generator=g).unsqueeze(0)  # the start: pure noise at strength 1
+            for j, t in enumerate(sched.timesteps.tolist()):
+                z = sched.step(s.output(unet, z, j, one), t, z, generator=g).prev_sample
+            assert torch.allclose(x[i:i + 1].detach(), z, atol=1e-4), i
+
+
+def _stock_figures(tiny_model_dir, lora_dir, args, samples, reward=None):
+    """train_RORem_draft.evaluate's figures for a LoRA loaded by stock diffusers (pipe.load_lora_weights)
+    onto a fresh pipeline, sampled with LCM steps: what a user of the saved file gets."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    from pipelines.rl_sampler import SDXLInpaintSampler
+    from myutils.sdxl_inpaint import encode_prompt_pair
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(lora_dir)
+    comps = SimpleNamespace(vae=pipe.vae, unet=pipe.unet, guidance=encode_prompt_pair(pipe, "", ""),
+                            sample_scheduler_config=pipe.scheduler.config)
+    sampler = SDXLInpaintSampler(comps, args.sample_steps, args.strength, 0.0, 32, scheduler="lcm")
+    return tdraft.evaluate(args, sampler, pipe.unet, reward, samples)[0]
+
+
+def test_student_trains_from_rorems_file_resumes_and_loads_stock(tmp_path, tiny_model_dir, toy_meta, rorem_lcm_lora,  # noqa: F811
+                                                                 run_script, crash_then_resume):
+    """DRaFT on the 4-step student (AlignProp through its 4 LCM steps, a drift penalty against the
+    start): the start is RORem's file as loaded, the result a LoRA of the same keys and shapes that
+    stock diffusers loads to give the run's own final figures; a crash and restart equals a straight
+    run (the start stays the file's, not the checkpoint's)."""
+    import importlib.util
+
+    from myutils.data import RemovalDataset, read_meta
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("convert_lora", os.path.join(ROOT, "scripts", "convert_lora.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    peft_start = str(tmp_path / "start_peft")
+    convert.main([rorem_lcm_lora, peft_start])  # the same weights in the one naming stock diffusers loads whole
+
+    common = ["--student_lora", rorem_lcm_lora, "--method", "alignprop", "--reg_coef", "0.1", "--strength", "1.0",
+              "--checkpointing_steps", "1", "--max_train_steps", "3"]
+    straight = str(tmp_path / "straight")
+    args = _args(tiny_model_dir, toy_meta, straight, *common, "--validation_steps", "3", "--validation_meta_path", toy_meta,
+                 "--eval_samples", "3", "--num_validation_images", "2")
+    metrics = run_script(tdraft, args)
+    assert metrics["val_reward"] != metrics["val_start_reward"]
+    start = {**load_file(os.path.join(peft_start, "pytorch_lora_weights.safetensors"))}
+    trained = load_file(os.path.join(straight, "pytorch_lora_weights.safetensors"))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}  # RORem's LoRA, trained on
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 0
+
+    parsed = tdraft.parse_args(args)
+    parsed.validation_batch_size = 16
+    dataset = RemovalDataset(read_meta(toy_meta, "triplet")[:3], "triplet", 32)
+    samples = [dataset[i] for i in range(3)]
+    for folder, prefix in ((peft_start, "val_start_"), (straight, "val_")):
+        stock = _stock_figures(tiny_model_dir, folder, parsed, samples)
+        assert stock["masked_mse"] == pytest.approx(metrics[prefix + "masked_mse"], rel=1e-4), folder
+        assert stock["reward"] == pytest.approx(metrics[prefix + "reward"], rel=1e-4), folder
+
+    resumed = str(tmp_path / "resumed")
+    crash_then_resume(tdraft, _args(tiny_model_dir, toy_meta, resumed, *common))
+    again = load_file(os.path.join(resumed, "pytorch_lora_weights.safetensors"))
+    assert max((trained[k] - again[k]).abs().max().item() for k in trained) <= 1e-6

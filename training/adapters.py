@@ -1,10 +1,11 @@
-"""LoRA adapters on a UNet (or transformer): adding them in fp32 on a cast base, switching them off for
-a reference pass. Saving and loading adapter weights: myutils/models.py.
+"""LoRA adapters on a UNet (or transformer): adding them (new, or a saved one trained on) in fp32 on a
+cast base, switching them off, or calling the model with their start's values, for a reference pass. Saving and loading adapter
+weights: myutils/models.py.
 """
 import contextlib
 import warnings
 
-
+import torch
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -17,6 +18,18 @@ def disabled(unet):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+def trainable_state(model):
+    """{name: a detached copy} of the model's trainable parameters: the start a run is compared with."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def called_with(model, state):
+    """The model as a callable with `state`'s tensors in place of its parameters of those names
+    (torch.func.functional_call): the model's own parameters are untouched, so a graph built on them
+    in the same step stays valid (an in-place swap would invalidate it). The start's outputs."""
+    return lambda *args, **kwargs: torch.func.functional_call(model, state, args, kwargs)
 
 
 def cast_base_weights(model, dtype):
@@ -45,4 +58,22 @@ def add_lora(unet, args, dtype, adapter_name="default"):
     params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     for p in params:
         p.data = p.data.float()  # fp16 LoRA params break the grad scaler's unscale
+    return params
+
+
+def load_trainable_lora(unet, path, dtype, flag):
+    """Freeze the base UNet (in the compute dtype) and load a saved LoRA (myutils/models.py
+    load_lora_into_unet: any naming, its own rank, alpha and layers) as the trainable adapter
+    "default", kept in fp32; returns its parameters. Saved again (save_unet) it loads where the
+    original did, e.g. a 4-step LCM LoRA trained on by DRaFT into inference_RORem_4S.py."""
+    from myutils.models import load_lora_into_unet
+
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    cast_base_weights(unet, dtype)
+    load_lora_into_unet(unet, path, flag, adapter_name="default")
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and ".default." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
     return params

@@ -17,7 +17,13 @@ sample's loss is weighted by the discriminator's score of --reward_source: `data
 scored once before training and cached), `teacher` (the teacher's guided x0 at the sampled step, on
 latents) or `student` (the student's prediction); or, with no discriminator, `labels`: each training
 entry's own "score" in its meta.json (an annotator's verdict); --weighting filter / softmax / percentile
-(myutils/reward_utils.reward_weights), with an optional curriculum from permissive to strict.
+(myutils/reward_utils.reward_weights), with an optional curriculum from permissive to strict; --weighting
+none: no weights (the discriminator then only judges validation, or guides).
+
+Reward-guided distillation (RG-LCD, Li et al. 2024): --reward_guidance discriminator=1 (or gt, preserve;
+name=weight) subtracts the weighted reward of the student's one-step prediction (the consistency output
+at the sampled step, on latents, myutils/reward_utils.latent_rewards) from the LCM loss, so the
+reward's gradient enters the distillation itself: loss = LCM loss - sum_r beta_r R_r(model_pred).
 """
 import argparse
 import json
@@ -29,8 +35,8 @@ from myutils.args import FRACTION, NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSI
 from myutils.errors import UserError, run_cli
 from myutils.lcm_utils import DDIMSolver, consistency_step, per_sample_lcm_loss, sample_guidance_scale
 from myutils.models import load_unet_weights, save_unet
-from myutils.reward_utils import (ScoreMemory, TRAINING_FLAGS, WEIGHTINGS, load_reference, load_reward_model, reward_weights,
-                                  score_entries, weight_stats)
+from myutils.reward_utils import (ScoreMemory, TRAINING_FLAGS, WEIGHTINGS, latent_rewards, load_reference, load_reward_model,
+                                  parse_reward_spec, reward_weights, score_entries, weight_stats)
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.schedules import value_at
 from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
@@ -43,6 +49,7 @@ LCM_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "
 
 
 REWARD_SOURCES = ("data", "labels", "teacher", "student")
+GUIDANCE_REWARDS = ("discriminator", "gt", "preserve")  # differentiable on latents
 
 
 def add_lcm_args(parser):
@@ -78,6 +85,10 @@ def add_lcm_args(parser):
     g.add_argument("--curriculum_start", type=NONNEGATIVE_REAL, default=None, help="default: 0 for threshold, 10 for temperature")
     g.add_argument("--curriculum_steps", type=POSITIVE, default=None, help="default: all of training")
     g.add_argument("--score_every", type=POSITIVE, default=1, help="teacher/student sources: rescore a sample at most every N steps")
+    g = parser.add_argument_group("reward-guided distillation (RG-LCD)")
+    g.add_argument("--reward_guidance", default=None,
+                   help="name=weight,... of discriminator, gt, preserve: minus the weighted reward of the student's one-step "
+                        "prediction is added to the loss")
     parser.set_defaults(use_lora=True, lora_rank=64, lora_target_modules=LCM_LORA_TARGETS, learning_rate=1e-4,
                         max_grad_norm=1.0, validation_steps=0)
 
@@ -95,6 +106,13 @@ def parse_args(argv=None, rewarded=False):
     if args.validation_steps and int(args.validation_lcm_steps * args.validation_lcm_strength) < 1:
         raise UserError(f"--validation_lcm_steps {args.validation_lcm_steps} at --validation_lcm_strength "
                         f"{args.validation_lcm_strength} runs no denoising step")
+    args.guidance_rewards = parse_reward_spec(args.reward_guidance) if args.reward_guidance else {}
+    unknown = set(args.guidance_rewards) - set(GUIDANCE_REWARDS)
+    if unknown:
+        raise UserError(f"--reward_guidance {args.reward_guidance}: {', '.join(sorted(unknown))} cannot be differentiated here; "
+                        f"use {', '.join(GUIDANCE_REWARDS)}")
+    if "discriminator" in args.guidance_rewards and not args.discriminator_path:
+        raise UserError("--reward_guidance discriminator needs --discriminator_path")
     if args.w_min > args.w_max:
         raise UserError(f"--w_min {args.w_min} is above --w_max {args.w_max}")
     if args.weighting == "percentile" and args.reward_reference and not os.path.isfile(args.reward_reference):
@@ -204,6 +222,16 @@ def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memor
     return memory.get(index)
 
 
+def guidance_reward(args, reward, comps, batch, model_pred):
+    """RG-LCD's term: ({component: (B,)}, weighted total (B,)) of the student's one-step prediction,
+    differentiable, against this batch's source, mask and GT latents (posterior means)."""
+    cond = {"mask_latent": batch["mask_latent"], "original_size": batch["original_size"], "crop_top_left": batch["crop_top_left"]}
+    if "params:source" in batch:
+        cond["source_latents"] = posterior_mean_latents(batch["params:source"], comps.vae.config)
+    gt = posterior_mean_latents(batch["params:GT"], comps.vae.config) if "gt" in args.guidance_rewards else None
+    return latent_rewards(args.guidance_rewards, reward, cond, model_pred, gt)
+
+
 def main(argv=None, rewarded=False):
     args = parse_args(argv, rewarded)
     accelerator = prepare.make_accelerator(args)
@@ -228,13 +256,14 @@ def main(argv=None, rewarded=False):
     if args.discriminator_path:
         reward = load_reward_model(args.pretrained_model_name_or_path, args.discriminator_path, args.resolution,
                                    accelerator.device, dtype, args.variant, flags=TRAINING_FLAGS)
-    weighted = reward is not None or args.reward_source == "labels"
-    scores_of_data = (label_scores(entries) if args.reward_source == "labels" else
-                      data_scores(args, accelerator, reward, entries) if reward and args.reward_source == "data" else None)
+    weighted = (reward is not None or args.reward_source == "labels") and args.weighting != "none"
+    scores_of_data = (None if not weighted else label_scores(entries) if args.reward_source == "labels" else
+                      data_scores(args, accelerator, reward, entries) if args.reward_source == "data" else None)
     reference = load_reference(args.reward_reference) if args.reward_reference else None
     memory = ScoreMemory(args.score_every)
 
-    keys = ("GT", "masked", "source") if weighted and args.reward_source in ("teacher", "student") else ("GT", "masked")
+    needs_source = (weighted and args.reward_source in ("teacher", "student")) or {"discriminator", "preserve"} & set(args.guidance_rewards)
+    keys = ("GT", "masked", "source") if needs_source else ("GT", "masked")
     dataset = prepare.make_train_dataset(args, entries, "triplet", accelerator, comps.vae, cache_keys=keys)
     unet, optimizer, lr_scheduler, loader, max_steps, num_epochs = prepare.for_training(args, accelerator, unet, params, dataset)
     if ema is not None:
@@ -289,8 +318,11 @@ def main(argv=None, rewarded=False):
                     validation.log_histogram(accelerator, "scores", all_scores, run.global_step + 1)
                 if all_weights.sum() == 0:
                     run.skip_batch()  # nothing kept in the global batch: no update, counted as skipped
+            if args.guidance_rewards:
+                parts, total = guidance_reward(args, reward, comps, batch, model_pred)
+                metrics.update({"guidance_reward": total.mean().item(), **{f"guidance_reward_{k}": v.mean().item() for k, v in parts.items()}})
             if not run.window_skipped:
-                loss = (weights * losses).mean()
+                loss = (weights * losses).mean() - (total.mean() if args.guidance_rewards else 0)
                 if run.loss_is_finite(loss):
                     accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params, ema)

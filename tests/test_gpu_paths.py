@@ -91,7 +91,8 @@ def test_lcm_student_teacher_target_and_reward(tiny_model_dir, toy_meta, disc_di
     from myutils.sdxl_inpaint import posterior_mean_latents
 
     args = train_RORem_lcm.parse_args(_common(tiny_model_dir, str(tmp_path)) + ["--meta_path", toy_meta, "--lora_rank", "4",
-                                                                               "--discriminator_path", disc_dir])
+                                                                               "--discriminator_path", disc_dir,
+                                                                               "--reward_guidance", "discriminator=1,gt=1,preserve=1"])
     with fake_cuda():
         acc = fake_accelerator()
         comps = prepare.Components(args, acc, torch.float16, guidance_prompts=(args.teacher_prompt, args.teacher_negative_prompt))
@@ -106,6 +107,8 @@ def test_lcm_student_teacher_target_and_reward(tiny_model_dir, toy_meta, disc_di
         reward = load_reward_model(tiny_model_dir, disc_dir, 32, CUDA, torch.float16)
         source = posterior_mean_latents(batch["params:source"], comps.vae.config)  # what sample_scores hands the reward
         on_cuda(reward.score_latents(source, batch["mask_latent"], teacher_x0, batch["original_size"], batch["crop_top_left"]))
+        parts, total = train_RORem_lcm.guidance_reward(args, reward, comps, batch, pred)  # RG-LCD's term
+        on_cuda(total, *parts.values())
 
 
 def test_discriminator_training_step(tiny_model_dir, toy_meta, tmp_path):

@@ -332,7 +332,8 @@ def test_pairs_for_labelling_on_two_ranks(tmp_path, tiny_model_dir, toy_meta):
 
 def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
     """Softmax weights are computed over the global batch (scores gathered from both ranks), so two
-    ranks x batch 2 train exactly like one rank x batch 4."""
+    ranks x batch 2 train exactly like one rank x batch 4; with RG-LCD's reward guidance on top (the
+    discriminator's gradient through each rank's student predictions)."""
     import train_RORem_lcm_rewarded
     from safetensors.torch import load_file
 
@@ -341,7 +342,7 @@ def test_reward_weighted_lcm_two_ranks_equal_one_rank(tmp_path, tiny_model_dir, 
                 "--report_to", "none", "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_batch_size", str(batch),
                 "--lora_rank", "4", "--num_ddim_timesteps", "10", "--w_min", "0", "--w_max", "2", "--discriminator_path", disc_dir,
                 "--weighting", "softmax", "--reward_temperature", "0.01", "--learning_rate", "1e-2", "--adam_epsilon", "1.0",
-                "--adam_weight_decay", "0"]
+                "--adam_weight_decay", "0", "--reward_guidance", "discriminator=1,gt=0.5"]
 
     two = str(tmp_path / "two")
     res = launch_two_ranks("train_RORem_lcm_rewarded.py", argv(two, 2), str(tmp_path))

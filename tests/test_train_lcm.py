@@ -210,6 +210,51 @@ def test_weighting_curriculum_and_argument_errors(tmp_path, toy_meta):
         tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--no-use_lora"])
     with pytest.raises(UserError, match="--w_min"):
         tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--w_min", "5", "--w_max", "1"])
+    with pytest.raises(UserError, match="jpeg cannot be differentiated here"):
+        tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--reward_guidance", "jpeg=1"])
+    with pytest.raises(UserError, match="--reward_guidance discriminator needs --discriminator_path"):
+        tlcm.parse_args(["--meta_path", toy_meta, "--output_dir", str(tmp_path), "--reward_guidance", "discriminator=1"])
+
+
+def test_reward_guidance_adds_minus_the_weighted_reward_of_the_one_step_prediction(tmp_path, tiny_model_dir, toy_meta, disc_dir,
+                                                                                    run_script, monkeypatch):
+    """RG-LCD: the loss each step backpropagates is the LCM loss minus beta x the reward of the
+    student's prediction: the gt part by hand (the hole's mean squared error against GT's posterior-mean
+    latents), the discriminator's as it scores those latents; with the LCM loss taken away, the
+    guidance alone trains the LoRA."""
+    from accelerate import Accelerator
+
+    from myutils.sdxl_inpaint import posterior_mean_latents
+
+    seen, lcm = [], []
+    real_guidance, real_lcm = tlcm.guidance_reward, tlcm.per_sample_lcm_loss
+    monkeypatch.setattr(tlcm, "guidance_reward", lambda args, reward, comps, batch, pred: seen.append(
+        {"batch": batch, "pred": pred.detach(), "reward": reward, "vae": comps.vae, "out": real_guidance(args, reward, comps, batch, pred)})
+        or seen[-1]["out"])
+    monkeypatch.setattr(tlcm, "per_sample_lcm_loss", lambda *a: lcm.append(real_lcm(*a).detach()) or lcm[-1])
+    losses = []
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.detach()) or loss.backward())
+    common = ["--max_train_steps", "2", "--discriminator_path", disc_dir, "--weighting", "none",
+              "--reward_guidance", "gt=2,discriminator=0.5"]
+    run_script(tlcm, _args(tiny_model_dir, toy_meta, str(tmp_path / "rg"), *common))
+    assert len(seen) == len(losses) == len(lcm) == 2
+    assert not os.path.exists(tmp_path / "rg" / "data_scores.json")  # --weighting none: no weights, nothing scored for them
+    for s, loss, lcm_losses in zip(seen, losses, lcm):
+        b, pred = s["batch"], s["pred"]
+        gt = posterior_mean_latents(b["params:GT"], s["vae"].config)
+        hole = (b["mask_latent"] >= 0.5).float().expand_as(pred)
+        gt_reward = -(((pred - gt) ** 2) * hole).sum((1, 2, 3)) / hole.sum((1, 2, 3))
+        source = posterior_mean_latents(b["params:source"], s["vae"].config)
+        disc = s["reward"].score_latents(source, b["mask_latent"], pred, b["original_size"], b["crop_top_left"])
+        parts, total = s["out"]
+        assert torch.allclose(parts["gt"], gt_reward, atol=1e-5) and torch.allclose(parts["discriminator"], disc, atol=1e-5)
+        want = lcm_losses.mean() - (2 * gt_reward + 0.5 * disc).mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+
+    monkeypatch.setattr(tlcm, "per_sample_lcm_loss", lambda pred, target, *a: 0.0 * pred.flatten(1).sum(1))
+    run_script(tlcm, _args(tiny_model_dir, toy_meta, str(tmp_path / "guidance_only"), *common))
+    w = load_file(str(tmp_path / "guidance_only" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k or "lora.up" in k)
 
 
 def test_four_step_inference_counts_unet_calls(tmp_path, tiny_model_dir, toy_meta, run_script):
@@ -254,9 +299,11 @@ def test_lcm_sweep_tabulates_teacher_plain_and_weighted(tmp_path, tiny_model_dir
 
 def test_rewarded_lcm_resume_equals_a_straight_run(tmp_path, tiny_model_dir, toy_meta, disc_dir, run_script):
     """EMA target, optimizer state and the score memory are restored: with --score_every 4 the steps
-    after the resume reuse scores the first run made (rescoring them changes the weights)."""
+    after the resume reuse scores the first run made (rescoring them changes the weights); with RG-LCD's
+    guidance on top."""
     common = ["--w_min", "0", "--w_max", "2", "--discriminator_path", disc_dir, "--reward_source", "teacher", "--weighting", "softmax",
-              "--use_ema_target", "--checkpointing_steps", "1", "--score_every", "4", "--reward_temperature", "0.01"]
+              "--use_ema_target", "--checkpointing_steps", "1", "--score_every", "4", "--reward_temperature", "0.01",
+              "--reward_guidance", "preserve=1,gt=1"]
     run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "straight"), *common, "--max_train_steps", "5"))
     half = str(tmp_path / "resumed")
     run_script(trew, _args(tiny_model_dir, toy_meta, half, *common, "--max_train_steps", "3"))

@@ -8,16 +8,13 @@
 #   NUM_GPUS=4 bash scripts/run_train_dpo.sh ... --beta 1.0 --beta_unit sum    # the plan's units
 #   DEEPSPEED=1 bash scripts/run_train_dpo.sh ... --no-use_lora                # full fine-tune under ZeRO-2
 #
-# Extra arguments go to the script and override the config. The job resumes from its latest
-# checkpoint if one exists, so the same command restarts a preempted run.
+# Extra arguments go to the script and override the config; scripts/launch.sh does the launch
+# (restarts resume from the latest checkpoint).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-UNET=${1:?usage: run_train_dpo.sh PRETRAINED_UNET PAIRS_META_JSON OUTPUT_DIR [extra args]}
-PAIRS=${2:?usage: run_train_dpo.sh PRETRAINED_UNET PAIRS_META_JSON OUTPUT_DIR [extra args]}
-OUT=${3:?usage: run_train_dpo.sh PRETRAINED_UNET PAIRS_META_JSON OUTPUT_DIR [extra args]}
+USAGE="usage: run_train_dpo.sh PRETRAINED_UNET PAIRS_META_JSON OUTPUT_DIR [extra args]"
+UNET=${1:?$USAGE}
+PAIRS=${2:?$USAGE}
+OUT=${3:?$USAGE}
 shift 3
-CONFIG=configs/accelerate_8gpu.yaml
-[ "${DEEPSPEED:-0}" = 1 ] && CONFIG=configs/deepspeed_zero2.yaml
-exec accelerate launch --config_file "$CONFIG" --num_processes "${NUM_GPUS:-8}" \
-    train_RORem_dpo.py --config configs/dpo_config.yaml \
-    --pretrained_unet "$UNET" --preference_data "$PAIRS" --output_dir "$OUT" --resume_from_checkpoint latest "$@"
+exec bash "$(dirname "$0")/launch.sh" train_RORem_dpo.py configs/dpo_config.yaml \
+    --pretrained_unet "$UNET" --preference_data "$PAIRS" --output_dir "$OUT" "$@"

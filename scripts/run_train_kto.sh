@@ -8,17 +8,13 @@
 #       --validation_meta_path heldout_pairs/meta.json --discriminator_path path/to/disc --validation_steps 200
 #   DEEPSPEED=1 bash scripts/run_train_kto.sh ... --no-use_lora                # full fine-tune under ZeRO-2
 #
-# Extra arguments go to the script and override the config. The job resumes from its latest
-# checkpoint if one exists, so the same command restarts a preempted run.
+# Extra arguments go to the script and override the config; scripts/launch.sh does the launch
+# (restarts resume from the latest checkpoint).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 USAGE="usage: run_train_kto.sh PRETRAINED_UNET SCORED_META_JSON OUTPUT_DIR [extra args]"
 UNET=${1:?$USAGE}
 SCORED=${2:?$USAGE}
 OUT=${3:?$USAGE}
 shift 3
-CONFIG=configs/accelerate_8gpu.yaml
-[ "${DEEPSPEED:-0}" = 1 ] && CONFIG=configs/deepspeed_zero2.yaml
-exec accelerate launch --config_file "$CONFIG" --num_processes "${NUM_GPUS:-8}" \
-    train_RORem_kto.py --config configs/kto_config.yaml \
-    --pretrained_unet "$UNET" --meta_path "$SCORED" --output_dir "$OUT" --resume_from_checkpoint latest "$@"
+exec bash "$(dirname "$0")/launch.sh" train_RORem_kto.py configs/kto_config.yaml \
+    --pretrained_unet "$UNET" --meta_path "$SCORED" --output_dir "$OUT" "$@"

@@ -6,19 +6,14 @@
 #   bash scripts/run_train_lcm_rewarded.sh ... --reward_source teacher --score_every 10
 #   NUM_GPUS=4 DEEPSPEED=1 bash scripts/run_train_lcm_rewarded.sh ...
 #
-# Extra arguments go to train_RORem_lcm_rewarded.py and override the config. The job resumes from
-# its latest checkpoint if one exists, so the same command restarts a preempted run.
+# Extra arguments go to train_RORem_lcm_rewarded.py and override the config; scripts/launch.sh does
+# the launch (restarts resume from the latest checkpoint).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 USAGE="usage: run_train_lcm_rewarded.sh TEACHER_UNET META_JSON DISCRIMINATOR OUTPUT_DIR [extra args]"
 UNET=${1:?$USAGE}
 META=${2:?$USAGE}
 DISC=${3:?$USAGE}
 OUT=${4:?$USAGE}
 shift 4
-CONFIG=configs/accelerate_8gpu.yaml
-[ "${DEEPSPEED:-0}" = 1 ] && CONFIG=configs/deepspeed_zero2.yaml
-exec accelerate launch --config_file "$CONFIG" --num_processes "${NUM_GPUS:-8}" \
-    train_RORem_lcm_rewarded.py --config configs/lcm_rewarded_config.yaml \
-    --pretrained_teacher_unet "$UNET" --meta_path "$META" --discriminator_path "$DISC" --output_dir "$OUT" \
-    --resume_from_checkpoint latest "$@"
+exec bash "$(dirname "$0")/launch.sh" train_RORem_lcm_rewarded.py configs/lcm_rewarded_config.yaml \
+    --pretrained_teacher_unet "$UNET" --meta_path "$META" --discriminator_path "$DISC" --output_dir "$OUT" "$@"

@@ -316,6 +316,14 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         assert {"val_reward", "val_reward_discriminator", "val_reward_preserve", "val_masked_mse", "val_start_masked_mse"} <= set(metrics)
         _lora_trained(folder, rank=8)
         _lora_changes_the_unet(box, folder)
+    elif name == "run_train_draft.sh" and "experiment/RORem_LCM" in args:  # the student's own LoRA, trained on
+        folder = box / args[3]
+        metrics = _json(folder / "final_metrics.json")["metrics"]
+        assert {"val_reward", "val_reward_discriminator", "val_masked_mse", "val_start_masked_mse"} <= set(metrics)
+        student = _tensors(box / "experiment/RORem_LCM" / "pytorch_lora_weights.safetensors")
+        trained = _tensors(folder / "pytorch_lora_weights.safetensors")
+        assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in student.items()}
+        assert max((trained[k] - student[k]).abs().max().item() for k in student) > 0
     elif name in ("sweep_dpo.py", "sweep_lcm.py"):
         root = box / _value(args, "--output_root")
         rows = _json(root / "sweep_results.json")
@@ -328,6 +336,9 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         folder = box / (_value(args, "--output_dir") if "--output_dir" in args else args[-1])
         _lora_trained(folder)
         _lora_changes_the_unet(box, folder)
+        if "--reward_guidance" in args:  # RG-LCD: the run was guided, and its data not scored for weights it does not use
+            assert _json(folder / "final_metrics.json")["args"]["reward_guidance"] == _value(args, "--reward_guidance")
+            assert not os.path.exists(folder / "data_scores.json")
         if name == "run_train_lcm_rewarded.sh":
             assert len(_json(folder / "data_scores.json")) == len(_json(box / args[1]))  # each training GT scored once
     elif name == "convert_lora.py":
@@ -435,7 +446,8 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
         pytest.skip("run (in its --dry mode) by tests/test_gpu_check.py")
     elif words[0] == "bash":
         trainer = {"run_train_RORem.sh": "train_RORem.py", "run_train_dpo.sh": "train_RORem_dpo.py",
-                   "run_train_kto.sh": "train_RORem_kto.py", "run_train_lcm_rewarded.sh": "train_RORem_lcm_rewarded.py"}[name]
+                   "run_train_kto.sh": "train_RORem_kto.py", "run_train_lcm_rewarded.sh": "train_RORem_lcm_rewarded.py",
+                   "run_train_draft.sh": "train_RORem_draft.py"}[name]
         run_env = dict(os.environ, **env, NUM_GPUS="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1",
                        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
         res = subprocess.run(["bash", str(sandbox / script), *args, *TINY[trainer]], cwd=sandbox, env=run_env,

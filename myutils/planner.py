@@ -59,7 +59,10 @@ def meta_vae(config_path, dtype=torch.float32):
         return AutoencoderKL.from_config(read_config(config_path)).to(dtype)
 
 
-def add_meta_lora(unet, rank, targets=("to_q", "to_k", "to_v", "to_out.0")):
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the scripts' default LoRA targets
+
+
+def add_meta_lora(unet, rank, targets=ATTENTION):
     """A LoRA as the scripts add it (peft, gaussian init), on the meta model; returns its parameters."""
     from peft import LoraConfig
 
@@ -194,12 +197,17 @@ def flash_attention_on_meta():
         F.scaled_dot_product_attention = real
 
 
-def measure_unet(unet, resolution, batch=1, backward=True, checkpointing=False, discriminator=None):
+def measure_unet(unet, resolution, batch=1, backward=True, checkpointing=False, discriminator=None, input_grad=False):
     """measure_pass() of an SDXL-inpainting UNet at `batch` images of `resolution` px. With
-    `discriminator` (built from this UNet) that model is measured instead, on the same inputs."""
+    `discriminator` (built from this UNet) that model is measured instead, on the same inputs.
+    input_grad: the latents require grad (a frozen reward model's backward to its input)."""
     model, call = (discriminator, _discriminator_output) if discriminator is not None else (unet, _unet_output)
     device = next(unet.parameters()).device
-    return measure_pass(model, lambda: unet_inputs(unet, batch, resolution, device), call, backward, checkpointing, unet)
+
+    def inputs():
+        args, kwargs = unet_inputs(unet, batch, resolution, device)
+        return ((args[0].requires_grad_(True), *args[1:]) if input_grad else args), kwargs
+    return measure_pass(model, inputs, call, backward, checkpointing, unet)
 
 
 def measure_pass(model, make_inputs, call, backward=True, checkpointing=False, checkpointed=None):

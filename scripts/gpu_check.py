@@ -241,14 +241,21 @@ def tiny_part(check, work, w):
         lcm = ["--lora_rank", "4", "--num_ddim_timesteps", "10", "--meta_path", w["meta"]]
         check.run("tiny", "train_RORem_lcm (validation: student vs teacher)", train_RORem_lcm,
                   common + steps + mp + val + lcm + ["--output_dir", out("lcm")], p, [out("lcm")])
-        check.run("tiny", "train_RORem_lcm_rewarded (teacher scores on latents)", train_RORem_lcm_rewarded,
+        check.run("tiny", "train_RORem_lcm_rewarded (teacher scores on latents; RG-LCD's reward guidance)", train_RORem_lcm_rewarded,
                   common + steps + mp + lcm + ["--output_dir", out("lcm_rewarded"), "--discriminator_path", disc, "--reward_source",
-                                              "teacher", "--weighting", "softmax"], p, [out("lcm_rewarded")])
+                                              "teacher", "--weighting", "softmax", "--reward_guidance", "discriminator=0.1,gt=1"], p,
+                  [out("lcm_rewarded")])
         check.run("tiny", "train_RORem_draft (DRaFT-2 through the discriminator, preserve, drift; validation)", train_RORem_draft,
                   common + steps + mp + ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--output_dir", out("draft"),
                                          "--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc, "--draft_k", "2",
                                          "--sample_steps", "3", "--reg_coef", "0.1", "--validation_steps", "2", "--eval_samples", "2",
                                          "--num_validation_images", "2", "--lora_rank", "4"], p, [out("draft")])
+        check.run("tiny", "train_RORem_draft (the LCM student above: AlignProp through 4 LCM steps, drift; validation)",
+                  train_RORem_draft,
+                  common + steps + mp + ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--output_dir", out("draft_lcm"),
+                                         "--reward", "discriminator=1,gt=1", "--discriminator_path", disc, "--student_lora", out("lcm"),
+                                         "--method", "alignprop", "--sample_steps", "4", "--reg_coef", "0.1", "--validation_steps", "2",
+                                         "--eval_samples", "2", "--num_validation_images", "2"], p, [out("draft_lcm")])
         check.run("tiny", "train_RORem_ddpo (PPO, discriminator + preserve, CFG, KL)", train_RORem_ddpo,
                   common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("ddpo"), "--reward", "discriminator=1,preserve=0.5",
                                       "--discriminator_path", disc, "--guidance_scale", "2", "--kl_coef", "0.01"], p, [out("ddpo")])
@@ -379,7 +386,7 @@ def planner_rows(check, r, res):
     out = {}
     for row in rows:
         if "ZeRO" not in row["mode"]:
-            accumulation = plan_memory.script_args(row["script"]).gradient_accumulation_steps
+            accumulation = plan_memory.script_args(row["key"]).gradient_accumulation_steps
             out[(row["script"], row["res"])] = {"gib": row["total"], "s_per_step": 3600 / row["steps_per_hour"] / accumulation}
     return out
 

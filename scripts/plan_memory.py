@@ -44,6 +44,13 @@ SCRIPTS = {
                            "reference": True},
     "train_RORem_lcm.py": {"config": "lcm_config.yaml", "train": 1, "frozen": 3, "encodes": 2,
                            "what": "1 fwd+bwd, 2 teacher fwd (CFG), 1 target fwd", "reference": True},
+    "train_RORem_draft.py": {"config": "draft_config.yaml", "train": None, "frozen": None, "encodes": 2, "direct": True,
+                             "what": "the chain: K fwd+bwd (their graphs held together), n - K fwd; the reward's fwd+bwd to its input",
+                             "reward": True, "argv": ["--discriminator_path", "d"]},
+    "draft_lcm": {"script": "train_RORem_draft.py", "label": "train_RORem_draft.py (LCM student)", "config": "draft_lcm_config.yaml",
+                  "train": None, "frozen": None, "encodes": 2, "direct": True, "reward": True,
+                  "what": "AlignProp through the 4 LCM steps (each call recomputed in backward); the reward's fwd+bwd to its input",
+                  "argv": ["--discriminator_path", "d", "--student_lora", "s"], "lora": (64, "lcm")},
     "train_RORem_ddpo.py": {"config": "ddpo_config.yaml", "train": None, "frozen": None, "encodes": 0,
                             "what": "per epoch: sampling fwd + trained steps fwd+bwd", "reward": True},
     "flow_grpo": {"script": "train_RORem_ddpo.py", "config": "flow_grpo_config.yaml", "train": None, "frozen": None, "encodes": 0,
@@ -90,7 +97,7 @@ def plan(args):
     n_flux_vae = pl.count(pl.meta_vae(args.flux_vae_config).parameters())[0] if flux else 0
     rows, measured = [], {}
 
-    def build(kind, precision, lora_rank):
+    def build(kind, precision, lora_rank, targets=pl.ATTENTION):
         """The trained model on the meta device (+ the UNet it is built from, for the discriminator)."""
         if kind == "flux":
             model = pl.meta_flux(args.flux_config, pl.DTYPES[precision])
@@ -99,18 +106,21 @@ def plan(args):
             unet = pl.meta_unet(unet_cfg, pl.DTYPES[precision])
             model = pl.meta_discriminator(unet_cfg, pl.DTYPES[precision], unet) if kind == "discriminator" else unet
         if lora_rank:
-            pl.add_meta_lora(model, lora_rank)
+            pl.add_meta_lora(model, lora_rank, targets)
         return model, unet
 
-    def measure(kind, res, batch, lora_rank, backward, checkpointing, precision):
-        key = (kind, res, batch, lora_rank, backward, checkpointing, precision)
+    def measure(kind, res, batch, lora_rank, backward, checkpointing, precision, targets=pl.ATTENTION, frozen=False):
+        """frozen: no weight trains, the gradient goes to the input (a reward model in direct reward fine-tuning)."""
+        key = (kind, res, batch, lora_rank, backward, checkpointing, precision, tuple(targets), frozen)
         if key not in measured:
-            model, unet = build(kind, precision, lora_rank)
+            model, unet = build(kind, precision, lora_rank, targets)
+            if frozen:
+                model.requires_grad_(False)
             if kind == "flux":
                 measured[key] = pl.measure_flux(model, res, batch, backward, checkpointing)
             else:
                 measured[key] = pl.measure_unet(unet, res, batch, backward, checkpointing,
-                                                discriminator=model if kind == "discriminator" else None)
+                                                discriminator=model if kind == "discriminator" else None, input_grad=frozen)
         return measured[key]
 
     for name in args.scripts:
@@ -118,17 +128,20 @@ def plan(args):
         precision = sa.mixed_precision if sa.mixed_precision in ("fp16", "bf16") else "fp32"
         lora = not sa.train_full if hasattr(sa, "train_full") else bool(getattr(sa, "use_lora", False))
         rank = getattr(sa, "lora_rank", None) or getattr(sa, "rank", 4)
+        targets = pl.ATTENTION
+        if "lora" in spec:  # a LoRA file's own shape (the released 4-step LoRA: rank 64 on 14 kinds of layers)
+            rank, targets = spec["lora"][0], importlib.import_module("train_RORem_lcm").LCM_LORA_TARGETS
         kind = "flux" if spec.get("flux") else "discriminator" if spec.get("discriminator") else "unet"
         base, base_tensors = {"flux": n_flux, "discriminator": (n_disc, n_disc_tensors), "unet": (n_unet, n_unet_tensors)}[kind]
         if lora:  # the LoRA's parameters (+ the discriminator's head, which trains in full)
             model = build(kind, "fp32", 0)[0]
             head = [p for n, p in model.named_parameters() if n.startswith("cls_pred")] if kind == "discriminator" else []
-            lora_params = pl.count(pl.add_meta_lora(model, rank) + head)
+            lora_params = pl.count(pl.add_meta_lora(model, rank, targets) + head)
         ckpt = bool(getattr(sa, "gradient_checkpointing", False))
         ema = bool(getattr(sa, "use_ema", False))
-        rl = spec["train"] is None
+        rl = spec["train"] is None and not spec.get("direct")
         b = sa.train_batch_size
-        micro = b if rl else b * spec["train"]  # DPO's preferred and rejected halves run as one batch
+        micro = b if rl or spec.get("direct") else b * spec["train"]  # DPO's preferred and rejected halves run as one batch
         vae_bytes = (n_flux_vae if kind == "flux" else n_vae) * 4  # the VAE stays fp32
         for res in args.resolutions:
             modes = [("LoRA r%d" % rank, False)] if lora else [("full, DDP", False), (f"full, ZeRO-2 x{args.num_gpus}", True)]
@@ -145,11 +158,34 @@ def plan(args):
                 if spec.get("reward"):
                     other += n_disc * pl.DTYPE_BYTES[precision]
                 r = rank if lora else 0
-                train_plain = measure(kind, res, micro, r, True, False, precision)
-                train_ckpt = measure(kind, res, micro, r, True, True, precision)
+                if spec.get("direct"):  # the UNet graphs alive at once: DRaFT-K's K; AlignProp and ReFL one
+                    n = int(sa.sample_steps * sa.strength)
+                    k = {"draft": sa.draft_k, "alignprop": n, "refl": 1}[sa.method]
+                    micro = b * (sa.draft_k if sa.method == "draft" else 1)
+                    other += trainable * 4 if lora else 0  # the start's copy of the LoRA (the drift's and validation's reference)
+                train_plain = measure(kind, res, micro, r, True, False, precision, targets)
+                train_ckpt = measure(kind, res, micro, r, True, True, precision, targets)
                 train = train_ckpt if ckpt else train_plain  # checkpointing recomputes the forward: more FLOPs
                 vae_res = res
-                if rl:  # sampling and evaluation run no-grad forwards of their own batch sizes; images decode in chunks
+                if spec.get("direct"):
+                    fwd = measure(kind, res, 1, r, False, False, precision, targets)["forward_flops"]
+                    reward = measure("discriminator", res, b, 0, True, False, precision, frozen=True)
+                    # the reward's backward runs while the UNet graphs are alive
+                    train = {**train, "step_peak_bytes": max(train["step_peak_bytes"], train["activation_bytes"] + reward["step_peak_bytes"])}
+                    side = max(max(measure(kind, res, n_, r, False, False, precision, targets)["step_peak_bytes"]
+                                   for n_ in (b, sa.validation_batch_size)), pl.vae_encode_peak_bytes(vae, vae_res, VAE_CHUNK))
+                    if sa.method == "refl":  # the random step among the last L: on average n - 1 - (L - 1) / 2 no-grad steps first
+                        last = min(n, sa.refl_last or max(1, n // 4))
+                        plain_steps, graphs = n - 1 - (last - 1) / 2, train["step_flops"]
+                    elif sa.method == "alignprop":  # every call differentiated, and recomputed in backward
+                        plain_steps, graphs = n, n * train["step_flops"]
+                    else:
+                        plain_steps, graphs = n - k, train["step_flops"]
+                    drift = k * b * fwd if sa.reg_coef else 0
+                    flops = sa.gradient_accumulation_steps * (plain_steps * b * fwd + graphs + reward["step_flops"] + drift)
+                    encodes = spec["encodes"] + ("gt" in sa.rewards)
+                    vae_flops = b * sa.gradient_accumulation_steps * encodes * pl.vae_encode_flops(vae, res)
+                elif rl:  # sampling and evaluation run no-grad forwards of their own batch sizes; images decode in chunks
                     cfg = 2 if getattr(sa, "guidance_scale", 1.0) > 1 and kind != "flux" else 1
                     side = max(measure(kind, res, n * cfg, r, False, False, precision)["step_peak_bytes"]
                                for n in (sa.sample_batch_size * sa.group_size, sa.eval_batch_size))
@@ -174,7 +210,7 @@ def plan(args):
                 # the UNet/transformer at the fp16/bf16 rate, the fp32 VAE at the fp32 rate
                 seconds = (flops / args.peak_tflops + vae_flops / args.peak_tflops_fp32) / (1e12 * args.utilisation)
                 act, act_ckpt = train_plain["activation_bytes"], train_ckpt["activation_bytes"]
-                rows.append({"script": SCRIPTS[name].get("script", name) + (" (FLUX.1-Fill)" if kind == "flux" else ""),
+                rows.append({"key": name, "script": spec.get("label", spec.get("script", name) + (" (FLUX.1-Fill)" if kind == "flux" else "")),
                              "res": res, "mode": mode, "batch": b, "passes": spec["what"], **{k: gb(v) for k, v in state.items()},
                              "other": gb(other + (trainable * 4 if ema else 0)), "act": gb(act), "act_ckpt": gb(act_ckpt), "ckpt": ckpt,
                              "transient": gb(peak["transient"]), "total": gb(total), "fits": total <= args.gpu_memory_gb * 2 ** 30,

@@ -103,11 +103,15 @@ def test_plan_script_prints_every_training_script(tiny_model_dir, tiny_flux_dir,
     rows, counts = plan.main(["--unet_config", _tiny_config(tiny_model_dir, tmp_path), "--vae_config", str(tmp_path / "vae.json"),
                               "--flux_config", str(tmp_path / "flux_transformer.json"), "--flux_vae_config", str(tmp_path / "flux_vae.json"),
                               "--resolutions", "64", "--output", str(tmp_path / "plan.md")])
-    assert {r["script"] for r in rows} == {plan.SCRIPTS[n].get("script", n) for n in plan.SCRIPTS} | {"train_RORem_ddpo.py (FLUX.1-Fill)"}
+    names = {spec.get("label", spec.get("script", n)) for n, spec in plan.SCRIPTS.items()}
+    assert {r["script"] for r in rows} == names | {"train_RORem_ddpo.py (FLUX.1-Fill)"}
     assert all(r["total"] > r["weights"] + r["gradients"] + r["optimizer"] for r in rows)
     assert all(r["total"] > 0 and r["tflop"] > 0 for r in rows) and all(r["fits"] for r in rows)
     table = open(tmp_path / "plan.md").read()
     assert "| train_RORem_dpo.py | 64 | LoRA" in table and "| train_RORem_kto.py | 64 | LoRA r8 | 16 |" in table
+    assert "| train_RORem_draft.py (LCM student) | 64 | LoRA r64 | 4 |" in table  # the released 4-step LoRA's rank
+    draft = {r["key"]: r for r in rows if r["key"] in ("train_RORem_draft.py", "draft_lcm")}
+    assert draft["draft_lcm"]["optimizer"] > draft["train_RORem_draft.py"]["optimizer"]  # rank 64 on 14 kinds of layers vs rank 8
     with pytest.raises(Exception, match="multiple of 64"):
         plan.main(["--resolutions", "100"])
 

@@ -258,7 +258,8 @@ CONFIG_SCRIPTS = {"train_RORem.yaml": "train_RORem", "toy_RORem.yaml": "train_RO
                   "lcm_config.yaml": "train_RORem_lcm", "toy_lcm.yaml": "train_RORem_lcm", "lcm_rewarded_config.yaml": "train_RORem_lcm_rewarded",
                   "ddpo_config.yaml": "train_RORem_ddpo", "toy_ddpo.yaml": "train_RORem_ddpo", "flow_grpo_config.yaml": "train_RORem_ddpo",
                   "toy_flow_grpo.yaml": "train_RORem_ddpo", "morl_config.yaml": "train_RORem_morl", "toy_morl.yaml": "train_RORem_morl",
-                  "draft_config.yaml": "train_RORem_draft", "toy_draft.yaml": "train_RORem_draft"}
+                  "draft_config.yaml": "train_RORem_draft", "toy_draft.yaml": "train_RORem_draft",
+                  "draft_lcm_config.yaml": "train_RORem_draft", "toy_draft_lcm.yaml": "train_RORem_draft"}
 
 
 def test_every_training_config_is_mapped():

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-flow demo-morl demo-rounds demo-lcm-epsilon test install clean-demo
+.PHONY: demo demo-flow demo-morl demo-rounds demo-lcm-epsilon demo-draft test install clean-demo
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ demo-rounds: $(STAMP)  # two rounds of the data loop with a simulated annotator 
 
 demo-lcm-epsilon: $(STAMP)  # LCM distillation of an epsilon-prediction teacher (what distillation buys; and what it needs)
 	$(BIN)/python scripts/demo.py --work_dir .demo --part lcm_epsilon
+
+demo-draft: $(STAMP)  # direct reward fine-tuning (DRaFT, AlignProp on the 4-step student) beside GRPO and RG-LCD (and what it needs)
+	$(BIN)/python scripts/demo.py --work_dir .demo --part draft
 
 clean-demo:
 	rm -rf .demo

@@ -163,6 +163,36 @@ def make_pairs(w, model_dir, remover_dir, disc_dir, args):
     run(["scripts/build_preference_pairs.py", "--scored_meta_path", f"{w}/scored/heldout/meta.json", "--output_dir", f"{w}/pairs/heldout"])
 
 
+def grpo_command(w, args, out, *extra):
+    """Online RL from the trained remover (configs/toy_ddpo.yaml): every run from the same start, seeds
+    and settings, only what `extra` says differing."""
+    return ["train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", f"{w}/models/toy_sdxl_inpaint",
+            "--pretrained_unet", f"{w}/remover/unet", "--meta_path", f"{w}/data/train/meta.json",
+            "--validation_meta_path", f"{w}/data/heldout/meta.json", "--seed", str(args.seed), "--output_dir", f"{w}/{out}", *extra]
+
+
+def lcm_command(w, args, script, out, *extra):
+    """LCM distillation of the trained remover on the scored training results (configs/toy_lcm.yaml),
+    validated with the discriminator's win rate on 8 held-out inputs (the evaluation measures all)."""
+    return [script, "--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", f"{w}/models/toy_sdxl_inpaint",
+            "--pretrained_teacher_unet", f"{w}/remover/unet", "--meta_path", f"{w}/scored/train/meta.json",
+            "--validation_meta_path", f"{w}/data/heldout/meta.json", "--discriminator_path", f"{w}/discriminator",
+            "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--win_rate_samples", "8",
+            "--seed", str(args.seed), "--output_dir", f"{w}/{out}", *extra]
+
+
+def grpo_and_lcm_stages(w, args, which):
+    """The main demo's GRPO runs and plain LCM student, which the DRaFT part is compared with (run here
+    when the main demo has not run them)."""
+    if "grpo_gt" in which:
+        stage("GRPO (GT reward)", f"{w}/rl_gt/final_metrics.json", lambda: run(grpo_command(w, args, "rl_gt", "--reward", "gt=1")))
+    if "lcm" in which:
+        stage("LCM", f"{w}/lcm/final_metrics.json", lambda: run(lcm_command(w, args, "train_RORem_lcm.py", "lcm", "--weighting", "none")))
+    if "grpo" in which:
+        stage("online RL", f"{w}/rl/final_metrics.json", lambda: run(grpo_command(w, args, "rl", "--discriminator_path",
+                                                                                 f"{w}/discriminator")))
+
+
 def win_of(evaluation, a, b):
     """System a's discriminator win rate against b and its 95% interval, from evaluate_RORem.py's results."""
     for r in evaluation["win_rates"]:
@@ -607,6 +637,108 @@ def lcm_epsilon_part(w, model_dir, remover_dir, train_meta, held_meta, args):
             f"Grids (source, mask, GT, then each system): `{eval_dir}/grids/`."]
 
 
+# (name in the evaluation, folder of the system, its start) for the DRaFT part
+DRAFT_SYSTEMS = {"teacher": SYSTEMS["teacher"], "rl_gt": SYSTEMS["rl_gt"], "draft_gt": "DRaFT-1, GT reward",
+                 "rl": SYSTEMS["rl"], "draft": "DRaFT-1, discriminator reward", "lcm": SYSTEMS["lcm"],
+                 "draft_lcm_gt": "LCM student + AlignProp, GT reward", "draft_lcm": "LCM student + AlignProp, discriminator reward",
+                 "rg_lcd_gt": "RG-LCD student, GT guidance", "rg_lcd": "RG-LCD student, discriminator guidance"}
+# (method, signal, system, its start, the signal is the known answer)
+DRAFT_ROWS = [("GRPO", "reward: GT error (pixels)", "rl_gt", "teacher", True),
+              ("DRaFT-1", "reward: GT error (latents)", "draft_gt", "teacher", True),
+              ("DRaFT-1 vs GRPO", "the GT error", "draft_gt", "rl_gt", True),
+              ("AlignProp on the 4-step student", "reward: GT error (latents)", "draft_lcm_gt", "lcm", True),
+              ("RG-LCD vs plain LCM", "guidance: GT error (latents)", "rg_lcd_gt", "lcm", True),
+              ("AlignProp on the student vs RG-LCD", "the GT error", "draft_lcm_gt", "rg_lcd_gt", True),
+              ("GRPO", "reward: the discriminator", "rl", "teacher", False),
+              ("DRaFT-1", "reward: the discriminator (its gradient)", "draft", "teacher", False),
+              ("AlignProp on the 4-step student", "reward: the discriminator (its gradient)", "draft_lcm", "lcm", False),
+              ("RG-LCD vs plain LCM", "guidance: the discriminator", "rg_lcd", "lcm", False)]
+
+
+def draft_part(w, args):
+    """Direct reward fine-tuning beside the methods on the same rewards: DRaFT-1 on the remover beside
+    GRPO (the known answer, then the discriminator), and on the 4-step student AlignProp (backprop
+    through all 4 LCM steps) beside RG-LCD (the reward's gradient inside the distillation), each against
+    its start on the held-out inputs, same seeds, paired; the GT error beside the discriminator's
+    score for every run, so hacking shows."""
+    from toy_world.report import hacking_reading, markdown_table, method_row
+
+    model_dir, disc = f"{w}/models/toy_sdxl_inpaint", f"{w}/discriminator"
+    held = f"{w}/data/heldout/meta.json"
+    draft = lambda out, *extra: ["train_RORem_draft.py", "--pretrained_model_name_or_path", model_dir,  # noqa: E731
+                                 "--pretrained_unet", f"{w}/remover/unet", "--meta_path", f"{w}/data/train/meta.json",
+                                 "--validation_meta_path", held, "--seed", str(args.seed), "--output_dir", f"{w}/{out}", *extra]
+    student = ["--config", "configs/toy_draft_lcm.yaml", "--student_lora", f"{w}/lcm"]
+    runs = {"draft_gt": draft("draft_gt", "--config", "configs/toy_draft.yaml", "--reward", "gt=1"),
+            "draft": draft("draft", "--config", "configs/toy_draft.yaml", "--reward", "discriminator=1", "--discriminator_path", disc),
+            "draft_lcm_gt": draft("draft_lcm_gt", *student, "--reward", "gt=1"),
+            "draft_lcm": draft("draft_lcm", *student, "--reward", "discriminator=1", "--discriminator_path", disc),
+            "rg_lcd_gt": lcm_command(w, args, "train_RORem_lcm.py", "rg_lcd_gt", "--weighting", "none", "--reward_guidance",
+                                     f"gt={args.rg_lcd_beta_gt:g}"),
+            "rg_lcd": lcm_command(w, args, "train_RORem_lcm.py", "rg_lcd", "--weighting", "none", "--reward_guidance",
+                                  f"discriminator={args.rg_lcd_beta:g}")}
+
+    def train(keys):
+        for k in keys:
+            stage(DRAFT_SYSTEMS[k], f"{w}/{k}/final_metrics.json", lambda k=k: run(runs[k]))
+
+    def lane_a():
+        grpo_and_lcm_stages(w, args, ["grpo_gt"])
+        train(["draft_gt", "draft", "draft_lcm"])
+
+    def lane_b():
+        grpo_and_lcm_stages(w, args, ["lcm", "grpo"])
+        train(["draft_lcm_gt", "rg_lcd_gt", "rg_lcd"])
+
+    parallel = not ONLY
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    other = pool.submit(in_lane, lane_a) if parallel else None
+    with side_by_side(parallel):
+        lane_b()
+    other.result() if parallel else lane_a()
+    pool.shutdown()
+
+    systems = {DRAFT_SYSTEMS["teacher"]: f"unet:{w}/remover/unet",
+               **{DRAFT_SYSTEMS[k]: f"lora:{w}/{k}" for k in ("rl_gt", "draft_gt", "rl", "draft")},
+               **{DRAFT_SYSTEMS[k]: f"lcm:{w}/{k}" for k in ("lcm", "draft_lcm_gt", "draft_lcm", "rg_lcd_gt", "rg_lcd")}}
+    eval_dir = f"{w}/draft_evaluation"
+    stage("DRaFT evaluation", f"{eval_dir}/results.json", lambda: run([
+        "evaluate_RORem.py", "--meta_path", held, "--output_dir", eval_dir, "--pretrained_model", model_dir,
+        "--base_unet", f"{w}/remover/unet", "--resolution", "32", "--inference_steps", str(args.eval_steps), "--strength", "1.0",
+        "--batch_size", "16", "--seed", str(args.seed), "--discriminator_path", disc, "--num_grid_inputs", "8", "--no-fetch_weights",
+        *[a for name, spec in systems.items() for a in ("--system", f"{name}={spec}")]]))
+    with open(f"{eval_dir}/results.json") as f:
+        per = json.load(f)["per_input"]
+
+    def row(m, sig, a, b, known):
+        key, lower = ("masked_mse", True) if known else ("discriminator_score", False)
+        return method_row(m, sig, "masked MSE" if known else "discriminator score", per[DRAFT_SYSTEMS[b]][key],
+                          per[DRAFT_SYSTEMS[a]][key], lower, 4 if known else 3)
+
+    rows = [row(*r) for r in DRAFT_ROWS]
+    hacking = []
+    for m, sig, a, b, _ in DRAFT_ROWS:
+        score, error = row(m, sig, a, b, False), row(m, sig, a, b, True)
+        hacking.append([m, sig, score["cells"][5], error["cells"][5], hacking_reading(score, error)])
+    means = [[name, f"{np.mean(v['masked_mse']):.4f}", f"{np.mean(v['discriminator_score']):.3f}"] for name, v in per.items()]
+    return ["## Direct reward fine-tuning beside GRPO and RG-LCD (same rewards, same start, same seeds)", "",
+            "DRaFT-1 on a LoRA of the trained remover (`configs/toy_draft.yaml`: 10 DDIM steps, the last differentiated, 100 "
+            "steps of 16, lr 1e-4, rank 8), with the GRPO runs of the main demo on the same two rewards (GRPO's GT error is "
+            "measured on decoded pixels, DRaFT's on latents: the same target, no decode). On the 4-step LCM student (the main "
+            "demo's plain one): AlignProp through its 4 LCM steps on its own LoRA (`configs/toy_draft_lcm.yaml`, 100 steps of "
+            f"16), and RG-LCD: the plain student's distillation ({args.lcm_steps} steps) with the reward's gradient in its loss "
+            f"(beta {args.rg_lcd_beta_gt:g} for the GT error, {args.rg_lcd_beta:g} for the discriminator). Held out: "
+            f"{args.heldout_samples} inputs, seeds {args.seed}.., {args.eval_steps} steps (4 LCM steps for the students), paired; "
+            "each row against its own start:", "",
+            *markdown_table(["method", "signal", "held-out measure", "start", "end", "paired difference [95% CI]", "verdict"],
+                            [r["cells"] for r in rows]), "",
+            "Both measures for every run (the GT error is the known answer; the discriminator is the learned reward):", "",
+            *markdown_table(["method", "signal", "discriminator score change [95% CI]", "masked MSE change [95% CI]", "reading"], hacking),
+            "", *markdown_table(["system", "masked MSE", "mean discriminator score"], means), "",
+            f"Grids (source, mask, GT, then each system): `{eval_dir}/grids/`; training curves: `tensorboard --logdir {w}/draft_gt/logs` "
+            "(and draft, draft_lcm_gt, draft_lcm, rg_lcd_gt, rg_lcd)."]
+
+
 def write_part(w, name, lines, start):
     os.makedirs(f"{w}/report", exist_ok=True)
     with open(f"{w}/report/{name}.md", "w") as f:
@@ -629,15 +761,17 @@ def main():
     p.add_argument("--lcm_steps", type=POSITIVE, default=80, help="distillation steps for each 4-step student")
     p.add_argument("--flow_vae_steps", type=POSITIVE, default=300, help="fitting the tiny FLUX-Fill VAE to the toy images")
     p.add_argument("--flow_compare_naive", action="store_true", help="also train the flow model with the naive Euler + noise step")
-    p.add_argument("--part", choices=["all", "flow", "morl", "rounds", "lcm_epsilon"], default="all",
-                   help="flow / morl / rounds / lcm_epsilon: only the flow-matching RL, the multi-objective RL, the data rounds or "
-                        "the epsilon teacher's LCM part (and what it needs; make demo runs neither the rounds nor lcm_epsilon: "
-                        "make demo-rounds, make demo-lcm-epsilon)")
+    p.add_argument("--part", choices=["all", "flow", "morl", "rounds", "lcm_epsilon", "draft"], default="all",
+                   help="flow / morl / rounds / lcm_epsilon / draft: only the flow-matching RL, the multi-objective RL, the data "
+                        "rounds, the epsilon teacher's LCM part or direct reward fine-tuning beside GRPO and RG-LCD (and what it "
+                        "needs; make demo runs none of the last three: make demo-rounds, make demo-lcm-epsilon, make demo-draft)")
     p.add_argument("--round_inputs", type=POSITIVE, default=400, help="rounds: new inputs per round")
     p.add_argument("--round_steps", type=POSITIVE, default=200, help="rounds: fine-tuning steps after each round (at batch 32)")
     p.add_argument("--epsilon_steps", type=POSITIVE, default=1500,
                    help="lcm_epsilon: fine-tuning steps of the remover as epsilon-prediction (at batch 32)")
     p.add_argument("--epsilon_lcm_steps", type=POSITIVE, default=200, help="lcm_epsilon: distillation steps of its 4-step student")
+    p.add_argument("--rg_lcd_beta_gt", type=float, default=0.001, help="draft: RG-LCD's weight of the GT-error guidance")
+    p.add_argument("--rg_lcd_beta", type=float, default=0.001, help="draft: RG-LCD's weight of the discriminator's guidance")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=list(STRUCTURED),
                    help="the toy's background families (scripts/make_toy_dataset.py): stripes, two_tone and grid put "
@@ -690,25 +824,21 @@ def main():
         return write_part(w, "morl", morl_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args), start)
     if args.part == "rounds":
         return write_part(w, "rounds", rounds_part(w, model_dir, remover_dir, disc_dir, train_meta, held_meta, args), start)
+    if args.part == "draft":
+        return write_part(w, "draft", draft_part(w, args), start)
 
     # online RL from the trained remover, each run from the same start, seeds and settings
     # (configs/toy_ddpo.yaml), only the reward differing: GRPO and PPO with the known answer (minus the
     # masked error against GT), then multi-objective RL; beside the preference and LCM stages, which
     # end with GRPO on the discriminator (so the two lanes take about as long)
-    rl_common = ["train_RORem_ddpo.py", "--config", "configs/toy_ddpo.yaml", "--pretrained_model_name_or_path", model_dir,
-                 "--pretrained_unet", f"{remover_dir}/unet", "--meta_path", train_meta, "--validation_meta_path", held_meta,
-                 "--seed", str(args.seed)]
-
     def known_answer_rl_and_morl():
-        stage("GRPO (GT reward)", f"{w}/rl_gt/final_metrics.json", lambda: run([
-            *rl_common, "--reward", "gt=1", "--output_dir", f"{w}/rl_gt"]))
+        grpo_and_lcm_stages(w, args, ["grpo_gt"])
         # PPO (DDPO's): advantages from each input's running reward statistics, from its first group of 4
         # (with the default 16 an input seen once per epoch falls back to whole-batch statistics, which
         # mostly say which inputs are easy), and two clipped passes over each epoch's samples (with one,
         # and a new input each time, it would be GRPO to the last bit)
-        stage("PPO (GT reward)", f"{w}/ppo_gt/final_metrics.json", lambda: run([
-            *rl_common, "--reward", "gt=1", "--algorithm", "ppo", "--stat_min_count", "4", "--num_inner_epochs", "2",
-            "--output_dir", f"{w}/ppo_gt"]))
+        stage("PPO (GT reward)", f"{w}/ppo_gt/final_metrics.json", lambda: run(grpo_command(
+            w, args, "ppo_gt", "--reward", "gt=1", "--algorithm", "ppo", "--stat_min_count", "4", "--num_inner_epochs", "2")))
         # Diffusion-KTO on the scored results themselves (0/1 labels from the known answer, no pairs), and
         # beside it DPO on the natural pairs of the same results (each good one against each bad one of
         # its input): the two preference methods on one data set, from the same start and seeds
@@ -749,18 +879,12 @@ def main():
         # and remover outputs as targets): plain, weighted by each target's label (the known answer: the
         # GT-based annotator stand-in; the filter keeps the good targets), and weighted by the
         # discriminator's score of each target (filter at 0.5)
-        lcm_args = ["--config", "configs/toy_lcm.yaml", "--pretrained_model_name_or_path", model_dir, "--pretrained_teacher_unet",
-                    f"{remover_dir}/unet", "--meta_path", scored_train, "--validation_meta_path", held_meta, "--discriminator_path", disc_dir,
-                    "--max_train_steps", str(args.lcm_steps), "--validation_steps", str(args.lcm_steps), "--win_rate_samples", "8",
-                    "--seed", str(args.seed)]
-        stage("LCM", f"{w}/lcm/final_metrics.json", lambda: run(["train_RORem_lcm.py", *lcm_args, "--weighting", "none",
-                                                                 "--output_dir", f"{w}/lcm"]))
+        grpo_and_lcm_stages(w, args, ["lcm"])
         for name, source, out in (("label-weighted LCM", "labels", "lcm_labels"), ("reward-weighted LCM", "data", "lcm_rewarded")):
-            stage(name, f"{w}/{out}/final_metrics.json", lambda source=source, out=out: run([
-                "train_RORem_lcm_rewarded.py", *lcm_args, "--reward_source", source, "--weighting", "filter",
-                "--reward_threshold", "0.5", "--output_dir", f"{w}/{out}"]))
-        stage("online RL", f"{w}/rl/final_metrics.json", lambda: run([
-            *rl_common, "--discriminator_path", disc_dir, "--output_dir", f"{w}/rl"]))
+            stage(name, f"{w}/{out}/final_metrics.json", lambda source=source, out=out: run(lcm_command(
+                w, args, "train_RORem_lcm_rewarded.py", out, "--reward_source", source, "--weighting", "filter",
+                "--reward_threshold", "0.5")))
+        grpo_and_lcm_stages(w, args, ["grpo"])
 
     with side_by_side(parallel):
         preference_lcm_and_discriminator_rl()

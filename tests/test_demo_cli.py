@@ -241,3 +241,62 @@ def test_lcm_epsilon_part_switches_the_prediction_type_and_compares_the_student(
     assert "| LCM distillation vs the teacher's 4 steps | the teacher | masked MSE | 0.4500 | 0.2500 | -0.2000 [-0.2000, -0.2000] | better |" in text
     assert "| LCM distillation vs 4 undistilled LCM steps | the teacher | masked MSE | 0.2500 | 0.2500 |" in text
     assert "| teacher, 20 steps | 0.3000 |" in text
+
+
+def test_draft_part_trains_beside_grpo_and_rg_lcd_and_compares_each_with_its_start(tmp_path, monkeypatch):
+    """make demo-draft: what it runs (the stages stood in for by a fake run that writes each one's output):
+    DRaFT with GRPO's two rewards from the same remover, seed and data; AlignProp on the main demo's plain
+    LCM student's own LoRA; RG-LCD as that student's very distillation plus the guidance. The report:
+    each row against its own start, paired, in the measure of its signal, and both measures per run."""
+    from types import SimpleNamespace
+
+    demo = _demo_module()
+    w = tmp_path / "w"
+    names = demo.DRAFT_SYSTEMS
+    mse = {"teacher": 0.20, "rl_gt": 0.21, "draft_gt": 0.18, "rl": 0.22, "draft": 0.19, "lcm": 0.16, "draft_lcm_gt": 0.14,
+           "draft_lcm": 0.17, "rg_lcd_gt": 0.15, "rg_lcd": 0.16}
+    score = {"teacher": 0.5, "rl_gt": 0.45, "draft_gt": 0.5, "rl": 0.4, "draft": 0.6, "lcm": 0.45, "draft_lcm_gt": 0.5,
+             "draft_lcm": 0.55, "rg_lcd_gt": 0.45, "rg_lcd": 0.45}
+    noise = [0.0, 0.01, -0.01]
+    calls = []
+
+    def fake_run(cmd):
+        calls.append(cmd)
+        out = cmd[cmd.index("--output_dir") + 1]
+        if cmd[0] == "evaluate_RORem.py":
+            systems = dict(a.split("=", 1) for a in cmd[cmd.index("--system") + 1::2] if "=" in a)
+            assert set(systems) == set(names.values())
+            _write(tmp_path / "w" / "draft_evaluation" / "results.json", {"per_input": {
+                names[k]: {"masked_mse": [mse[k] + e for e in noise], "discriminator_score": [score[k] + e for e in noise]}
+                for k in names}})
+        else:
+            _write(type(tmp_path)(out) / "final_metrics.json", {})
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(demo, "LOG_DIR", [str(w / "logs")])  # as main() sets it: the two lanes' stages log there
+    args = SimpleNamespace(seed=3, lcm_steps=80, eval_steps=20, heldout_samples=3, rg_lcd_beta_gt=0.001, rg_lcd_beta=0.002)
+    text = "\n".join(demo.draft_part(str(w), args))
+    by_out = {c[c.index("--output_dir") + 1].split("/")[-1]: c for c in calls}
+    assert set(by_out) == {"rl_gt", "rl", "lcm", "draft_gt", "draft", "draft_lcm_gt", "draft_lcm", "rg_lcd_gt", "rg_lcd",
+                           "draft_evaluation"}
+
+    def value(cmd, flag):
+        return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+    for draft, grpo in (("draft_gt", "rl_gt"), ("draft", "rl")):  # the same start, data, seed and held-out set as GRPO
+        for flag in ("--pretrained_unet", "--meta_path", "--validation_meta_path", "--seed", "--pretrained_model_name_or_path"):
+            assert value(by_out[draft], flag) == value(by_out[grpo], flag), (draft, flag)
+    assert value(by_out["draft_gt"], "--reward") == value(by_out["rl_gt"], "--reward") == "gt=1"
+    assert value(by_out["draft"], "--reward") == "discriminator=1"  # GRPO's (configs/toy_ddpo.yaml's) reward
+    assert value(by_out["draft_lcm"], "--student_lora") == f"{w}/lcm"
+    plain = [a for a in by_out["lcm"] if a != f"{w}/lcm"]
+    for rg, guidance in (("rg_lcd_gt", "gt=0.001"), ("rg_lcd", "discriminator=0.002")):
+        cmd = by_out[rg]
+        assert value(cmd, "--reward_guidance") == guidance
+        assert [a for a in cmd if a not in (f"{w}/{rg}", "--reward_guidance", guidance)] == plain  # the same distillation
+    assert "| DRaFT-1 | reward: GT error (latents) | masked MSE | 0.2000 | 0.1800 | -0.0200 [-0.0200, -0.0200] | better |" in text
+    assert "| DRaFT-1 vs GRPO | the GT error | masked MSE | 0.2100 | 0.1800 | -0.0300 [-0.0300, -0.0300] | better |" in text
+    assert "| RG-LCD vs plain LCM | guidance: the discriminator | discriminator score | 0.450 | 0.450 | +0.000 [+0.000, +0.000] |" in text
+    assert ("| DRaFT-1 | reward: the discriminator (its gradient) | +0.100 [+0.100, +0.100] | -0.0100 [-0.0100, -0.0100] | "
+            "both improved: no sign of hacking |") in text
+    assert "| LCM student + AlignProp, GT reward | 0.1400 | 0.500 |" in text

@@ -128,7 +128,7 @@ def plan(args):
         precision = sa.mixed_precision if sa.mixed_precision in ("fp16", "bf16") else "fp32"
         lora = not sa.train_full if hasattr(sa, "train_full") else bool(getattr(sa, "use_lora", False))
         rank = getattr(sa, "lora_rank", None) or getattr(sa, "rank", 4)
-        targets = pl.ATTENTION
+        targets = tuple(getattr(sa, "lora_target_modules", None) or pl.ATTENTION)  # LCM: 14 kinds of layers, not 4
         if "lora" in spec:  # a LoRA file's own shape (the released 4-step LoRA: rank 64 on 14 kinds of layers)
             rank, targets = spec["lora"][0], importlib.import_module("train_RORem_lcm").LCM_LORA_TARGETS
         kind = "flux" if spec.get("flux") else "discriminator" if spec.get("discriminator") else "unet"

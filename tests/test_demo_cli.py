@@ -300,3 +300,4 @@ def test_draft_part_trains_beside_grpo_and_rg_lcd_and_compares_each_with_its_sta
     assert ("| DRaFT-1 | reward: the discriminator (its gradient) | +0.100 [+0.100, +0.100] | -0.0100 [-0.0100, -0.0100] | "
             "both improved: no sign of hacking |") in text
     assert "| LCM student + AlignProp, GT reward | 0.1400 | 0.500 |" in text
+    assert text.count("| DRaFT-1 vs GRPO |") == 1  # a comparison of two methods: in the lead table, not read for hacking

@@ -175,13 +175,17 @@ def test_refl_and_alignprop_train(tmp_path, tiny_model_dir, toy_meta, disc_dir, 
     assert any(v.abs().max() > 0 for k, v in w.items() if "lora_B" in k or "lora.up" in k)
 
 
-def test_draft_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script):
-    """Two ranks x batch 2 save the LoRA of one rank x batch 4 (DRaFT-2: two UNet calls under DDP
-    before one backward)."""
+@pytest.mark.parametrize("student", [False, True], ids=["draft2", "student_alignprop"])
+def test_draft_on_two_ranks_equals_one_rank(tmp_path, tiny_model_dir, toy_meta, run_script, rorem_lcm_lora, student):  # noqa: F811
+    """Two ranks x batch 2 save the LoRA of one rank x batch 4: DRaFT-2 (two UNet calls under DDP
+    before one backward), and AlignProp on RORem's 4-step LoRA (four checkpointed calls under DDP,
+    each recomputed in backward, and the LCM steps' noise)."""
     from test_multiprocess import _TIGHT, _lora_moved, _max_weight_diff, _saved_weights, launch_two_ranks
 
+    method = ["--student_lora", rorem_lcm_lora, "--method", "alignprop"] if student else ["--draft_k", "2"]
+
     def args(out, batch):
-        return _args(tiny_model_dir, toy_meta, out, "--draft_k", "2", "--max_train_steps", "2", "--checkpointing_steps", "2",
+        return _args(tiny_model_dir, toy_meta, out, *method, "--max_train_steps", "2", "--checkpointing_steps", "2",
                      *_TIGHT) + ["--train_batch_size", str(batch)]
 
     two, one = str(tmp_path / "draft2"), str(tmp_path / "draft1")

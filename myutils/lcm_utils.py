@@ -66,12 +66,12 @@ def predicted_noise(model_output, timesteps, sample, prediction_type, alphas_cum
     raise ValueError(f"unsupported prediction_type {prediction_type!r}: epsilon or v_prediction")
 
 
-def lcm_denoised(model_output, t, sample, prediction_type, alphas_cumprod):
-    """The consistency output at timestep t (an int shared by the batch), what LCMScheduler.step calls
-    `denoised`: c_skip(t) x_t + c_out(t) x0(x_t), fp32."""
+def lcm_denoised(model_output, timesteps, sample, prediction_type, alphas_cumprod):
+    """The consistency output, what LCMScheduler.step calls `denoised`: c_skip(t) x_t + c_out(t) x0(x_t),
+    fp32; timesteps: an int shared by the batch, or one per sample."""
+    tt = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(sample.shape[0])
     view = (-1,) + (1,) * (sample.dim() - 1)
-    c_skip, c_out = (c.to(sample.device).view(view) for c in scalings_for_boundary_conditions([t]))
-    tt = torch.full((sample.shape[0],), int(t), device=sample.device)
+    c_skip, c_out = (c.to(sample.device).view(view) for c in scalings_for_boundary_conditions(tt))
     return c_skip * sample.float() + c_out * predicted_origin(model_output, tt, sample, prediction_type, alphas_cumprod)
 
 
@@ -121,17 +121,13 @@ def consistency_step(student, teacher, target_net, latents, noise, index, w, sol
     ac = torch.as_tensor(alphas_cumprod, device=latents.device)
     a = ac[start].float().view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()
-    view = (-1, 1, 1, 1)
-    c_skip_start, c_out_start = (c.to(latents.device).view(view) for c in scalings_for_boundary_conditions(start))
-    c_skip, c_out = (c.to(latents.device).view(view) for c in scalings_for_boundary_conditions(t))
-
-    model_pred = c_skip_start * noisy + c_out_start * predicted_origin(student(noisy, start), start, noisy, prediction_type, ac)
+    model_pred = lcm_denoised(student(noisy, start), start, noisy, prediction_type, ac)
     with torch.no_grad():
         cond, uncond = teacher(noisy, start)
         x0_c, x0_u = (predicted_origin(o, start, noisy, prediction_type, ac) for o in (cond, uncond))
         eps_c, eps_u = (predicted_noise(o, start, noisy, prediction_type, ac) for o in (cond, uncond))
-        wv = w.float().view(view)
+        wv = w.float().view(-1, 1, 1, 1)
         teacher_x0 = x0_c + wv * (x0_c - x0_u)
         x_prev = solver.ddim_step(teacher_x0, eps_c + wv * (eps_c - eps_u), index)
-        target = c_skip * x_prev + c_out * predicted_origin(target_net(x_prev, t), t, x_prev, prediction_type, ac)
+        target = lcm_denoised(target_net(x_prev, t), t, x_prev, prediction_type, ac)
     return model_pred, target, teacher_x0

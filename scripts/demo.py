@@ -665,9 +665,11 @@ def draft_part(w, args):
 
     model_dir, disc = f"{w}/models/toy_sdxl_inpaint", f"{w}/discriminator"
     held = f"{w}/data/heldout/meta.json"
-    draft = lambda out, *extra: ["train_RORem_draft.py", "--pretrained_model_name_or_path", model_dir,  # noqa: E731
-                                 "--pretrained_unet", f"{w}/remover/unet", "--meta_path", f"{w}/data/train/meta.json",
-                                 "--validation_meta_path", held, "--seed", str(args.seed), "--output_dir", f"{w}/{out}", *extra]
+    def draft(out, *extra):  # from the remover, on its training data, as GRPO
+        return ["train_RORem_draft.py", "--pretrained_model_name_or_path", model_dir, "--pretrained_unet", f"{w}/remover/unet",
+                "--meta_path", f"{w}/data/train/meta.json", "--validation_meta_path", held, "--seed", str(args.seed),
+                "--output_dir", f"{w}/{out}", *extra]
+
     student = ["--config", "configs/toy_draft_lcm.yaml", "--student_lora", f"{w}/lcm"]
     runs = {"draft_gt": draft("draft_gt", "--config", "configs/toy_draft.yaml", "--reward", "gt=1"),
             "draft": draft("draft", "--config", "configs/toy_draft.yaml", "--reward", "discriminator=1", "--discriminator_path", disc),

@@ -141,7 +141,12 @@ def plan(args):
         ema = bool(getattr(sa, "use_ema", False))
         rl = spec["train"] is None and not spec.get("direct")
         b = sa.train_batch_size
-        micro = b if rl or spec.get("direct") else b * spec["train"]  # DPO's preferred and rejected halves run as one batch
+        if spec.get("direct"):  # the UNet graphs alive at once: DRaFT-K's K; AlignProp (recomputed) and ReFL one
+            n = int(sa.sample_steps * sa.strength)
+            k = {"draft": sa.draft_k, "alignprop": n, "refl": 1}[sa.method]
+            micro = b * (k if sa.method == "draft" else 1)
+        else:
+            micro = b if rl else b * spec["train"]  # DPO's preferred and rejected halves run as one batch
         vae_bytes = (n_flux_vae if kind == "flux" else n_vae) * 4  # the VAE stays fp32
         for res in args.resolutions:
             modes = [("LoRA r%d" % rank, False)] if lora else [("full, DDP", False), (f"full, ZeRO-2 x{args.num_gpus}", True)]
@@ -158,11 +163,8 @@ def plan(args):
                 if spec.get("reward"):
                     other += n_disc * pl.DTYPE_BYTES[precision]
                 r = rank if lora else 0
-                if spec.get("direct"):  # the UNet graphs alive at once: DRaFT-K's K; AlignProp and ReFL one
-                    n = int(sa.sample_steps * sa.strength)
-                    k = {"draft": sa.draft_k, "alignprop": n, "refl": 1}[sa.method]
-                    micro = b * (sa.draft_k if sa.method == "draft" else 1)
-                    other += trainable * 4 if lora else 0  # the start's copy of the LoRA (the drift's and validation's reference)
+                if spec.get("direct") and lora:
+                    other += trainable * 4  # the start's copy of the LoRA (the drift's and validation's reference)
                 train_plain = measure(kind, res, micro, r, True, False, precision, targets)
                 train_ckpt = measure(kind, res, micro, r, True, True, precision, targets)
                 train = train_ckpt if ckpt else train_plain  # checkpointing recomputes the forward: more FLOPs

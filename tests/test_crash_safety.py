@@ -130,3 +130,41 @@ def test_process_group_timeout_comes_from_the_argument(tmp_path):
         # DDP keeps the gradients in its buckets (one copy, as the planner counts them)
         assert accelerator.ddp_handler.to_kwargs() == {"gradient_as_bucket_view": True}
     reset_accelerate()
+
+
+@pytest.mark.parametrize("script", ["supervised", "rl"])
+def test_a_run_that_fails_mid_step_leaves_nothing_behind(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch, script):
+    """An error inside a step (a CUDA out-of-memory, say) ends the run; the signal handlers it set are
+    given back and its model is freed, so the next run in the same process (the GPU check's next row, a
+    notebook's next cell) starts clean. The RL loop does not use run.batches(), so both kinds are tried."""
+    import gc
+    import weakref
+
+    import train_RORem_ddpo
+    from training import rl_loop
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    models = []
+
+    def out_of_memory(*args, **kwargs):
+        models.append(weakref.ref(args[0] if script == "supervised" else kwargs.get("unet", args[4])))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    if script == "supervised":
+        monkeypatch.setattr(train_RORem, "diffusion_loss", out_of_memory)
+        module, argv = train_RORem, _args(tiny_model_dir, toy_meta, str(tmp_path / "run"), "--max_train_steps", "3", "--use_lora")
+    else:
+        monkeypatch.setattr(rl_loop, "policy_update", out_of_memory)
+        module = train_RORem_ddpo
+        argv = ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", str(tmp_path / "run"),
+                "--resolution", "32", "--report_to", "none", "--sample_steps", "3", "--sample_batch_size", "2",
+                "--sample_batches_per_epoch", "1", "--train_batch_size", "2", "--num_train_epochs", "1", "--eval_samples", "2",
+                "--reward", "preserve=1", "--lora_rank", "4"]
+    try:
+        run_script(module, argv)
+    except RuntimeError as e:
+        message = str(e)
+    assert message == "CUDA out of memory (simulated)" and len(models) == 1
+    gc.collect()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert models[0]() is None, "the failed run's model is still alive"

@@ -4,6 +4,8 @@ steps, clipping, EMA, logging, checkpoint cadence, SIGTERM), so a script keeps o
 import logging
 import signal
 import sys
+import threading
+import weakref
 
 import torch
 
@@ -45,7 +47,16 @@ class TrainingRun:
         self.loss_sum, self.loss_count, self.lr = 0.0, 0, 0.0
         self.signal = None
         self.mid_epoch_state = None  # RL: callable(folder) saving the current epoch's samples with a checkpoint
-        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # the handler holds the run weakly and the handlers come back when the run is finished or
+        # collected: a script that dies mid-step must not leave its model alive in the process
+        ref = weakref.ref(self)
+
+        def on_signal(signum, frame):
+            run = ref()
+            if run is not None:
+                run._on_signal(signum, frame)
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._restore_signals = weakref.finalize(self, _restore_handlers, old)
 
     def _on_signal(self, signum, frame):
         if signum == signal.SIGINT and self.signal is not None:
@@ -54,17 +65,18 @@ class TrainingRun:
         logger.warning("received %s: saving a checkpoint at the end of this step", signal.Signals(signum).name)
 
     def batches(self):
-        """Batches on the device, from where global_step left off, until max_steps."""
-        if self.global_step >= self.max_steps:
-            return
+        """Batches on the device, from where global_step left off, until max_steps. However the loop
+        ends (finished, an error in the step body, which reaches here as GeneratorExit, a broken file
+        met by the loader), the bar is closed and the signal handlers are given back."""
         try:
+            if self.global_step >= self.max_steps:
+                return
             for _, batch in prepare.epoch_batches(self.loader, self.global_step, self.args.gradient_accumulation_steps, self.num_epochs):
                 yield to_device(batch, self.acc.device)
                 if self.global_step >= self.max_steps:
                     return
-        except Exception:  # a broken file met by the loader: the bar ends before the one-line error is printed
+        finally:
             self.finish()
-            raise
 
     def _any_rank(self, flag):
         if self.acc.num_processes == 1:
@@ -168,6 +180,12 @@ class TrainingRun:
         return True
 
     def finish(self):
+        """Close the bar and restore the signal handlers (idempotent)."""
         self.bar.close()
-        for s, h in self._old_handlers.items():
+        self._restore_signals()
+
+
+def _restore_handlers(old):
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for s, h in old.items():
             signal.signal(s, h)

@@ -34,8 +34,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from myutils import annotation as ann  # noqa: E402
-from myutils.args import FRACTION, POSITIVE, SCORE  # noqa: E402
-from myutils.data import Entry, check_entries, read_meta  # noqa: E402
+from myutils.args import FRACTION, POSITIVE, POSITIVE_REAL, SCORE  # noqa: E402
+from myutils.data import Entry, read_meta  # noqa: E402
 from myutils.errors import UserError, output_folder, run_cli  # noqa: E402
 from pipelines.inpaint import add_remover_args, check_remover_args  # noqa: E402
 
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--audit_fraction", type=FRACTION, default=0.05, help="of the accepted and of the rejected, sent to annotation")
     p.add_argument("--batch_size", type=POSITIVE, default=8)
     p.add_argument("--simulate_annotator", choices=["none", "gt"], default="none")
+    p.add_argument("--ddp_timeout", type=POSITIVE_REAL, default=120.0,
+                   help="minutes a rank waits for the others (NCCL's default is 10): covers one rank's share of the removals")
     args = p.parse_args(argv)
     check_remover_args(args)
     if args.reject > args.accept:
@@ -62,8 +64,9 @@ def parse_args(argv=None):
     return args
 
 
-def record_settings(args, entries):
-    """round.json: the settings and inputs this round was made with; another run must match them."""
+def record_settings(args, entries, write=True):
+    """round.json: the settings and inputs this round was made with; another run must match them.
+    Every rank checks (so a mismatch stops them all with the same message); one writes."""
     path = os.path.join(args.round_dir, "round.json")
     mine = {"settings": {k: getattr(args, k) for k in SETTINGS}, "inputs": [e.paths["source"] for e in entries]}
     if os.path.isfile(path):
@@ -74,7 +77,7 @@ def record_settings(args, entries):
             what = f"--{changed[0]} {made['settings'].get(changed[0])!r}" if changed else "other inputs"
             raise UserError(f"--round_dir {args.round_dir}: this round was made with {what}; finish it with the same command, "
                             "or start another round in another folder")
-    else:
+    elif write:
         ann.write_json_atomic(path, mine)
 
 
@@ -82,14 +85,18 @@ def result_path(args, i):
     return os.path.join(args.round_dir, "results", f"{i:06d}.png")
 
 
-def generate(args, entries, mine, device, dtype):
-    """This rank's removals (consecutive inputs, seed --seed + input index), skipping those on disk."""
+def share(todo, rank, world):
+    """This rank's consecutive part of the work left (sizes differ by one at most)."""
+    return todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]
+
+
+def generate(args, entries, todo, device, dtype):
+    """This rank's removals (seed --seed + input index, so any split of the inputs gives the same results)."""
     from tqdm.auto import tqdm
 
     from myutils.img_util import load_image, load_mask
     from pipelines.inpaint import load_remover, remove_objects
 
-    todo = [i for i in mine if not os.path.isfile(result_path(args, i))]
     if not todo:
         return
     pipe, cond, uncond = load_remover(args, device, dtype)
@@ -112,13 +119,11 @@ def generate(args, entries, mine, device, dtype):
         k += len(group)
 
 
-def score(args, entries, mine, rank, device, dtype):
-    """This rank's discriminator scores {input index: score}, kept in scores/rank<r>.json."""
+def score(args, entries, todo, rank, device, dtype):
+    """This rank's discriminator scores {input index: score}, added to scores/rank<r>.json."""
     from myutils.reward_utils import load_reward_model, score_entries
 
     path = os.path.join(args.round_dir, "scores", f"rank{rank}.json")
-    done = read_scores(args.round_dir)
-    todo = [i for i in mine if str(i) not in done]
     if not todo:
         return
     reward = load_reward_model(args.pretrained_model, args.RORem_discriminator, args.resolution, device, dtype, args.variant,
@@ -274,28 +279,34 @@ def report_lines(r):
 
 
 def main(argv=None):
+    from datetime import timedelta
+
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     from myutils.models import resolve_device_dtype
+    from training.prepare import load_entries
 
     args = parse_args(argv)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # ranks on CPUs need it said; GPUs do not
+    # ranks on CPUs need it said (GPUs do not); ranks wait for each other over one share of the removals
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(minutes=args.ddp_timeout))
     rank, world = state.process_index, state.num_processes
-    entries = read_meta(args.inputs_meta, "input")
-    if state.is_main_process:
-        output_folder(os.path.join(args.round_dir, "results"), "--round_dir")
-        for warning in check_entries(entries, progress=len(entries) > 200):
-            print(f"warning: {warning}")
-        record_settings(args, entries)
-    state.wait_for_everyone()
+    output_folder(os.path.join(args.round_dir, "results"), "--round_dir")
+    entries = load_entries([args.inputs_meta], "input", state, what="--inputs_meta")  # checked shared out, one error for all
+    record_settings(args, entries, write=state.is_main_process)
+    os.makedirs(os.path.join(args.round_dir, "scores"), exist_ok=True)
+    # the work left, as the main process sees it (a rerun skips what is on disk), split evenly: no rank
+    # waits at a barrier while another works through a share the first had already done
+    scores = read_scores(args.round_dir)
+    left = [[i for i in range(len(entries)) if not os.path.isfile(result_path(args, i))],
+            [i for i in range(len(entries)) if str(i) not in scores]]
+    if world > 1:
+        left = broadcast_object_list(left)
     # auto: this rank's own GPU (cuda:<local rank>) under accelerate launch, else the CPU
     device, dtype = resolve_device_dtype(str(state.device) if args.device == "auto" else args.device, args.dtype)
-    lo, hi = rank * len(entries) // world, (rank + 1) * len(entries) // world
-    mine = list(range(lo, hi))  # consecutive inputs per rank
-    generate(args, entries, mine, device, dtype)
-    os.makedirs(os.path.join(args.round_dir, "scores"), exist_ok=True)
-    score(args, entries, mine, rank, device, dtype)
+    generate(args, entries, share(left[0], rank, world), device, dtype)
+    state.wait_for_everyone()  # every result on disk
+    score(args, entries, share(left[1], rank, world), rank, device, dtype)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

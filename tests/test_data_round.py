@@ -115,3 +115,61 @@ def test_two_ranks_make_the_same_round_as_one(tmp_path, tiny_model_dir, disc_dir
     assert _scores(two) == pytest.approx(_scores(one), abs=1e-5)
     chosen = [[(e["round_index"], e["why"]) for e in json.loads((d / "annotate" / "meta.json").read_text())] for d in (one, two)]
     assert chosen[0] == chosen[1] and chosen[0]  # the same annotation set (uncertain band and seeded audit)
+
+
+def test_ranks_split_the_work_left_evenly_check_the_data_together_and_wait_long(tmp_path, tiny_model_dir, disc_dir, toy_meta,
+                                                                                 monkeypatch):
+    """On 8 GPUs a rerun finds some results on disk: the work left is split evenly (a rank whose own
+    inputs were done must not wait at the barrier, past NCCL's 10 minutes, while another removes its
+    whole share), every rank checks its part of the inputs, and the process group waits --ddp_timeout
+    minutes. Two ranks faked in turn, each one's work recorded."""
+    import shutil
+    from datetime import timedelta
+
+    import accelerate
+    import accelerate.utils
+    from training import prepare
+
+    rd = tmp_path / "round"
+    (rd / "results").mkdir(parents=True)
+    root = os.path.dirname(toy_meta)
+    for i, e in enumerate(json.load(open(toy_meta))[:8]):  # inputs 0-7 were removed by an earlier run, none scored
+        shutil.copy(os.path.join(root, e["GT"]), data_round.result_path(argparse_ns(rd), i))
+    seen = {}
+
+    def fake_rank(rank):
+        class State:
+            process_index, num_processes, is_main_process = rank, 2, rank == 0
+            device = "cpu"
+
+            def __init__(self, cpu=False, **kwargs):
+                seen[rank, "timeout"] = kwargs.get("timeout")
+
+            def wait_for_everyone(self):
+                pass
+        return State
+
+    real_scan = prepare.scan_entries
+    monkeypatch.setattr(prepare, "scan_entries", lambda entries, **kw: seen.setdefault((rank, "checked"), [e.index for e in entries])
+                        and real_scan(entries, **kw))
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda x: x)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda x: x)
+    monkeypatch.setattr(data_round, "generate", lambda args, entries, todo, *a: seen.__setitem__((rank, "generate"), todo))
+    monkeypatch.setattr(data_round, "score", lambda args, entries, todo, r, *a: seen.__setitem__((rank, "score"), todo))
+    for rank in (0, 1):
+        monkeypatch.setattr(accelerate, "PartialState", fake_rank(rank))
+        argv = _args(tiny_model_dir, disc_dir, toy_meta, str(rd), "--device", "cpu", *(["--ddp_timeout", "45"] if rank else []))
+        if rank == 0:
+            with pytest.raises(UserError, match="12 results have no score"):  # nothing was scored (score() is faked)
+                data_round.main(argv)
+        else:
+            assert data_round.main(argv) is None
+    assert seen[0, "generate"] == [8, 9] and seen[1, "generate"] == [10, 11]
+    assert seen[0, "score"] == list(range(6)) and seen[1, "score"] == list(range(6, 12))
+    assert seen[0, "checked"] == list(range(0, 12, 2)) and seen[1, "checked"] == list(range(1, 12, 2))
+    assert seen[0, "timeout"] == timedelta(minutes=120) and seen[1, "timeout"] == timedelta(minutes=45)
+
+
+def argparse_ns(round_dir):
+    import argparse
+    return argparse.Namespace(round_dir=str(round_dir))

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import UserError
-from .img_util import apply_crop, binarize_mask, crop_params, load_image, load_mask, pil_to_tensor
+from .img_util import apply_crop, binarize_mask, crop_params, load_image, load_mask, pil_to_tensor, pil_to_uint8, uint8_to_pixels
 
 # kind -> (image keys, other required keys)
 META_KINDS = {
@@ -214,11 +214,14 @@ class RemovalDataset(Dataset):
     sees exactly the crops and flips the uninterrupted run would have seen. A plain int means epoch 0.
     Returns pixel tensors in [-1, 1] under the entry's image keys, `mask` as (1, H, W) in {0, 1},
     `original_size` (h, w), `crop_top_left` (top, left), `index`, and `score` for scored data.
+    uint8=True (training loaders): images and mask as uint8, a quarter of the bytes through shared and
+    pinned memory; to_device makes them the same float32 values on the device.
     """
 
-    def __init__(self, entries, kind, resolution, center_crop=True, random_flip=False, seed=0):
+    def __init__(self, entries, kind, resolution, center_crop=True, random_flip=False, seed=0, uint8=False):
         self.entries, self.keys = entries, image_keys(kind)
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
+        self.uint8 = uint8
 
     def __len__(self):
         return len(self.entries)
@@ -238,19 +241,24 @@ class RemovalDataset(Dataset):
             images = {k: (load_mask(p) if k == "mask" else load_image(p)) for k, p in entry.paths.items()}
         except UserError as e:  # a file broken after the data check, or a truncation it could not see
             raise UserError(f"{entry.where()}: {e}") from None
-        item = {"index": index, "epoch": epoch, **crop_sample(images, self.crop_for(epoch, index, images["source"].size, flip))}
+        item = {"index": index, "epoch": epoch,
+                **crop_sample(images, self.crop_for(epoch, index, images["source"].size, flip), self.uint8)}
         if entry.score is not None:
             item["score"] = torch.tensor(entry.score, dtype=torch.float32)
         return item
 
 
-def crop_sample(images, params):
+def crop_sample(images, params, uint8=False):
     """One sample from PIL images (key -> image, "mask" a mask), all cropped as `params` (crop_params)
-    says: images as tensors in [-1, 1], the mask binarised, and SDXL's size conditioning."""
+    says: images as tensors in [-1, 1] (uint8: as they are), the mask binarised, and SDXL's size
+    conditioning."""
     item = {"original_size": torch.tensor(params["original_size"]), "crop_top_left": torch.tensor(params["crop_top_left"])}
     for k, img in images.items():
         out = apply_crop(img, params, is_mask=(k == "mask"))
-        item[k] = binarize_mask(out) if k == "mask" else pil_to_tensor(out)
+        if k == "mask":
+            item[k] = binarize_mask(out, torch.uint8 if uint8 else torch.float32)
+        else:
+            item[k] = pil_to_uint8(out) if uint8 else pil_to_tensor(out)
     return item
 
 
@@ -265,8 +273,19 @@ def stack_samples(samples, keys=None):
 def to_device(batch, device):
     """A batch's tensors on `device`, except its bookkeeping (sample index, epoch), which stays on the
     CPU: it seeds the per-sample generators and looks up entries, never meets a model, and reading it
-    back from a GPU would synchronise once per sample."""
-    return {k: v.to(device) if torch.is_tensor(v) and k not in BOOKKEEPING_KEYS else v for k, v in batch.items()}
+    back from a GPU would synchronise once per sample. Copies are non-blocking (a loader's batches
+    are pinned: a blocking copy would wait for the GPU each time). What travels small becomes float32
+    on the device: uint8 images -> [-1, 1], uint8 masks -> {0, 1}, fp16 cached latents -> fp32."""
+    return {k: on_device(k, v, device) if torch.is_tensor(v) and k not in BOOKKEEPING_KEYS else v for k, v in batch.items()}
+
+
+def on_device(key, value, device):
+    value = value.to(device, non_blocking=True)
+    if value.dtype == torch.uint8:
+        return value.float() if key.startswith("mask") else uint8_to_pixels(value)
+    if value.dtype == torch.float16 and key.startswith("params:"):
+        return value.float()
+    return value
 
 
 class EpochSampler(Sampler):

@@ -58,10 +58,10 @@ def mask_to_gray(img):
     return to_rgb(img).convert("L")
 
 
-def binarize_mask(mask):
-    """PIL mask -> float tensor (1, H, W) with 1 where the value is >= 0.5 (region to remove)."""
+def binarize_mask(mask, dtype=torch.float32):
+    """PIL mask -> tensor (1, H, W) with 1 where the value is >= 0.5 (region to remove), else 0."""
     arr = np.asarray(mask_to_gray(mask), dtype=np.float32) / 255.0
-    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None]
+    return torch.from_numpy(arr >= 0.5)[None].to(dtype)
 
 
 def load_mask(path):
@@ -93,10 +93,19 @@ def image_grid(images, rows, cols):
     return grid
 
 
+def pil_to_uint8(img):
+    """RGB PIL image -> uint8 tensor (3, H, W): how a data loader sends an image (a quarter of float32)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def uint8_to_pixels(x):
+    """uint8 image tensor -> float32 in [-1, 1], on whatever device it is (the one formula for both paths)."""
+    return x.float() / 127.5 - 1.0
+
+
 def pil_to_tensor(img):
     """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return uint8_to_pixels(pil_to_uint8(img))
 
 
 def tensor_to_pil(x):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import entry_digests
+from .data import entry_digests, to_device
 from .sdxl_inpaint import batch_latent_params
 
 STORAGE = "fp16-v1"  # part of every file's key: files of another storage format are not reused
@@ -60,7 +60,8 @@ class LatentCache:
             items = {flip: [self.dataset.load(i, flip=flip) for i in chunk] for flip in (False, True)}
             encoded = {}
             for flip, rows in items.items():
-                batch = {k: torch.stack([r[k] for r in rows]) for k in {"source", "mask", *self.keys} - {"masked"}}
+                batch = to_device({k: torch.stack([r[k] for r in rows]) for k in {"source", "mask", *self.keys} - {"masked"}},
+                                  self.vae.device)
                 suffix = ":flip" if flip else ""
                 for name, value in batch_latent_params(self.vae, batch, self.keys).items():
                     encoded[name + suffix] = value.cpu().to(torch.uint8 if name == "mask_latent" else torch.float16)
@@ -94,7 +95,7 @@ class CachedLatentDataset(Dataset):
         item = {"index": index, "epoch": epoch, "original_size": data["original_size"],
                 "crop_top_left": data["crop_top_left" + suffix]}
         for name in [f"params:{k}" for k in self.cache.keys] + ["mask_latent"]:
-            item[name] = data[name + suffix].float()  # stored as fp16 (the mask as uint8)
+            item[name] = data[name + suffix]  # fp16 (the mask uint8): to_device makes them fp32 on the device
         entry = ds.entries[index]
         if entry.score is not None:
             item["score"] = torch.tensor(entry.score, dtype=torch.float32)

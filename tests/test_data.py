@@ -174,13 +174,53 @@ def test_loader_defaults_keep_a_gpu_fed_and_the_cpu_free(monkeypatch):
     args.dataloader_num_workers = 5
     assert prepare.loader_workers(args, "cpu") == 5
     args.dataloader_num_workers = None
-    gpu = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"))
+    gpu = types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cuda"), is_main_process=True)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    dataset = list(range(8))
+    dataset = [{"source": torch.zeros(3, 64, 64, dtype=torch.uint8)}] * 8
     loader = prepare.make_dataloader(args, dataset, gpu)  # built, not iterated: no GPU needed
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (8, True, True, 4)
     cpu = prepare.make_dataloader(args, dataset, types.SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu")))
     assert (cpu.num_workers, cpu.pin_memory, cpu.persistent_workers) == (0, False, False)
+
+
+def test_batches_in_flight_fit_shared_and_pinned_memory(caplog):
+    """Each loader process keeps `prefetch` batches in /dev/shm, then pinned in RAM: at most half the free
+    /dev/shm and a quarter of the RAM, shared by the machine's ranks. Docker's default 64 MB /dev/shm with
+    8 ranks leaves 4 MB a rank: two 1.5 MB batches (2 processes x 1), where 8 x 4 would die with a bus error."""
+    import logging
+
+    from training.prepare import fit_loader_memory
+
+    mb, gb = 2 ** 20, 2 ** 30
+    assert fit_loader_memory(8, 4, 2 * mb, shm_free=10 * gb, ram_free=100 * gb, ranks_here=8) == (8, 4)
+    assert fit_loader_memory(8, 4, 1.5 * mb, shm_free=64 * mb, ram_free=100 * gb, ranks_here=8) == (2, 1)
+    assert fit_loader_memory(8, 4, 20 * mb, shm_free=gb, ram_free=100 * gb, ranks_here=1) == (8, 3)  # 25 batches: 8 x 3
+    assert fit_loader_memory(8, 4, 20 * mb, shm_free=100 * gb, ram_free=gb, ranks_here=1) == (8, 1)  # RAM: 12 batches
+    assert fit_loader_memory(8, 4, 10 * mb, shm_free=64 * mb, ram_free=100 * gb, ranks_here=8) == (0, 4)  # not one: no workers
+    with caplog.at_level(logging.INFO, logger="rorem"):
+        fit_loader_memory(8, 4, 1.5 * mb, shm_free=64 * mb, ram_free=100 * gb, ranks_here=8)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["data: 2 loader processes x 1 batches ahead per rank (1.5 MB a batch, reduced from 8 x 4 to fit; "
+                     "/dev/shm 64 MB free, RAM 102400 MB available, 8 rank(s) here)"]
+
+
+def test_training_batches_travel_as_uint8_and_arrive_as_the_same_floats(tmp_path):
+    """A training loader sends images and masks as uint8 (a quarter of float32 through /dev/shm and pinned
+    memory); to_device turns them into exactly the floats the float path gives."""
+    from myutils.data import RemovalDataset, read_meta, stack_samples, to_device
+    from toy_world.data import write_toy_dataset
+
+    entries = read_meta(write_toy_dataset(str(tmp_path / "toy"), num=4, resolution=32, seed=0), "triplet")
+    small = RemovalDataset(entries, "triplet", 32, random_flip=True, uint8=True)
+    full = RemovalDataset(entries, "triplet", 32, random_flip=True)
+    keys = [(1, i) for i in range(4)]
+    sent = stack_samples([small[k] for k in keys])
+    assert {k: sent[k].dtype for k in ("source", "mask", "GT")} == dict.fromkeys(("source", "mask", "GT"), torch.uint8)
+    got, want = to_device(sent, "cpu"), stack_samples([full[k] for k in keys])
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert sent["source"].nbytes * 4 == want["source"].nbytes
 
 
 def test_a_passed_check_is_remembered_until_a_file_changes(triplet_dir, tmp_path, monkeypatch):

@@ -166,7 +166,7 @@ def test_lora_output_loads_with_load_lora_weights(tmp_path, tiny_model_dir, toy_
 
 
 def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy_meta, run_script):
-    from myutils.data import RemovalDataset, read_meta
+    from myutils.data import RemovalDataset, read_meta, to_device
     from myutils.latent_cache import CachedLatentDataset, LatentCache
     from myutils.sdxl_inpaint import batch_latent_params
     from diffusers import AutoencoderKL
@@ -201,7 +201,9 @@ def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy
         live = ds[(epoch, 0)]
         batch = {k: v[None] for k, v in live.items() if torch.is_tensor(v) and v.dim() == 3}
         ref = batch_latent_params(vae, batch, ["GT", "masked"])
-        item = cached[(epoch, 0)]
+        sent = cached[(epoch, 0)]  # travels as stored (fp16, the mask uint8), fp32 on the device
+        assert sent["params:GT"].dtype == torch.float16 and sent["mask_latent"].dtype == torch.uint8
+        item = to_device(sent, "cpu")
         for key in ("params:GT", "params:masked", "mask_latent"):  # live encoding, rounded to the fp16 the cache stores
             assert torch.allclose(item[key], ref[key][0].half().float(), rtol=0, atol=1e-6), key
         assert torch.equal(item["crop_top_left"], live["crop_top_left"])

@@ -169,7 +169,7 @@ def load_train_and_validation(args, kind, accelerator, validation_kind=None):
 def make_train_dataset(args, entries, kind, accelerator, vae=None, cache_keys=()):
     """The pixel dataset, or with --cache_latents the cached-latent dataset over it."""
     dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop,
-                             random_flip=args.random_flip, seed=args.seed)
+                             random_flip=args.random_flip, seed=args.seed, uint8=True)
     if not args.cache_latents:
         return dataset
     from myutils.latent_cache import CachedLatentDataset, LatentCache
@@ -193,16 +193,53 @@ def loader_workers(args, device):
 def make_dataloader(args, dataset, accelerator):
     """Batches of the rank's share of each epoch (EpochSampler). Loader processes decode ahead and stay
     alive across epochs; batches are pinned for the copy to a GPU. A sample depends on (seed, epoch,
-    index) only, so the number of workers changes nothing a run sees (a resume test runs with 2)."""
+    index) only, so the number of workers changes nothing a run sees (a resume test runs with 2).
+    Processes x batches ahead are sized so what is in flight fits /dev/shm and page-locked RAM."""
     sampler = EpochSampler(len(dataset), args.train_batch_size, args.seed,
                            accelerator.process_index, accelerator.num_processes)
-    workers = loader_workers(args, accelerator.device)
-    more = {"persistent_workers": True, "prefetch_factor": args.dataloader_prefetch_factor} if workers > 0 else {}
+    workers, prefetch = loader_workers(args, accelerator.device), args.dataloader_prefetch_factor
+    if workers > 0:
+        workers, prefetch = fit_loader_memory(workers, prefetch, batch_nbytes(dataset, args.train_batch_size),
+                                              accelerator.is_main_process)
+    more = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
     # its own generator: each new iterator draws a worker base seed, which must not consume the global
     # RNG (a resumed run creates its iterator at another point of the RNG stream than the straight run)
     return torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=workers,
                                        pin_memory=torch.device(accelerator.device).type == "cuda", drop_last=True,
                                        generator=torch.Generator().manual_seed(args.seed), **more)
+
+
+def batch_nbytes(dataset, batch_size):
+    """Bytes of one batch as the loader's processes send it (one sample is loaded to measure it)."""
+    item = dataset[0]
+    return batch_size * sum(v.numel() * v.element_size() for v in item.values() if torch.is_tensor(v))
+
+
+def fit_loader_memory(workers, prefetch, nbytes, log=True, shm_free=None, ram_free=None, ranks_here=None):
+    """(workers, prefetch) such that the batches in flight (workers x prefetch, each in /dev/shm, then
+    pinned in page-locked RAM) take at most half the free /dev/shm and a quarter of the available RAM,
+    shared by this machine's ranks: Docker's default 64 MB /dev/shm otherwise ends the run with a bus
+    error. Fewer batches ahead first, then fewer processes; none (load in the training process) if not
+    even one batch fits. Says what it chose in one line."""
+    import shutil
+
+    import psutil
+
+    if shm_free is None:
+        shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else float("inf")
+    ram_free = psutil.virtual_memory().available if ram_free is None else ram_free
+    ranks_here = ranks_here or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    fits = int(min(shm_free / 2, ram_free / 4) / ranks_here // max(1, nbytes))
+    chosen = (workers, prefetch)
+    if workers * prefetch > fits:
+        chosen = (workers, fits // workers) if fits >= workers else (fits, 1) if fits >= 1 else (0, prefetch)
+    if log:
+        mb = 2 ** 20
+        what = (f"{chosen[0]} loader processes x {chosen[1]} batches ahead" if chosen[0] else "no loader processes")
+        why = "" if chosen == (workers, prefetch) else f", reduced from {workers} x {prefetch} to fit"
+        logger.info("data: %s per rank (%.1f MB a batch%s; /dev/shm %.0f MB free, RAM %.0f MB available, %d rank(s) here)",
+                    what, nbytes / mb, why, shm_free / mb, ram_free / mb, ranks_here)
+    return chosen
 
 
 def for_training(args, accelerator, model, params, dataset):

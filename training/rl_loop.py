@@ -96,7 +96,7 @@ def sampling_loader(args, entries, kind, accelerator, user_accumulation):
     from myutils.data import RemovalDataset
 
     dataset = RemovalDataset(entries, kind, args.resolution, center_crop=not args.random_crop, random_flip=args.random_flip,
-                             seed=args.seed)
+                             seed=args.seed, uint8=True)
     loader = prepare.make_dataloader(argparse.Namespace(**{**vars(args), "train_batch_size": args.sample_batch_size}), dataset, accelerator)
     samples_per_epoch = args.sample_batch_size * args.sample_batches_per_epoch * args.group_size
     return loader, args.num_inner_epochs * (samples_per_epoch // args.train_batch_size) // user_accumulation

@@ -67,15 +67,19 @@ class DiscriminatorReward:
                 original_size = torch.full((b, 2), self.resolution, device=device)
             if crop_top_left is None:
                 crop_top_left = torch.zeros(b, 2, device=device)
-        x = unet_input(edited_latents, mask_latent, source_latents).to(device, self.disc.dtype)
+        # callers hand latents from anywhere (a CPU batch, the sampler's device): each part meets the judge on its device
+        x = unet_input(*(t.to(device, self.disc.dtype) for t in (edited_latents, mask_latent, source_latents)))
         kw = self.condition.unet_kwargs(original_size, crop_top_left, target)
         return self.disc(x, 0, kw["encoder_hidden_states"], kw["added_cond_kwargs"]).float()
 
     @torch.no_grad()
     def score_pixels(self, source, mask, edited, original_size=None, crop_top_left=None):
         """source/edited (B, 3, H, W) in [-1, 1], mask (B, 1, H, W) in {0, 1}. The posterior mean is
-        used (no sampling noise), so a score is a deterministic function of the images."""
-        params = batch_latent_params(self.vae, {"source": source, "mask": mask, "GT": edited}, ["GT", "source"])
+        used (no sampling noise), so a score is a deterministic function of the images. The images may
+        be on any device (a data loader's CPU batch): they are moved to the VAE's."""
+        device = self.vae.device
+        images = {"source": source.to(device), "mask": mask.to(device), "GT": edited.to(device)}
+        params = batch_latent_params(self.vae, images, ["GT", "source"])
         edited_latents = posterior_mean_latents(params["params:GT"], self.vae.config)
         source_latents = posterior_mean_latents(params["params:source"], self.vae.config)
         return self.score_latents(source_latents, params["mask_latent"], edited_latents, original_size, crop_top_left)

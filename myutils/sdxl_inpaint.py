@@ -140,13 +140,14 @@ def sample_latents(params, vae_config, generators=None):
 @torch.no_grad()
 def batch_latent_params(vae, batch, keys):
     """Posterior params of each image in `keys` ("masked" = the masked source) plus the latent-size
-    mask: {"params:<key>": ..., "mask_latent": ...}. Used live in the training step and by the latent
-    cache, so the two paths cannot drift apart."""
+    mask: {"params:<key>": ..., "mask_latent": ...}, all on the VAE's device whatever the batch's. Used
+    live in the training step and by the latent cache, so the two paths cannot drift apart."""
     out = {}
     for k in keys:
         pixels = masked_image(batch["source"], batch["mask"]) if k == "masked" else batch[k]
         out[f"params:{k}"] = vae_latent_params(vae, pixels)
-    out["mask_latent"] = downsample_mask(batch["mask"].float(), out[f"params:{keys[0]}"].shape[-2:])
+    first = out[f"params:{keys[0]}"]
+    out["mask_latent"] = downsample_mask(batch["mask"].to(first.device).float(), first.shape[-2:])
     return out
 
 

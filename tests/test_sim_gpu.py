@@ -1,0 +1,146 @@
+"""The simulated GPU (toy_world/sim_gpu.py) fails where a CUDA GPU fails and counts what a GPU pays for.
+Each expectation is a fact about CUDA, not the simulator's own output: the device rules of CUDA kernels,
+CUDA autocast's op lists (aten/src/ATen/autocast_mode.h), GradScaler's refusal of fp16 gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toy_world.sim_gpu import SimCudaTensor, SimulatedGPUError, simulated_gpu
+
+
+def test_a_cpu_tensor_meeting_a_cuda_one_fails_as_on_a_gpu():
+    with simulated_gpu():
+        x = torch.ones(3, device="cuda")
+        assert x.device == torch.device("cuda", 0) and x.is_cuda and isinstance(x, SimCudaTensor)
+        for bad in (lambda: x + torch.ones(3), lambda: torch.cat([x, torch.ones(3)]), lambda: x @ torch.ones(3),
+                    lambda: torch.ones(5)[torch.tensor([1, 2], device="cuda")],  # CPU indexed by a CUDA index
+                    lambda: torch.randn(3, device="cuda", generator=torch.Generator().manual_seed(0)),
+                    lambda: torch.zeros(3).copy_(x) + x):  # the copy is fine; the add is not
+            with pytest.raises(SimulatedGPUError):
+                bad()
+        # what CUDA allows: a CPU 0-dim scalar in a pointwise op, CPU indices into a CUDA tensor, copies across
+        assert torch.equal((x * torch.tensor(2.0)).cpu(), torch.full((3,), 2.0))
+        assert torch.equal(torch.arange(5, device="cuda")[torch.tensor([1, 3])].cpu(), torch.tensor([1, 3]))
+        assert torch.equal(torch.zeros(3).copy_(x), torch.ones(3))
+        with pytest.raises(TypeError, match="can't convert cuda:0 device type tensor to numpy"):
+            x.numpy()
+        assert x.cpu().numpy().tolist() == [1.0, 1.0, 1.0]
+        assert torch.Generator().device.type == "cpu"  # draws from CPU generators stay on the CPU
+    assert not torch.cuda.is_available()  # everything is given back
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_autocast_follows_cudas_op_lists(low):
+    lin = torch.nn.Linear(8, 8)
+    with simulated_gpu():
+        lin.to("cuda")
+        x = torch.randn(4, 8, device="cuda")
+        h = x.to(low)
+        with torch.autocast("cuda", dtype=low):
+            assert lin(x).dtype == low  # lower_precision_fp: linear, matmul, conv, bmm, baddbmm, sdpa
+            assert (x @ x.T).dtype == low and torch.baddbmm(x[None, :, :4], x[None], x.T[None, :, :4]).dtype == low
+            assert F.conv2d(x[None, None], torch.randn(1, 1, 3, 3, device="cuda")).dtype == low
+            assert F.scaled_dot_product_attention(x[None], x[None], x[None]).dtype == low
+            # fp32: pow, exp, log, norms, losses, upsampling; fp32_set_opt_dtype: softmax, sum, cumsum
+            for out in (h.exp(), h.pow(2), F.group_norm(h[None], 2), F.layer_norm(h, (8,)), F.mse_loss(h, h), h.softmax(-1),
+                        F.softmax(h, -1), h.sum(), torch.cumsum(h, 0), F.interpolate(h[None, None], scale_factor=2.0), h.norm()):
+                assert out.dtype == torch.float32
+            assert h.mean().dtype == low and F.silu(h).dtype == low and (h + x).dtype == torch.float32  # not listed: as is
+            assert torch.addcmul(x, h, h).dtype == torch.float32  # promote: the widest input
+            assert F.interpolate(h[None, None], scale_factor=0.5, mode="area").dtype == low  # adaptive pooling: not listed
+            with pytest.raises(RuntimeError, match="unsafe to autocast"):
+                F.binary_cross_entropy(torch.sigmoid(h), torch.ones_like(h))
+            with torch.autocast("cuda", enabled=False):
+                assert lin(x).dtype == torch.float32
+        loss = None
+        with torch.autocast("cuda", dtype=low):
+            loss = lin(x).float().pow(2).mean()
+        loss.backward()
+        assert lin.weight.grad.dtype == torch.float32  # the cast is recorded: fp32 weights get fp32 gradients
+        with pytest.raises(RuntimeError):  # outside autocast a half input meets fp32 weights, as on a GPU
+            lin(h)
+
+
+def test_gradscaler_refuses_fp16_gradients_and_steps_fp32_ones():
+    """A module cast to fp16 after its adapters were added has fp16 trainable weights: GradScaler's
+    unscale raises on a GPU, so a recast that reaches trainable weights fails here too."""
+    for dtype in (torch.float16, torch.float32):
+        lin = torch.nn.Linear(4, 4)
+        weight = lin.weight.detach().clone()
+        with simulated_gpu() as counter:
+            lin.to("cuda", dtype)
+            opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+            scaler = torch.amp.GradScaler("cuda")
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = lin(torch.randn(2, 4, device="cuda")).float().mean()
+            scaler.scale(loss).backward()
+            if dtype == torch.float16:
+                with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+                    scaler.step(opt)
+                continue
+            scaler.step(opt)
+            scaler.update()
+            assert [(step, kind) for step, kind, _ in counter.events] == [(0, "item")]  # GradScaler's read of found_inf
+            assert not torch.equal(lin.weight.detach().cpu(), weight)
+
+
+def test_host_syncs_are_counted_by_optimizer_step():
+    lin = torch.nn.Linear(4, 1)
+    with simulated_gpu() as counter:
+        lin.to("cuda")
+        opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+        x = torch.randn(8, 4, device="cuda")
+        for step in range(3):
+            loss = lin(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 1:  # each of these waits for the GPU
+                loss.item(), bool(loss > 0), x[0].tolist(), x.cpu(), torch.nonzero(x > 0), x[x > 0], float(loss)
+        assert counter.per_step() == {0: 0, 1: 0, 2: 7, 3: 0}
+        assert [k for _, k, _ in counter.events][:2] == ["item", "item"]
+
+
+def test_a_blocking_copy_of_pinned_memory_is_counted():
+    """A pinned batch copied without non_blocking=True waits for the stream: pinning then buys nothing."""
+    with simulated_gpu() as counter:
+        pinned = torch.ones(4).pin_memory()
+        assert pinned.is_pinned() and not torch.ones(4).is_pinned()
+        pinned.to("cuda", non_blocking=True)
+        torch.ones(4).to("cuda")  # pageable: no pinning to waste
+        assert counter.events == []
+        pinned.to("cuda")
+        assert [k for _, k, _ in counter.events] == ["pinned copy without non_blocking"]
+
+
+def test_modules_move_keep_their_parameters_and_save_like_cuda_modules(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lin = torch.nn.Linear(3, 2)
+    weight = lin.weight
+    opt = torch.optim.AdamW(lin.parameters())  # made before the move, as a script may
+    with simulated_gpu():
+        lin.to("cuda")
+        assert lin.weight is weight and lin.weight.is_cuda and isinstance(lin.weight, torch.nn.Parameter)
+        assert opt.param_groups[0]["params"][0] is lin.weight
+        torch.save(lin.state_dict(), tmp_path / "w.pt")
+        save_file({k: v.contiguous() for k, v in lin.state_dict().items()}, str(tmp_path / "w.safetensors"))
+        values = {k: v.cpu() for k, v in lin.state_dict().items()}
+    for loaded in (torch.load(tmp_path / "w.pt", weights_only=True), load_file(str(tmp_path / "w.safetensors"))):
+        assert all(torch.equal(loaded[k], values[k]) for k in values)
+
+
+def test_discriminator_scores_a_loaders_cpu_batch_on_the_gpu(tiny_model_dir, disc_dir, toy_meta):
+    """Every scoring entry point hands the reward CPU batches (the data loader's, PIL images): the pixels,
+    the mask and the latents must meet the judge on its device (a crash on any GPU before the fix)."""
+    from myutils.data import read_meta
+    from myutils.reward_utils import load_reward_model, score_entries
+
+    entries = read_meta(toy_meta, "triplet")[:4]
+    on_cpu = score_entries(load_reward_model(tiny_model_dir, disc_dir, 32), entries, 32, 2)
+    with simulated_gpu():
+        for conditioning in ("per_sample", "rorem"):
+            reward = load_reward_model(tiny_model_dir, disc_dir, 32, "cuda", torch.float16, conditioning=conditioning)
+            scores = score_entries(reward, entries, 32, 2)
+            if conditioning == "per_sample":
+                assert scores == pytest.approx(on_cpu, abs=2e-3)  # the same judge, in fp16

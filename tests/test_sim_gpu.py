@@ -80,7 +80,7 @@ def test_gradscaler_refuses_fp16_gradients_and_steps_fp32_ones():
                 continue
             scaler.step(opt)
             scaler.update()
-            assert [(step, kind) for step, kind, _ in counter.events] == [(0, "item")]  # GradScaler's read of found_inf
+            assert [(step, kind) for step, kind, _ in counter.events if kind == "item"] == [(0, "item")]  # GradScaler's found_inf
             assert not torch.equal(lin.weight.detach().cpu(), weight)
 
 
@@ -97,20 +97,27 @@ def test_host_syncs_are_counted_by_optimizer_step():
             opt.zero_grad()
             if step == 1:  # each of these waits for the GPU
                 loss.item(), bool(loss > 0), x[0].tolist(), x.cpu(), torch.nonzero(x > 0), x[x > 0], float(loss)
-        assert counter.per_step() == {0: 0, 1: 0, 2: 7, 3: 0}
-        assert [k for _, k, _ in counter.events][:2] == ["item", "item"]
+        assert counter.per_step() == {0: 2, 1: 0, 2: 7, 3: 0}  # 0: the two parameters copied from the host
+        assert [k for s, k, _ in counter.events if s == 2][:2] == ["item", "item"]
+        counter.mark("logging")
+        assert counter.steady() == {1: 0, 2: 7}  # interval 3 is the one marked (and the last)
 
 
-def test_a_blocking_copy_of_pinned_memory_is_counted():
-    """A pinned batch copied without non_blocking=True waits for the stream: pinning then buys nothing."""
+def test_copies_to_the_gpu_wait_for_it_unless_pinned_and_non_blocking():
+    """A copy from pageable memory syncs the stream (CUDA stages it); so does a pinned one made without
+    non_blocking=True (pinning then buys nothing); a CPU index into a CUDA tensor is such a copy too."""
     with simulated_gpu() as counter:
         pinned = torch.ones(4).pin_memory()
         assert pinned.is_pinned() and not torch.ones(4).is_pinned()
         pinned.to("cuda", non_blocking=True)
-        torch.ones(4).to("cuda")  # pageable: no pinning to waste
         assert counter.events == []
         pinned.to("cuda")
-        assert [k for _, k, _ in counter.events] == ["pinned copy without non_blocking"]
+        torch.ones(4).to("cuda", non_blocking=True)
+        torch.tensor([1.0, 2.0], device="cuda")
+        torch.zeros(4, device="cuda")[torch.tensor([1, 2])]
+        torch.zeros(4, device="cuda") * torch.tensor(2.0)  # a CPU scalar is a kernel argument, not a copy
+        assert [k for _, k, _ in counter.events] == ["pinned copy without non_blocking", "copy from pageable host memory",
+                                                     "copy from pageable host memory", "CPU index copied to the GPU"]
 
 
 def test_modules_move_keep_their_parameters_and_save_like_cuda_modules(tmp_path):

@@ -87,7 +87,7 @@ class SimCudaTensor(torch.Tensor):
         return self.elem.data_ptr()
 
     def __reduce_ex__(self, proto):  # torch.save writes the values (as loading with map_location="cpu" gives)
-        _active().counter.record("save", self)
+        _active().counter.record("save")
         return self.elem.detach().__reduce_ex__(proto)
 
     def __deepcopy__(self, memo):
@@ -109,6 +109,7 @@ class _State:
 
 
 _STATE = _State()
+_THREAD = threading.local()
 
 
 class SimulatedGPUError(RuntimeError):
@@ -116,26 +117,40 @@ class SimulatedGPUError(RuntimeError):
 
 
 class SyncCounter:
-    """Host syncs, by kind, attributed to the optimizer step they happened in."""
+    """Host syncs, by kind, attributed to the interval between optimizer steps they happened in
+    (interval k: after the k-th optimizer step, before the next). `mark(label)` tags the current
+    interval with what else ran in it (logging, validation, a checkpoint, sampling), so the steady
+    state (intervals with nothing else in them) can be told apart."""
 
-    def __init__(self):
-        self.events = []  # (optimizer_step, kind, where)
+    def __init__(self, keep_stacks=False):
+        self.events = []  # (interval, kind, where)
+        self.marks = {}  # interval -> set of labels
         self.step = 0
         self.lock = threading.Lock()
-        self.keep_stacks = False
+        self.keep_stacks = keep_stacks
 
-    def record(self, kind, tensor=None):
-        where = "".join(traceback.format_stack(limit=12)[:-2]) if self.keep_stacks else ""
+    def record(self, kind):
+        where = "".join(traceback.format_stack(limit=14)[:-3]) if self.keep_stacks else ""
         with self.lock:
             self.events.append((self.step, kind, where))
 
+    def mark(self, label):
+        with self.lock:
+            self.marks.setdefault(self.step, set()).add(label)
+
     def per_step(self):
-        """{optimizer step index: count} for steps 0..self.step (step k = after the k-th optimizer step)."""
+        """{interval: count} for intervals 0..self.step (torch.save of a CUDA tensor not counted)."""
         counts = {k: 0 for k in range(self.step + 1)}
         for step, kind, _ in self.events:
             if kind != "save":
                 counts[step] += 1
         return counts
+
+    def steady(self):
+        """{interval: count} of the intervals between two optimizer steps in which nothing but
+        training ran (not the set-up before the first, nor what follows the last)."""
+        counts = self.per_step()
+        return {k: n for k, n in counts.items() if 0 < k < self.step and not self.marks.get(k)}
 
 
 # Ops whose CUDA kernels accept CPU index tensors for a CUDA self.
@@ -175,17 +190,43 @@ def _wrap(out, by_elem):
     return out
 
 
+# Convolutions, matrix products and attention in fp16/bf16: CUDA's kernels accumulate in fp32 and round
+# the result once; the CPU's half kernels are several times slower than fp32 ones. Computed here in fp32
+# and rounded to the inputs' dtype (after the dtype check those kernels make).
+_ACCUMULATE_FP32 = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default, aten.addmm.default,
+                    aten.bmm.default, aten.baddbmm.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+                    aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _in_fp32(func, args, kwargs):
+    floats = [t for t in _leaves(args, kwargs) if torch.is_tensor(t) and t.is_floating_point()]
+    low = {t.dtype for t in floats}
+    if not low & set(_LOW):
+        return func(*args, **kwargs)
+    if len(low) > 1:  # let the kernel raise the error a GPU raises
+        return func(*args, **kwargs)
+    dtype = low.pop()
+    up = lambda a: a.float() if torch.is_tensor(a) and a.dtype == dtype else a  # noqa: E731
+    out = func(*(up(a) if not isinstance(a, (list, tuple)) else type(a)(up(x) for x in a) for a in args),
+               **{k: up(v) for k, v in kwargs.items()})
+    down = lambda o: o.to(dtype) if torch.is_tensor(o) and o.dtype == torch.float32 else o  # noqa: E731
+    return type(out)(down(o) for o in out) if isinstance(out, (list, tuple)) else down(out)
+
+
 def _is_cuda(device):
     return device is not None and torch.device(device).type == "cuda"
 
 
 def _is_sim_device(device, sims):
-    """cuda, or "meta" where C++ took it from a simulated tensor (its options: `new_zeros`, the
-    backward formulas' zeros); elsewhere meta is meta (models built empty before their weights load)."""
+    """cuda, or "meta" where C++ took it from a simulated tensor's options (`new_zeros`, a composite
+    op's temporaries, the backward formulas' zeros); elsewhere meta is meta (models built empty before
+    their weights load, in calls that hold no simulated tensor)."""
     if device is None:
         return False
     kind = torch.device(device).type
-    return kind == "cuda" or (kind == "meta" and (bool(sims) or torch._C._current_autograd_node() is not None))
+    return kind == "cuda" or (kind == "meta" and (bool(sims) or getattr(_THREAD, "sim_calls", 0) > 0
+                                                   or torch._C._current_autograd_node() is not None))
 
 
 class SimCudaMode(TorchDispatchMode):
@@ -220,7 +261,8 @@ class SimCudaMode(TorchDispatchMode):
             elif func in _DATA_DEPENDENT or (func in _CPU_INDICES_OK and any(
                     torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ()))):
                 self.counter.record(f"{func} (data-dependent size)")  # a boolean mask index runs nonzero
-            self._check_devices(func, args, flat)
+            if self._check_devices(func, args, flat):
+                self.counter.record("CPU index copied to the GPU")
         if "generator" in kwargs:
             self._check_generator(func, kwargs, bool(sims) or to_cuda)
 
@@ -228,7 +270,10 @@ class SimCudaMode(TorchDispatchMode):
         unwrapped_kwargs = {k: _unwrap(v) for k, v in kwargs.items()}
         if to_cuda:
             unwrapped_kwargs["device"] = torch.device("cpu")
-        out = func(*unwrapped_args, **unwrapped_kwargs)
+        if sims and func in _ACCUMULATE_FP32:
+            out = _in_fp32(func, unwrapped_args, unwrapped_kwargs)
+        else:
+            out = func(*unwrapped_args, **unwrapped_kwargs)
         if not (sims or to_cuda):
             return out
         return _wrap(out, {id(t.elem): t for t in sims})
@@ -256,7 +301,13 @@ class SimCudaMode(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _host_to_device(self, src, non_blocking):
-        if torch.is_tensor(src) and not non_blocking and _PINNED.get(id(src)) is src:
+        """A copy from pageable memory syncs the stream (CUDA stages it through a pinned buffer); one
+        from pinned memory only without non_blocking=True."""
+        if not torch.is_tensor(src):
+            return
+        if _PINNED.get(id(src)) is not src:
+            self.counter.record("copy from pageable host memory")
+        elif not non_blocking:
             self.counter.record("pinned copy without non_blocking")
 
     @staticmethod
@@ -264,7 +315,7 @@ class SimCudaMode(TorchDispatchMode):
         pointwise = torch.Tag.pointwise in func.tags
         indices = ()
         if func in _CPU_INDICES_OK and isinstance(args[0], SimCudaTensor):
-            indices = {id(t) for t in pytree.tree_leaves(args[1]) if torch.is_tensor(t)}
+            indices = {id(t) for t in pytree.tree_leaves(args[1]) if torch.is_tensor(t) and type(t) is not SimCudaTensor}
         if func in _CPU_INDICES_OK and not isinstance(args[0], SimCudaTensor) and torch.is_tensor(args[0]):
             raise SimulatedGPUError(f"indices should be either on cpu or on the same device as the indexed tensor (cpu) "
                                     f"[{func}: a CPU tensor indexed by a CUDA index]")
@@ -275,6 +326,7 @@ class SimCudaMode(TorchDispatchMode):
                 continue
             raise SimulatedGPUError(f"Expected all tensors to be on the same device, but found at least two devices, "
                                     f"cuda:0 and {t.device}! [{func}, CPU tensor of shape {tuple(t.shape)}]")
+        return bool(indices)  # CPU indices: the kernel copies them from pageable memory
 
     @staticmethod
     def _check_generator(func, kwargs, on_cuda):
@@ -357,11 +409,16 @@ class _SimFunctionMode(TorchFunctionMode):
         if func in (torch.Tensor.to, torch.Tensor.type_as) and len(args) > 1 and isinstance(args[1], SimCudaTensor):
             args = (args[0], CUDA, args[1].dtype, *args[2:])
             func = torch.Tensor.to
-        name = getattr(func, "__name__", None)
-        if name in _AUTOCAST_NAMES and torch.is_autocast_enabled("cuda") and any(
-                isinstance(t, SimCudaTensor) for t in pytree.tree_leaves((args, kwargs))):
-            return _autocast_call(func, name, args, kwargs)  # nested calls unseen, as under the kernel's exclude guard
-        return func(*args, **kwargs)
+        if not any(type(t) is SimCudaTensor for t in _leaves(args, kwargs)):
+            return func(*args, **kwargs)
+        _THREAD.sim_calls = getattr(_THREAD, "sim_calls", 0) + 1  # C++ inside may build tensors from their options
+        try:
+            name = getattr(func, "__name__", None)
+            if name in _AUTOCAST_NAMES and torch.is_autocast_enabled("cuda"):
+                return _autocast_call(func, name, args, kwargs)  # nested calls unseen, as under the kernel's exclude guard
+            return func(*args, **kwargs)
+        finally:
+            _THREAD.sim_calls -= 1
 
 
 def _indexed(value):
@@ -415,6 +472,19 @@ class _Stream:
         return False
 
 
+class _DeviceContext:
+    """torch.cuda.device(i) and device_of(t): one device, nothing to switch."""
+
+    def __init__(self, device=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class _Event(_Stream):
     def record(self, stream=None):
         pass
@@ -460,6 +530,10 @@ def _cuda_patches():
         (torch.accelerator, "device_count"): lambda: 1,
         (torch.accelerator, "current_device_index"): lambda: 0,
         (torch.accelerator, "set_device_index"): lambda device: None,
+        (c, "device"): _DeviceContext,
+        (c, "device_of"): _DeviceContext,
+        (c, "_exchange_device"): lambda device: 0,
+        (c, "_maybe_exchange_device"): lambda device: 0,
         (c, "current_stream"): lambda device=None: _Stream(),
         (c, "default_stream"): lambda device=None: _Stream(),
         (c, "Stream"): _Stream,
@@ -471,12 +545,40 @@ def _cuda_patches():
     }
 
 
+def _thread_run(real_run):
+    """Threads started inside the simulation (a thread pool scoring rewards, a loader's pinning thread,
+    a library loading weights in parallel) see the same GPU: modes are per thread."""
+    def run(self):
+        mode = _STATE.mode
+        if mode is None:
+            return real_run(self)
+        with _SimFunctionMode(), SimCudaMode(mode.counter):
+            return real_run(self)
+    return run
+
+
+def _engine_in_sim(real):
+    """backward() reaches the engine through torch functions, so the function mode is off by then and the
+    engine would capture its absence: checkpointed recomputation in backward would then miss CUDA autocast
+    and the bare-"cuda" handling. Put it back for the engine to capture."""
+    def run_backward(*args, **kwargs):
+        if _STATE.mode is None:
+            return real(*args, **kwargs)
+        with _SimFunctionMode():
+            return real(*args, **kwargs)
+    return run_backward
+
+
 @contextlib.contextmanager
 def simulated_gpu(counter=None, count_optimizer_steps=True):
     """Run the block as on a machine with one CUDA GPU (see the module's docstring). Yields the
     SyncCounter; its `step` advances after every optimizer step."""
     counter = counter or SyncCounter()
     patches = _cuda_patches()
+    patches[threading.Thread, "run"] = _thread_run(threading.Thread.run)
+    import torch.autograd.graph as autograd_graph
+    for module in (autograd_graph, torch.autograd):
+        patches[module, "_engine_run_backward"] = _engine_in_sim(autograd_graph._engine_run_backward)
     saved = {key: getattr(*key) for key in patches}
     for (obj, name), value in patches.items():
         setattr(obj, name, value)

@@ -72,7 +72,7 @@ def main(argv=None):
     for batch in run.batches():
         with accelerator.accumulate(unet):
             loss = diffusion_loss(unet, comps, batch, args.resolution, args.seed)
-            if run.loss_is_finite(loss):
+            if run.record_loss(loss):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params, ema)
         if not run.end_of_step():

@@ -155,7 +155,7 @@ def main(argv=None):
     for batch in run.batches():
         with accelerator.accumulate(disc):
             loss = discriminator_loss(disc, comps, batch, args)
-            if run.loss_is_finite(loss):
+            if run.record_loss(loss):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
         if run.end_of_step() and args.validation_steps and run.global_step % args.validation_steps == 0:

@@ -98,7 +98,7 @@ def main(argv=None):
                     pred, target, args.safeguard_mu, reduce_sum=lambda s: accelerator.reduce(s, reduction="sum"))
                 loss, metrics = diffusion_dpo_loss(pred, ref, target, beta, args.loss_type, loser_scale=scale)
                 metrics["beta"] = beta
-            if run.loss_is_finite(loss):
+            if run.record_loss(loss):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
         if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:

@@ -179,10 +179,10 @@ def main(argv=None):
                     refs = [sampler.output(start, x_in.detach(), i, cond) for i, x_in, _ in steps]
                 drift = torch.stack([((out - ref) ** 2).mean() for (_, _, out), ref in zip(steps, refs)]).mean()
             loss = -total.mean() + args.reg_coef * drift
-            if run.loss_is_finite(loss):
+            if run.record_loss(loss):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
-        logs = {"reward": total.mean().item(), "drift": drift.item(), **{f"reward_{k}": v.mean().item() for k, v in parts.items()}}
+        logs = {"reward": total.mean(), "drift": drift, **{f"reward_{k}": v.mean() for k, v in parts.items()}}  # read when logged
         if run.end_of_step(**logs) and args.validation_steps and run.global_step % args.validation_steps == 0:
             final = validate(run.global_step)
     run.finish()

@@ -94,7 +94,7 @@ def main(argv=None):
             ref = reference_prediction(accelerator.unwrap_model(unet), ref_unet, x, t, kw)
             labels = (batch["score"] >= 0.5).to(pred.device)
             loss, metrics = diffusion_kto_loss(pred, ref, target, labels, args.beta, lambda_d, lambda_u, reduce_mean=global_mean)
-            if run.loss_is_finite(loss):
+            if run.record_loss(loss):
                 accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params)
         if run.end_of_step(**metrics) and args.validation_steps and run.global_step % args.validation_steps == 0:

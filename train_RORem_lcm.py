@@ -39,6 +39,7 @@ from myutils.reward_utils import (ScoreMemory, TRAINING_FLAGS, WEIGHTINGS, laten
                                   parse_reward_spec, reward_weights, score_entries, weight_stats)
 from myutils.rng import randint_per_sample, randn_per_sample, sample_generators
 from myutils.schedules import value_at
+from myutils.transfer import to_gpu_async
 from myutils.sdxl_inpaint import batch_latent_params, posterior_mean_latents, sample_latents, unet_input
 from training import adapters, checkpoint, config, loop, prepare, validation
 
@@ -205,21 +206,22 @@ def sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memor
     """(B,) discriminator scores of this batch's samples from --reward_source; teacher/student
     scores are on latents (no decode) and refreshed at most every --score_every steps."""
     index = batch["index"].cpu()
-    if args.reward_source in ("data", "labels"):
-        return scores_of_data[index]
+    if args.reward_source in ("data", "labels"):  # held on the device; the index goes there without a wait
+        return scores_of_data[to_gpu_async(index, scores_of_data.device)]
     stale = memory.stale(index, step)
     fresh = torch.zeros(len(index), dtype=torch.float64)
-    if stale.any():
-        on = stale.to(model_pred.device)
+    if stale.any():  # the host knows which (bookkeeping): the stale ones are picked on the device without a wait
+        on = to_gpu_async(stale.nonzero().reshape(-1), model_pred.device)
         edited = (teacher_x0 if args.reward_source == "teacher" else model_pred.detach())[on]
         source = posterior_mean_latents(batch["params:source"][on], comps.vae.config)
         fresh[stale] = reward.score_latents(source, batch["mask_latent"][on], edited, batch["original_size"][on],
-                                            batch["crop_top_left"][on]).double().cpu()
-    # every rank remembers every rank's scores, so the main process checkpoints the whole memory
-    got = accelerator.gather(torch.stack([index.double(), fresh, stale.double()], 1).to(accelerator.device)).cpu()
+                                            batch["crop_top_left"][on]).double().cpu()  # the memory is the host's: one read
+    got = torch.stack([index.double(), fresh, stale.double()], 1)
+    if accelerator.num_processes > 1:  # every rank remembers every rank's scores, so the main process checkpoints them all
+        got = accelerator.gather(to_gpu_async(got, accelerator.device)).cpu()
     was_stale = got[:, 2] > 0
     memory.update(got[:, 0].long(), got[was_stale, 1].float(), step, was_stale)
-    return memory.get(index)
+    return to_gpu_async(memory.get(index), model_pred.device)
 
 
 def guidance_reward(args, reward, comps, batch, model_pred):
@@ -259,6 +261,8 @@ def main(argv=None, rewarded=False):
     weighted = (reward is not None or args.reward_source == "labels") and args.weighting != "none"
     scores_of_data = (None if not weighted else label_scores(entries) if args.reward_source == "labels" else
                       data_scores(args, accelerator, reward, entries) if args.reward_source == "data" else None)
+    if scores_of_data is not None:
+        scores_of_data = scores_of_data.to(accelerator.device)  # once: every step indexes it there
     reference = load_reference(args.reward_reference) if args.reward_reference else None
     memory = ScoreMemory(args.score_every)
 
@@ -306,25 +310,24 @@ def main(argv=None, rewarded=False):
             losses = per_sample_lcm_loss(model_pred, target, args.loss_type, args.huber_c)
             weights, metrics = torch.ones_like(losses), {}
             if weighted:
-                scores = sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred, teacher_x0)
+                scores = sample_scores(args, accelerator, reward, comps, batch, scores_of_data, memory, run.global_step, model_pred,
+                                       teacher_x0)
                 all_scores = accelerator.gather(scores.to(accelerator.device))  # weights over the global batch
                 threshold, temperature = weighting_params(args, run.global_step, max_steps)
                 all_weights = reward_weights(all_scores, args.weighting, threshold, temperature, reference)
                 mine = slice(accelerator.process_index * len(losses), (accelerator.process_index + 1) * len(losses))
                 weights = all_weights[mine].to(losses.device)
-                metrics = {"score_mean": all_scores.mean().item(), "score_std": all_scores.std(unbiased=False).item(),
+                metrics = {"score_mean": all_scores.mean(), "score_std": all_scores.std(unbiased=False),
                            "reward_threshold": threshold, "reward_temperature": temperature, **weight_stats(all_weights)}
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and (run.global_step + 1) % args.logging_steps == 0:
                     validation.log_histogram(accelerator, "scores", all_scores, run.global_step + 1)
-                if all_weights.sum() == 0:
-                    run.skip_batch()  # nothing kept in the global batch: no update, counted as skipped
+                run.skip_batch(all_weights.sum() == 0)  # nothing kept in the global batch: no update, counted as skipped
             if args.guidance_rewards:
                 parts, total = guidance_reward(args, reward, comps, batch, model_pred)
-                metrics.update({"guidance_reward": total.mean().item(), **{f"guidance_reward_{k}": v.mean().item() for k, v in parts.items()}})
-            if not run.window_skipped:
-                loss = (weights * losses).mean() - (total.mean() if args.guidance_rewards else 0)
-                if run.loss_is_finite(loss):
-                    accelerator.backward(loss)
+                metrics.update({"guidance_reward": total.mean(), **{f"guidance_reward_{k}": v.mean() for k, v in parts.items()}})
+            loss = (weights * losses).mean() - (total.mean() if args.guidance_rewards else 0)
+            if run.record_loss(loss):
+                accelerator.backward(loss)
             run.optimizer_step(optimizer, lr_scheduler, params, ema)
         if not run.end_of_step(**metrics):
             continue

@@ -68,7 +68,10 @@ class UNetSDXLDiscriminator(nn.Module):
     def encode(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
         """The UNet's forward up to and including the mid block (same computation, same order)."""
         b = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(b)
+        if torch.is_tensor(timestep) and timestep.device == sample.device:
+            t = timestep.reshape(-1).expand(b)
+        else:  # a number (RORem scores at t = 0): filled in on the device, not copied from the host
+            t = torch.full((b,), torch.as_tensor(timestep).item(), device=sample.device)
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
         time_ids = added_cond_kwargs["time_ids"]
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(b, -1).to(emb.dtype)

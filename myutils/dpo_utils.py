@@ -56,9 +56,10 @@ def winner_preserving_scale(model_pred, target, mu, reduce_sum=None, max_scale=1
         if reduce_sum is not None:
             stats = reduce_sum(stats)
         num, den = stats[0], stats[1]
-        if den <= 0:  # the rejected gradient does not pull the preferred error up: no need to scale it
-            return torch.tensor(max_scale, device=model_pred.device)
-        return ((1.0 - mu) * num / den).clamp(0.0, max_scale)
+        # den <= 0: the rejected gradient does not pull the preferred error up, no need to scale it
+        # (decided on the device: a host branch would wait for the GPU every micro-batch)
+        scale = ((1.0 - mu) * num / torch.where(den > 0, den, 1.0)).clamp(0.0, max_scale)
+        return torch.where(den > 0, scale, torch.full_like(scale, max_scale))
 
 
 def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid", error_reduction="mean", loser_scale=None):
@@ -82,15 +83,15 @@ def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid", 
         losses = F.relu(1.0 - inside)
     else:
         losses = (inside / beta - 1.0 / (2.0 * beta)) ** 2
-    with torch.no_grad():
+    with torch.no_grad():  # tensors on the device: read once per logging step, not here
         metrics = {
-            "implicit_accuracy": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean().item(),
-            "mse_preferred": err_w.mean().item(), "mse_rejected": err_l.mean().item(),
-            "ref_mse_preferred": ref_w.mean().item(), "ref_mse_rejected": ref_l.mean().item(),
-            "reward_margin": inside.mean().item(),  # beta-scaled implicit reward of preferred minus rejected
+            "implicit_accuracy": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean(),
+            "mse_preferred": err_w.mean(), "mse_rejected": err_l.mean(),
+            "ref_mse_preferred": ref_w.mean(), "ref_mse_rejected": ref_l.mean(),
+            "reward_margin": inside.mean(),  # beta-scaled implicit reward of preferred minus rejected
         }
         if loser_scale is not None:
-            metrics["loser_scale"] = float(loser_scale)
+            metrics["loser_scale"] = torch.as_tensor(loser_scale, dtype=torch.float32, device=inside.device)
     return losses.mean(), metrics
 
 
@@ -139,9 +140,9 @@ def diffusion_kto_loss(model_pred, ref_pred, target, labels, beta, lambda_desira
     desirable = labels >= 0.5
     weight = torch.where(desirable, torch.full_like(reward, lambda_desirable), torch.full_like(reward, lambda_undesirable))
     losses = weight * (1 - torch.sigmoid(sign * beta * (reward - z)))
-    with torch.no_grad():
-        metrics = {"reference_point": z.item(), "implicit_accuracy": ((sign * (reward - z)) > 0).float().mean().item(),
-                   "reward_desirable": reward[desirable].mean().item() if desirable.any() else float("nan"),
-                   "reward_undesirable": reward[~desirable].mean().item() if (~desirable).any() else float("nan"),
-                   "mse": err.mean().item(), "ref_mse": ref_err.mean().item()}
+    with torch.no_grad():  # tensors on the device: read once per logging step; class means as (sum, count)
+        d = desirable.float()
+        metrics = {"reference_point": z, "implicit_accuracy": ((sign * (reward - z)) > 0).float().mean(),
+                   "reward_desirable": ((reward * d).sum(), d.sum()), "reward_undesirable": ((reward * (1 - d)).sum(), (1 - d).sum()),
+                   "mse": err.mean(), "ref_mse": ref_err.mean()}
     return losses.mean(), metrics

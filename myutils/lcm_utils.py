@@ -7,6 +7,7 @@ latents appended (myutils/sdxl_inpaint.unet_input), which `unet_fn` below takes 
 import torch
 
 from .rng import rand_per_sample
+from .transfer import batch_timesteps, constant_on
 
 
 class DDIMSolver:
@@ -41,7 +42,7 @@ def scalings_for_boundary_conditions(timestep, sigma_data=0.5, timestep_scaling=
 
 
 def _alpha_sigma(alphas_cumprod, timesteps, like):
-    a = torch.as_tensor(alphas_cumprod, device=like.device)[timesteps].float().view(-1, *[1] * (like.dim() - 1))
+    a = constant_on(alphas_cumprod, like.device)[timesteps].float().view(-1, *[1] * (like.dim() - 1))
     return a.sqrt(), (1 - a).sqrt()
 
 
@@ -69,7 +70,7 @@ def predicted_noise(model_output, timesteps, sample, prediction_type, alphas_cum
 def lcm_denoised(model_output, timesteps, sample, prediction_type, alphas_cumprod):
     """The consistency output, what LCMScheduler.step calls `denoised`: c_skip(t) x_t + c_out(t) x0(x_t),
     fp32; timesteps: an int shared by the batch, or one per sample."""
-    tt = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(sample.shape[0])
+    tt = batch_timesteps(timesteps, sample.shape[0], sample.device).long()
     view = (-1,) + (1,) * (sample.dim() - 1)
     c_skip, c_out = (c.to(sample.device).view(view) for c in scalings_for_boundary_conditions(tt))
     return c_skip * sample.float() + c_out * predicted_origin(model_output, tt, sample, prediction_type, alphas_cumprod)
@@ -118,7 +119,7 @@ def consistency_step(student, teacher, target_net, latents, noise, index, w, sol
     """
     start = solver.ddim_timesteps.to(latents.device)[index]
     t = (start - solver.step_ratio).clamp(min=0)
-    ac = torch.as_tensor(alphas_cumprod, device=latents.device)
+    ac = constant_on(alphas_cumprod, latents.device)
     a = ac[start].float().view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()
     model_pred = lcm_denoised(student(noisy, start), start, noisy, prediction_type, ac)

@@ -119,10 +119,11 @@ def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
     folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
     if name is None and not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
         raise UserError(f"{flag} {path}: no {LORA_WEIGHTS} in this folder")
-    try:
-        state, _, metadata = pipeline_cls.lora_state_dict(folder or ".", weight_name=name, return_lora_metadata=True)
+    try:  # SDXL's loader returns (state, alphas, metadata), FLUX's (state, metadata)
+        loaded = pipeline_cls.lora_state_dict(folder or ".", weight_name=name, return_lora_metadata=True)
     except Exception as e:  # a damaged or foreign file: say which, in one line
         raise UserError(f"{flag} {path}: not a readable LoRA file ({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
+    state, metadata = loaded[0], loaded[-1]
     state = state[0] if isinstance(state, tuple) else state
     ours = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not ours:

@@ -222,12 +222,13 @@ def reward_weights(scores, strategy, threshold=0.5, temperature=0.5, reference=N
 
 def weight_stats(weights):
     """Mean, max, effective sample size (sum w)^2 / sum w^2 (and as a fraction of the batch), and the
-    fraction of samples with weight 0."""
+    fraction of samples with weight 0: tensors where the weights are (a training step does not wait
+    for them; they are read when logged)."""
     w = weights.float().reshape(-1)
     sq = (w ** 2).sum()
-    ess = ((w.sum() ** 2) / sq).item() if sq > 0 else 0.0
-    return {"weight_mean": w.mean().item(), "weight_max": w.max().item(), "weight_ess": ess,
-            "weight_ess_fraction": ess / w.numel(), "filtered_fraction": (w == 0).float().mean().item()}
+    ess = torch.where(sq > 0, w.sum() ** 2 / torch.where(sq > 0, sq, 1.0), 0.0)
+    return {"weight_mean": w.mean(), "weight_max": w.max(), "weight_ess": ess,
+            "weight_ess_fraction": ess / w.numel(), "filtered_fraction": (w == 0).float().mean()}
 
 
 class ScoreMemory:

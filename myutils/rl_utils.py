@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .rng import randn_per_sample
+from .transfer import batch_timesteps, constant_on
 
 
 def _per_sample(values, like):
@@ -25,12 +26,11 @@ def ddim_step_mean_std(scheduler, model_output, timestep, sample, eta=1.0):
     if eta <= 0:
         raise ValueError("eta must be > 0 to train: a deterministic DDIM step (eta = 0) has no variance, hence no log-prob")
     sample, model_output = sample.float(), model_output.float()
-    t = torch.as_tensor(timestep, device=sample.device).reshape(-1).long()
-    t = t.expand(sample.shape[0]) if t.numel() == 1 else t
+    t = batch_timesteps(timestep, sample.shape[0], sample.device).long()
     prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    ac = scheduler.alphas_cumprod.to(sample.device).float()
+    ac = constant_on(scheduler.alphas_cumprod, sample.device).float()
     a_t = _per_sample(ac[t], sample)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod.tolist(), device=sample.device)  # tolist: a number, no device op
+    final = torch.full((), float(scheduler.final_alpha_cumprod), device=sample.device)  # a number: filled in, not copied
     a_prev = _per_sample(torch.where(prev >= 0, ac[prev.clamp(min=0)], final), sample)
     if scheduler.config.prediction_type == "epsilon":
         x0, eps = (sample - (1 - a_t).sqrt() * model_output) / a_t.sqrt(), model_output

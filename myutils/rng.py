@@ -3,9 +3,12 @@
 The generators live on the CPU and every draw names the generator's device, then moves to where it
 is used: a sample gets the same numbers on a GPU as here, no CUDA generator is ever needed, and no
 draw can be made on one device with a generator of another ("Expected a 'cpu' device type for
-generator"). The draws are small (one latent per sample), so the copy costs nothing measurable.
+generator"). The draws are small (one latent per sample); they go to a GPU from pinned memory without
+blocking (a copy from pageable memory would wait for the GPU to finish its queued work first).
 """
 import torch
+
+from .transfer import to_gpu_async
 
 
 def sample_generators(batch, seed):
@@ -24,14 +27,14 @@ def _home(generator):
 
 def randn_per_sample(generators, shape, device, dtype=torch.float32):
     """(B, *shape) standard normal draws, sample i from generators[i], on `device`."""
-    return torch.stack([torch.randn(shape, generator=g, device=_home(g), dtype=dtype) for g in generators]).to(device)
+    return to_gpu_async(torch.stack([torch.randn(shape, generator=g, device=_home(g), dtype=dtype) for g in generators]), device)
 
 
 def randint_per_sample(generators, high, device):
     """(B,) integers in [0, high), sample i from generators[i], on `device`."""
-    return torch.cat([torch.randint(0, high, (1,), generator=g, device=_home(g)) for g in generators]).to(device)
+    return to_gpu_async(torch.cat([torch.randint(0, high, (1,), generator=g, device=_home(g)) for g in generators]), device)
 
 
 def rand_per_sample(generators, device):
     """(B,) uniform draws in [0, 1), sample i from generators[i], on `device`."""
-    return torch.cat([torch.rand((1,), generator=g, device=_home(g)) for g in generators]).to(device)
+    return to_gpu_async(torch.cat([torch.rand((1,), generator=g, device=_home(g)) for g in generators]), device)

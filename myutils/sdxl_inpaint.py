@@ -34,17 +34,26 @@ def unet_input(noisy_latents, mask_latents, masked_image_latents):
 def add_time_ids(original_size, crop_top_left, target_size, aesthetic_score=None, device=None):
     """SDXL micro-conditioning, (B, 6) or (B, 5) with an aesthetic score. Sizes are (h, w) per sample
     (or one (h, w) for all). Every part is built on `device` (default: original_size's), so a batch's
-    sizes on the GPU never meet a target size made on the CPU."""
+    sizes on the GPU never meet a target size made on the CPU. Numbers given in Python are filled in
+    on the device (no copy from the host, which would wait for the GPU)."""
     if device is None:
         device = original_size.device if torch.is_tensor(original_size) else None
-    original_size = torch.as_tensor(original_size, dtype=torch.float32, device=device).reshape(-1, 2)
+    original_size = _on(original_size, device).reshape(-1, 2)
     b, device = original_size.shape[0], original_size.device
-    crop_top_left = torch.as_tensor(crop_top_left, dtype=torch.float32, device=device).reshape(-1, 2).expand(b, 2)
+    crop_top_left = _on(crop_top_left, device).reshape(-1, 2).expand(b, 2)
     if aesthetic_score is not None:
         last = torch.full((b, 1), float(aesthetic_score), device=device)
     else:
-        last = torch.as_tensor(target_size, dtype=torch.float32, device=device).reshape(-1, 2).expand(b, 2)
+        last = _on(target_size, device).reshape(-1, 2).expand(b, 2)
     return torch.cat([original_size, crop_top_left, last], dim=1)
+
+
+def _on(value, device):
+    """float32 on `device`: a tensor moved (a batch's is on the device already), Python numbers filled in."""
+    if torch.is_tensor(value):
+        return value.to(device, torch.float32)
+    flat = torch.tensor(value, dtype=torch.float32).reshape(-1).tolist()
+    return torch.stack([torch.full((), v, device=device) for v in flat]) if flat else torch.zeros(0, device=device)
 
 
 @dataclass

@@ -131,6 +131,14 @@ def test_flow_grpo_trains_a_lora_the_stock_pipeline_loads(tmp_path, tiny_flux_di
     assert changed  # the LoRA loads into the stock pipeline and changes its weights
     assert os.path.isfile(os.path.join(out, "validation", "step-000004.png"))
 
+    # stopped after the first epoch and resumed: the same LoRA (the FLUX LoRA checkpoint loads back)
+    half = str(tmp_path / "half")
+    flow = ["--algorithm", "grpo", "--group_size", "2", "--reward", "preserve=1,gt=1", "--kl_coef", "0.1"]
+    run_script(tddpo, _args(tiny_flux_dir, toy_meta, half, *flow) + ["--num_train_epochs", "1"])
+    run_script(tddpo, _args(tiny_flux_dir, toy_meta, half, *flow, "--resume_from_checkpoint", "latest"))
+    resumed = load_file(os.path.join(half, "pytorch_lora_weights.safetensors"))
+    assert max((lora[k] - resumed[k]).abs().max().item() for k in lora) <= 1e-6
+
 
 def test_pairwise_mode_pairs_share_their_start(tmp_path, tiny_flux_dir, toy_meta, run_script, monkeypatch):
     import pipelines.rl_sampler

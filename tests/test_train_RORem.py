@@ -60,7 +60,7 @@ def test_accumulation_equals_a_larger_batch_and_the_final_save_is_the_ema(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tight = ["--learning_rate", "1e-2", "--adam_epsilon", "1.0", "--adam_weight_decay", "0", "--max_train_steps", "4",
-             "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--report_to", "tensorboard"]
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "2", "--report_to", "tensorboard", "--logging_steps", "1"]
     trajectory = []
     real_step = EMAModel.step
 

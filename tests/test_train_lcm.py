@@ -91,7 +91,7 @@ def test_rewarded_keep_all_equals_plain_and_keep_nothing_skips(tmp_path, tiny_mo
     assert len(scores) == 12 and all(isinstance(s, float) for s in scores)  # every training GT scored once
 
     run_script(trew, _args(tiny_model_dir, toy_meta, str(tmp_path / "none"), *common, "--discriminator_path", disc_dir,
-                           "--weighting", "filter", "--reward_threshold", "1e9", "--report_to", "tensorboard"))
+                           "--weighting", "filter", "--reward_threshold", "1e9", "--report_to", "tensorboard", "--logging_steps", "1"))
     nothing = load_file(str(tmp_path / "none" / "pytorch_lora_weights.safetensors"))
     assert all(v.abs().max() == 0 for k, v in nothing.items() if "lora_B" in k or "lora.up" in k)  # no update at all
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

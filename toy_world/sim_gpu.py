@@ -130,7 +130,7 @@ class SyncCounter:
         self.keep_stacks = keep_stacks
 
     def record(self, kind):
-        where = "".join(traceback.format_stack(limit=14)[:-3]) if self.keep_stacks else ""
+        where = "".join(traceback.format_stack(limit=30)[:-3]) if self.keep_stacks else ""
         with self.lock:
             self.events.append((self.step, kind, where))
 
@@ -403,6 +403,8 @@ class _SimFunctionMode(TorchFunctionMode):
         args = tuple(_indexed(a) for a in args)
         kwargs = {k: _indexed(v) for k, v in kwargs.items()}
         if func in _FROM_DATA and _is_cuda(kwargs.get("device")):
+            if args and torch.is_tensor(args[0]):  # a tensor given: moved (no round trip through the host)
+                return args[0].to(CUDA, kwargs.get("dtype"), copy=func is torch.tensor)
             return func(*args, **dict(kwargs, device="cpu")).to(CUDA)
         if func is torch.Tensor.cuda:
             return args[0].to(CUDA, non_blocking=kwargs.get("non_blocking", args[2] if len(args) > 2 else False))

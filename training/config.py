@@ -90,6 +90,9 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     g.add_argument("--tracker_project_name", default="RORem-RL")
     g.add_argument("--logging_dir", default="logs", help="under output_dir")
+    g.add_argument("--logging_steps", type=POSITIVE, default=10,
+                   help="log every N optimizer steps (metrics are averaged on the GPU over the steps in between and read "
+                        "once: reading them every step would make the host wait for the GPU each time)")
     g.add_argument("--validation_steps", type=NONNEGATIVE, default=500)
     g.add_argument("--num_validation_images", type=POSITIVE, default=4)
     g.add_argument("--validation_inference_steps", type=POSITIVE, default=50)

@@ -302,14 +302,19 @@ def make_optimizer(args, params, accelerator):
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    more = {}
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
+        # on a GPU the fused kernel: one launch for all weights, and with fp16 it takes GradScaler's
+        # inf check on the device instead of reading it on the host every step (DeepSpeed steps itself)
+        if torch.device(accelerator.device).type == "cuda" and getattr(accelerator.state, "deepspeed_plugin", None) is None:
+            more["fused"] = True
     return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **more)
 
 
 def make_lr_scheduler(args, optimizer, max_steps, accelerator):

@@ -13,6 +13,7 @@ from myutils.img_util import content_key
 from myutils.reward_utils import gt_reward, jpeg_reward, preservation_reward
 from myutils.rl_utils import gaussian_kl, gaussian_log_prob, kl_in_unit, pairwise_preference_loss, ppo_loss, reinforce_loss
 from myutils.rng import sample_generators
+from myutils.transfer import to_gpu_async
 
 from . import adapters, checkpoint, prepare, validation
 
@@ -253,8 +254,9 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
         for start in range(0, len(order), args.train_batch_size):
             idx = order[start:start + args.train_batch_size]
             steps = torch.randperm(sampler.num_train_steps, generator=g, device=g.device)[:n_steps]
-            cond = {k: v[idx.to(v.device)] for k, v in data.items()}  # bookkeeping stays on the CPU
-            adv = advantages[idx.to(advantages.device)]
+            on_device = to_gpu_async(idx, advantages.device)  # once, without waiting for the GPU
+            cond = {k: v[on_device if v.device == advantages.device else idx] for k, v in data.items()}  # bookkeeping stays on the CPU
+            adv = advantages[on_device]
             metrics = {}
             for j in steps.tolist():
                 micro += 1
@@ -270,14 +272,14 @@ def policy_update(args, accelerator, run, model, sampler, batches, advantages, o
                         loss = pairwise_preference_loss(log_prob, cond["log_probs"][:, j], adv, args.beta, args.clip_range)
                     else:
                         loss, approx_kl, clip_fraction = ppo_loss(log_prob, cond["log_probs"][:, j], adv, args.clip_range)
-                        metrics.update(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
+                        metrics.update(approx_kl=approx_kl, clip_fraction=clip_fraction)  # read when logged
                     if args.kl_coef > 0:
                         with torch.no_grad(), adapters.disabled(raw):
                             ref_mean, _ = sampler.distribution(raw, x, j, cond)
                         kl = kl_in_unit(gaussian_kl(mean, ref_mean, scale).mean(), args.kl_unit, sampler.step_length(j))
                         loss = loss + args.kl_coef * kl
-                        metrics["kl_to_reference"] = kl.item()
-                    if run.loss_is_finite(loss):
+                        metrics["kl_to_reference"] = kl
+                    if run.record_loss(loss):
                         accelerator.backward(loss)
                     run.optimizer_step(optimizer, lr_scheduler, params)
                 run.end_of_step(**metrics, **logs)

@@ -83,7 +83,7 @@ def lcm_step_mean_std(model_output, t, prev_t, sample, prediction_type, alphas_c
     denoised = lcm_denoised(model_output, t, sample, prediction_type, alphas_cumprod)
     if prev_t is None:
         return denoised, None
-    a_prev = torch.as_tensor(alphas_cumprod, device=denoised.device)[int(prev_t)].float()  # a 0-dim tensor: no host read
+    a_prev = constant_on(alphas_cumprod, denoised.device)[int(prev_t)].float()  # a 0-dim tensor: no host read
     return a_prev.sqrt() * denoised, (1 - a_prev).sqrt()
 
 

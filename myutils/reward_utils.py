@@ -216,8 +216,8 @@ def reward_weights(scores, strategy, threshold=0.5, temperature=0.5, reference=N
         raw = percentile_rank(s, reference)
     else:
         raise ValueError(f"unknown weighting {strategy!r}: one of {WEIGHTINGS}")
-    total = raw.sum()
-    return raw * (n / total) if total > 0 else torch.zeros_like(s)
+    total = raw.sum()  # all zero: weights 0 (decided on the device, without a host read)
+    return raw * (n / torch.where(total > 0, total, 1.0))
 
 
 def weight_stats(weights):

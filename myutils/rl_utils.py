@@ -175,7 +175,7 @@ def flowmatch_step_mean_std(scheduler, model_output, timestep, sample, noise_lev
     Everything in fp32. `step_index` (the position of `timestep` in the schedule), when the caller
     knows it, saves looking the timestep up (a device sync per step)."""
     x, v = sample.float(), model_output.float()
-    sigmas = scheduler.sigmas.to(x.device).float()
+    sigmas = constant_on(scheduler.sigmas, x.device).float()
     if step_index is not None:
         idx = torch.full((x.shape[0],), int(step_index), device=x.device)
     else:

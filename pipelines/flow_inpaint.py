@@ -17,6 +17,7 @@ from myutils.errors import UserError
 from myutils.rl_utils import flowmatch_step_mean_std
 from myutils.rng import randn_per_sample
 from myutils.sdxl_inpaint import decode_latents, masked_image, vae_latent_params
+from myutils.transfer import constant_on
 
 FLOW_PIPELINES = ("FluxFillPipeline",)
 
@@ -128,9 +129,9 @@ class FlowFillSampler:
 
     def output(self, model, x, j, cond):
         b = x.shape[0]
-        guidance = self.guidance.to(x.device).expand(b) if self.guidance is not None else None
-        return model(hidden_states=torch.cat([x, cond["fill_condition"]], dim=-1).to(self.dtype),
-                     timestep=(torch.full((b,), self.timesteps[j], device=x.device) / 1000).to(self.dtype), guidance=guidance,
+        guidance = constant_on(self.guidance, x.device).expand(b) if self.guidance is not None else None
+        return model(hidden_states=torch.cat([x, cond["fill_condition"]], dim=-1).to(self.dtype),  # the timestep: filled in on the device
+                     timestep=(torch.full((b,), float(self.timesteps[j]), device=x.device) / 1000).to(self.dtype), guidance=guidance,
                      pooled_projections=self.pooled.expand(b, -1), encoder_hidden_states=self.prompt_embeds.expand(b, -1, -1),
                      txt_ids=self.text_ids, img_ids=self.img_ids, return_dict=False)[0].float()
 

@@ -2,23 +2,32 @@
 """The one GPU check: what only a GPU shows, in one command of under 8 minutes on one GPU.
 
     bash scripts/gpu_check.sh                 # on a GPU machine (installs missing packages from .whl/)
-    bash scripts/gpu_check.sh --dry           # on a CPU: the same runs, small, in fp32 (a test runs this)
+    bash scripts/gpu_check.sh --dry           # on a CPU: the same runs on a simulated GPU (a test runs this)
 
-Part 1, tiny models (built here): every training script for two steps in fp16 and in bf16, with
-validation on (the VAE must stay fp32 under autocast), rewards from a discriminator trained here,
-the FLUX-Fill flow path and the MORL population; train_RORem.py under DeepSpeed ZeRO-2 on one rank;
-the three inference scripts and the evaluation on what those runs saved. A run passes when it ends
-and everything it wrote is finite (weights, validation metrics, scores).
+Part 1, tiny models (built here): every training command for a few steps in fp16 and in bf16 with
+validation, rewards and the win rate on, each then resumed from its checkpoint (supervised, DPO with
+SDPO's safeguard, KTO, discriminator, LCM weighted by live scores with RG-LCD's guidance, reward-weighted
+LCM, DRaFT, ReFL, AlignProp on the 4-step student, PPO, GRPO, pairwise, Flow-GRPO on FLUX-Fill, PGMORL);
+then, in the same precision, both inference scripts, the discriminator, the evaluation with every metric,
+a data round, generated preference pairs and the app's removal; train_RORem.py under DeepSpeed ZeRO-2 on
+one rank. A run passes when it ends and everything it wrote is finite (weights, metrics, scores).
 Part 2, real size: a random-init SDXL-inpainting pipeline from configs/real/ (the 2.57B UNet, the
 SDXL VAE) and a few steps of each training script's shipped configuration (configs/*.yaml) at 512 px,
 LoRA DPO also at 1024: seconds per optimizer step (median after the first), peak GPU memory, and
 scripts/plan_memory.py's prediction for the same configuration, side by side. What differs from the
 shipped configuration is listed in the table (accumulation 1, one short epoch for RL, two MORL
 policies); FLUX.1-Fill at full size (12B + T5-XXL) is not built here.
+
+--dry runs all of it on the CPU under toy_world/sim_gpu.py's simulated GPU: tensors that report cuda:0,
+checked at every op as a GPU checks them, with CUDA autocast's rules and real values (part 2 with the
+tiny model's configs at 32/64 px); DeepSpeed runs on the CPU in its own process. It also counts the host
+syncs of each run (the host waiting for the GPU) per optimizer step, in the steady state (steps with no
+logging, validation, checkpoint or sampling): the table's "syncs/step" column.
 Writes <out>/gpu_check.md and <out>/gpu_check.json; exits 1 if any run failed. Runs stop being
 started once --budget_minutes have passed (they are listed as not run).
 """
 import argparse
+import functools
 import gc
 import glob
 import json
@@ -45,7 +54,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="where gpu_check.md and gpu_check.json go")
     p.add_argument("--work_dir", default=None, help="models, data and run outputs (default: <out>/work, removed at the end)")
-    p.add_argument("--dry", action="store_true", help="CPU, fp32, tiny 'real' part: proves the check itself runs")
+    p.add_argument("--dry", action="store_true", help="on the CPU, on a simulated GPU, the real part with tiny configs")
     p.add_argument("--budget_minutes", type=POSITIVE_REAL, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
     p.add_argument("--skip_real", action="store_true", help="only part 1")
     p.add_argument("--peak_tflops", type=POSITIVE_REAL, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
@@ -57,7 +66,7 @@ def parse_args(argv=None):
 class Check:
     def __init__(self, args):
         self.args, self.rows, self.start = args, [], time.time()
-        self.device = "cpu" if args.dry else "cuda"
+        self.device = "cuda"  # a dry run's is simulated
 
     def minutes(self):
         return (time.time() - self.start) / 60
@@ -91,9 +100,17 @@ class Check:
                 steps.append(time.perf_counter())
             return done
 
+        counter = sim = None
+        if self.args.dry:  # the simulated GPU: each row counts its own host syncs, its intervals marked by what ran in them
+            from toy_world.sim_gpu import SyncCounter, simulated_gpu
+
+            counter = SyncCounter()
+            sim = simulated_gpu(counter)
         restore = [(loop.TrainingRun, "end_of_step", real_end), (rl_loop, "collect_samples", real_collect)]
-        restore += [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
         loop.TrainingRun.end_of_step, rl_loop.collect_samples = timed_end, timed_collect
+        patches = list(patches) + (marked_phases(counter) if counter is not None else [])  # marks wrap the timed functions
+        restore += [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches if (obj, attr) not in
+                    {(o, a) for o, a, _ in restore}]
         for obj, attr, value in patches:
             setattr(obj, attr, value)
         if torch.cuda.is_available():
@@ -104,7 +121,11 @@ class Check:
         try:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-            result = module.main([str(a) for a in argv])
+            if sim is not None:
+                with sim:
+                    result = module.main([str(a) for a in argv])
+            else:
+                result = module.main([str(a) for a in argv])
             bad = [p for p in outputs if not finite_outputs(p)]
             row["status"] = "ok" if not bad else f"FAILED: non-finite or missing output in {', '.join(bad)}"
         except BaseException as e:  # a run's failure is a finding: record it and go on with the others
@@ -123,12 +144,17 @@ class Check:
         gaps = [b - a for a, b in zip(steps, steps[1:])]
         row["steps"] = len(steps) - (1 if rl and steps else 0)
         row["s_per_step"] = ((steps[-1] - steps[0]) / (len(steps) - 1) if rl else statistics.median(gaps)) if gaps else None
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() and not self.args.dry else None
+        if counter is not None:
+            steady = counter.steady()
+            row["syncs_per_step"] = max(steady.values()) if steady else None  # the most in any plain training step
+            row["steady_steps"] = len(steady)
         print(f"=== {row['status']} ({row['seconds']:.1f} s)", flush=True)
         gc.collect()
         return result
 
     def subprocess_run(self, part, name, cmd, env=None, outputs=(), precision=""):
+        """A command in its own process (DeepSpeed's launcher); passes when it exits 0 with finite outputs."""
         row = {"part": part, "name": name, "precision": precision}
         self.rows.append(row)
         if self.minutes() > self.args.budget_minutes:
@@ -143,6 +169,24 @@ class Check:
         row["status"] = ("ok" if not bad else f"FAILED: non-finite or missing output in {', '.join(bad)}") if res.returncode == 0 else \
             f"FAILED: exit {res.returncode}: {(res.stderr.strip().splitlines() or [''])[-1][:300]}"
         print(f"=== {row['status']} ({row['seconds']:.1f} s)", flush=True)
+
+
+def marked_phases(counter):
+    """Patches that mark the simulated GPU's sync counter with what runs besides training steps: a
+    step's interval that logs, validates, checkpoints, samples or evaluates is not a steady one."""
+    from accelerate import Accelerator
+
+    from training import checkpoint, rl_loop
+
+    def marking(fn, label):
+        def marked(*args, **kwargs):
+            counter.mark(label)
+            return fn(*args, **kwargs)
+        return marked
+    # every logging step and every validation logs through the accelerator
+    return [(obj, attr, marking(getattr(obj, attr), label)) for obj, attr, label in (
+        (Accelerator, "log", "logging or validation"), (checkpoint, "save_checkpoint", "checkpoint"),
+        (rl_loop, "collect_samples", "sampling"), (rl_loop, "evaluate", "evaluation"))]
 
 
 def finite_outputs(path):
@@ -199,83 +243,87 @@ def tiny_world(work):
     return {"meta": meta, "scored": scored, "pairs": pairs, "model": os.path.join(work, "tiny"), "flux": os.path.join(work, "tiny_flux")}
 
 
-def tiny_part(check, work, w):
-    import evaluate_RORem
-    import inference_RORem
-    import inference_RORem_4S
-    import inference_RORem_discriminator
-    import train_RORem
-    import train_RORem_ddpo
-    import train_RORem_discriminator
-    import train_RORem_dpo
-    import train_RORem_draft
-    import train_RORem_kto
-    import train_RORem_lcm
-    import train_RORem_lcm_rewarded
-    import train_RORem_morl
-
-    precisions = ["no"] if check.args.dry else ["fp16", "bf16"]
-    common = ["--pretrained_model_name_or_path", w["model"], "--resolution", "32", "--report_to", "none", "--seed", "0"]
-    steps = ["--max_train_steps", "2", "--train_batch_size", "4", "--checkpointing_steps", "2"]
+def training_runs(w, out, p, disc, lcm):
+    """(name, script, argv, what it must write, what resuming it adds) for each training command at
+    precision p: a few optimizer steps with validation and rewards on, then resumed from its checkpoint.
+    Supervised scripts run 3 steps (a checkpoint at 2, validation at 3: step 1 to 2 is plain training)."""
+    common = ["--pretrained_model_name_or_path", w["model"], "--resolution", "32", "--report_to", "none", "--seed", "0",
+              "--mixed_precision", p]
+    steps = ["--max_train_steps", "3", "--train_batch_size", "4", "--checkpointing_steps", "2"]
+    more = ["--max_train_steps", "4"]
+    val = ["--validation_steps", "3", "--num_validation_images", "2", "--validation_inference_steps", "3"]
+    win = ["--discriminator_path", disc, "--win_rate_samples", "2"]
+    lcm_args = ["--lora_rank", "4", "--num_ddim_timesteps", "10", "--meta_path", w["meta"]]
+    draft = ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--discriminator_path", disc, "--validation_steps", "3",
+             "--eval_samples", "2", "--num_validation_images", "2", "--reg_coef", "0.1"]
     rl = ["--sample_steps", "3", "--sample_batch_size", "2", "--sample_batches_per_epoch", "1", "--train_batch_size", "2",
-          "--num_train_epochs", "1", "--eval_samples", "2", "--num_validation_images", "2", "--lora_rank", "4"]
-    keep = {}
-    for p in precisions:
+          "--num_train_epochs", "1", "--eval_samples", "2", "--num_validation_images", "2", "--lora_rank", "4", "--meta_path", w["meta"]]
+    flux = [a if a != w["model"] else w["flux"] for a in common]
+    return [
+        ("train_RORem_discriminator (LoRA + head)", "train_RORem_discriminator",
+         common + steps + ["--meta_path", w["scored"], "--validation_steps", "3"], more),
+        ("train_RORem (full, validation)", "train_RORem", common + steps + val + ["--meta_path", w["meta"]], more),
+        ("train_RORem (LoRA, validation)", "train_RORem", common + steps + val + ["--meta_path", w["meta"], "--use_lora"], more),
+        ("train_RORem_dpo (LoRA, SDPO's safeguard, validation with win rate)", "train_RORem_dpo",
+         common + steps + val + win + ["--preference_data", w["pairs"], "--use_lora", "--safeguard_mu", "0.6"], more),
+        ("train_RORem_kto (LoRA, all-rank reference point, validation with win rate)", "train_RORem_kto",
+         common + steps + val + win + ["--meta_path", w["scored"], "--validation_meta_path", w["pairs"], "--use_lora"], more),
+        ("train_RORem_lcm (weighted by live teacher scores, RG-LCD; validation: student vs teacher)", "train_RORem_lcm",
+         common + steps + val + lcm_args + ["--discriminator_path", disc, "--weighting", "softmax", "--reward_source", "teacher",
+                                            "--reward_guidance", "discriminator=0.1,gt=1"], more),
+        ("train_RORem_lcm_rewarded (cached data scores, filter)", "train_RORem_lcm_rewarded",
+         common + steps + lcm_args + ["--discriminator_path", disc, "--weighting", "filter", "--reward_threshold", "0"], more),
+        ("train_RORem_lcm (the 4-step student the AlignProp run below trains)", "train_RORem_lcm",
+         common + ["--max_train_steps", "2", "--train_batch_size", "4", "--validation_steps", "0"] + lcm_args, None),
+        ("train_RORem_draft (DRaFT-2 through the discriminator, preserve, drift)", "train_RORem_draft",
+         common + steps + draft + ["--reward", "discriminator=1,preserve=0.5", "--draft_k", "2", "--sample_steps", "3",
+                                   "--lora_rank", "4"], more),
+        ("train_RORem_draft (ReFL)", "train_RORem_draft",
+         common + steps + draft + ["--reward", "discriminator=1,gt=1", "--method", "refl", "--sample_steps", "3", "--lora_rank", "4"],
+         more),
+        ("train_RORem_draft (the LCM student: AlignProp through 4 LCM steps)", "train_RORem_draft",
+         common + steps + draft + ["--reward", "discriminator=1,gt=1", "--student_lora", lcm, "--method", "alignprop",
+                                   "--sample_steps", "4"], more),
+        ("train_RORem_ddpo (PPO, discriminator + preserve, CFG, KL)", "train_RORem_ddpo",
+         common + rl + ["--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc, "--guidance_scale", "2",
+                        "--kl_coef", "0.01"], ["--num_train_epochs", "2"]),
+        ("train_RORem_ddpo (GRPO)", "train_RORem_ddpo",
+         common + rl + ["--reward", "gt=1", "--algorithm", "grpo", "--group_size", "2", "--sample_batch_size", "1"],
+         ["--num_train_epochs", "2"]),
+        ("train_RORem_ddpo (pairwise)", "train_RORem_ddpo",
+         common + rl + ["--reward", "preserve=1", "--algorithm", "pairwise", "--group_size", "2", "--sample_batch_size", "1"],
+         ["--num_train_epochs", "2"]),
+        ("train_RORem_ddpo (Flow-GRPO, FLUX-Fill)", "train_RORem_ddpo",
+         flux + rl + ["--reward", "gt=1,preserve=1", "--algorithm", "grpo", "--group_size", "2", "--kl_coef", "0.04", "--kl_unit",
+                      "flow_grpo", "--adv_std", "batch", "--max_sequence_length", "16"], ["--num_train_epochs", "2"]),
+        ("train_RORem_morl (2 policies, discriminator + preserve)", "train_RORem_morl",
+         common + rl + ["--objectives", "discriminator,preserve", "--discriminator_path", disc, "--population", "2", "--generations",
+                        "2", "--warmup_generations", "1", "--group_size", "2", "--weight_partitions", "2"], ["--generations", "3"]),
+    ]
+
+
+def tiny_part(check, work, w):
+    """Every training command in fp16 and bf16, each then resumed from its checkpoint; the inference
+    side on what they saved; train_RORem.py under DeepSpeed."""
+    import importlib
+
+    for p in ("fp16", "bf16"):
         out = lambda name: os.path.join(work, "runs", f"{name}-{p}")  # noqa: E731
-        mp = ["--mixed_precision", p]
-        disc = out("discriminator")
-        check.run("tiny", "train_RORem_discriminator (LoRA + head)", train_RORem_discriminator,
-                  common + steps + mp + ["--meta_path", w["scored"], "--output_dir", disc, "--validation_steps", "2"], p, [disc])
-        val = ["--validation_steps", "2", "--num_validation_images", "2", "--validation_inference_steps", "3"]
-        for name, extra in (("full", []), ("LoRA", ["--use_lora"])):
-            check.run("tiny", f"train_RORem ({name}, validation)", train_RORem,
-                      common + steps + mp + val + ["--meta_path", w["meta"], "--output_dir", out(f"remover-{name}"), *extra], p,
-                      [out(f"remover-{name}")])
-        check.run("tiny", "train_RORem_dpo (LoRA, validation with win rate)", train_RORem_dpo,
-                  common + steps + mp + val + ["--preference_data", w["pairs"], "--output_dir", out("dpo"), "--use_lora",
-                                               "--discriminator_path", disc, "--win_rate_samples", "2"], p, [out("dpo")])
-        check.run("tiny", "train_RORem_kto (LoRA, all-rank reference point, validation with win rate)", train_RORem_kto,
-                  common + steps + mp + val + ["--meta_path", w["scored"], "--validation_meta_path", w["pairs"], "--output_dir",
-                                               out("kto"), "--use_lora", "--discriminator_path", disc, "--win_rate_samples", "2"],
-                  p, [out("kto")])
-        lcm = ["--lora_rank", "4", "--num_ddim_timesteps", "10", "--meta_path", w["meta"]]
-        check.run("tiny", "train_RORem_lcm (validation: student vs teacher)", train_RORem_lcm,
-                  common + steps + mp + val + lcm + ["--output_dir", out("lcm")], p, [out("lcm")])
-        check.run("tiny", "train_RORem_lcm_rewarded (teacher scores on latents; RG-LCD's reward guidance)", train_RORem_lcm_rewarded,
-                  common + steps + mp + lcm + ["--output_dir", out("lcm_rewarded"), "--discriminator_path", disc, "--reward_source",
-                                              "teacher", "--weighting", "softmax", "--reward_guidance", "discriminator=0.1,gt=1"], p,
-                  [out("lcm_rewarded")])
-        check.run("tiny", "train_RORem_draft (DRaFT-2 through the discriminator, preserve, drift; validation)", train_RORem_draft,
-                  common + steps + mp + ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--output_dir", out("draft"),
-                                         "--reward", "discriminator=1,preserve=0.5", "--discriminator_path", disc, "--draft_k", "2",
-                                         "--sample_steps", "3", "--reg_coef", "0.1", "--validation_steps", "2", "--eval_samples", "2",
-                                         "--num_validation_images", "2", "--lora_rank", "4"], p, [out("draft")])
-        check.run("tiny", "train_RORem_draft (the LCM student above: AlignProp through 4 LCM steps, drift; validation)",
-                  train_RORem_draft,
-                  common + steps + mp + ["--meta_path", w["meta"], "--validation_meta_path", w["meta"], "--output_dir", out("draft_lcm"),
-                                         "--reward", "discriminator=1,gt=1", "--discriminator_path", disc, "--student_lora", out("lcm"),
-                                         "--method", "alignprop", "--sample_steps", "4", "--reg_coef", "0.1", "--validation_steps", "2",
-                                         "--eval_samples", "2", "--num_validation_images", "2"], p, [out("draft_lcm")])
-        check.run("tiny", "train_RORem_ddpo (PPO, discriminator + preserve, CFG, KL)", train_RORem_ddpo,
-                  common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("ddpo"), "--reward", "discriminator=1,preserve=0.5",
-                                      "--discriminator_path", disc, "--guidance_scale", "2", "--kl_coef", "0.01"], p, [out("ddpo")])
-        flow = [a if a != w["model"] else w["flux"] for a in common]
-        check.run("tiny", "train_RORem_ddpo (Flow-GRPO, FLUX-Fill)", train_RORem_ddpo,
-                  flow + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("flow"), "--reward", "gt=1,preserve=1", "--algorithm",
-                                    "grpo", "--group_size", "2", "--kl_coef", "0.04", "--kl_unit", "flow_grpo", "--adv_std", "batch",
-                                    "--max_sequence_length", "16"], p, [out("flow")])
-        check.run("tiny", "train_RORem_morl (2 policies, discriminator + preserve)", train_RORem_morl,
-                  common + mp + rl + ["--meta_path", w["meta"], "--output_dir", out("morl"), "--objectives", "discriminator,preserve",
-                                      "--discriminator_path", disc, "--population", "2", "--generations", "2", "--warmup_generations", "1",
-                                      "--group_size", "2", "--weight_partitions", "2"], p, [out("morl")])
-        keep = {"disc": disc, "lora": out("remover-LoRA"), "lcm": out("lcm")}
-
-    deepspeed_run(check, work, w, common)
-    inference_runs(check, work, w, keep, inference_RORem, inference_RORem_4S, inference_RORem_discriminator, evaluate_RORem)
+        disc, lcm = out("discriminator"), out("lcm_student")
+        for i, (name, script, argv, resume) in enumerate(training_runs(w, out, p, disc, lcm)):
+            folder = disc if script == "train_RORem_discriminator" else lcm if resume is None else out(f"run{i}")
+            module = importlib.import_module(script)
+            check.run("tiny", name, module, argv + ["--output_dir", folder], p, [folder])
+            if resume is not None:
+                check.run("tiny", name + ", resumed", module, argv + resume + ["--output_dir", folder, "--resume_from_checkpoint",
+                                                                              "latest"], p, [folder])
+        inference_runs(check, work, w, {"disc": disc, "lora": out("run2"), "lcm": lcm}, p)
+    deepspeed_run(check, work, w)
 
 
-def deepspeed_run(check, work, w, common):
-    """train_RORem.py (full fine-tune) through configs/deepspeed_zero2.yaml on one rank."""
+def deepspeed_run(check, work, w):
+    """train_RORem.py (full fine-tune) through configs/deepspeed_zero2.yaml on one rank, in its own
+    process (a dry run: on the CPU in fp32; the simulated GPU lives in this process only)."""
     import yaml
 
     try:
@@ -290,31 +338,87 @@ def deepspeed_run(check, work, w, common):
     yaml.safe_dump(cfg, open(path, "w"))
     out = os.path.join(work, "runs", "deepspeed")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.path.join(work, "torch_extensions"))
-    env.pop("ACCELERATE_USE_CPU", None)
+    if check.args.dry:
+        env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", path, "--main_process_port", "29517",
-           os.path.join(ROOT, "train_RORem.py"), *common, "--meta_path", w["meta"], "--output_dir", out, "--max_train_steps", "2",
-           "--train_batch_size", "4", "--checkpointing_steps", "2", "--validation_steps", "0", "--mixed_precision", precision]
-    check.subprocess_run("tiny", "train_RORem under DeepSpeed ZeRO-2 (1 rank)", cmd, env, [os.path.join(out, "unet")], precision)
+           os.path.join(ROOT, "train_RORem.py"), "--pretrained_model_name_or_path", w["model"], "--resolution", "32", "--report_to",
+           "none", "--meta_path", w["meta"], "--output_dir", out, "--max_train_steps", "2", "--train_batch_size", "4",
+           "--checkpointing_steps", "2", "--validation_steps", "0", "--mixed_precision", precision]
+    check.subprocess_run("tiny", "train_RORem under DeepSpeed ZeRO-2 (1 rank)", cmd, env, [os.path.join(out, "unet")],
+                         precision + (" (CPU)" if check.args.dry else ""))
 
 
-def inference_runs(check, work, w, keep, inference_RORem, inference_RORem_4S, inference_RORem_discriminator, evaluate_RORem):
-    dtype = ["--device", "cpu", "--dtype", "fp32"] if check.args.dry else []  # auto: CUDA in fp16
-    results = os.path.join(work, "runs", "inference")
-    check.run("inference", "inference_RORem (meta.json, LoRA)", inference_RORem,
-              ["--pretrained_model", w["model"], "--RORem_LoRA", keep["lora"], "--meta_path", w["meta"], "--save_path", results,
-               "--resolution", "32", "--inference_steps", "4", "--batch_size", "4", *dtype], "auto", [])
-    check.run("inference", "inference_RORem_4S (the LCM LoRA, 4 steps)", inference_RORem_4S,
-              ["--pretrained_model", w["model"], "--RORem_LoRA", keep["lcm"], "--meta_path", w["meta"], "--save_path",
-               os.path.join(work, "runs", "inference_4s"), "--resolution", "32", "--batch_size", "4", *dtype], "auto", [])
-    scores = os.path.join(work, "runs", "scores.json")
-    check.run("inference", "inference_RORem_discriminator (batch)", inference_RORem_discriminator,
-              ["--pretrained_model", w["model"], "--RORem_discriminator", keep["disc"], "--meta_path", os.path.join(results, "meta.json"),
-               "--output_path", scores, "--resolution", "32", *dtype], "auto", [scores])
-    ev = os.path.join(work, "runs", "evaluation")
-    check.run("inference", "evaluate_RORem (base, LoRA, LCM; discriminator)", evaluate_RORem,
-              ["--meta_path", w["meta"], "--output_dir", ev, "--pretrained_model", w["model"], "--system", "base=base",
-               "--system", f"lora=lora:{keep['lora']}", "--system", f"lcm=lcm:{keep['lcm']}", "--discriminator_path", keep["disc"],
-               "--resolution", "32", "--inference_steps", "4", "--limit", "8", *dtype], "auto", [os.path.join(ev, "results.json")])
+def app_removal(image_path, mask_path, argv):
+    """app_RORem.py's work without the web page: a removal in each mode and the discriminator's score."""
+    from PIL import Image
+
+    import app_RORem
+
+    remover = app_RORem.Remover(app_RORem.parse_args(argv))
+    args = remover.args
+    image, mask = Image.open(image_path).convert("RGB"), Image.open(mask_path)
+    scores = {}
+    for mode in remover.modes():
+        result, path, scores[mode] = remover.remove(image, mask, mode, 0)
+        assert result.size == image.size and os.path.isfile(path) and scores[mode] is not None
+    with open(os.path.join(args.output_dir, "scores.json"), "w") as f:
+        json.dump(scores, f)
+    return scores
+
+
+def inference_runs(check, work, w, keep, p):
+    """The inference side in precision p on what the training runs saved: both removal scripts (batch
+    and one image), the discriminator (batch and one image), the evaluation with every metric (stand-in
+    networks: no weights are at hand), a data round with the simulated annotator, preference pairs
+    judged by the discriminator, and the app's removal and score."""
+    import types
+
+    import evaluate_RORem
+    import inference_RORem
+    import inference_RORem_4S
+    import inference_RORem_discriminator
+
+    import build_preference_pairs
+    import data_round
+    dtype = ["--dtype", p]
+    out = lambda name: os.path.join(work, "runs", f"{name}-{p}")  # noqa: E731
+    entry = json.load(open(w["meta"]))[0]
+    source, mask = (os.path.join(os.path.dirname(w["meta"]), entry[k]) for k in ("source", "mask"))
+    model = ["--pretrained_model", w["model"], "--resolution", "32"]
+    results = out("inference")
+    runs = [
+        ("inference_RORem (meta.json, LoRA)", inference_RORem,
+         model + ["--RORem_LoRA", keep["lora"], "--meta_path", w["meta"], "--save_path", results, "--inference_steps", "4",
+                  "--batch_size", "4"], []),
+        ("inference_RORem (one image)", inference_RORem,
+         model + ["--image_path", source, "--mask_path", mask, "--save_path", out("one") + ".png", "--inference_steps", "3"], []),
+        ("inference_RORem_4S (the LCM LoRA, 4 steps)", inference_RORem_4S,
+         model + ["--RORem_LoRA", keep["lcm"], "--meta_path", w["meta"], "--save_path", out("inference_4s"), "--batch_size", "4"], []),
+        ("inference_RORem_discriminator (batch)", inference_RORem_discriminator,
+         model + ["--RORem_discriminator", keep["disc"], "--meta_path", os.path.join(results, "meta.json"), "--output_path",
+                  os.path.join(results, "scores.json")], [os.path.join(results, "scores.json")]),
+        ("inference_RORem_discriminator (one image)", inference_RORem_discriminator,
+         model + ["--RORem_discriminator", keep["disc"], "--image_path", source, "--mask_path", mask, "--edited_path", source], []),
+        ("evaluate_RORem (base, LoRA, LCM; discriminator, FID, LPIPS, CLIP with stand-in networks)", evaluate_RORem,
+         ["--meta_path", w["meta"], "--output_dir", out("evaluation"), "--pretrained_model", w["model"], "--system", "base=base",
+          "--system", f"lora=lora:{keep['lora']}", "--system", f"lcm=lcm:{keep['lcm']}", "--discriminator_path", keep["disc"],
+          "--resolution", "32", "--inference_steps", "3", "--limit", "4", "--batch_size", "4", "--no-fetch_weights",
+          "--stand_in_weights", "--fid_dims", "64"], [os.path.join(out("evaluation"), "results.json")]),
+        ("scripts/data_round.py (remove, score, simulated annotator, next data)", data_round,
+         model + ["--RORem_discriminator", keep["disc"], "--inputs_meta", w["meta"], "--round_dir", out("round"), "--inference_steps",
+                  "3", "--batch_size", "4", "--simulate_annotator", "gt"], []),
+        ("scripts/build_preference_pairs.py (candidates judged by the discriminator)", build_preference_pairs,
+         model + ["--RORem_discriminator", keep["disc"], "--meta_path", w["meta"], "--output_dir", out("pairs"), "--num_candidates",
+                  "2", "--inference_steps", "3"], []),
+        ("app_RORem (a removal in each mode and its score)",
+         types.SimpleNamespace(main=functools.partial(app_removal, source, mask), __name__="app_RORem"),
+         model + ["--lcm_lora", keep["lcm"], "--RORem_discriminator", keep["disc"], "--inference_steps", "3", "--output_dir",
+                  out("app")], [os.path.join(out("app"), "scores.json")]),
+    ]
+    for name, module, argv, outputs in runs:
+        check.run("inference", name, module, argv + dtype, p, outputs)
 
 
 # ----------------------------------------------------------------------------- part 2: real size
@@ -352,7 +456,7 @@ def real_world(check, work, w):
     else:
         unet_cfg, vae_cfg = (os.path.join(ROOT, "configs", "real", f) for f in ("sdxl_inpaint_unet.json", "sdxl_vae.json"))
     t0 = time.perf_counter()
-    pipe = pipeline_from_configs(unet_cfg, vae_cfg, os.path.join(work, "tok_real"), device=check.device)
+    pipe = pipeline_from_configs(unet_cfg, vae_cfg, os.path.join(work, "tok_real"), device="cpu" if check.args.dry else check.device)
     folder = os.path.join(work, "real")
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
     disc = UNetSDXLDiscriminator.from_unet(pipe.unet)
@@ -429,9 +533,8 @@ def real_part(check, work, w):
         if script == "train_RORem_lcm_rewarded.py":
             argv += ["--discriminator_path", r["disc"]]
         precision = yaml.safe_load(open(os.path.join(ROOT, "configs", config))).get("mixed_precision", "")
-        if check.args.dry:  # CPU: fp32 (accelerate autocasts fp16 on a GPU only), small batches, few sampling steps
-            precision = "no"
-            argv += ["--mixed_precision", "no", "--train_batch_size", "4"]
+        if check.args.dry:  # the simulated GPU, in the config's precision: small batches, few sampling steps
+            argv += ["--train_batch_size", "4"]
             if script in ("train_RORem_ddpo.py", "train_RORem_morl.py", "train_RORem_draft.py"):
                 argv += ["--sample_steps", "4"]
         patches = [(checkpoint, "save_final", lambda accelerator, *a, **k: accelerator.end_training())] if script == "train_RORem.py" else []
@@ -452,7 +555,7 @@ def environment(args):
         dv = diffusers.__version__
     except ImportError:
         dv = "missing"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (dry run on the CPU)"
+    gpu = "simulated on the CPU (toy_world/sim_gpu.py)" if args.dry else torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {dv}, transformers {transformers.__version__}, "
             f"accelerate {accelerate.__version__}, peft {peft.__version__}; Python {platform.python_version()}")
 
@@ -461,17 +564,32 @@ def fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def sync_table(rows):
+    """Host syncs per optimizer step in the steady state (training steps with no logging, validation,
+    checkpoint or sampling in them), per training command and precision: a dry run's measurement."""
+    table = {}
+    for r in rows:
+        if r["part"] == "tiny" and r.get("syncs_per_step") is not None and not r["name"].endswith(", resumed"):
+            table.setdefault(r["name"], {})[r["precision"]] = r["syncs_per_step"]
+    lines = ["| training command (tiny models, simulated GPU) | fp16 | bf16 |", "|---|---|---|"]
+    lines += [f"| {name} | {v.get('fp16', '-')} | {v.get('bf16', '-')} |" for name, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def report(check, out):
     lines = ["# GPU check", "", environment(check.args), "",
              f"{sum(r.get('status') == 'ok' for r in check.rows)} of {len(check.rows)} runs ok, {check.minutes():.1f} min in all.", "",
-             "| part | run | precision | status | s | s/step | peak GiB | planner GiB | planner s/step | notes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| part | run | precision | status | s | s/step | peak GiB | planner GiB | planner s/step | syncs/step | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in check.rows:
         plan = r.get("plan") or {}
         lines.append(f"| {r['part']} | {r['name']} | {r.get('precision', '')} | {r.get('status', '')} | {fmt(r.get('seconds'), 1)} | "
                      f"{fmt(r.get('s_per_step'))} | {fmt(r.get('peak_gib'), 1)} | {fmt(plan.get('gib'), 1)} | "
-                     f"{fmt(plan.get('s_per_step'))} | {r.get('note', '')} |")
+                     f"{fmt(plan.get('s_per_step'))} | {r.get('syncs_per_step', '-') if r.get('syncs_per_step') is not None else '-'} | "
+                     f"{r.get('note', '')} |")
     text = "\n".join(lines) + "\n"
+    if check.args.dry:
+        text += "\n## Host syncs per optimizer step\n\n" + sync_table(check.rows)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gpu_check.md"), "w") as f:
         f.write(text)

@@ -70,15 +70,28 @@ def masked_psnr(result, gt, mask):
     return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
-def frechet_distance(features_a, features_b):
+def frechet_distance(features_a, features_b, eps=1e-6):
     """FID between two feature sets (rows = images): |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)),
-    by pytorch-fid's own implementation."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+    computed as pytorch-fid's calculate_frechet_distance computes it (the product's square root, eps on
+    the diagonals if it is singular, its real part). Not that function itself: it passes scipy's sqrtm a
+    `disp` argument that scipy 1.18 removed."""
+    from scipy import linalg
 
     a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
     if len(a) < 2 or len(b) < 2:
         raise ValueError("frechet_distance needs at least two images per set")
-    return float(calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(s_a)) * eps
+        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"frechet_distance: imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
 
 
 def masked_means(values, mask):

@@ -52,13 +52,18 @@ from myutils.args import POSITIVE_REAL  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="where gpu_check.md and gpu_check.json go")
+    p.add_argument("--out", default=None, help="where gpu_check.md and gpu_check.json go (required to run the check)")
     p.add_argument("--work_dir", default=None, help="models, data and run outputs (default: <out>/work, removed at the end)")
     p.add_argument("--dry", action="store_true", help="on the CPU, on a simulated GPU, the real part with tiny configs")
     p.add_argument("--budget_minutes", type=POSITIVE_REAL, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
     p.add_argument("--skip_real", action="store_true", help="only part 1")
     p.add_argument("--peak_tflops", type=POSITIVE_REAL, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
-    return p.parse_args(argv)
+    p.add_argument("--update_readme", metavar="GPU_CHECK_JSON", default=None,
+                   help="write a dry run's host-sync table (its gpu_check.json) into README.md, and run nothing")
+    args = p.parse_args(argv)
+    if not args.update_readme and not args.out:
+        p.error("--out is required")
+    return args
 
 
 # ----------------------------------------------------------------------------- running one script
@@ -576,6 +581,16 @@ def sync_table(rows):
     return "\n".join(lines) + "\n"
 
 
+README_SYNCS = ("<!-- host syncs: written by python scripts/gpu_check.py --update_readme gpu_check_out/gpu_check.json -->\n",
+                "<!-- end of host syncs -->\n")
+
+
+def readme_with_sync_table(readme, rows):
+    """The README's text with the host-sync table between its two markers replaced by `rows`'."""
+    start, end = readme.index(README_SYNCS[0]) + len(README_SYNCS[0]), readme.index(README_SYNCS[1])
+    return readme[:start] + sync_table(rows) + readme[end:]
+
+
 def report(check, out):
     lines = ["# GPU check", "", environment(check.args), "",
              f"{sum(r.get('status') == 'ok' for r in check.rows)} of {len(check.rows)} runs ok, {check.minutes():.1f} min in all.", "",
@@ -601,6 +616,14 @@ def report(check, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.update_readme:
+        path = os.path.join(ROOT, "README.md")
+        rows = json.load(open(args.update_readme))["rows"]
+        text = readme_with_sync_table(open(path).read(), rows)
+        with open(path, "w") as f:
+            f.write(text)
+        print(sync_table(rows))
+        return 0
     if not args.dry and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry for the CPU run", file=sys.stderr)
         return 2

@@ -1,7 +1,12 @@
-"""scripts/gpu_check.sh, the one GPU check, in its CPU dry mode: every run it makes on a GPU runs here
-too (small, fp32), the table and JSON are written, and a non-finite output counts as a failure."""
+"""scripts/gpu_check.sh, the one GPU check, in its dry mode: every run it makes on a GPU runs here on the
+simulated GPU (toy_world/sim_gpu.py), in an environment that mirrors the GPU machine's image
+(scripts/gpu_image_env.sh: Python 3.12, torch 2.11, the image's library versions) with the wheels
+scripts/fetch_gpu_wheels.sh fetches installed the way the check installs them there. Every command
+passes in fp16 and bf16 and resumed, the host waits for the GPU at most once per steady training
+step (LCM on live scores: twice), and the README's table of those counts is this run's."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,36 +15,69 @@ from safetensors.torch import save_file
 
 from tests.conftest import ROOT
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import gpu_check  # noqa: E402
+
 TRAINING = ["train_RORem.py", "train_RORem_dpo.py", "train_RORem_kto.py", "train_RORem_lcm.py", "train_RORem_lcm_rewarded.py",
             "train_RORem_discriminator.py", "train_RORem_ddpo.py", "train_RORem_morl.py", "train_RORem_draft.py"]
+COMMANDS = ["DeepSpeed ZeRO-2", "SDPO", "train_RORem_kto (", "weighted by live teacher scores", "train_RORem_lcm_rewarded",
+            "DRaFT-2", "ReFL", "AlignProp", "PPO", "GRPO", "pairwise", "Flow-GRPO", "train_RORem_morl", "inference_RORem (meta.json",
+            "inference_RORem (one image)", "inference_RORem_4S", "inference_RORem_discriminator (batch)",
+            "inference_RORem_discriminator (one image)", "evaluate_RORem", "data_round", "build_preference_pairs", "app_RORem"]
+TWO_READS = ("weighted by live teacher scores",)  # the score memory is the host's (README)
 
 
-def test_dry_run_runs_every_script_and_writes_the_table(tmp_path):
-    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path / "out"))
-    res = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    rows = json.load(open(tmp_path / "out" / "gpu_check.json"))["rows"]
-    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
-    names = " ".join(r["name"] for r in rows)
-    for script in TRAINING:  # each training script in part 1 (tiny models) and part 2 (its shipped config)
-        assert any(r["name"].startswith(script[:-3] + " ") for r in rows if r["part"] == "tiny"), script
-        assert any(r["name"].startswith(script + " ") for r in rows if r["part"] == "real"), script
-    for what in ("DeepSpeed ZeRO-2", "Flow-GRPO", "inference_RORem (", "inference_RORem_4S", "inference_RORem_discriminator",
-                 "evaluate_RORem", "train_RORem_lcm_rewarded", "train_RORem_ddpo (PPO"):
+def mirror_python(tmp_path):
+    """The mirror of the GPU image (built once per checkout: .venv-gpu-image, git-ignored)."""
+    env = os.path.join(ROOT, ".venv-gpu-image")
+    if not os.path.isfile(os.path.join(env, "constraints.txt")):  # written last: a half-built one is rebuilt
+        subprocess.run(["bash", "scripts/gpu_image_env.sh"], cwd=ROOT, check=True, timeout=1500)
+    return os.path.join(env, "bin", "python")
+
+
+def test_dry_run_in_the_gpu_image_runs_every_command_and_holds_the_sync_table(tmp_path):
+    python = mirror_python(tmp_path)
+    wheels = tmp_path / "wheels"  # fetched now, from this clone, as for a GPU machine
+    fetched = subprocess.run(["bash", "scripts/fetch_gpu_wheels.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, WHEELS=str(wheels), PYTHON=sys.executable))
+    assert fetched.returncode == 0, fetched.stderr[-2000:]
+    size = sum(f.stat().st_size for f in wheels.iterdir())
+    assert size < 40 * 2 ** 20  # the device tool carries at most 64 MiB with the whole tree
+    env = dict(os.environ, PYTHON=python, OUT=str(tmp_path / "out"), WHEELS=str(wheels), GPU_CHECK_SITE=str(tmp_path / "site"))
+    env.pop("PYTHONPATH", None)
+    res = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    report = json.load(open(tmp_path / "out" / "gpu_check.json"))
+    rows = report["rows"]
+    assert res.returncode == 0 and all(r["status"] == "ok" for r in rows), \
+        [(r["name"], r["precision"], r["status"]) for r in rows if r["status"] != "ok"] or res.stdout[-3000:] + res.stderr[-2000:]
+    assert re.search(r"torch 2\.11\.0.*transformers 5\.17\.0, accelerate 1\.15\.0", report["environment"]), report["environment"]
+    tiny = [r for r in rows if r["part"] in ("tiny", "inference")]
+    names = " ".join(r["name"] for r in tiny)
+    for what in COMMANDS:
         assert what in names, what
+    for script in TRAINING:  # each training script in part 1, in both precisions and resumed, and its shipped config in part 2
+        for p in ("fp16", "bf16"):
+            assert any(r["name"].startswith(script[:-3] + " ") and r["precision"] == p for r in tiny), (script, p)
+            assert any(r["name"].startswith(script[:-3] + " ") and r["name"].endswith(", resumed") and r["precision"] == p
+                       for r in tiny) or script == "train_RORem_lcm.py", (script, p)
+        assert any(r["name"].startswith(script + " ") for r in rows if r["part"] == "real"), script
+    for r in rows:  # the host waits for the GPU once per steady step (twice where the README says why)
+        if r.get("syncs_per_step") is not None and not r["name"].endswith(", resumed"):
+            assert r["syncs_per_step"] <= (2 if any(w in r["name"] for w in TWO_READS) else 1), (r["name"], r["precision"], r["syncs_per_step"])
+    measured = [r for r in rows if r["part"] == "tiny" and r.get("syncs_per_step") is not None]
+    assert len({r["name"] for r in measured}) >= 9  # most trainers have steady steps in these short runs
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert gpu_check.readme_with_sync_table(readme, rows) == readme, "README's host-sync table is not this run's: " \
+        "run python scripts/gpu_check.py --update_readme <out>/gpu_check.json"
     real = [r for r in rows if r["part"] == "real"]
     assert all(r["s_per_step"] and r["s_per_step"] > 0 for r in real)  # measured, from the first step on (RL: sampling included)
-    assert [r for r in real if r["plan"]]  # the planner's prediction beside the measurement
-    assert "64 px" in " ".join(r["note"] for r in real)  # LoRA DPO at the larger size too
+    assert [r for r in real if r["plan"]] and "64 px" in " ".join(r["note"] for r in real)
     table = open(tmp_path / "out" / "gpu_check.md").read()
-    assert "| real | train_RORem_dpo.py (dpo_config.yaml) |" in table and "planner GiB" in table
+    assert "| real | train_RORem_dpo.py (dpo_config.yaml) |" in table and "## Host syncs per optimizer step" in table
     assert os.path.isfile(tmp_path / "out" / "gpu_check.log") and not os.path.exists(tmp_path / "out" / "work")
 
 
 def test_a_non_finite_output_is_a_failure(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import gpu_check
-
     save_file({"w": torch.ones(3)}, str(tmp_path / "good.safetensors"))
     assert gpu_check.finite_outputs(str(tmp_path / "good.safetensors"))
     (tmp_path / "bad").mkdir()
@@ -51,3 +89,14 @@ def test_a_non_finite_output_is_a_failure(tmp_path):
     assert not gpu_check.finite_outputs(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     assert not gpu_check.finite_outputs(str(tmp_path / "empty"))  # nothing written is not a pass
+
+
+def test_the_sync_table_is_written_between_the_readme_markers():
+    rows = [{"part": "tiny", "name": "train_X (a)", "precision": "fp16", "syncs_per_step": 1},
+            {"part": "tiny", "name": "train_X (a)", "precision": "bf16", "syncs_per_step": 1},
+            {"part": "tiny", "name": "train_X (a), resumed", "precision": "bf16", "syncs_per_step": 5},
+            {"part": "inference", "name": "inference_Y", "precision": "fp16", "syncs_per_step": None}]
+    text = "before\n" + gpu_check.README_SYNCS[0] + "old\n" + gpu_check.README_SYNCS[1] + "after\n"
+    assert gpu_check.readme_with_sync_table(text, rows) == ("before\n" + gpu_check.README_SYNCS[0] +
+                                                            "| training command (tiny models, simulated GPU) | fp16 | bf16 |\n|---|---|---|\n"
+                                                            "| train_X (a) | 1 | 1 |\n" + gpu_check.README_SYNCS[1] + "after\n")

@@ -151,3 +151,89 @@ def test_discriminator_scores_a_loaders_cpu_batch_on_the_gpu(tiny_model_dir, dis
             scores = score_entries(reward, entries, 32, 2)
             if conditioning == "per_sample":
                 assert scores == pytest.approx(on_cpu, abs=2e-3)  # the same judge, in fp16
+
+
+# ----------------------------------------------------------------------------- whole programs: a CPU tensor in a loss
+
+def _injected(real):
+    """The function, plus a `torch.zeros(n)` made without device= in the loss it returns (the first
+    tensor it returns: a loss, or DRaFT's total reward after its parts)."""
+    def run(*args, **kwargs):
+        out = real(*args, **kwargs)
+        parts = list(out) if isinstance(out, tuple) else [out]
+        i = next(k for k, v in enumerate(parts) if torch.is_tensor(v))
+        parts[i] = parts[i] + torch.zeros(parts[i].shape[0] if parts[i].dim() else 1)
+        return tuple(parts) if isinstance(out, tuple) else parts[0]
+    return run
+
+
+def _program(name, tiny_model_dir, toy_meta, disc_dir, tmp_path):
+    """(script module, where its loss is looked up, the loss's name, argv) for one step of each trainer."""
+    import json
+    import os
+
+    import train_RORem
+    import train_RORem_ddpo
+    import train_RORem_discriminator
+    import train_RORem_dpo
+    import train_RORem_draft
+    import train_RORem_kto
+    import train_RORem_lcm
+    from toy_world.data import write_scored_toy_dataset
+    from training import rl_loop
+
+    root = os.path.dirname(toy_meta)
+    common = ["--pretrained_model_name_or_path", tiny_model_dir, "--resolution", "32", "--report_to", "none", "--output_dir",
+              str(tmp_path / "out"), "--max_train_steps", "2", "--train_batch_size", "2", "--validation_steps", "0",
+              "--mixed_precision", "fp16"]
+    scored = lambda: write_scored_toy_dataset(toy_meta, str(tmp_path / "scored"), seed=0)  # noqa: E731
+    if name == "dpo":
+        pairs = tmp_path / "pairs.json"
+        pairs.write_text(json.dumps([{"source": os.path.join(root, e["source"]), "mask": os.path.join(root, e["mask"]),
+                                      "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])}
+                                     for e in json.load(open(toy_meta))]))
+        return train_RORem_dpo, train_RORem_dpo, "diffusion_dpo_loss", common + ["--preference_data", pairs, "--use_lora"]
+    rl = ["--pretrained_model_name_or_path", tiny_model_dir, "--resolution", "32", "--report_to", "none", "--output_dir",
+          str(tmp_path / "out"), "--meta_path", toy_meta, "--sample_steps", "3", "--sample_batch_size", "2",
+          "--sample_batches_per_epoch", "1", "--train_batch_size", "2", "--num_train_epochs", "1", "--eval_samples", "2",
+          "--lora_rank", "4", "--reward", "preserve=1", "--mixed_precision", "fp16"]
+    return {
+        "supervised": (train_RORem, train_RORem, "diffusion_loss", common + ["--meta_path", toy_meta, "--use_lora"]),
+        "kto": (train_RORem_kto, train_RORem_kto, "diffusion_kto_loss", common + ["--meta_path", scored() if name == "kto" else "",
+                                                                                  "--use_lora"]),
+        "lcm": (train_RORem_lcm, train_RORem_lcm, "per_sample_lcm_loss", common + ["--meta_path", toy_meta, "--lora_rank", "4",
+                                                                                   "--num_ddim_timesteps", "10"]),
+        "discriminator": (train_RORem_discriminator, train_RORem_discriminator, "discriminator_loss",
+                          common + ["--meta_path", scored() if name == "discriminator" else ""]),
+        "draft": (train_RORem_draft, train_RORem_draft, "latent_rewards", common + ["--meta_path", toy_meta, "--reward", "gt=1",
+                                                                                    "--sample_steps", "3", "--lora_rank", "4"]),
+        "ppo": (train_RORem_ddpo, rl_loop, "ppo_loss", rl + ["--algorithm", "ppo"]),
+        "reinforce": (train_RORem_ddpo, rl_loop, "reinforce_loss", rl + ["--algorithm", "reinforce"]),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["supervised", "dpo", "kto", "lcm", "discriminator", "draft", "ppo", "reinforce"])
+def test_a_cpu_tensor_in_a_loss_fails_the_whole_program_as_a_gpu_would(name, tiny_model_dir, toy_meta, disc_dir, tmp_path,
+                                                                         run_script, monkeypatch):
+    """A `torch.zeros(n)` without device= placed in a trainer's loss stops its first step on a GPU; the
+    simulated GPU stops the script's main() there too (a guard of pieces let exactly this through)."""
+    module, holder, loss_name, argv = _program(name, tiny_model_dir, toy_meta, disc_dir, tmp_path)
+    monkeypatch.setattr(holder, loss_name, _injected(getattr(holder, loss_name)))
+    with simulated_gpu(), pytest.raises(SimulatedGPUError, match="Expected all tensors to be on the same device"):
+        run_script(module, argv)
+
+
+@pytest.mark.parametrize("name", ["supervised", "dpo"])
+def test_a_training_step_waits_for_the_gpu_once(name, tiny_model_dir, toy_meta, disc_dir, tmp_path, run_script):
+    """Between two optimizer steps the host reads from the GPU once (the window's flags: a non-finite
+    loss, a skip, a stop); the loader's pinned batches are copied without blocking; metrics wait for
+    the logging step. The GPU check's dry run holds every trainer to this (tests/test_gpu_check.py)."""
+    from toy_world.sim_gpu import SyncCounter
+
+    module, _, _, argv = _program(name, tiny_model_dir, toy_meta, disc_dir, tmp_path)
+    counter = SyncCounter()
+    with simulated_gpu(counter):
+        run_script(module, argv + ["--max_train_steps", "4", "--checkpointing_steps", "0"])
+    assert counter.steady() == {1: 1, 2: 1, 3: 1}  # steps 1-3; step 4 logs, and the run ends after it
+    assert [kind for step, kind, _ in counter.events if step in (1, 2, 3)] == ["tolist"] * 3
+    assert not [kind for _, kind, _ in counter.events if kind == "pinned copy without non_blocking"]

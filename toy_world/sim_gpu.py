@@ -501,7 +501,11 @@ class _Event(_Stream):
 def _cuda_patches():
     """torch.cuda's host-side functions as on a machine with one GPU."""
     c = torch.cuda
-    return {
+    optional = {}  # names that differ between torch releases (2.11 asks torch.cuda whether a graph is being captured)
+    for name, value in (("is_current_stream_capturing", lambda: False),):
+        if hasattr(c, name):
+            optional[c, name] = value
+    return optional | {
         (c, "is_available"): lambda: True,
         (c, "device_count"): lambda: 1,
         (c, "current_device"): lambda: 0,

@@ -222,7 +222,9 @@ class TrainingRun:
             logger.warning("step %d: non-finite loss, update skipped (%d in a row)", self.global_step, self.nonfinite_in_a_row)
         self.bar.update(1)
         self.window_finite, self.window_skipped, self.window_bad, self.window_skip = True, False, None, None
-        stop, abort = self.stop, self.nonfinite_in_a_row >= self.args.max_nonfinite_steps
+        # one process: a signal that came after the boundary's read still stops at this step (no read needed)
+        stop = self.stop or (self.acc.num_processes == 1 and self.signal is not None)
+        abort = self.nonfinite_in_a_row >= self.args.max_nonfinite_steps
         checkpoint_now = stop or (self.args.checkpointing_steps and self.global_step % self.args.checkpointing_steps == 0)
         if stop or abort or checkpoint_now or self.global_step >= self.max_steps or \
                 self.global_step % getattr(self.args, "logging_steps", 1) == 0:

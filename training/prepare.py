@@ -200,7 +200,7 @@ def make_dataloader(args, dataset, accelerator):
     workers, prefetch = loader_workers(args, accelerator.device), args.dataloader_prefetch_factor
     if workers > 0:
         workers, prefetch = fit_loader_memory(workers, prefetch, batch_nbytes(dataset, args.train_batch_size),
-                                              accelerator.is_main_process)
+                                              getattr(accelerator, "is_main_process", True))
     more = {"persistent_workers": True, "prefetch_factor": prefetch} if workers > 0 else {}
     # its own generator: each new iterator draws a worker base seed, which must not consume the global
     # RNG (a resumed run creates its iterator at another point of the RNG stream than the straight run)

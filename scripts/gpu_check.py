@@ -55,7 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="where gpu_check.md and gpu_check.json go (required to run the check)")
     p.add_argument("--work_dir", default=None, help="models, data and run outputs (default: <out>/work, removed at the end)")
     p.add_argument("--dry", action="store_true", help="on the CPU, on a simulated GPU, the real part with tiny configs")
-    p.add_argument("--budget_minutes", type=POSITIVE_REAL, default=6.5, help="no run starts after this (a run takes up to a minute: under 8 in all)")
+    p.add_argument("--budget_minutes", type=POSITIVE_REAL, default=None,
+                   help="no run starts after this: on a GPU 6.5 (a run takes up to a minute: under 8 in all); a dry run "
+                        "runs everything (30)")
+    p.add_argument("--jobs", type=int, choices=[1, 2], default=2,
+                   help="dry run: part 1's fp16 and bf16 halves in two processes at once (the simulated GPU is one "
+                        "core's Python); a GPU check is always one process")
+    p.add_argument("--only", choices=["fp16", "bf16", "rest"], default=None, help=argparse.SUPPRESS)  # one process of --jobs 2
     p.add_argument("--skip_real", action="store_true", help="only part 1")
     p.add_argument("--peak_tflops", type=POSITIVE_REAL, default=989.0, help="the planner's peak (H100/H200 dense bf16)")
     p.add_argument("--update_readme", metavar="GPU_CHECK_JSON", default=None,
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.update_readme and not args.out:
         p.error("--out is required")
+    if args.budget_minutes is None:
+        args.budget_minutes = 30.0 if args.dry else 6.5
     return args
 
 
@@ -233,8 +241,13 @@ def numbers(obj):
 # ----------------------------------------------------------------------------- part 1: tiny models
 
 def tiny_world(work):
+    """Toy data and the tiny SDXL-inpainting and FLUX-Fill pipelines, made once per work folder."""
     from toy_world.data import write_scored_toy_dataset, write_toy_dataset
     from toy_world.models import tiny_flux_fill_pipeline, tiny_pipeline
+
+    made = os.path.join(work, "world.json")
+    if os.path.isfile(made):
+        return json.load(open(made))
 
     meta = write_toy_dataset(os.path.join(work, "toy"), num=16, resolution=32, seed=0)
     root = os.path.dirname(meta)
@@ -245,7 +258,10 @@ def tiny_world(work):
                 "preferred": os.path.join(root, e["GT"]), "rejected": os.path.join(root, e["source"])} for e in entries], open(pairs, "w"))
     tiny_pipeline("epsilon", image_size=32, tmp_dir=os.path.join(work, "tok")).save_pretrained(os.path.join(work, "tiny"))
     tiny_flux_fill_pipeline(image_size=32, tmp_dir=os.path.join(work, "tok_flux")).save_pretrained(os.path.join(work, "tiny_flux"))
-    return {"meta": meta, "scored": scored, "pairs": pairs, "model": os.path.join(work, "tiny"), "flux": os.path.join(work, "tiny_flux")}
+    world = {"meta": meta, "scored": scored, "pairs": pairs, "model": os.path.join(work, "tiny"), "flux": os.path.join(work, "tiny_flux")}
+    with open(made, "w") as f:
+        json.dump(world, f)
+    return world
 
 
 def training_runs(w, out, p, disc, lcm):
@@ -307,23 +323,22 @@ def training_runs(w, out, p, disc, lcm):
     ]
 
 
-def tiny_part(check, work, w):
+def tiny_part(check, work, w, precisions=("fp16", "bf16")):
     """Every training command in fp16 and bf16, each then resumed from its checkpoint; the inference
-    side on what they saved; train_RORem.py under DeepSpeed."""
+    side on what they saved."""
     import importlib
 
-    for p in ("fp16", "bf16"):
+    for p in precisions:
         out = lambda name: os.path.join(work, "runs", f"{name}-{p}")  # noqa: E731
         disc, lcm = out("discriminator"), out("lcm_student")
         for i, (name, script, argv, resume) in enumerate(training_runs(w, out, p, disc, lcm)):
             folder = disc if script == "train_RORem_discriminator" else lcm if resume is None else out(f"run{i}")
             module = importlib.import_module(script)
             check.run("tiny", name, module, argv + ["--output_dir", folder], p, [folder])
-            if resume is not None:
+            if resume is not None:  # one more step from the checkpoint, to the final save (validated above)
                 check.run("tiny", name + ", resumed", module, argv + resume + ["--output_dir", folder, "--resume_from_checkpoint",
-                                                                              "latest"], p, [folder])
+                                                                              "latest", "--validation_steps", "0"], p, [folder])
         inference_runs(check, work, w, {"disc": disc, "lora": out("run2"), "lcm": lcm}, p)
-    deepspeed_run(check, work, w)
 
 
 def deepspeed_run(check, work, w):
@@ -614,6 +629,29 @@ def report(check, out):
     print("\n" + text)
 
 
+def parallel_halves(args, work):
+    """--jobs 2 (dry): part 1's fp16 and bf16 halves in two processes on the same tiny world; their rows,
+    in order, before this process's own (DeepSpeed and part 2)."""
+    procs = []
+    for p in ("fp16", "bf16"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--dry", "--only", p, "--out", os.path.join(args.out, p), "--work_dir", work,
+               "--budget_minutes", str(args.budget_minutes)]
+        log = open(os.path.join(args.out, f"gpu_check-{p}.log"), "w")
+        procs.append((p, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")), log))
+    rows = []
+    for p, proc, log in procs:
+        proc.wait()
+        log.close()
+        path = os.path.join(args.out, p, "gpu_check.json")
+        if os.path.isfile(path):
+            rows += json.load(open(path))["rows"]
+        else:
+            rows.append({"part": "tiny", "name": f"part 1 in {p}", "precision": p, "status": f"FAILED: exit {proc.returncode} "
+                         f"(see gpu_check-{p}.log)"})
+        shutil.rmtree(os.path.join(args.out, p), ignore_errors=True)
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.update_readme:
@@ -631,12 +669,21 @@ def main(argv=None):
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)  # a run stopped half-way left it: results there would count as done
     os.makedirs(work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     check = Check(args)
     print(environment(args), flush=True)
     w = tiny_world(work)
-    tiny_part(check, work, w)
-    if not args.skip_real:
-        real_part(check, work, w)
+    if args.only in ("fp16", "bf16"):
+        torch.set_num_threads(1)
+        tiny_part(check, work, w, (args.only,))
+    else:
+        if args.dry and args.jobs == 2 and args.only is None:
+            check.rows += parallel_halves(args, work)
+        else:
+            tiny_part(check, work, w)
+        deepspeed_run(check, work, w)
+        if not args.skip_real:
+            real_part(check, work, w)
     report(check, args.out)
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)

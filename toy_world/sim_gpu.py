@@ -235,7 +235,10 @@ class SimCudaMode(TorchDispatchMode):
         self.counter = counter
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunction():  # below autograd nothing needs the function mode (it costs a call per tensor method)
+            return self._dispatch(func, args, kwargs or {})
+
+    def _dispatch(self, func, args, kwargs):
         flat = _leaves(args, kwargs)
         sims = [t for t in flat if type(t) is SimCudaTensor]
         target = kwargs.get("device")

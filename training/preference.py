@@ -64,15 +64,15 @@ def preference_accuracy(unet, ref_unet, comps, samples, resolution, chunk=8):
         batch = to_device(stack_samples(samples[i:i + chunk], ("source", "mask", "preferred", "rejected", "original_size",
                                                               "crop_top_left", "index", "epoch")), comps.vae.device)
         batch.update(batch_latent_params(comps.vae, batch, ["preferred", "rejected", "masked"]))  # once, for every noise
-        m = torch.zeros(len(batch["index"]))
+        m = torch.zeros(len(batch["index"]), device=comps.vae.device)  # summed on the device, read once per chunk
         for seed in EVAL_SEEDS:
             for timestep in EVAL_TIMESTEPS:
                 x, t, target, kw = pair_inputs(comps, batch, resolution, seed, timestep)
                 err = per_sample_error(unet(x, t, **kw).sample, target)
                 ref = per_sample_error(reference_prediction(unet, ref_unet, x, t, kw), target)
                 (w, l_), (rw, rl) = err.chunk(2), ref.chunk(2)
-                m += (-((w - l_) - (rw - rl))).cpu()
-        margin.append(m)
+                m += -((w - l_) - (rw - rl))
+        margin.append(m.cpu())
     margin = torch.cat(margin)
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 

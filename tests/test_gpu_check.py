@@ -37,9 +37,10 @@ def mirror_python(tmp_path):
 
 def test_dry_run_in_the_gpu_image_runs_every_command_and_holds_the_sync_table(tmp_path):
     python = mirror_python(tmp_path)
-    wheels = tmp_path / "wheels"  # fetched now, from this clone, as for a GPU machine
+    wheels = tmp_path / "wheels"  # fetched now, from this clone, as for a GPU machine (for the mirror's Python)
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True).stdout.strip()
     fetched = subprocess.run(["bash", "scripts/fetch_gpu_wheels.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                             env=dict(os.environ, WHEELS=str(wheels), PYTHON=sys.executable))
+                             env=dict(os.environ, WHEELS=str(wheels), PYTHON=sys.executable, PYTHON_VERSION=version))
     assert fetched.returncode == 0, fetched.stderr[-2000:]
     size = sum(f.stat().st_size for f in wheels.iterdir())
     assert size < 40 * 2 ** 20  # the device tool carries at most 64 MiB with the whole tree

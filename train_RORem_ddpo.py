@@ -113,48 +113,49 @@ def main(argv=None):
     last_epoch = first_epoch + 1 if args.pair_labels else num_epochs  # labelled pairs: one epoch per labelling round
     if args.pair_labels and first_epoch >= num_epochs:
         raise UserError(f"--pair_labels: {args.output_dir} has already trained all {num_epochs} epochs (--num_train_epochs)")
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # rewards overlap the next batch's sampling
-    for epoch in range(first_epoch, last_epoch):
-        raw.eval()
-        start_step = epoch * steps_per_epoch
-        if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
-            batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
-        else:
-            if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
-                batches, all_rewards, adv = rl_pairs.load_labelled_pairs(args, accelerator, run.global_step)
-                components = {}
+    # ended on every way out (a failure too): no reward thread outlives the run
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:  # rewards overlap the next batch's sampling
+        for epoch in range(first_epoch, last_epoch):
+            raw.eval()
+            start_step = epoch * steps_per_epoch
+            if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
+                batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
             else:
-                # 1. sample trajectories with the current policy, no grad
-                batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-                all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
-                if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
-                    rl_pairs.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
-                    break
-                # 2. advantages over what every process sampled
-                ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
-                all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
-                if args.algorithm == "grpo":
-                    adv = group_advantages(all_rewards, all_ids, args.adv_std)
-                elif args.algorithm == "pairwise":
-                    adv = pair_preferences(all_rewards)
+                if args.pair_labels:  # 1-2. an exported epoch and its labels instead of sampling
+                    batches, all_rewards, adv = rl_pairs.load_labelled_pairs(args, accelerator, run.global_step)
+                    components = {}
                 else:
-                    adv = tracker.update(all_ids, all_rewards)
-            adv = clip_advantages(adv, args.adv_clip_max)
-            n_local = sum(len(b["index"]) for b in batches)
-            mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-            advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
-            logs = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()), "epoch": epoch,
-                    **rl_loop.reward_logs(accelerator, components, run.global_step + 1)}
+                    # 1. sample trajectories with the current policy, no grad
+                    batches, rewards, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model,
+                                                                           accelerator.device)
+                    all_rewards = accelerator.gather(rewards.to(accelerator.device)).cpu().numpy()
+                    if args.export_pairs:  # to be labelled by hand, then trained on with --pair_labels
+                        rl_pairs.export_pairs(args, accelerator, sampler, entries, batches, all_rewards, run.global_step)
+                        break
+                    # 2. advantages over what every process sampled
+                    ids = torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache) for b in batches])
+                    all_ids = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
+                    if args.algorithm == "grpo":
+                        adv = group_advantages(all_rewards, all_ids, args.adv_std)
+                    elif args.algorithm == "pairwise":
+                        adv = pair_preferences(all_rewards)
+                    else:
+                        adv = tracker.update(all_ids, all_rewards)
+                adv = clip_advantages(adv, args.adv_clip_max)
+                n_local = sum(len(b["index"]) for b in batches)
+                mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+                advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
+                logs = {"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()), "epoch": epoch,
+                        **rl_loop.reward_logs(accelerator, components, run.global_step + 1)}
 
-        # 3. train on random subsets of each trajectory's trainable steps
-        rl_loop.policy_update(args, accelerator, run, unet, sampler, batches, advantages, optimizer, lr_scheduler, params,
-                              args.seed * 7919 + epoch, logs, start_step)
-        # 4. checkpoint and evaluate at epoch ends
-        if (args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0) or args.pair_labels:
-            checkpoint.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it
-        if (args.eval_epochs and (epoch + 1) % args.eval_epochs == 0) or epoch + 1 == last_epoch:
-            run_eval(epoch + 1, run.global_step)
-    pool.shutdown()
+            # 3. train on random subsets of each trajectory's trainable steps
+            rl_loop.policy_update(args, accelerator, run, unet, sampler, batches, advantages, optimizer, lr_scheduler, params,
+                                  args.seed * 7919 + epoch, logs, start_step)
+            # 4. checkpoint and evaluate at epoch ends
+            if (args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0) or args.pair_labels:
+                checkpoint.save_checkpoint(accelerator, args, run.global_step)  # labelled rounds: the next export resumes it
+            if (args.eval_epochs and (epoch + 1) % args.eval_epochs == 0) or epoch + 1 == last_epoch:
+                run_eval(epoch + 1, run.global_step)
     run.finish()
     if args.export_pairs:
         accelerator.end_training()

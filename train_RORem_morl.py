@@ -216,71 +216,76 @@ def main(argv=None):
         state.objectives = [state.start] * args.population
         state.reference = args.hv_reference or [s - 0.5 * abs(s) - 1e-3 for s in state.start]
     os.makedirs(os.path.join(args.output_dir, "fronts"), exist_ok=True)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    id_cache = {}
-    for gen in range(first_generation, args.generations):
-        before = [list(o) for o in state.objectives]
-        for k in range(args.population):  # 1. each slot trains on its own weights
-            activate(k)
-            for e in range(args.epochs_per_generation):
-                start_step = gen * steps_per_generation + (k * args.epochs_per_generation + e) * steps_per_epoch
-                if run.global_step >= start_step + steps_per_epoch:
-                    continue  # trained before the run was resumed
-                raw.eval()
-                if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
-                    batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
-                else:
-                    batches, _, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model, accelerator.device)
-                    ids = accelerator.gather(torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache)
-                                                        for b in batches]).to(accelerator.device)).cpu().tolist()
-                    every = {n: accelerator.gather(components[n].to(accelerator.device)).cpu().numpy() for n in names}
-                    adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids, args.adv_std),
-                                          args.adv_clip_max)
-                    n_local = len(components[names[0]])
-                    mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
-                    advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
-                    logs = {"generation": gen, "policy": k, **{f"policy_{k}/reward_{n}_mean": float(every[n].mean()) for n in names}}
-                rl_loop.policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizers[k], schedulers[k],
-                                      params[k], (args.seed * 7919 + gen) * 1009 + k * 31 + e, logs, start_step)
-        # 2. evaluate every slot; the archive keeps the non-dominated ones
-        state.objectives = [evaluate_objectives(k) for k in range(args.population)]
-        for k in range(args.population):
-            state.records.append({"policy": k, "weights": state.weights[k],
-                                  "delta": [a - b for a, b in zip(state.objectives[k], before[k])], "generation": gen})
-            entry = {"name": f"gen{gen:02d}_policy{k}", "weights": state.weights[k], "objectives": state.objectives[k],
-                     "generation": gen, "slot": k}
-            added, removed = state.archive.add(entry)
+    # ended on every way out (a failure too): no reward thread outlives the run
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        id_cache = {}
+        for gen in range(first_generation, args.generations):
+            before = [list(o) for o in state.objectives]
+            for k in range(args.population):  # 1. each slot trains on its own weights
+                activate(k)
+                for e in range(args.epochs_per_generation):
+                    start_step = gen * steps_per_generation + (k * args.epochs_per_generation + e) * steps_per_epoch
+                    if run.global_step >= start_step + steps_per_epoch:
+                        continue  # trained before the run was resumed
+                    raw.eval()
+                    if run.global_step > start_step:  # resumed inside this epoch: its samples and advantages as they were
+                        batches, advantages, logs = rl_loop.load_epoch_samples(args, accelerator, start_step)
+                    else:
+                        batches, _, components = rl_loop.collect_samples(args, sampler, raw, stream, pool, reward_model,
+                                                                         accelerator.device)
+                        ids = accelerator.gather(torch.cat([rl_loop.content_ids(entries, b["index"].cpu(), id_cache)
+                                                            for b in batches]).to(accelerator.device)).cpu().tolist()
+                        every = {n: accelerator.gather(components[n].to(accelerator.device)).cpu().numpy() for n in names}
+                        adv = clip_advantages(weighted_group_advantages(every, names, state.weights[k], ids, args.adv_std),
+                                              args.adv_clip_max)
+                        n_local = len(components[names[0]])
+                        mine = slice(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+                        advantages = torch.tensor(adv[mine], dtype=torch.float32, device=accelerator.device)
+                        logs = {"generation": gen, "policy": k,
+                                **{f"policy_{k}/reward_{n}_mean": float(every[n].mean()) for n in names}}
+                    seed = (args.seed * 7919 + gen) * 1009 + k * 31 + e
+                    rl_loop.policy_update(args, accelerator, run, model, sampler, batches, advantages, optimizers[k],
+                                          schedulers[k], params[k], seed, logs, start_step)
+            # 2. evaluate every slot; the archive keeps the non-dominated ones
+            state.objectives = [evaluate_objectives(k) for k in range(args.population)]
+            for k in range(args.population):
+                state.records.append({"policy": k, "weights": state.weights[k],
+                                      "delta": [a - b for a, b in zip(state.objectives[k], before[k])], "generation": gen})
+                entry = {"name": f"gen{gen:02d}_policy{k}", "weights": state.weights[k], "objectives": state.objectives[k],
+                         "generation": gen, "slot": k}
+                added, removed = state.archive.add(entry)
+                if accelerator.is_main_process:
+                    if added:
+                        save_unet(raw, os.path.join(args.output_dir, "archive", entry["name"]), lora=True, adapter=slots[k])
+                    for name in removed:
+                        shutil.rmtree(os.path.join(args.output_dir, "archive", name), ignore_errors=True)
+            points = state.archive.points
+            hv, sp = mo.hypervolume(points, state.reference), mo.sparsity(points)
+            trained = [{"weights": list(w), "objectives": list(o)} for w, o in zip(state.weights, state.objectives)]
+            # 3. after the warm-up: pick (parent, weights) tasks for the next generation
+            predicted = None
+            if gen + 1 >= args.warmup_generations and gen + 1 < args.generations:
+                lattice = mo.candidate_weights(len(names), args.weight_partitions)
+                candidates = [(k, w, np.asarray(state.objectives[k]) + mo.predict_improvement(state.records, k, w))
+                              for k in range(args.population) for w in lattice]
+                tasks = mo.select_tasks(points, candidates, args.population, state.reference, args.sparsity_weight)
+                predicted = np.array([t[2] for t in tasks])
+                copy_adapters(raw, [t[0] for t in tasks])
+                for k, (parent, w, _) in enumerate(tasks):
+                    state.objectives[k], state.weights[k] = list(state.objectives[parent]), [float(x) for x in w]
+                    state.parents[k] = parent
+                for o in optimizers:  # a new task: fresh Adam moments
+                    getattr(o, "optimizer", o).state.clear()
+            state.history.append({"generation": gen, "hypervolume": hv, "sparsity": sp, "front_size": len(points),
+                                  "population": trained,
+                                  "next_tasks": [{"parent": p, "weights": w} for p, w in zip(state.parents, state.weights)]})
+            accelerator.log({"hypervolume": hv, "sparsity": sp, "front_size": len(points)}, step=run.global_step)
             if accelerator.is_main_process:
-                if added:
-                    save_unet(raw, os.path.join(args.output_dir, "archive", entry["name"]), lora=True, adapter=slots[k])
-                for name in removed:
-                    shutil.rmtree(os.path.join(args.output_dir, "archive", name), ignore_errors=True)
-        points = state.archive.points
-        hv, sp = mo.hypervolume(points, state.reference), mo.sparsity(points)
-        trained = [{"weights": list(w), "objectives": list(o)} for w, o in zip(state.weights, state.objectives)]
-        # 3. after the warm-up: pick (parent, weights) tasks for the next generation
-        predicted = None
-        if gen + 1 >= args.warmup_generations and gen + 1 < args.generations:
-            lattice = mo.candidate_weights(len(names), args.weight_partitions)
-            candidates = [(k, w, np.asarray(state.objectives[k]) + mo.predict_improvement(state.records, k, w))
-                          for k in range(args.population) for w in lattice]
-            tasks = mo.select_tasks(points, candidates, args.population, state.reference, args.sparsity_weight)
-            predicted = np.array([t[2] for t in tasks])
-            copy_adapters(raw, [t[0] for t in tasks])
-            for k, (parent, w, _) in enumerate(tasks):
-                state.objectives[k], state.weights[k], state.parents[k] = list(state.objectives[parent]), [float(x) for x in w], parent
-            for o in optimizers:  # a new task: fresh Adam moments
-                getattr(o, "optimizer", o).state.clear()
-        state.history.append({"generation": gen, "hypervolume": hv, "sparsity": sp, "front_size": len(points), "population": trained,
-                              "next_tasks": [{"parent": p, "weights": w} for p, w in zip(state.parents, state.weights)]})
-        accelerator.log({"hypervolume": hv, "sparsity": sp, "front_size": len(points)}, step=run.global_step)
-        if accelerator.is_main_process:
-            pop = np.array([e["objectives"] for e in trained])
-            if len(names) == 2:
-                plot_front(os.path.join(args.output_dir, "fronts", f"gen-{gen:02d}.png"), names, pop, points, state.start, predicted,
-                           f"generation {gen}: hypervolume {hv:.4g}, {len(points)} on the front")
-        checkpoint.save_checkpoint(accelerator, args, run.global_step)
-    pool.shutdown()
+                pop = np.array([e["objectives"] for e in trained])
+                if len(names) == 2:
+                    plot_front(os.path.join(args.output_dir, "fronts", f"gen-{gen:02d}.png"), names, pop, points, state.start,
+                               predicted, f"generation {gen}: hypervolume {hv:.4g}, {len(points)} on the front")
+            checkpoint.save_checkpoint(accelerator, args, run.global_step)
     run.finish()
     test = None
     if args.test_meta_path:  # the start and the front on inputs the selection never saw

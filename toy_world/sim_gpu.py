@@ -1,21 +1,25 @@
 """A simulated CUDA GPU that runs whole programs (DESIGN.md section 13).
 
 Inside `simulated_gpu()` a process behaves as if it had one CUDA GPU: `torch.cuda.is_available()` is
-True, accelerate picks "cuda:0", autocast and GradScaler take their CUDA paths, and every tensor on
-"cuda" is a `SimCudaTensor`: real values in CPU storage that report `cuda:0`. Each aten op is checked
-at dispatch as a GPU would check it, then computed on the CPU, so `.item()`, backward, optimizers,
-checkpoints and whole `main()`s run with real numbers. What fails here fails on a GPU:
-- a CPU tensor meeting a CUDA one (CPU 0-dim scalars are allowed where CUDA's TensorIterator allows
-  them: pointwise ops), CPU indexed by a CUDA index, `numpy()` of a CUDA tensor;
-- a random draw on "cuda" from a CPU generator (and the reverse);
-- autocast's CUDA rules (the dispatcher's own AutocastCUDA kernels run, so fp16/bf16 casts are real),
-  GradScaler refusing fp16 gradients, dtype clashes those casts produce.
-Counted, as a GPU pays for them: host syncs (`.item()`, `bool()`, `.tolist()`, `.cpu()`, a copy to
-the host, ops whose output size depends on the data) and host-to-device copies of pinned memory made
-without `non_blocking=True` (each syncs the stream). `SyncCounter.per_step()` splits them by
-optimizer step.
-Not modelled: speed, memory, NCCL, streams and events beyond no-ops, CUDA generators
-(`torch.Generator("cuda")` raises: nothing here makes one).
+True, accelerate picks "cuda:0", autocast, GradScaler and the fused AdamW take their CUDA paths, and
+every tensor on "cuda" is a `SimCudaTensor`: real values in CPU storage that report `cuda:0` to Python
+(to C++ it is on "meta", whose device guards and autograd queue need no driver). Each aten op is
+checked at dispatch as CUDA checks it, then computed on the CPU, so `.item()`, backward, optimizers,
+checkpoints and whole `main()`s run with real numbers, in the threads the program starts too. What
+fails here fails on a GPU:
+- a CPU tensor meeting a CUDA one (a CPU 0-dim scalar is allowed where CUDA's TensorIterator allows it:
+  pointwise ops), CPU indexed by a CUDA index, `numpy()` of a CUDA tensor;
+- a random draw on "cuda" from a CPU generator;
+- CUDA autocast's op lists (aten/src/ATen/autocast_mode.h), applied by a torch function mode above
+  autograd as the AutocastCUDA kernels apply them: fp16/bf16 casts are recorded, and the dtype clashes
+  they produce, GradScaler's refusal of fp16 gradients and the like follow.
+Counted, as a GPU pays for them (SyncCounter, per interval between optimizer steps): host syncs
+(`.item()`, `bool()`, `.tolist()`, `.cpu()`, a copy to the host, ops whose output size depends on the
+data), copies from pageable host memory (CUDA syncs the stream before them), CPU indices of CUDA
+tensors, and pinned copies made without `non_blocking=True`.
+Convolutions, matrix products and attention in fp16/bf16 are computed in fp32 and rounded once, as
+CUDA's kernels accumulate (and several times faster than the CPU's half kernels).
+Not modelled: speed, memory, NCCL, streams and events beyond no-ops, CUDA generators.
 """
 import contextlib
 import copy
@@ -158,7 +162,6 @@ _CPU_INDICES_OK = {aten.index.Tensor, aten.index_put.default, aten.index_put_.de
 # Ops whose output size depends on the values: the host must wait for the GPU.
 _DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten.unique_dim.default, aten._unique2.default,
                    aten._unique.default, aten.unique_consecutive.default, aten.nonzero_static.default}
-_CROSS_DEVICE = {aten._to_copy.default, aten.copy_.default, aten._copy_from.default, aten._copy_from_and_resize.default}
 _PINNED = weakref.WeakValueDictionary()  # id -> tensor pinned by our pin_memory()
 
 

@@ -15,22 +15,33 @@ with the discriminator (an entry's discriminator_score, as inference_RORem_discr
 it; for pairs, the rewards recorded at export).
 
 Every label is appended to <output_dir>/<annotator>/journal.jsonl and forced to disk before the page
-moves on; a restart resumes at the first item that annotator has not labelled. After each label the
-outputs are rewritten atomically:
+moves on: the journal is the record (a line torn by a crash is skipped with a warning; no label
+confirmed to the page is lost). A restart resumes at the first item that annotator has not labelled.
+The output files are written from the journals, whole and atomically, when the server starts, when a
+person presses w (or the page's button), when an annotator has labelled every item, and when the
+server stops (Ctrl-C, SIGTERM); --export writes them without a server:
   score mode: <output_dir>/<annotator>/meta.json, a scored meta.json (score 0/1, annotator,
               annotated_at; image paths absolute) that train_RORem_discriminator.py,
               scripts/build_preference_pairs.py and the other scored-data readers take as it is;
-  pairwise:   <export folder>/pairs-<annotator>.json, for train_RORem_ddpo.py --pair_labels.
-The server only ever sends the image files of the data it was started on.
+  pairs mode: <export folder>/pairs-<annotator>.json, for train_RORem_ddpo.py --pair_labels.
+The server sends only files its data names that are images (checked at start and again when sent),
+whose real location (symlinks resolved) is under the data's folders: the data file's folder, the
+folders its entries name images in, and any --data_root. It answers only the host names it was started for.
 """
 import argparse
+import gc
+import io
 import json
 import os
+import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from myutils import annotation as ann
+from myutils.args import SCORE
 from myutils.data import read_meta, scan_entries
-from myutils.errors import UserError, run_cli
+from myutils.errors import UserError, output_folder, run_cli
+from myutils.web import add_server_args, allowed_hosts, check_port, guard_hosts, serve
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "annotate.html")
 
@@ -39,16 +50,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument("--meta_path", help="score mode: a results meta.json of {source, mask, GT=result} entries (or its folder)")
-    data.add_argument("--pairs_path", help="pairwise mode: the pairs.json of an --export_pairs folder (or the folder)")
+    data.add_argument("--pairs_path", help="pairs mode: the pairs.json of an --export_pairs folder (or the folder)")
     p.add_argument("--annotator", default="annotator", help="the name labels are saved under (the page can change it)")
     p.add_argument("--output_dir", default=None,
                    help="journals and scored meta.json files (default: an annotations folder beside the data)")
-    p.add_argument("--discriminator_threshold", type=float, default=0.5, help="discriminator_score >= this counts as good")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--data_root", action="append", default=[],
+                   help="a folder images may also be served from (their real location); repeatable")
+    p.add_argument("--discriminator_threshold", type=SCORE, default=0.5, help="discriminator_score >= this counts as good")
+    add_server_args(p)
     p.add_argument("--report", action="store_true", help="print the agreement report and exit")
+    p.add_argument("--export", action="store_true", help="write every annotator's output file from the journals and exit")
     args = p.parse_args(argv)
     ann.check_annotator(args.annotator)
+    for root in args.data_root:
+        if not os.path.isdir(root):
+            raise UserError(f"--data_root {root}: not a folder")
     return args
 
 
@@ -64,6 +80,41 @@ def json_in(path, name):
     return path
 
 
+def image_bytes(data):
+    """The image format of `data`, or None when it is not an image Pillow reads."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.verify()
+        return fmt
+    except Exception:  # noqa: BLE001 (anything Pillow cannot take is not an image)
+        return None
+
+
+def under(path, roots):
+    """Whether `path` (resolved) lies in one of the folders `roots` (a set of resolved paths)."""
+    parent = os.path.dirname(path)
+    while True:
+        if parent in roots:
+            return True
+        up = os.path.dirname(parent)
+        if up == parent:
+            return False
+        parent = up
+
+
+def first_twice(keys, what):
+    """Refuse data that names one item twice: labels are kept per item, so both would take one label."""
+    seen = {}
+    for i, k in enumerate(keys):
+        if k in seen:
+            raise UserError(f"{what} {seen[k]} and {i} have the same {k!r}; each needs its own, or one of them "
+                            "would be marked done by the other's label")
+        seen[k] = i
+
+
 class Labels:
     """The data being labelled, and the labels given so far (journals), with one lock for writes."""
 
@@ -76,6 +127,7 @@ class Labels:
             entries = read_meta(path, "triplet")
             dropped = ("score", "annotator", "annotated_at")  # replaced by this annotation
             self.keys = [ann.result_key(e.paths["GT"], root) for e in entries]
+            first_twice(self.keys, f"{path}: entries")
             self.items = {k: {**{x: v for x, v in e.extra.items() if x not in dropped}, **e.paths}
                           for k, e in zip(self.keys, entries)}
             self.images = {k: [("source", e.paths["source"]), ("mask", e.paths["mask"]), ("result", e.paths["GT"])]
@@ -89,15 +141,41 @@ class Labels:
                     self.doc = json.load(f)
                 pairs = self.doc["pairs"]
                 self.keys = [ann.pair_key(q) for q in pairs]
+                if not all(isinstance(k, str) and k for k in self.keys):
+                    raise TypeError("a pair's 'image' is not a file name")
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{path}: not a pairs.json written by --export_pairs ({e.__class__.__name__}: {e})") from None
+            first_twice(self.keys, f"{path}: pairs")
             self.items = dict(zip(self.keys, pairs))
-            self.images = {k: [("source | mask | a | b", os.path.join(root, k))] for k in self.keys}
-            self.problems = {k: f"{k}: image file not found in {root}" for k in self.keys if not os.path.isfile(os.path.join(root, k))}
+            self.images = {k: [("source | mask | a | b", os.path.normpath(os.path.join(root, k)))] for k in self.keys}
+            with ThreadPoolExecutor(8) as pool:
+                found = pool.map(lambda k: self.image_problem(self.images[k][0][1]), self.keys)
+                self.problems = {k: f"{self.images[k][0][1]}: {p}" for k, p in zip(self.keys, found) if p}
         self.data_path, self.root = path, root
-        self.output_dir = args.output_dir or os.path.join(root, "annotations")
+        # the data's folders: where its file is, the folders it names images in, --data_root; real locations stay in them
+        named = {os.path.dirname(p) for k in self.keys if k not in self.problems for _, p in self.images[k]}
+        self.roots = {os.path.realpath(d) for d in [root, *named, *args.data_root]}
+        for k in self.keys:
+            if k not in self.problems:
+                outside = [p for _, p in self.images[k] if not under(os.path.realpath(p), self.roots)]
+                if outside:
+                    self.problems[k] = (f"{outside[0]} is a link to {os.path.realpath(outside[0])}, outside the data's folders "
+                                        "(--data_root adds a folder)")
+        self.output_dir = output_folder(args.output_dir or os.path.join(root, "annotations"), "--output_dir")
+        if self.mode == "pairs" and not os.access(root, os.W_OK | os.X_OK):
+            raise UserError(f"{root}: cannot write the pairs-<annotator>.json files in it")
         self.allowed = tuple(ann.SCORE_LABELS) if self.mode == "score" else ann.PAIR_LABELS
+        self.key_set = set(self.keys)
         self.journals = ann.read_all_journals(self.output_dir)
+        self.done = {a: sum(k in self.key_set for k in labels) for a, labels in self.journals.items()}
+
+    @staticmethod
+    def image_problem(path):
+        try:
+            with open(path, "rb") as f:
+                return None if image_bytes(f.read()) else "not an image"
+        except OSError as e:
+            return f"cannot be read ({e.strerror or e.__class__.__name__})"
 
     def output_path(self, annotator):
         if self.mode == "score":
@@ -105,7 +183,8 @@ class Labels:
         return os.path.join(self.root, f"pairs-{annotator}.json")
 
     def give(self, annotator, index, label):
-        """Record one label: journal first (on disk before this returns), then the output file."""
+        """Record one label: in the journal, on disk, before this returns. The cost of a label does not
+        grow with the data: output files are written on demand (write)."""
         ann.check_annotator(annotator)
         if not isinstance(index, int) or not 0 <= index < len(self.keys):
             raise UserError(f"item {index!r}: there are {len(self.keys)} items (0-{len(self.keys) - 1})")
@@ -113,20 +192,43 @@ class Labels:
             raise UserError(f"label {label!r}: one of {', '.join(self.allowed)} in {self.mode} mode")
         key = self.keys[index]
         with self.lock:
-            record = ann.append_label(ann.journal_path(self.output_dir, annotator), key, label, annotator)
+            try:
+                record = ann.append_label(ann.journal_path(self.output_dir, annotator), key, label, annotator)
+            except OSError as e:
+                raise UserError(f"not saved: {ann.journal_path(self.output_dir, annotator)}: {e.strerror or e}") from None
             labels = self.journals.setdefault(annotator, {})
+            self.done[annotator] = self.done.get(annotator, 0) + (key not in labels)
             labels[key] = record
-            if self.mode == "score":
-                out = ann.scored_entries([(k, self.items[k]) for k in self.keys], labels)
-            else:
-                out = ann.labelled_pairs(self.doc, labels)
-            ann.write_json_atomic(self.output_path(annotator), out)
+            if self.done[annotator] == len(self.keys) and key not in self.problems:
+                self.write(annotator)  # the last item: the files are complete now
         return record
+
+    def write(self, annotator=None):
+        """Write one annotator's output file (all annotators' without a name) from the journals; the paths."""
+        with self.lock:
+            names = [annotator] if annotator else sorted(self.journals)
+            written = []
+            for name in names:
+                labels = self.journals.get(name, {})
+                if self.mode == "score":
+                    out = ann.scored_entries([(k, self.items[k]) for k in self.keys], labels)
+                else:
+                    out = ann.labelled_pairs(self.doc, labels)
+                path = self.output_path(name)
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    ann.write_json_atomic(path, out)
+                except OSError as e:
+                    raise UserError(f"{path}: cannot be written ({e.strerror or e}); the labels are safe in the journal") from None
+                written.append(path)
+            return written
 
     def next_index(self, annotator, after=-1):
         """The first item after `after` (wrapping round) this annotator has not labelled; None if none."""
         done = self.journals.get(annotator, {})
         n = len(self.keys)
+        if self.done.get(annotator, 0) >= n:
+            return None
         for step in range(1, n + 1):
             i = (after + step) % n
             if self.keys[i] not in done:
@@ -140,14 +242,36 @@ class Labels:
                 "images": [{"name": name, "url": f"/file/{index}/{j}"} for j, (name, _) in enumerate(self.images[key])],
                 "problem": self.problems.get(key)}
 
+    def image(self, index, which):
+        """(bytes, format) of an image the data names, or None: only a file the start-up check passed, still
+        an image now, whose real location is in the data's folders (a file swapped since is not sent)."""
+        if not 0 <= index < len(self.keys) or self.keys[index] not in self.images or self.keys[index] in self.problems:
+            return None
+        names = self.images[self.keys[index]]
+        if not 0 <= which < len(names):
+            return None
+        try:
+            fd = os.open(names[which][1], os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            real = os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else os.path.realpath(names[which][1])
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not under(real, self.roots):
+                return None
+            data = f.read()
+        fmt = image_bytes(data)
+        return (data, fmt) if fmt else None
+
     def report(self):
-        with self.lock:
-            return ann.agreement(self.journals, self.items, self.mode, self.threshold)
+        with self.lock:  # a snapshot: labels keep arriving while the report is computed
+            journals = {a: dict(labels) for a, labels in self.journals.items()}
+        return ann.agreement(journals, self.items, self.mode, self.threshold)
 
 
-def build_app(labels, default_annotator):
+def build_app(labels, default_annotator, hosts=None):
+    """The page and its API; answering only `hosts` (default: this machine's loopback names)."""
     from fastapi import Body, FastAPI, HTTPException
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     app = FastAPI(title="RORem annotation")
 
@@ -168,49 +292,63 @@ def build_app(labels, default_annotator):
             raise UserError(f"item {index}: there are {n} items")
         with labels.lock:  # one consistent view while other annotators' labels arrive
             nxt = labels.next_index(annotator, after) if index is None else index
-            done = sum(k in labels.journals.get(annotator, {}) for k in labels.keys)
-            return {"mode": labels.mode, "data": labels.data_path, "annotator": annotator, "total": n, "done": done,
-                    "labels": list(labels.allowed), "output": labels.output_path(annotator),
-                    "item": None if nxt is None else labels.item(annotator, nxt),
-                    "agreement": ann.agreement_lines(labels.report())}
+            return {"mode": labels.mode, "data": labels.data_path, "annotator": annotator, "total": n,
+                    "done": labels.done.get(annotator, 0), "labels": list(labels.allowed), "output": labels.output_path(annotator),
+                    "item": None if nxt is None else labels.item(annotator, nxt)}
 
     @app.post("/api/label")
     def label(annotator: str = Body(...), index: int = Body(...), label: str = Body(...)):
         record = labels.give(annotator, index, label)
         with labels.lock:
-            return {"saved": record, "next": labels.next_index(annotator, index)}
+            return {"saved": record, "next": labels.next_index(annotator, index), "done": labels.done[annotator]}
+
+    @app.post("/api/write")
+    def write(annotator: str = Body(..., embed=True)):
+        ann.check_annotator(annotator)
+        return {"written": labels.write(annotator)}
 
     @app.get("/api/agreement")
     def agreement():
-        return labels.report()
+        report = labels.report()
+        return {**report, "lines": ann.agreement_lines(report)}
 
     @app.get("/file/{index}/{which}")
     def file(index: int, which: int):
-        # only the files of the data this server was started on, by position: no path comes from the client
-        if not 0 <= index < len(labels.keys) or not 0 <= which < len(labels.images[labels.keys[index]]):
-            raise HTTPException(404, "no such item")
-        path = labels.images[labels.keys[index]][which][1]
-        if not os.path.isfile(path):
-            raise HTTPException(404, f"file not found: {path}")
-        return FileResponse(path, headers={"Cache-Control": "no-store"})
+        # by position only: no path comes from the client, and only the data's own images go out
+        found = labels.image(index, which)
+        if found is None:
+            raise HTTPException(404, "no such image")
+        data, fmt = found
+        return Response(data, media_type=f"image/{fmt.lower()}", headers={"Cache-Control": "no-store"})
 
-    return app
+    return guard_hosts(app, hosts or allowed_hosts("127.0.0.1"))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if not (args.report or args.export):
+        check_port(args.host, args.port)
     labels = Labels(args)
     if args.report:
         print(f"{labels.data_path}: {len(labels.keys)} items, {labels.mode} mode, labels in {labels.output_dir}")
         print("\n".join(ann.agreement_lines(labels.report())))
         return labels.report()
+    written = labels.write()  # catches up with labels given since the files were last written (a crash)
+    gc.freeze()  # the data's objects live as long as the server: the collector need not walk them again per label
+    if args.export:
+        print("\n".join(f"wrote {p}" for p in written) or f"no journals in {labels.output_dir}")
+        return labels
     if labels.problems:
         print(f"{len(labels.problems)} of {len(labels.keys)} items cannot be shown (the page says why and offers skip); first: "
               f"{next(iter(labels.problems.values()))}")
-    import uvicorn
-
+    roots = sorted(labels.roots)
+    print(f"images served from {len(roots)} folder(s): {', '.join(roots[:3])}{' ...' if len(roots) > 3 else ''}")
     print(f"annotating {len(labels.keys)} items ({labels.mode} mode) at http://{args.host}:{args.port} ; labels in {labels.output_dir}")
-    uvicorn.run(build_app(labels, args.annotator), host=args.host, port=args.port, log_level="warning")
+    try:
+        serve(build_app(labels, args.annotator, allowed_hosts(args.host, args.allowed_host)), args)
+    finally:
+        for path in labels.write():
+            print(f"wrote {path}")
     return labels
 
 

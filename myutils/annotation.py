@@ -2,12 +2,15 @@
 agreement between annotators and with the discriminator (annotate_RORem.py, scripts/data_round.py).
 
 A journal line is one label as it was given: {"item", "label", "annotator", "time"}; the last line
-for an item wins (relabelling appends). Output files are rewritten whole from the journal and
-replaced atomically, so a crash leaves the old file or the new one, never half of one.
+for an item wins (relabelling appends). A line torn by a crash or a full disk is ended before the
+next label is appended and skipped with a warning when read, wherever it is. Output files are
+rewritten whole from the journal and replaced atomically, so a crash leaves the old file or the new
+one, never half of one.
 """
 import json
 import os
 import re
+import sys
 import time
 
 from .errors import UserError
@@ -44,32 +47,51 @@ def append_label(path, item, label, annotator, when=None):
     record = {"item": item, "label": label, "annotator": annotator,
               "time": when or time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a line torn by a crash: end it, or this label would be glued onto it
+                line = b"\n" + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
     return record
 
 
 def read_journal(path):
-    """{item: last record} from a journal. A last line cut short by a crash is ignored (its label was
-    never confirmed to the annotator); a bad line before it is an error naming the line."""
+    """{item: last record} from a journal. A line that is not a whole label record (cut short by a
+    crash or a full disk mid-write: its label was never confirmed to the annotator) is skipped, with a
+    warning naming it, wherever it is."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    latest = {}
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    latest, bad = {}, []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
+        record = label_record(line)
+        if record is None:
+            bad.append(n)
+        else:
             latest[record["item"]] = record
-        except (ValueError, KeyError, TypeError):
-            if n >= len(lines) - 1:  # the last line, torn by a crash mid-write
-                continue
-            raise UserError(f"{path}: line {n} is not a label record") from None
+    if bad:
+        print(f"warning: {path}: line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad[:5]))}"
+              f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''} not a whole label record (cut short by a crash?); "
+              "skipped", file=sys.stderr)
     return latest
+
+
+def label_record(line):
+    """The record of one journal line, or None when the line is not a whole one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("item", "label", "annotator", "time")):
+        return None
+    return record
 
 
 def read_all_journals(output_dir):

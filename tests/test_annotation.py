@@ -3,6 +3,7 @@ the scripts that consume them), its HTTP API, and its errors. The browser tests 
 test_annotation_browser.py."""
 import json
 import os
+import socket
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,7 +30,7 @@ def test_cohen_kappa_by_hand():
         cohen_kappa(["a"], [])
 
 
-def test_journal_last_label_wins_and_a_torn_last_line_is_ignored(tmp_path):
+def test_journal_last_label_wins_and_a_bad_line_anywhere_is_skipped_with_a_warning(tmp_path, capsys):
     path = str(tmp_path / "alice" / "journal.jsonl")
     ann.append_label(path, "x.png", "good", "alice", when="t1")
     ann.append_label(path, "y.png", "bad", "alice", when="t2")
@@ -38,10 +39,30 @@ def test_journal_last_label_wins_and_a_torn_last_line_is_ignored(tmp_path):
         f.write('{"item": "z.png", "lab')  # a crash mid-write
     got = ann.read_journal(path)
     assert {k: (r["label"], r["time"]) for k, r in got.items()} == {"x.png": ("bad", "t3"), "y.png": ("bad", "t2")}
+    assert "journal.jsonl: line 4 not a whole label record" in capsys.readouterr().err
     with open(path, "w") as f:
-        f.write('{"item": "x.png", "label": "good", "annotator": "alice", "time": "t"}\nnot json\n{"item": "y.png", "label": "bad"}\n')
-    with pytest.raises(UserError, match=r"journal.jsonl: line 2 is not a label record"):
-        ann.read_journal(path)
+        f.write('{"item": "x.png", "label": "good", "annotator": "alice", "time": "t"}\nnot json\n{"item": "y.png", "label": "bad"}\n'
+                '\xff\xfe\n{"item": "w.png", "label": "good", "annotator": "alice", "time": "t"}\n')
+    assert sorted(ann.read_journal(path)) == ["w.png", "x.png"]
+    assert "journal.jsonl: lines 2, 3, 4 not a whole label record" in capsys.readouterr().err
+
+
+def test_a_journal_torn_at_every_byte_of_a_record_keeps_every_acknowledged_label(tmp_path, capsys):
+    """A crash (or a full disk) can cut the last line anywhere; the labels given after it, each confirmed
+    once append_label returns, are all there after a restart, and so are the whole lines before it."""
+    record = (json.dumps({"item": "c.png", "label": "good", "annotator": "alice", "time": "t3"}) + "\n").encode()
+    for cut in range(len(record)):
+        path = str(tmp_path / f"cut{cut}" / "journal.jsonl")
+        ann.append_label(path, "a.png", "good", "alice", when="t1")
+        ann.append_label(path, "b.png", "bad", "alice", when="t2")
+        with open(path, "ab") as f:
+            f.write(record[:cut])
+        ann.append_label(path, "d.png", "bad", "alice", when="t4")
+        ann.append_label(path, "a.png", "skip", "alice", when="t5")
+        got = {k: r["label"] for k, r in ann.read_journal(path).items()}
+        whole = {"c.png": "good"} if cut == len(record) - 1 else {}  # all but its newline: a whole record after all
+        assert got == {"a.png": "skip", "b.png": "bad", "d.png": "bad", **whole}, (cut, open(path, "rb").read())
+    capsys.readouterr()
 
 
 def test_agreement_between_annotators_and_with_the_discriminator():
@@ -83,7 +104,7 @@ def results_meta(tmp_path, toy_meta):
 def _client(*argv):
     args = app_script.parse_args([str(a) for a in argv])
     labels = app_script.Labels(args)
-    return labels, TestClient(app_script.build_app(labels, args.annotator))
+    return labels, TestClient(app_script.build_app(labels, args.annotator), base_url="http://127.0.0.1:7860")
 
 
 def test_score_mode_writes_a_scored_meta_the_scripts_read_and_resumes_after_a_restart(results_meta):
@@ -98,6 +119,8 @@ def test_score_mode_writes_a_scored_meta_the_scripts_read_and_resumes_after_a_re
         r = client.post("/api/label", json={"annotator": "alice", "index": i, "label": label})
         assert r.status_code == 200 and r.json()["next"] == i + 1
     out = results_meta.parent / "annotations" / "alice" / "meta.json"
+    assert not out.exists()  # a label goes to the journal only (its cost does not grow with the data)
+    assert client.post("/api/write", json={"annotator": "alice"}).json() == {"written": [str(out)]}
     scored = read_meta(str(out), "scored")  # what train_RORem_discriminator.py and build_preference_pairs.py read
     assert [e.score for e in scored] == [1.0, 0.0]  # the skip is left out
     assert [e.paths["GT"] for e in scored] == [e.paths["GT"] for e in read_meta(str(results_meta), "triplet")[:2]]
@@ -111,6 +134,7 @@ def test_score_mode_writes_a_scored_meta_the_scripts_read_and_resumes_after_a_re
     state = client2.get("/api/state", params={"annotator": "alice"}).json()
     assert (state["done"], state["item"]["index"]) == (3, 3)
     client2.post("/api/label", json={"annotator": "alice", "index": 1, "label": "good"})
+    labels2.write()
     assert [e.score for e in read_meta(str(out), "scored")] == [1.0, 1.0]
     # another annotator starts at the beginning, in their own files
     assert client2.get("/api/state", params={"annotator": "bob"}).json()["item"]["index"] == 0
@@ -185,13 +209,133 @@ def test_two_annotators_at_once_lose_nothing(results_meta):
             errors.append(e)
 
     threads = [threading.Thread(target=annotate, args=(who,)) for who in ("alice", "bob", "carol")]
+    writer = threading.Thread(target=lambda: [labels.write() for _ in range(5)])  # a write on demand meanwhile
+    threads.append(writer)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
-    root = str(results_meta.parent / "annotations")
+    root = str(results_meta.parent / "annotations")  # the last label of each wrote its file (every item labelled)
     for who in ("alice", "bob", "carol"):
         assert len(open(ann.journal_path(root, who)).readlines()) == 6
         assert [e.score for e in read_meta(os.path.join(root, who, "meta.json"), "scored")] == [0, 1, 0, 1, 0, 1]
     assert labels.report()["annotators"][0]["kappa"] == 1.0
+
+
+def test_a_torn_journal_never_stops_the_server_and_the_label_after_it_survives_a_restart(results_meta, capsys):
+    labels, client = _client("--meta_path", results_meta, "--annotator", "alice")
+    for i in range(3):
+        client.post("/api/label", json={"annotator": "alice", "index": i, "label": "good"}).raise_for_status()
+    journal = ann.journal_path(labels.output_dir, "alice")
+    with open(journal, "ab") as f:
+        f.write(b'{"item": "x", "lab')  # the server died mid-write
+    labels, client = _client("--meta_path", results_meta, "--annotator", "alice")  # restarts, with a warning
+    assert "line 4 not a whole label record" in capsys.readouterr().err
+    for i in (3, 4):
+        client.post("/api/label", json={"annotator": "alice", "index": i, "label": "bad"}).raise_for_status()
+    with open(journal, "ab") as f:
+        f.write(b'{"item"')  # and again
+    labels, client = _client("--meta_path", results_meta, "--annotator", "alice")
+    state = client.get("/api/state", params={"annotator": "alice"}).json()
+    assert (state["done"], state["item"]["index"]) == (5, 5)
+    app_script.main(["--meta_path", str(results_meta), "--export"])  # the scored file, as data_round and --report read it
+    scored = read_meta(os.path.join(labels.output_dir, "alice", "meta.json"), "scored")
+    assert [e.score for e in scored] == [1, 1, 1, 0, 0]
+
+
+def test_two_entries_with_one_result_are_refused_with_their_positions(results_meta):
+    meta = json.loads(results_meta.read_text())
+    meta[4]["GT"] = meta[1]["GT"]  # another input, the same result file: one label would mark both
+    results_meta.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"meta.json: entries 1 and 4 have the same '.*'; each needs its own"):
+        _client("--meta_path", results_meta)
+
+
+def test_only_images_in_the_data_folders_are_served_however_the_data_names_them(results_meta, tmp_path):
+    """Absolute paths, ../, a linked file and a linked folder: a file goes out only when the data names it,
+    it was an image at start and still is, and its real location is in the data's folders."""
+    from PIL import Image
+
+    outside = tmp_path / "private"
+    outside.mkdir()
+    size = Image.open(read_meta(str(results_meta), "triplet")[3].paths["source"]).size
+    Image.new("RGB", size, (1, 2, 3)).save(outside / "photo.png")
+    (outside / "secret.txt").write_text("password")
+    data = results_meta.parent
+    os.symlink(outside / "photo.png", data / "linked.png")
+    os.symlink(outside, data / "linked_folder")
+    meta = json.loads(results_meta.read_text())
+    meta[1]["GT"] = str(outside / "secret.txt")  # an absolute path to a file that is not an image
+    meta[2]["source"] = os.path.relpath(outside / "secret.txt", data)  # the same through ../
+    meta[3]["GT"] = "linked.png"  # an image, but really outside the data
+    meta[4]["GT"] = "linked_folder/secret.txt"
+    results_meta.write_text(json.dumps(meta))
+    labels, client = _client("--meta_path", results_meta)
+    assert client.get("/file/0/2").status_code == 200
+    for index in (1, 2, 3, 4):
+        for which in (0, 1, 2):
+            r = client.get(f"/file/{index}/{which}")
+            assert r.status_code == 404 and b"password" not in r.content, (index, which)
+    assert "not a readable image" in labels.problems[labels.keys[1]]
+    assert "outside the data's folders" in labels.problems[labels.keys[3]]
+    # the user can widen the folders: the linked image is then served
+    _, wider = _client("--meta_path", results_meta, "--data_root", outside)
+    assert wider.get("/file/3/2").content == open(outside / "photo.png", "rb").read()
+    # a file that was an image at the start and is not one now is not sent
+    entry = read_meta(str(results_meta), "triplet")[0]
+    os.replace(entry.paths["GT"], str(tmp_path / "kept.png"))
+    with open(entry.paths["GT"], "w") as f:
+        f.write("password")
+    try:
+        r = client.get("/file/0/2")
+        assert r.status_code == 404 and b"password" not in r.content
+    finally:
+        os.replace(str(tmp_path / "kept.png"), entry.paths["GT"])
+
+
+def test_only_the_host_names_the_server_was_started_for_are_answered(results_meta):
+    labels, client = _client("--meta_path", results_meta)
+    for host, code in (("127.0.0.1:7860", 200), ("localhost:7860", 200), ("evil.example", 400), ("evil.example:7860", 400),
+                       ("127.0.0.1.evil.example", 400)):
+        assert client.get("/api/agreement", headers={"Host": host}).status_code == code, host
+        assert client.get("/file/0/0", headers={"Host": host}).status_code == code, host
+    from myutils.web import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "::1", "localhost"]
+    everywhere = allowed_hosts("0.0.0.0", ["tunnel.example"])
+    assert "tunnel.example" in everywhere and socket.gethostname().lower() in everywhere
+
+
+def test_a_label_costs_the_same_however_many_items_there_are(results_meta, monkeypatch):
+    """A label is one journal line: the output file (4.9 MB at 20K items) is not rewritten per label but
+    when asked, when the last item is labelled, and when the server starts and stops."""
+    labels, client = _client("--meta_path", results_meta, "--annotator", "alice")
+    writes = []
+    real = ann.write_json_atomic
+    monkeypatch.setattr(ann, "write_json_atomic", lambda path, obj: (writes.append(path), real(path, obj)))
+    for i in range(5):
+        client.post("/api/label", json={"annotator": "alice", "index": i, "label": "good"}).raise_for_status()
+    assert writes == []
+    client.post("/api/label", json={"annotator": "alice", "index": 5, "label": "bad"}).raise_for_status()
+    assert writes == [os.path.join(labels.output_dir, "alice", "meta.json")]  # all six labelled
+
+
+def test_server_errors_are_one_line_before_anything_is_loaded(results_meta, tmp_path, capsys):
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            app_script.run_cli(lambda: app_script.main([str(a) for a in argv]))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert "in use" in fails("--meta_path", results_meta, "--port", port)
+    (tmp_path / "a_file").write_text("")
+    assert fails("--meta_path", results_meta, "--output_dir", tmp_path / "a_file", "--port", port) == \
+        f"error: --output_dir {tmp_path / 'a_file'}: a file, not a folder"
+    assert "not a folder" in fails("--meta_path", results_meta, "--data_root", tmp_path / "nope")

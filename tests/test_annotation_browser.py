@@ -44,6 +44,8 @@ def test_a_score_session_with_keys_clicks_a_restart_and_two_annotators(browser, 
     assert page.evaluate("document.body.classList.contains('zoomed')")
     page.screenshot(path=os.path.join(SCREENSHOTS, "annotate_score_zoomed.png"), full_page=True)
     out = results_meta.parent / "annotations" / "alice" / "meta.json"
+    page.keyboard.press("w")  # the file is written when asked (a label only goes to the journal)
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('written')")
     assert [e.score for e in read_meta(str(out), "scored")] == [1.0, 0.0]
 
     stop()  # the server goes down mid-session; a new one starts on the same files
@@ -56,7 +58,7 @@ def test_a_score_session_with_keys_clicks_a_restart_and_two_annotators(browser, 
     _press(page, "b", 4)
     _press(page, "g", 5)
     page.wait_for_function("document.querySelector('#progress').textContent === 'all 6 items labelled'")
-    assert [e.score for e in read_meta(str(out), "scored")] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert [e.score for e in read_meta(str(out), "scored")] == [1.0, 0.0, 1.0, 0.0, 1.0]  # written at the last item
     page.screenshot(path=os.path.join(SCREENSHOTS, "annotate_score_done.png"), full_page=True)
 
     # a second annotator on the same server: the page reports their agreement
@@ -65,6 +67,7 @@ def test_a_score_session_with_keys_clicks_a_restart_and_two_annotators(browser, 
     bob.wait_for_selector("figure img")
     for done, key in enumerate("gggggg"):
         _press(bob, key, done)
+    bob.wait_for_function("document.querySelector('#agreement').textContent.includes('alice vs bob')")
     text = bob.text_content("#agreement")
     # alice g b (skip) g b g, bob g g g g g g on the 5 both gave: agreement 3/5, kappa 0 (bob never varies)
     assert "alice vs bob: 5 items both labelled, agreement 60.0%, Cohen's kappa 0.000" in text
@@ -72,6 +75,20 @@ def test_a_score_session_with_keys_clicks_a_restart_and_two_annotators(browser, 
     # p_o 3/5, both 3/5 good, p_e = 0.36 + 0.16 = 0.52, kappa = 0.08 / 0.48
     assert "alice vs the discriminator: 5 items, agreement 60.0%, kappa 0.167" in text
     bob.screenshot(path=os.path.join(SCREENSHOTS, "annotate_score_agreement.png"), full_page=True)
+
+
+def test_keys_pressed_faster_than_labels_are_saved_are_all_given_in_order(browser, serve, results_meta):  # noqa: F811
+    url, _ = _start(serve, "--meta_path", results_meta, "--annotator", "carol")
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("figure img")
+    for key in "gbgbbgg":  # at once: one more than there are items
+        page.keyboard.press(key)
+    page.wait_for_function("document.querySelector('#progress').textContent === 'all 6 items labelled'")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('dropped')")
+    assert "1 key(s) dropped: every item is labelled" in page.text_content("#status")
+    journal = results_meta.parent / "annotations" / "carol" / "journal.jsonl"
+    assert [json.loads(line)["label"] for line in journal.read_text().splitlines()] == ["good", "bad", "good", "bad", "bad", "good"]
 
 
 def test_a_pairwise_round_labelled_in_the_browser_trains(browser, serve, tmp_path, tiny_model_dir, toy_meta, run_script):

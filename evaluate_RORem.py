@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from myutils import eval_models as em
 from myutils import made_by
-from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SCORE, SEED, integer, real
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, SCORE, SEED, real, resolution
 from myutils.data import check_entries, read_meta
 from myutils.errors import UserError, output_folder, run_cli
 from myutils.img_util import image_grid, load_image, load_mask, pil_to_tensor
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--inference_steps", type=POSITIVE, default=50)
     p.add_argument("--strength", type=real(above=0, maximum=1), default=0.99)
     p.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0)
-    p.add_argument("--resolution", type=integer(8), default=512, help="processing size (shorter side), and the size metrics batch at")
+    p.add_argument("--resolution", type=resolution, default=512, help="processing size (shorter side), and the size metrics batch at")
     p.add_argument("--batch_size", type=POSITIVE, default=8)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--limit", type=POSITIVE, default=None, help="only the first N entries")
@@ -127,8 +127,6 @@ def parse_args(argv=None):
     names = [s["name"] for s in args.systems]
     if len(set(names)) != len(names):
         raise UserError(f"--system names must differ: {', '.join(names)}")
-    if args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
     for flag in ("inception_weights", "lpips_backbone_weights", "clip_weights"):
         if getattr(args, flag) and not os.path.isfile(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)}: file not found")
@@ -353,11 +351,19 @@ def main(argv=None):
     stand_ins, reasons = set(), {}
 
     def net(key, load, make_stand_in):
+        given = getattr(args, METRIC_WEIGHTS[key].lstrip("-"), None)
         try:
             loaded = load()
         except em.WeightsUnavailable as e:
             print(f"warning: {key} unavailable: {e} (give {METRIC_WEIGHTS[key]} FILE)")
             loaded, reasons[key] = None, str(e)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (whatever a damaged or foreign file raises: the file is named)
+            if not given:
+                raise
+            detail = (str(e).strip().splitlines() or [""])[0][:160]
+            raise UserError(f"{METRIC_WEIGHTS[key]} {given}: not loadable as {key}'s weights ({e.__class__.__name__}: {detail})") from None
         if loaded is None and args.stand_in_weights:
             stand_ins.add(key)
             return make_stand_in()

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from myutils import made_by
 from myutils.args import NONNEGATIVE, POSITIVE
-from myutils.data import Entry, check_entries, read_meta
-from myutils.errors import UserError, output_folder, run_cli
-from myutils.img_util import dilate_mask, load_image, load_mask
+from myutils.data import Entry, check_entries, raise_problems, read_meta
+from myutils.errors import UserError, output_file, output_folder, run_cli
+from myutils.img_util import aspect_problem, dilate_mask, load_image, load_mask
 from myutils.models import resolve_device_dtype
 from pipelines.inpaint import add_remover_args, check_remover_args, count_unet_calls, load_remover, remove_objects
 
@@ -46,7 +46,7 @@ def parse_args(argv=None, four_step=False):
     p.add_argument("--save_path", default="result.png", help="output file (single image) or folder (batch modes)")
     p.add_argument("--dilate_size", type=NONNEGATIVE, default=0, help="grow the mask by this many pixels first")
     p.add_argument("--batch_size", type=POSITIVE, default=1)
-    p.add_argument("--overwrite", action="store_true", help="batch modes: redo results that already exist")
+    p.add_argument("--overwrite", action="store_true", help="redo results that already exist (one image: replace --save_path)")
     args = p.parse_args(argv)
     check_remover_args(args)
     if four_step and not args.lora_path:
@@ -88,25 +88,39 @@ def list_jobs(args):
                    for i, f in enumerate(images)]
         names = [os.path.splitext(f)[0] + ".png" for f in images]
     else:
-        check_output_file(args.save_path)
+        check_output_file(args.save_path, args.overwrite)
         entries = [Entry("--image_path/--mask_path", 0, {"source": args.image_path, "mask": args.mask_path})]
-        return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, check_entries(entries)
+        warnings = check_entries(entries)
+        check_aspects(entries)
+        return [(entries[0].paths["source"], entries[0].paths["mask"], args.save_path)], entries, warnings
     warnings = check_entries(entries, progress=len(entries) > 200)
+    check_aspects(entries)
     return [(e.paths["source"], e.paths["mask"], os.path.join(args.save_path, n)) for e, n in zip(entries, names)], entries, warnings
 
 
-def check_output_file(path):
-    """One image out: an image file name in a folder this process can write to, not a folder."""
+def check_aspects(entries):
+    """Refuse, before any work, inputs too long for their width (each would run at many times --resolution)."""
+    from PIL import Image
+
+    problems = []
+    for e in entries:
+        with Image.open(e.paths["source"]) as img:  # the header only
+            problem = aspect_problem(*img.size)
+        if problem:
+            problems.append(f"{e.where()}: {e.paths['source']}: {problem}")
+    raise_problems(problems)
+
+
+def check_output_file(path, overwrite=False):
+    """One image out: an image file name in a folder this process can write to, not a folder, and not
+    an existing file unless --overwrite (as the batch modes)."""
     if os.path.isdir(path):
         raise UserError(f"--save_path {path}: a folder, but one image is written to a file (e.g. {os.path.join(path, 'result.png')})")
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(f"--save_path {path}: exists; --overwrite replaces it")
     if not path.lower().endswith(IMAGE_EXTS):
         raise UserError(f"--save_path {path}: not an image file name (end it with one of {', '.join(IMAGE_EXTS)})")
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--save_path {path}: cannot write in {existing}")
+    output_file(path, "--save_path")
 
 
 def check_batch_output(args, jobs, keys):

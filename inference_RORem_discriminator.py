@@ -17,9 +17,9 @@ import csv
 import json
 import os
 
-from myutils.args import POSITIVE, SCORE, integer
+from myutils.args import POSITIVE, SCORE, resolution
 from myutils.data import Entry, check_entries, read_meta
-from myutils.errors import UserError, run_cli
+from myutils.errors import UserError, output_file, run_cli
 from myutils.metrics import accuracy_at, roc_auc
 from myutils.models import DEFAULT_MODEL, resolve_device_dtype
 from myutils.reward_utils import load_reward_model, score_entries
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--conditioning", choices=["auto", "rorem", "per_sample"], default="auto",
                    help="auto: what the discriminator was trained with (RORem's release: fixed time ids (512, 512, 0, 0, 512, 512) "
                         "and add_noise at t = 0; ours: each image's own size and crop)")
-    p.add_argument("--resolution", type=integer(8), default=512)
+    p.add_argument("--resolution", type=resolution, default=512)
     p.add_argument("--batch_size", type=POSITIVE, default=8)
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument("--device", default="auto")
@@ -60,8 +60,8 @@ def parse_args(argv=None):
         if path and os.path.realpath(path) in inputs:
             raise UserError(f"--{flag} {path} is the input --meta_path {inputs[os.path.realpath(path)]}: it would be replaced; "
                             "write to another file")
-        if path and os.path.isdir(path):
-            raise UserError(f"--{flag} {path}: a folder, but a file is written there")
+        if path and (args.meta_path or flag == "scored_meta_path"):
+            output_file(path, f"--{flag}")  # now, not after the scoring
     if args.scored_meta_path and os.path.realpath(args.scored_meta_path) == os.path.realpath(args.output_path):
         raise UserError(f"--output_path and --scored_meta_path are the same file ({args.output_path})")
     return args

@@ -65,7 +65,7 @@ def main(argv=None):
     prepare.init_trackers(accelerator, args, "train_RORem")
     val_samples = validation.validation_samples(args, val_entries) if args.validation_steps else []
 
-    global_step = checkpoint.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args, "train_RORem.py", "remover")
     prepare.logger.info("%d samples, %d steps, batch %d x %d processes x %d accumulation", len(dataset), max_steps,
                    args.train_batch_size, accelerator.num_processes, args.gradient_accumulation_steps)
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)

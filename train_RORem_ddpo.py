@@ -103,7 +103,7 @@ def main(argv=None):
             json.dump({"rows": ["source", "mask", "start", "current"], "start": history["evals"][0]["per_sample"][:n],
                        "current": per_sample[:n]}, f, indent=1)
 
-    global_step = checkpoint.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args, "train_RORem_ddpo.py", "remover")
     first_epoch = global_step // steps_per_epoch
     stream = prepare.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
                               1, 10 ** 9)

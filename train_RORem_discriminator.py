@@ -149,7 +149,7 @@ def main(argv=None):
             last[step] = metrics
             return metrics
 
-    global_step = checkpoint.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args, "train_RORem_discriminator.py", "discriminator")
     initial = validate(global_step) if global_step == 0 else None  # the untrained baseline
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():

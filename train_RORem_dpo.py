@@ -81,7 +81,7 @@ def main(argv=None):
     def validate(step):
         return preference.validate_against_reference(accelerator, args, comps, unet, ref_unet, val_samples, reward, reference, step)
 
-    global_step, final = checkpoint.resume(accelerator, args), None
+    global_step, final = checkpoint.resume(accelerator, args, "train_RORem_dpo.py", "remover"), None
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):

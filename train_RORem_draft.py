@@ -75,6 +75,9 @@ def parse_args(argv=None):
     if not args.use_lora:
         raise UserError("train_RORem_draft.py trains a LoRA (the start is the same UNet with its adapters off, or the "
                         "--student_lora as loaded): keep --use_lora")
+    given = [k for k in ("lora_rank", "lora_alpha", "lora_target_modules") if getattr(args, k) != parser.get_default(k)]
+    if args.student_lora and given:  # the student's file sets them; taking the flag silently would be a lie
+        raise UserError(f"--{given[0]} with --student_lora: the student LoRA keeps its own rank, alpha and layers; drop --{given[0]}")
     steps = int(args.sample_steps * args.strength)
     if steps == 0:
         raise UserError(f"--strength {args.strength} with --sample_steps {args.sample_steps} denoises no step")
@@ -162,7 +165,7 @@ def main(argv=None):
         validation.log_validation(accelerator, out, step)
         return out
 
-    global_step, final = checkpoint.resume(accelerator, args), None
+    global_step, final = checkpoint.resume(accelerator, args, "train_RORem_draft.py", "lcm_student" if args.student_lora else "remover"), None
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     n = len(sampler.timesteps)
     for batch in run.batches():

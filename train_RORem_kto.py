@@ -83,7 +83,7 @@ def main(argv=None):
     def global_mean(x):
         return accelerator.reduce(x.reshape(1), reduction="mean")[0]  # the reference point over every rank's batch
 
-    global_step, final = checkpoint.resume(accelerator, args), None
+    global_step, final = checkpoint.resume(accelerator, args, "train_RORem_kto.py", "remover"), None
     prepare.logger.info("%d scored results (%d good), lambda_D %.3f, lambda_U %.3f", len(entries),
                         sum(e.score >= 0.5 for e in entries), lambda_d, lambda_u)
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)

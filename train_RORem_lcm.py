@@ -107,7 +107,7 @@ def parse_args(argv=None, rewarded=False):
     if args.validation_steps and int(args.validation_lcm_steps * args.validation_lcm_strength) < 1:
         raise UserError(f"--validation_lcm_steps {args.validation_lcm_steps} at --validation_lcm_strength "
                         f"{args.validation_lcm_strength} runs no denoising step")
-    args.guidance_rewards = parse_reward_spec(args.reward_guidance) if args.reward_guidance else {}
+    args.guidance_rewards = parse_reward_spec(args.reward_guidance, "--reward_guidance") if args.reward_guidance else {}
     unknown = set(args.guidance_rewards) - set(GUIDANCE_REWARDS)
     if unknown:
         raise UserError(f"--reward_guidance {args.reward_guidance}: {', '.join(sorted(unknown))} cannot be differentiated here; "
@@ -252,6 +252,9 @@ def main(argv=None, rewarded=False):
 
         ema = EMAModel(params, decay=args.ema_decay)
     sched = comps.noise_scheduler
+    if args.num_ddim_timesteps > sched.config.num_train_timesteps:
+        raise UserError(f"--num_ddim_timesteps {args.num_ddim_timesteps}: at most the scheduler's {sched.config.num_train_timesteps} "
+                        "training timesteps (the solver steps over them; RORem uses 50)")
     solver = DDIMSolver(sched.alphas_cumprod, sched.config.num_train_timesteps, args.num_ddim_timesteps).to(accelerator.device)
 
     reward = None
@@ -275,7 +278,8 @@ def main(argv=None, rewarded=False):
     save = lambda m, d: save_unet(m, d, lora=True)  # noqa: E731
     checkpoint.register_hooks(accelerator, save, lambda m, d: load_unet_weights(m, d, lora=True), ema)
     accelerator.register_for_checkpointing(memory)
-    prepare.init_trackers(accelerator, args, "train_RORem_lcm_rewarded" if weighted else "train_RORem_lcm")
+    name = "train_RORem_lcm_rewarded" if weighted else "train_RORem_lcm"
+    prepare.init_trackers(accelerator, args, name)
     validating = args.validation_steps and accelerator.is_main_process
     count = max(args.win_rate_samples, args.num_validation_images)
     val_samples = validation.validation_samples(args, val_entries, "triplet", count) if validating else []
@@ -302,7 +306,7 @@ def main(argv=None, rewarded=False):
         validation.log_validation(accelerator, metrics, step)
         return metrics
 
-    global_step, final = checkpoint.resume(accelerator, args), None
+    global_step, final = checkpoint.resume(accelerator, args, f"{name}.py", "lcm_student"), None
     run = loop.TrainingRun(accelerator, args, loader, max_steps, num_epochs, global_step)
     for batch in run.batches():
         with accelerator.accumulate(unet):

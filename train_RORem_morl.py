@@ -206,7 +206,7 @@ def main(argv=None):
         """Held-out objective vector (means over the validation inputs) of one slot."""
         return np.mean(objectives_per_input(eval_samples, adapter), axis=0).tolist()
 
-    global_step = checkpoint.resume(accelerator, args)
+    global_step = checkpoint.resume(accelerator, args, "train_RORem_morl.py", "remover")
     first_generation = global_step // steps_per_generation
     stream = prepare.epoch_batches(loader, rl_loop.first_sampled_epoch(global_step, steps_per_epoch) * args.sample_batches_per_epoch,
                               1, 10 ** 9)
@@ -257,6 +257,8 @@ def main(argv=None):
                 if accelerator.is_main_process:
                     if added:
                         save_unet(raw, os.path.join(args.output_dir, "archive", entry["name"]), lora=True, adapter=slots[k])
+                        checkpoint.write_record(os.path.join(args.output_dir, "archive", entry["name"]),
+                                                checkpoint.read_record(args.output_dir))
                     for name in removed:
                         shutil.rmtree(os.path.join(args.output_dir, "archive", name), ignore_errors=True)
             points = state.archive.points
@@ -311,10 +313,12 @@ def write_outputs(accelerator, args, raw, state, slots, names, test=None):
     if not accelerator.is_main_process:
         return None
     front = {e["name"] for e in state.archive.entries}
+    record = checkpoint.read_record(args.output_dir)
     index = []
     for k, name in enumerate(slots):
         folder = os.path.join(args.output_dir, name)
         save_unet(raw, folder, lora=True, adapter=name)
+        checkpoint.write_record(folder, record)  # each policy is a remover LoRA of this run
         index.append({"name": name, "path": folder, "weights": state.weights[k], "objectives": state.objectives[k],
                       "on_front": not any(mo.dominates(e["objectives"], state.objectives[k]) for e in state.archive.entries)})
     for e in state.archive.entries:

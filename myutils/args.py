@@ -21,7 +21,8 @@ def _bounded(kind, name, minimum=None, maximum=None, above=None, below=None):
         for bound, holds, words in ((minimum, lambda b: value >= b, "at least"), (maximum, lambda b: value <= b, "at most"),
                                     (above, lambda b: value > b, "above"), (below, lambda b: value < b, "below")):
             if bound is not None and not holds(bound):
-                raise argparse.ArgumentTypeError(f"must be {words} {bound:g}, got {value:g}")
+                raise argparse.ArgumentTypeError(f"must be {words} {bound if kind is int else format(bound, 'g')}, "
+                                                 f"got {value if kind is int else format(value, 'g')}")
         return value
     parse.__name__ = name  # argparse names the type in its own messages
     return parse
@@ -37,9 +38,17 @@ def real(minimum=None, maximum=None, above=None, below=None):
     return _bounded(float, "number", minimum, maximum, above, below)
 
 
+def resolution(text):
+    """A processing size in pixels: a multiple of 8 (the VAE's factor; the latents would not tile), at least 8."""
+    value = integer(8)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return value
+
+
 POSITIVE = integer(1)        # sizes, counts, steps
 NONNEGATIVE = integer(0)     # "0 = off" intervals, offsets
-SEED = integer(0)
+SEED = integer(0, 2 ** 32 - 1)  # what every library's generator takes (numpy's legacy one the least)
 FRACTION = real(0, 1)        # decays, shares
 SCORE = real()               # thresholds on discriminator scores (RORem's softplus head is not bounded by 1)
 POSITIVE_REAL = real(above=0)

@@ -6,6 +6,7 @@ reported on one line as `<meta file>: entry <i>: <problem>`.
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -74,6 +75,10 @@ def read_meta(meta_paths, kind):
     entries, problems = [], []
     for meta_path in meta_paths:
         meta_path = str(meta_path)
+        if os.path.isdir(meta_path):  # a folder stands for the meta.json in it
+            if not os.path.isfile(os.path.join(meta_path, "meta.json")):
+                raise UserError(f"{meta_path}: a folder without meta.json (give the meta file itself)")
+            meta_path = os.path.join(meta_path, "meta.json")
         root = os.path.dirname(os.path.abspath(meta_path))
         for i, raw in enumerate(_load_json_list(meta_path)):
             where = f"{meta_path}: entry {i}"
@@ -187,6 +192,23 @@ def fingerprint(kind, digests):
     for d in digests:
         h.update(d.encode())
     return h.hexdigest()
+
+
+def check_scores_agree(entries, what="--meta_path"):
+    """One input and result scored both good (>= 0.5) and bad teach nothing: a warning naming how many
+    and the first, and an error when that is every entry (a merge of two annotators' files gone wrong)."""
+    seen = {}
+    for e in entries:
+        seen.setdefault(tuple(sorted(e.paths.items())), []).append(e)
+    torn = [group for group in seen.values() if len({s.score >= 0.5 for s in group}) == 2]
+    if not torn:
+        return
+    count = sum(len(g) for g in torn)
+    first = f"{torn[0][0].where()} and {torn[0][1].where().rsplit(': ', 1)[-1]} ({torn[0][0].paths['GT']})"
+    if count == len(entries):
+        raise UserError(f"{what}: every result is scored both good and bad (e.g. {first}); nothing to learn from")
+    logging.getLogger("rorem").warning("%s: %d of %d entries score the same result both good and bad (e.g. %s)", what, count, len(entries), first)
+
 
 
 def scan_entries(entries, num_workers=8, progress=False):

@@ -10,7 +10,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.unet_sdxl_discriminator import CONFIG_FILE, FULL_FILE, HEAD_FILE, LORA_FILE
+from model.unet_sdxl_discriminator import CONFIG_FILE, FULL_FILE, HEAD_ACTIVATIONS, HEAD_FILE, LORA_FILE
 
 from .errors import UserError
 from .models import read_lora, save_unet
@@ -96,6 +96,15 @@ def read_discriminator_config(folder):
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         return {"head_activation": "softplus", "conditioning": "rorem"}  # RORem's release
-    with open(path) as f:
-        cfg = json.load(f)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {str(e)[:120]}); it is written with the discriminator's "
+                        "weights: copy the folder again") from None
+    if cfg.get("head_activation", "softplus") not in HEAD_ACTIVATIONS or cfg.get("conditioning", "per_sample") not in ("rorem", "per_sample"):
+        raise UserError(f"{path}: head_activation {cfg.get('head_activation')!r} / conditioning {cfg.get('conditioning')!r} "
+                        "are not ones this code wrote")
     return {"head_activation": cfg.get("head_activation", "softplus"), "conditioning": cfg.get("conditioning", "per_sample")}

@@ -38,3 +38,18 @@ def output_folder(path, flag):
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write in it")
     return path
+
+
+def output_file(path, flag):
+    """Say in one line, before any work, why a file cannot be written at `path`: a folder there, a file
+    where a folder of its path should be, no permission."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: a folder; give a file name")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}")
+    return path

@@ -155,6 +155,18 @@ def paste_back(result, source, mask):
     return Image.composite(to_rgb(result), to_rgb(source), binary)
 
 
+MAX_ASPECT = 4  # SDXL was trained up to about 1:4; beyond it the long side's cost grows with nothing to gain
+
+
+def aspect_problem(width, height):
+    """Why an image of this size is not run (too long for its width), or None."""
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT:
+        return (f"{width}x{height} px: one side is {ratio:.1f} times the other (at most {MAX_ASPECT}; the model runs with "
+                "the short side at --resolution, so the long side would be that many times --resolution); crop it first")
+    return None
+
+
 def processing_size(width, height, resolution, multiple=8):
     """(width, height) to run the model at: the shorter side becomes `resolution` as in training,
     the aspect ratio is kept, and both sides are rounded to a multiple of 8."""

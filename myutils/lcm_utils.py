@@ -15,6 +15,8 @@ class DDIMSolver:
     N = 50; alpha_prev of index n is alphas_cumprod[t_{n-1}] (alphas_cumprod[0] for n = 0)."""
 
     def __init__(self, alphas_cumprod, timesteps=1000, ddim_timesteps=50):
+        if not 1 <= ddim_timesteps <= timesteps:  # more would make every solver timestep -1
+            raise ValueError(f"{ddim_timesteps} DDIM timesteps of {timesteps}: between 1 and {timesteps}")
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         self.step_ratio = timesteps // ddim_timesteps
         self.ddim_timesteps = (torch.arange(1, ddim_timesteps + 1) * self.step_ratio).round().long() - 1

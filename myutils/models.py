@@ -100,6 +100,29 @@ def resolve_device_dtype(device="auto", dtype="auto"):
 # ----------------------------------------------------------------------------- LoRA files
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+MODEL_RECORD = "rorem_model.json"  # written by our training scripts: which script, which kind (training/checkpoint.py)
+MODEL_KINDS = {"remover": "a remover (the full sampler's UNet or LoRA)", "lcm_student": "a 4-step LCM student LoRA",
+               "discriminator": "a discriminator"}
+
+
+def check_kind(path, expected, flag):
+    """Refuse a model folder our scripts recorded as another kind than `expected` (a tuple of
+    MODEL_KINDS); files without a record (RORem's releases, other tools) are taken as given."""
+    import json
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    record = os.path.join(folder, MODEL_RECORD)
+    if not os.path.isfile(record):
+        return None
+    try:
+        with open(record) as f:
+            kind, script = (lambda r: (r["kind"], r.get("script", "?")))(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{flag} {path}: {record} is unreadable ({e.__class__.__name__})") from None
+    if kind not in expected:
+        raise UserError(f"{flag} {path}: {MODEL_KINDS.get(kind, kind)} (made by {script}), but {flag} takes "
+                        f"{' or '.join(MODEL_KINDS[k] for k in expected)}")
+    return kind
 
 
 def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
@@ -112,11 +135,17 @@ def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
     silently drops every attention LoRA of it; here each key is converted on its own."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    from model.unet_sdxl_discriminator import HEAD_FILE
+
     if pipeline_cls is None:
         from diffusers import StableDiffusionXLInpaintPipeline as pipeline_cls
     if not os.path.exists(path):
         raise UserError(f"{flag} {path}: not found")
     folder, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    if flag != "--RORem_discriminator" and os.path.isfile(os.path.join(folder or ".", HEAD_FILE)):
+        # its LoRA would load onto a remover's UNet with a warning at most
+        raise UserError(f"{flag} {path}: a discriminator (its folder holds {HEAD_FILE}), not a remover LoRA; a discriminator "
+                        "goes to --RORem_discriminator / --discriminator_path")
     if name is None and not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
         raise UserError(f"{flag} {path}: no {LORA_WEIGHTS} in this folder")
     try:  # SDXL's loader returns (state, alphas, metadata), FLUX's (state, metadata)
@@ -131,24 +160,19 @@ def read_lora(path, flag="--RORem_LoRA", pipeline_cls=None, prefix="unet"):
     return convert_unet_state_dict_to_peft(ours), metadata
 
 
-def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA"):
+def load_lora_into_pipeline(pipe, path, flag="--RORem_LoRA", kinds=("remover", "lcm_student")):
     """Put a LoRA file on the pipeline's UNet (load_lora_into_unet); returns the adapter's name."""
-    return load_lora_into_unet(pipe.unet, path, flag)
+    return load_lora_into_unet(pipe.unet, path, flag, kinds=kinds)
 
 
-def load_lora_into_unet(unet, path, flag="--RORem_LoRA", adapter_name=None):
+def load_lora_into_unet(unet, path, flag="--RORem_LoRA", adapter_name=None, kinds=("remover", "lcm_student")):
     """Put a LoRA file on a UNet as a new adapter (read_lora: any naming; its rank, alpha and target
     layers from the file) and check that every one of its weights landed; returns the adapter's name.
-    diffusers only warns about keys it could not place."""
+    diffusers only warns about keys it could not place. kinds: what the flag takes (check_kind)."""
     from peft.utils import get_peft_model_state_dict
 
-    from model.unet_sdxl_discriminator import HEAD_FILE
-
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(os.path.join(folder, HEAD_FILE)):  # its LoRA would load onto the UNet with a warning at most
-        raise UserError(f"{flag} {path}: a discriminator (its folder holds {HEAD_FILE}), not a remover LoRA; a discriminator "
-                        "goes to --RORem_discriminator / --discriminator_path")
     state, metadata = read_lora(path, flag)
+    check_kind(path, kinds, flag)
     before = set(getattr(unet, "peft_config", {}) or {})
     unet.load_lora_adapter({f"unet.{k}": v for k, v in state.items()}, prefix="unet", network_alphas=None, metadata=metadata,
                            adapter_name=adapter_name)

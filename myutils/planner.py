@@ -30,9 +30,21 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def read_config(path):
-    with open(path) as f:
-        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+def read_config(path, cls):
+    """A model's config.json (the diffusers layout) for class `cls`, keys starting with _ left out (a
+    config of another class, or none, would build the class's defaults without a word)."""
+    from .errors import UserError
+
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not a model config.json ({e.__class__.__name__}: {str(e)[:120]})") from None
+    if cfg.get("_class_name") != cls.__name__:
+        raise UserError(f"{path}: a config of {cfg.get('_class_name') or 'no class'} (\"_class_name\"), expected {cls.__name__}")
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def meta_unet(config_path, dtype=torch.float32):
@@ -40,7 +52,7 @@ def meta_unet(config_path, dtype=torch.float32):
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(read_config(config_path)).to(dtype)
+        return UNet2DConditionModel.from_config(read_config(config_path, UNet2DConditionModel)).to(dtype)
 
 
 def meta_discriminator(config_path, dtype=torch.float32, unet=None):
@@ -56,7 +68,7 @@ def meta_vae(config_path, dtype=torch.float32):
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        return AutoencoderKL.from_config(read_config(config_path)).to(dtype)
+        return AutoencoderKL.from_config(read_config(config_path, AutoencoderKL)).to(dtype)
 
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # the scripts' default LoRA targets
@@ -264,7 +276,7 @@ def meta_flux(config_path, dtype=torch.float32):
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel.from_config(read_config(config_path)).to(dtype)
+        return FluxTransformer2DModel.from_config(read_config(config_path, FluxTransformer2DModel)).to(dtype)
 
 
 def flux_inputs(model, batch, resolution, text_tokens=512, device="meta"):

@@ -5,6 +5,7 @@ config) is myutils/discriminator_files.py.
 Inputs, as RORem trains it: latents of the edited result at t = 0, the mask, and latents of the
 UNMASKED source, with the empty-prompt conditioning.
 """
+import math
 import os
 
 import torch
@@ -15,7 +16,7 @@ from model.unet_sdxl_discriminator import UNetSDXLDiscriminator
 from .data import RemovalDataset, crop_sample, stack_samples
 from .discriminator_files import load_discriminator_weights, read_discriminator_config
 from .errors import UserError
-from .models import load_inpaint_pipeline
+from .models import check_kind, load_inpaint_pipeline
 from .sdxl_inpaint import batch_latent_params, encode_prompt_once, posterior_mean_latents, unet_input
 
 CONDITIONINGS = ("rorem", "per_sample")
@@ -132,6 +133,7 @@ def load_reward_model(pretrained_model, discriminator_path, resolution=512, devi
 
     if not os.path.isdir(discriminator_path):
         raise UserError(f"{flags[1]} {discriminator_path}: folder not found")
+    check_kind(discriminator_path, ("discriminator",), flags[1])  # a remover's run folder is not one
     cfg = read_discriminator_config(discriminator_path)
     pipe = load_inpaint_pipeline(pretrained_model, variant=variant, flags=(flags[0], "--pretrained_unet"))
     condition = encode_prompt_once(pipe, "")
@@ -262,19 +264,28 @@ class ScoreMemory:
 REWARDS = ("discriminator", "preserve", "gt", "jpeg")
 
 
-def parse_reward_spec(spec):
-    """'discriminator=1,preserve=0.5' -> {"discriminator": 1.0, "preserve": 0.5}; a bare name has weight 1."""
+def parse_reward_spec(spec, flag="--reward"):
+    """'discriminator=1,preserve=0.5' -> {"discriminator": 1.0, "preserve": 0.5}; a bare name has weight 1.
+    A weight is a finite number >= 0 (a negative one would train against the reward), and a name comes once."""
     out = {}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, weight = part.partition("=")
+        name = name.strip()
         if name not in REWARDS:
-            raise UserError(f"--reward: unknown reward {name!r} (one of {', '.join(REWARDS)})")
+            raise UserError(f"{flag}: unknown reward {name!r} (one of {', '.join(REWARDS)})")
+        if name in out:
+            raise UserError(f"{flag} {spec}: {name!r} is named twice; give each reward once")
         try:
-            out[name] = float(weight) if weight else 1.0
+            value = float(weight) if weight else 1.0
         except ValueError:
-            raise UserError(f"--reward: weight of {name!r} is not a number: {weight!r}") from None
+            raise UserError(f"{flag}: weight of {name!r} is not a number: {weight!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{flag}: weight of {name!r} must be a finite number >= 0, got {weight}")
+        out[name] = value
     if not out:
-        raise UserError("--reward: give at least one name=weight")
+        raise UserError(f"{flag}: give at least one name=weight")
+    if not any(out.values()):
+        raise UserError(f"{flag} {spec}: every weight is 0, so nothing would be rewarded")
     return out
 
 

@@ -17,7 +17,9 @@ def sample_generators(batch, seed):
     2 ranks x batch B train exactly like 1 rank x batch 2B, and a resumed run like a straight one.
     batch["epoch"] and batch["index"] are CPU tensors or lists (myutils/data.to_device keeps them there)."""
     epochs, indices = (torch.as_tensor(batch[k]).reshape(-1).tolist() for k in ("epoch", "index"))
-    return [torch.Generator("cpu").manual_seed((seed * 1_000_003 + int(e)) * 1_000_033 + int(i)) for e, i in zip(epochs, indices)]
+    # modulo 2**64, what a generator takes (a large --seed would overflow it); smaller values unchanged
+    return [torch.Generator("cpu").manual_seed(((seed * 1_000_003 + int(e)) * 1_000_033 + int(i)) % 2 ** 64)
+            for e, i in zip(epochs, indices)]
 
 
 def _home(generator):

@@ -5,9 +5,9 @@ import argparse
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 
-from myutils.args import NONNEGATIVE_REAL, POSITIVE, SEED, integer, real
+from myutils.args import NONNEGATIVE_REAL, POSITIVE, SEED, real, resolution
 from myutils.errors import UserError
-from myutils.img_util import paste_back, processing_size
+from myutils.img_util import aspect_problem, paste_back, processing_size
 from myutils.models import DEFAULT_MODEL, load_inpaint_pipeline, load_lora_into_pipeline
 from myutils.sdxl_inpaint import encode_prompt_pair
 
@@ -59,15 +59,13 @@ def add_remover_args(p):
     p.add_argument("--guidance_scale", type=NONNEGATIVE_REAL, default=1.0, help="> 1: classifier-free guidance")
     p.add_argument("--prompt", default="")
     p.add_argument("--negative_prompt", default="")
-    p.add_argument("--resolution", type=integer(8), default=512, help="shorter side while processing (multiple of 8)")
+    p.add_argument("--resolution", type=resolution, default=512, help="shorter side while processing (multiple of 8)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: fp16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto")
 
 
 def check_remover_args(args):
-    if args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
     if int(args.inference_steps * args.strength) < 1:
         raise UserError(f"--inference_steps {args.inference_steps} at --strength {args.strength} runs no denoising step")
 
@@ -77,7 +75,8 @@ def load_remover(args, device, dtype):
     pipe = load_inpaint_pipeline(args.pretrained_model, args.RORem_unet, variant=args.variant, dtype=dtype,
                                  flags=("--pretrained_model", "--RORem_unet"))
     if args.lora_path:
-        load_lora_into_pipeline(pipe, args.lora_path, "--RORem_LoRA")
+        # an LCM student runs with LCMScheduler in 4 steps, a remover's LoRA with the full sampler
+        load_lora_into_pipeline(pipe, args.lora_path, "--RORem_LoRA", kinds=("lcm_student",) if args.scheduler == "lcm" else ("remover",))
         if args.fuse_lora:
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # the merged weights stay; the LoRA layers go
@@ -107,6 +106,8 @@ def count_unet_calls(pipe):
 def remove_objects(pipe, cond, uncond, images, masks, args, seed):
     """Process same-sized images together; return results at each input's original size, pasted back."""
     w, h = images[0].size
+    if aspect_problem(w, h):
+        raise UserError(aspect_problem(w, h))
     size = processing_size(w, h, args.resolution)
     small = [im.resize(size, resample=3) for im in images]
     small_masks = [m.resize(size, resample=0) for m in masks]

@@ -26,7 +26,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from myutils.args import POSITIVE, SEED  # noqa: E402
+from myutils.args import NONNEGATIVE_REAL, POSITIVE, SEED  # noqa: E402
 from toy_world.data import BACKGROUNDS  # noqa: E402
 
 STRUCTURED = ("stripes", "two_tone", "grid")
@@ -773,8 +773,8 @@ def main():
     p.add_argument("--epsilon_steps", type=POSITIVE, default=1500,
                    help="lcm_epsilon: fine-tuning steps of the remover as epsilon-prediction (at batch 32)")
     p.add_argument("--epsilon_lcm_steps", type=POSITIVE, default=200, help="lcm_epsilon: distillation steps of its 4-step student")
-    p.add_argument("--rg_lcd_beta_gt", type=float, default=0.001, help="draft: RG-LCD's weight of the GT-error guidance")
-    p.add_argument("--rg_lcd_beta", type=float, default=0.001, help="draft: RG-LCD's weight of the discriminator's guidance")
+    p.add_argument("--rg_lcd_beta_gt", type=NONNEGATIVE_REAL, default=0.001, help="draft: RG-LCD's weight of the GT-error guidance")
+    p.add_argument("--rg_lcd_beta", type=NONNEGATIVE_REAL, default=0.001, help="draft: RG-LCD's weight of the discriminator's guidance")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--backgrounds", nargs="+", choices=sorted(BACKGROUNDS), default=list(STRUCTURED),
                    help="the toy's background families (scripts/make_toy_dataset.py): stripes, two_tone and grid put "

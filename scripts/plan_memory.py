@@ -30,7 +30,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from myutils.args import POSITIVE, POSITIVE_REAL, integer, real  # noqa: E402
-from myutils.errors import UserError, run_cli  # noqa: E402
+from myutils.errors import UserError, output_file, run_cli  # noqa: E402
 
 # per batch element: UNet passes with backward, forward-only passes, VAE encodes (uncached);
 # `what` names the passes for the table; `script` the training script when the key is not its name
@@ -278,6 +278,8 @@ def main(argv=None):
     for flag in ("unet_config", "vae_config", "flux_config", "flux_vae_config"):
         if not os.path.isfile(getattr(args, flag)):
             raise UserError(f"--{flag} {getattr(args, flag)}: file not found")
+    if args.output:
+        output_file(args.output, "--output")
     rows, counts = plan(args)
     text = table(rows, args, counts)
     print(text)

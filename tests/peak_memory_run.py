@@ -35,7 +35,7 @@ def main():
 
     live = pl.LiveTensorBytes("cpu")  # DeepSpeed keeps meta copies of the parameters: no memory
     with live:
-        unet = UNet2DConditionModel.from_config(pl.read_config(a.config))
+        unet = UNet2DConditionModel.from_config(pl.read_config(a.config, UNet2DConditionModel))
         if a.checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()

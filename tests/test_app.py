@@ -76,24 +76,73 @@ def test_removal_errors_are_messages(remover, tmp_path):
     with pytest.raises(UserError, match="paint over the object"):
         remover.remove(image, Image.new("L", image.size, 0), app.FULL, 0)
     remover_without_lcm = object.__new__(app.Remover)
-    remover_without_lcm.lcm_scheduler = None
+    remover_without_lcm.lcm_scheduler, remover_without_lcm.args = None, remover.args
     with pytest.raises(UserError, match="start it with --lcm_lora for 4-step removal"):
         app.Remover.remove(remover_without_lcm, image, Image.new("L", image.size, 255), app.FOUR, 0)
 
 
-def test_a_removal_in_the_browser(browser, remover, tmp_path):
+def test_uploads_and_seeds_the_queue_should_not_take_each_get_their_own_message(remover, tmp_path, monkeypatch):
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    long = Image.new("RGB", (3, 500))  # ran 13+ minutes at 64 x 10,664 px
+    with pytest.raises(UserError, match=r"^the image: 3x500 px: one side is 166.7 times the other \(at most 4"):
+        remover.remove(long, Image.new("L", long.size, 255), app.FULL, 0)
+    big = Image.new("RGB", (remover.args.max_side + 8, 4000))
+    with pytest.raises(UserError, match=rf"^the image is {remover.args.max_side + 8}x4000 px: at most {remover.args.max_side} px"):
+        remover.remove(big, Image.new("L", big.size, 255), app.FULL, 0)
+    monkeypatch.setattr(app.time, "strftime", lambda fmt: "20261207-120000")  # the same removal twice in one second
+    small, small_mask = _inputs(tmp_path)
+    paths = [remover.remove(small, small_mask, app.FOUR, 3)[1] for _ in range(2)]
+    assert paths[0] != paths[1] and all(os.path.isfile(p) for p in paths)  # both kept
+    for seed in (1.5, 2 ** 70, -1, float("nan"), "7", True):
+        with pytest.raises(UserError, match=r"^seed .*: a whole number from 0 to 4294967295$"):
+            app.seed_of(seed)
+    assert app.seed_of(7.0) == 7 and isinstance(app.seed_of(7.0), int)
+    # what Gradio decodes before our function runs: a file that is not an image, and a decompression bomb
+    (tmp_path / "notes.png").write_text("not an image")
+    component = app.readable_uploads(gr.Image(type="pil", image_mode="L"), "the mask")
+    with pytest.raises(gr.Error, match="the mask is not an image this app can read"):
+        component.preprocess(FileData(path=str(tmp_path / "notes.png")))
+    Image.new("L", (40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # past twice the limit: Pillow refuses it
+    with pytest.raises(gr.Error, match="the mask has more than 0 million pixels"):
+        component.preprocess(FileData(path=str(tmp_path / "bomb.png")))
+
+
+def test_the_app_answers_only_its_own_host_names_and_says_when_its_port_is_taken(remover, capsys):
+    from fastapi.testclient import TestClient
+
+    from myutils.web import allowed_hosts
+
+    client = TestClient(app.build_server(remover, allowed_hosts("127.0.0.1")), base_url="http://127.0.0.1:7860")
+    assert client.get("/").status_code == 200
+    assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/config", headers={"Host": "evil.example:7860"}).status_code == 400
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SystemExit):  # before any model is loaded
+            app.run_cli(lambda: app.main(["--pretrained_model", "nowhere", "--port", str(port)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --host 127.0.0.1 --port {port}: in use (another server? give --port)"]
+    taken = os.path.join(remover.output_dir, "a_file")
+    open(taken, "w").close()
+    with pytest.raises(UserError, match=r"^--output_dir .*a_file: a file, not a folder$"):  # at parsing: before the models load
+        app.parse_args(["--output_dir", taken])
+
+
+def test_a_removal_in_the_browser(browser, serve, remover, tmp_path):
     from conftest import SCREENSHOTS
+    from myutils.web import allowed_hosts
 
     image, _ = _inputs(tmp_path)
     image.resize((256, 192), Image.NEAREST).save(tmp_path / "upload.png")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = app.build_demo(remover)
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url, stop = serve(app.build_server(remover, allowed_hosts("127.0.0.1")))  # as main() serves it
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(f"{url}/")
         page.wait_for_selector("#editor canvas")
         zoom = "Array.from(document.querySelectorAll('#editor *')).map(e => e.childElementCount ? '' : e.textContent)" \
                ".find(t => /^\\d+%$/.test(t.trim()))"
@@ -125,4 +174,4 @@ def test_a_removal_in_the_browser(browser, remover, tmp_path):
         # only the painted stroke (a diagonal round the centre) changed; the corners are untouched
         assert changed[80:112, 112:144].any() and not changed[:40].any() and not changed[-40:].any()
     finally:
-        demo.close()
+        stop()

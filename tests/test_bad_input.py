@@ -1,6 +1,7 @@
 """Bad numbers and --config values stop every tool before any work, with the argument's own name (or the
 YAML file and key) in one line: argparse's `error: argument --x: ...` or our `error: ...`."""
 import importlib
+import json
 import os
 import sys
 
@@ -52,6 +53,15 @@ CASES = [
     ("build_preference_pairs", ["--output_dir", "o"], "--min_margin", "nan", "--min_margin: expected a finite number, got 'nan'"),
     ("sweep_dpo", [], "--betas", "0", "--betas: must be above 0, got 0"),
     ("sweep_lcm", [], "--thresholds", "inf", "--thresholds: expected a finite number, got 'inf'"),
+    ("train_RORem", TRAIN, "--lr_scheduler", "cosine_warm", "--lr_scheduler: invalid choice: 'cosine_warm'"),
+    ("train_RORem", TRAIN, "--seed", str(2 ** 70), f"--seed: must be at most 4294967295, got {2 ** 70}"),
+    ("inference_RORem", [], "--seed", str(2 ** 70), f"--seed: must be at most 4294967295, got {2 ** 70}"),
+    ("inference_RORem_discriminator", ["--RORem_discriminator", "d"], "--resolution", "60", "--resolution: must be a multiple of 8, got 60"),
+    ("inference_RORem", [], "--resolution", "60", "--resolution: must be a multiple of 8, got 60"),
+    ("annotate_RORem", ["--meta_path", "m.json"], "--discriminator_threshold", "nan", "--discriminator_threshold: expected a finite number"),
+    ("annotate_RORem", ["--meta_path", "m.json"], "--port", "70000", "--port: must be at most 65535, got 70000"),
+    ("app_RORem", [], "--port", "0", "--port: must be at least 1, got 0"),
+    ("app_RORem", [], "--port", "http", "--port: expected an integer, got 'http'"),
 ]
 
 
@@ -274,3 +284,56 @@ def test_output_folders_that_cannot_be_made_are_named_before_any_work(tmp_path, 
         evaluate_RORem.main(["--meta_path", toy_meta, "--output_dir", str(tmp_path / "file"), "--system", "b=base"])
     with pytest.raises(UserError, match="--save_path .*file: a file, but batch modes write a folder"):
         inference_RORem.main(["--meta_path", toy_meta, "--save_path", str(tmp_path / "file")])
+
+
+def test_files_that_are_broken_or_of_another_kind_are_one_line(tmp_path, tiny_model_dir, toy_meta, disc_dir, capsys):
+    """Each of these ended in a traceback: a truncated discriminator_config.json, a weights file that is
+    not one for the evaluation, a garbage or foreign model config and a folder as the output for the
+    memory planner, a folder given as --meta_path (said to be "not found")."""
+    import shutil
+
+    import evaluate_RORem
+    import inference_RORem_discriminator
+    import plan_memory
+    from myutils.data import read_meta
+
+    disc = tmp_path / "disc"
+    shutil.copytree(disc_dir, disc)
+    (disc / "discriminator_config.json").write_text('{"head_activation": "soft')
+    with pytest.raises(UserError, match=r"discriminator_config.json: unreadable \(JSONDecodeError"):
+        inference_RORem_discriminator.main(["--pretrained_model", tiny_model_dir, "--RORem_discriminator", str(disc),
+                                            "--meta_path", toy_meta, "--resolution", "32"])
+    (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "meta.json").write_text(json.dumps([{k: e.paths[k] for k in ("source", "mask", "GT")}
+                                                   for e in read_meta(toy_meta, "triplet")[:4]]))
+    with pytest.raises(UserError, match=r"^--inception_weights .*garbage.pth: not loadable as fid's weights"):
+        evaluate_RORem.main(["--meta_path", toy_meta, "--output_dir", str(tmp_path / "eval"), "--resolution", "32", "--limit", "4",
+                             "--pretrained_model", tiny_model_dir, "--system", f"gt=results:{results}", "--no-fetch_weights",
+                             "--inception_weights", str(tmp_path / "garbage.pth"), "--fid_dims", "64"])
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"config.json: not a model config.json \(JSONDecodeError"):
+        plan_memory.main(["--unet_config", str(tmp_path / "config.json")])
+    vae = os.path.join(ROOT, "configs", "real", "sdxl_vae.json")
+    with pytest.raises(UserError, match=r"sdxl_vae.json: a config of AutoencoderKL \(\"_class_name\"\), expected UNet2DConditionModel"):
+        plan_memory.main(["--unet_config", vae])
+    with pytest.raises(UserError, match=r"^--output .*: a folder; give a file name"):
+        plan_memory.main(["--output", str(tmp_path)])
+    with pytest.raises(UserError, match=r"a folder without meta.json"):
+        read_meta(str(tmp_path), "triplet")
+    assert len(read_meta(str(results), "triplet")) == 4  # a folder with a meta.json stands for it
+
+
+def test_flags_that_would_be_silently_ignored_are_refused(tmp_path, toy_meta):
+    import train_RORem_draft
+
+    with pytest.raises(UserError, match=r"^--lora_rank with --student_lora: the student LoRA keeps its own rank"):
+        train_RORem_draft.parse_args(TRAIN + ["--student_lora", "s", "--reward", "gt=1", "--lora_rank", "8"])
+    import train_RORem
+
+    with pytest.raises(UserError, match=r"^--lora_rank without --use_lora: a full fine-tune has no LoRA"):
+        train_RORem.parse_args(TRAIN + ["--lora_rank", "8"])
+    with pytest.raises(UserError, match=r"^--latent_cache_dir without --cache_latents"):
+        train_RORem.parse_args(TRAIN + ["--latent_cache_dir", str(tmp_path)])
+    assert train_RORem.parse_args(TRAIN + ["--use_lora", "--lora_rank", "8"]).lora_rank == 8

@@ -104,12 +104,20 @@ def test_nonfinite_loss_skips_the_update_then_stops(tmp_path, tiny_model_dir, to
 
 
 def test_skipped_step_changes_nothing(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
-    """One step whose loss is NaN leaves the weights exactly as they were."""
-    real_loss = train_RORem.diffusion_loss
-    monkeypatch.setattr(train_RORem, "diffusion_loss", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+    """One step whose loss is NaN leaves the weights exactly as they were (its checkpoint is the start);
+    the next, finite, step trains."""
+    real_loss, calls = train_RORem.diffusion_loss, []
+
+    def first_nan(*a, **k):
+        calls.append(1)
+        return real_loss(*a, **k) * (float("nan") if len(calls) == 1 else 1.0)
+
+    monkeypatch.setattr(train_RORem, "diffusion_loss", first_nan)
     out = str(tmp_path / "one")
-    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "1"))
-    assert _max_diff(_state(os.path.join(out, "unet")), _state(os.path.join(tiny_model_dir, "unet"))) == 0.0
+    run_script(train_RORem, _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    start = _state(os.path.join(tiny_model_dir, "unet"))
+    assert _max_diff(_state(os.path.join(out, "checkpoint-1", "unet")), start) == 0.0
+    assert _max_diff(_state(os.path.join(out, "unet")), start) > 0.0
 
 
 def test_process_group_timeout_comes_from_the_argument(tmp_path):

@@ -107,12 +107,14 @@ def test_unet_lora_and_lcm_systems_with_their_options(tmp_path, tiny_model_dir, 
     """unet:DIR runs that UNet (here the pipeline's own: the base's results exactly); lora:DIR and
     lcm:DIR put a trained LoRA on --base_unet (results differ from the base); lcm runs 4 LCMScheduler
     steps at strength 1 unless told; steps= and scheduler= change the UNet calls per image."""
+    import train_RORem
     import train_RORem_lcm
 
-    lora = str(tmp_path / "lcm_lora")
-    run_script(train_RORem_lcm, ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--output_dir", lora,
-                                 "--resolution", "32", "--train_batch_size", "2", "--report_to", "none", "--max_train_steps", "2",
-                                 "--learning_rate", "5e-2", "--lora_rank", "4", "--validation_steps", "0"])
+    lora, remover = str(tmp_path / "lcm_lora"), str(tmp_path / "remover_lora")  # a 4-step student, a remover's LoRA
+    common = ["--pretrained_model_name_or_path", tiny_model_dir, "--meta_path", toy_meta, "--resolution", "32", "--train_batch_size", "2",
+              "--report_to", "none", "--max_train_steps", "2", "--learning_rate", "5e-2", "--lora_rank", "4", "--validation_steps", "0"]
+    run_script(train_RORem_lcm, common + ["--output_dir", lora])
+    run_script(train_RORem, common + ["--output_dir", remover, "--use_lora"])
     import pipelines.inpaint
 
     schedulers, real_load = [], pipelines.inpaint.load_remover
@@ -121,7 +123,7 @@ def test_unet_lora_and_lcm_systems_with_their_options(tmp_path, tiny_model_dir, 
     unet = os.path.join(tiny_model_dir, "unet")
     out = str(tmp_path / "eval")
     summary = ev.main(_args(toy_meta, out, "--pretrained_model", tiny_model_dir, "--base_unet", unet, "--inference_steps", "5",
-                            "--system", "base=base", "--system", f"same unet=unet:{unet}", "--system", f"lora=lora:{lora}",
+                            "--system", "base=base", "--system", f"same unet=unet:{unet}", "--system", f"lora=lora:{remover}",
                             "--system", f"student=lcm:{lora}", "--system", f"student2=lcm:{lora},steps=2",
                             "--system", "base lcm=base,scheduler=lcm,steps=3,strength=1"))
     rows = {r["system"]: r for r in summary["systems"]}

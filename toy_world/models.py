@@ -87,7 +87,7 @@ def pipeline_from_configs(unet_config, vae_config, tmp_dir=None, seed=0, device=
     from myutils.planner import read_config
 
     torch.manual_seed(seed)
-    ucfg, vcfg = read_config(unet_config), read_config(vae_config)
+    ucfg, vcfg = read_config(unet_config, UNet2DConditionModel), read_config(vae_config, AutoencoderKL)
     pooled = ucfg["projection_class_embeddings_input_dim"] - 6 * ucfg["addition_time_embed_dim"]
     hidden = (ucfg["cross_attention_dim"] - pooled, pooled)
     tok = write_byte_tokenizer(tmp_dir or tempfile.mkdtemp())

@@ -61,7 +61,7 @@ def add_lora(unet, args, dtype, adapter_name="default"):
     return params
 
 
-def load_trainable_lora(unet, path, dtype, flag):
+def load_trainable_lora(unet, path, dtype, flag, kinds=("lcm_student",)):
     """Freeze the base UNet (in the compute dtype) and load a saved LoRA (myutils/models.py
     load_lora_into_unet: any naming, its own rank, alpha and layers) as the trainable adapter
     "default", kept in fp32; returns its parameters. Saved again (save_unet) it loads where the
@@ -71,7 +71,7 @@ def load_trainable_lora(unet, path, dtype, flag):
     for p in unet.parameters():
         p.requires_grad_(False)
     cast_base_weights(unet, dtype)
-    load_lora_into_unet(unet, path, flag, adapter_name="default")
+    load_lora_into_unet(unet, path, flag, adapter_name="default", kinds=kinds)
     params = [p for n, p in unet.named_parameters() if "lora_" in n and ".default." in n]
     for p in params:
         p.data = p.data.float()

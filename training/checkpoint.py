@@ -15,6 +15,71 @@ logger = logging.getLogger("rorem")
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# what a run's folder and each checkpoint hold: which script made it, the kind of model (myutils.models
+# MODEL_KINDS) and what it started from, so another script's run or another model's never replaces it
+MODEL_ARGS = ("pretrained_model_name_or_path", "pretrained_unet", "use_lora", "student_lora")
+
+
+def run_record(args, script, kind):
+    def norm(v):  # one folder named two ways is one folder
+        return os.path.realpath(v) if isinstance(v, str) and os.path.exists(v) else v
+
+    return {"kind": kind, "script": script, "model": {k: norm(getattr(args, k)) for k in MODEL_ARGS if hasattr(args, k)}}
+
+
+def claim_output_dir(accelerator, args, script, kind):
+    """Refuse to start in a folder (or from a checkpoint) that holds another script's run, or a run of
+    another model: resuming it would replace its final model and metrics, or load weights of another
+    kind. Then record this run in the folder (before anything else is written there)."""
+    mine = run_record(args, script, kind)
+    places = [args.output_dir] + ([args.resume_from_checkpoint] if args.resume_from_checkpoint not in (None, "latest") else [])
+    for folder in places:
+        theirs = read_record(folder)
+        if theirs is None:
+            continue
+        where = "--output_dir" if folder == args.output_dir else "--resume_from_checkpoint"
+        if theirs.get("script") != script:
+            raise UserError(f"{where} {folder}: holds a {theirs.get('script')} run ({theirs.get('kind')}); {script} would replace "
+                            "or misread it: give another --output_dir")
+        changed = [k for k, v in mine["model"].items() if k in theirs.get("model", {}) and theirs["model"][k] != v]
+        if changed and (folder != args.output_dir or list_checkpoints(folder) or has_final_model(folder)):
+            k = changed[0]
+            raise UserError(f"{where} {folder}: holds a run with --{k} {theirs['model'][k]}, this one has --{k} {mine['model'][k]}; "
+                            "give another --output_dir")
+    if accelerator.is_main_process:
+        write_record(args.output_dir, mine)
+    return mine
+
+
+def has_final_model(folder):
+    from myutils.models import LORA_WEIGHTS
+
+    return any(os.path.exists(os.path.join(folder, n)) for n in (LORA_WEIGHTS, "unet", "final_metrics.json"))
+
+
+def read_record(folder):
+    from myutils.models import MODEL_RECORD
+
+    path = os.path.join(folder, MODEL_RECORD)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError("not an object")
+        return record
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e.__class__.__name__}); it says which run made this folder: restore or delete it") from None
+
+
+def write_record(folder, record):
+    from myutils.models import MODEL_RECORD
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, MODEL_RECORD + ".tmp"), "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(os.path.join(folder, MODEL_RECORD + ".tmp"), os.path.join(folder, MODEL_RECORD))
 
 
 def register_hooks(accelerator, save_model, load_model, ema=None):
@@ -62,6 +127,9 @@ def save_checkpoint(accelerator, args, global_step, extra=None):
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "training_state.json"), "w") as f:
             json.dump({"global_step": global_step, "num_processes": accelerator.num_processes}, f)
+        record = read_record(args.output_dir)
+        if record is not None:  # a checkpoint's model is usable on its own: it says what it is too
+            write_record(tmp, record)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -81,8 +149,10 @@ def resume_path(args):
     return os.path.join(args.output_dir, found[-1]) if found else None
 
 
-def resume(accelerator, args):
-    """Load `--resume_from_checkpoint latest|PATH`; return the optimizer step to continue from."""
+def resume(accelerator, args, script, kind):
+    """Claim --output_dir for this run (claim_output_dir), then load `--resume_from_checkpoint
+    latest|PATH`; return the optimizer step to continue from."""
+    claim_output_dir(accelerator, args, script, kind)
     path = resume_path(args)
     if path is None:
         if args.resume_from_checkpoint:

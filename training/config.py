@@ -8,7 +8,7 @@ import sys
 import torch
 import yaml
 
-from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SEED, integer, real
+from myutils.args import NONNEGATIVE, NONNEGATIVE_REAL, POSITIVE, POSITIVE_REAL, SEED, real, resolution
 from myutils.errors import UserError
 from myutils.models import DEFAULT_MODEL
 from myutils.reward_utils import parse_reward_spec
@@ -32,7 +32,7 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--meta_path", *meta_aliases, dest="meta_path", nargs="+", default=None,
                    help=f"one or more meta.json files of {meta_kind} entries")
     g.add_argument("--validation_meta_path", nargs="+", default=None, help="held-out entries for validation grids")
-    g.add_argument("--resolution", type=integer(8), default=512)
+    g.add_argument("--resolution", type=resolution, default=512)
     g.add_argument("--random_crop", action=argparse.BooleanOptionalAction, default=False, help="random instead of central crops")
     g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--dataloader_num_workers", type=NONNEGATIVE, default=None,
@@ -55,7 +55,7 @@ def add_common_args(parser, meta_kind="triplet", lora=True, meta_aliases=(), une
     g.add_argument("--learning_rate", type=NONNEGATIVE_REAL, default=5e-5)
     g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=False, help="multiply lr by batch size, accumulation and processes")
     g.add_argument("--lr_scheduler", default="constant",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+                   choices=["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
     g.add_argument("--lr_warmup_steps", type=NONNEGATIVE, default=0)
     g.add_argument("--use_8bit_adam", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--adam_beta1", type=real(minimum=0, below=1), default=0.9)
@@ -113,7 +113,19 @@ def parse_args(parser, argv=None, required=("meta_path", "output_dir")):
     for name in required:
         if getattr(args, name) in (None, []):
             raise UserError(f"--{name} is required (on the command line or in the --config file)")
+    check_unused_flags(args, parser)
     return args
+
+
+def check_unused_flags(args, parser):
+    """A flag given where nothing reads it would be a silent lie: say so (a YAML default is no flag)."""
+    given = lambda name: hasattr(args, name) and getattr(args, name) != parser.get_default(name)  # noqa: E731
+    if hasattr(args, "use_lora") and not args.use_lora:
+        unused = [k for k in ("lora_rank", "lora_alpha", "lora_target_modules") if given(k)]
+        if unused:
+            raise UserError(f"--{unused[0]} without --use_lora: a full fine-tune has no LoRA; drop --{unused[0]} or add --use_lora")
+    if given("latent_cache_dir") and not args.cache_latents:
+        raise UserError("--latent_cache_dir without --cache_latents: nothing is cached there; add --cache_latents or drop it")
 
 
 def load_config(path, parser):
@@ -169,8 +181,6 @@ def check_args(args):
     """Checks that apply to every script, before anything slow happens."""
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--mixed_precision fp16 needs a CUDA GPU and none is visible here: use --mixed_precision bf16 or no on the CPU")
-    if args.resolution % 8:
-        raise UserError(f"--resolution {args.resolution}: must be a multiple of 8")
     if args.validation_steps and int(args.validation_inference_steps * args.validation_strength) < 1:
         raise UserError(f"--validation_inference_steps {args.validation_inference_steps} at --validation_strength "
                         f"{args.validation_strength} runs no denoising step (diffusers runs int(steps * strength))")

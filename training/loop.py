@@ -43,6 +43,7 @@ class TrainingRun:
 
         self.acc, self.args, self.loader = accelerator, args, loader
         self.max_steps, self.num_epochs, self.global_step = max_steps, num_epochs, global_step
+        self.start_step = global_step
         self.bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
         self.window_finite, self.nonfinite_in_a_row, self.nonfinite_total = True, 0, 0
         self.window_skipped, self.skipped_total = False, 0
@@ -263,9 +264,17 @@ class TrainingRun:
         return logs
 
     def finish(self):
-        """Close the bar and restore the signal handlers (idempotent)."""
+        """Close the bar and restore the signal handlers (idempotent). A run that reached its last step
+        with every step's loss non-finite trained nothing: it fails here, before its untouched start
+        could be saved as the final model (every rank alike: the counts are agreed at each step)."""
         self.bar.close()
         self._restore_signals()
+        ran = self.global_step - self.start_step
+        if self.global_step >= self.max_steps and ran > 0 and self.nonfinite_total == ran:
+            self.start_step = self.global_step  # said once
+            raise UserError(f"the loss was not finite at any of the {ran} steps of this run (steps {self.global_step - ran + 1}-"
+                            f"{self.global_step}), so nothing was trained and no final model is saved. Lower --learning_rate, "
+                            "try --mixed_precision bf16 or check the data")
 
 
 def _restore_handlers(old):

@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from myutils.data import EpochSampler, RemovalDataset, entry_digests, fingerprint, raise_problems, read_meta, scan_entries
+from myutils.data import (EpochSampler, RemovalDataset, check_scores_agree, entry_digests, fingerprint, raise_problems, read_meta,
+                          scan_entries)
 from myutils.errors import UserError, output_folder
 from myutils.models import DTYPES, load_inpaint_pipeline
 from myutils.sdxl_inpaint import encode_prompt_once, encode_prompt_pair
@@ -122,6 +123,8 @@ def load_entries(meta_paths, kind, accelerator, check=True, what="--meta_path", 
     from accelerate.utils import gather_object
 
     entries = read_meta(meta_paths, kind)
+    if kind == "scored":
+        check_scores_agree(entries, what)
     if check:
         record = os.path.join(output_dir, "data_check.json") if output_dir else None
         rank, world = accelerator.process_index, accelerator.num_processes

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from model.unet_sdxl_discriminator import CONFIG_FILE, FULL_FILE, HEAD_ACTIVATIONS, HEAD_FILE, LORA_FILE
 
-from .errors import UserError
+from .errors import UserError, read_json_object
 from .models import read_lora, save_unet
 
 DISCRIMINATOR_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -96,14 +96,7 @@ def read_discriminator_config(folder):
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         return {"head_activation": "softplus", "conditioning": "rorem"}  # RORem's release
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e.__class__.__name__}: {str(e)[:120]}); it is written with the discriminator's "
-                        "weights: copy the folder again") from None
+    cfg = read_json_object(path, "unreadable", "; it is written with the discriminator's weights: copy the folder again")
     if cfg.get("head_activation", "softplus") not in HEAD_ACTIVATIONS or cfg.get("conditioning", "per_sample") not in ("rorem", "per_sample"):
         raise UserError(f"{path}: head_activation {cfg.get('head_activation')!r} / conditioning {cfg.get('conditioning')!r} "
                         "are not ones this code wrote")

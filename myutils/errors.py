@@ -1,4 +1,5 @@
 """User mistakes end a script with a one-line message and a non-zero exit, never a traceback."""
+import json
 import os
 import sys
 
@@ -53,3 +54,16 @@ def output_file(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: cannot write in {existing}")
     return path
+
+
+def read_json_object(path, what, hint=""):
+    """A JSON file holding one object, or one line saying `path: what (why)hint` (cut short, not JSON,
+    a list where an object belongs)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if not isinstance(obj, dict):
+            raise ValueError(f"a {type(obj).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: {what} ({e.__class__.__name__}: {str(e)[:120]}){hint}") from None
+    return obj

@@ -108,17 +108,14 @@ MODEL_KINDS = {"remover": "a remover (the full sampler's UNet or LoRA)", "lcm_st
 def check_kind(path, expected, flag):
     """Refuse a model folder our scripts recorded as another kind than `expected` (a tuple of
     MODEL_KINDS); files without a record (RORem's releases, other tools) are taken as given."""
-    import json
+    from .errors import read_json_object
 
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     record = os.path.join(folder, MODEL_RECORD)
     if not os.path.isfile(record):
         return None
-    try:
-        with open(record) as f:
-            kind, script = (lambda r: (r["kind"], r.get("script", "?")))(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{flag} {path}: {record} is unreadable ({e.__class__.__name__})") from None
+    found = read_json_object(record, f"unreadable, so what {flag} {path} holds is unknown")
+    kind, script = found.get("kind"), found.get("script", "?")
     if kind not in expected:
         raise UserError(f"{flag} {path}: {MODEL_KINDS.get(kind, kind)} (made by {script}), but {flag} takes "
                         f"{' or '.join(MODEL_KINDS[k] for k in expected)}")

@@ -19,7 +19,6 @@ copies of fp32 weights, kept for backward) and AdamW's foreach update, whose tem
 fp32 copy of what it updates.
 """
 import contextlib
-import json
 import weakref
 
 import torch
@@ -33,15 +32,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def read_config(path, cls):
     """A model's config.json (the diffusers layout) for class `cls`, keys starting with _ left out (a
     config of another class, or none, would build the class's defaults without a word)."""
-    from .errors import UserError
+    from .errors import UserError, read_json_object
 
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{path}: not a model config.json ({e.__class__.__name__}: {str(e)[:120]})") from None
+    cfg = read_json_object(path, "not a model config.json")
     if cfg.get("_class_name") != cls.__name__:
         raise UserError(f"{path}: a config of {cfg.get('_class_name') or 'no class'} (\"_class_name\"), expected {cls.__name__}")
     return {k: v for k, v in cfg.items() if not k.startswith("_")}

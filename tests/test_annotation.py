@@ -152,14 +152,19 @@ def test_only_the_data_files_are_served_and_names_are_checked(results_meta):
     assert app_script.parse_args(["--meta_path", "x"]).host == "127.0.0.1"
 
 
+def _one_line_error(capsys, *argv):
+    """The app's command line fails with exit code 2 and one `error: ...` line, which is returned."""
+    with pytest.raises(SystemExit) as e:
+        app_script.run_cli(lambda: app_script.main([str(a) for a in argv]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, results_meta, capsys):
     def fails(*argv):
-        with pytest.raises(SystemExit) as e:
-            app_script.run_cli(lambda: app_script.main([str(a) for a in argv]))
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ")
-        return err[0]
+        return _one_line_error(capsys, *argv)
 
     assert fails("--meta_path", tmp_path) == f"error: {tmp_path}: a folder without meta.json"
     assert fails("--pairs_path", tmp_path / "nope.json") == f"error: {tmp_path / 'nope.json'}: file not found"
@@ -323,12 +328,7 @@ def test_a_label_costs_the_same_however_many_items_there_are(results_meta, monke
 
 def test_server_errors_are_one_line_before_anything_is_loaded(results_meta, tmp_path, capsys):
     def fails(*argv):
-        with pytest.raises(SystemExit) as e:
-            app_script.run_cli(lambda: app_script.main([str(a) for a in argv]))
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: "), err
-        return err[0]
+        return _one_line_error(capsys, *argv)
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from myutils.errors import UserError
+from myutils.errors import UserError, read_json_object
 
 logger = logging.getLogger("rorem")
 
@@ -63,14 +63,7 @@ def read_record(folder):
     path = os.path.join(folder, MODEL_RECORD)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        if not isinstance(record, dict):
-            raise ValueError("not an object")
-        return record
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e.__class__.__name__}); it says which run made this folder: restore or delete it") from None
+    return read_json_object(path, "unreadable", "; it says which run made this folder: restore or delete it")
 
 
 def write_record(folder, record):

@@ -339,3 +339,25 @@ def test_server_errors_are_one_line_before_anything_is_loaded(results_meta, tmp_
     assert fails("--meta_path", results_meta, "--output_dir", tmp_path / "a_file", "--port", port) == \
         f"error: --output_dir {tmp_path / 'a_file'}: a file, not a folder"
     assert "not a folder" in fails("--meta_path", results_meta, "--data_root", tmp_path / "nope")
+
+
+def test_a_label_is_on_disk_before_append_label_returns(tmp_path, monkeypatch):
+    """"Saved the moment it is given": the journal's bytes are flushed and fsynced on the journal's own
+    file before the call returns (a power cut after the HTTP 200 keeps the label)."""
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = str(tmp_path / "alice" / "journal.jsonl")
+    ann.append_label(path, "x.png", "good", "alice", when="t")
+    assert synced == [(path, os.path.getsize(path))]  # the whole line was written when it was synced
+
+
+def test_the_discriminator_says_good_at_its_threshold_exactly():
+    assert ann.discriminator_label({"discriminator_score": 0.5}, "score", 0.5) == "good"
+    assert ann.discriminator_label({"discriminator_score": 0.4999}, "score", 0.5) == "bad"
+    assert ann.discriminator_label({}, "score", 0.5) is None

@@ -289,3 +289,19 @@ def test_the_check_is_shared_out_and_every_rank_reports_every_problem(triplet_di
     assert shares == [3]  # rank 1 checked entries 1, 3, 5 only
     lines = str(err.value).splitlines()
     assert len(lines) == 2 and "entry 2: 'GT' file not found" in lines[0] and "entry 5: 'mask' file not found" in lines[1]
+
+
+def test_a_samples_draws_follow_seed_epoch_and_index_only():
+    """Every epoch redraws a sample's noise and timestep; the same (seed, epoch, index) draws the same,
+    whatever batch it shares; a large --seed is taken (it used to overflow the generator's seed)."""
+    from myutils.rng import sample_generators
+
+    def draw(epoch, index, seed=0):
+        return torch.randn(4, generator=sample_generators({"epoch": [epoch], "index": [index]}, seed)[0])
+
+    assert torch.equal(draw(0, 3), draw(0, 3))
+    assert not torch.equal(draw(0, 3), draw(1, 3))  # a new epoch, new noise
+    assert not torch.equal(draw(0, 3), draw(0, 4)) and not torch.equal(draw(0, 3), draw(0, 3, seed=1))
+    shared = sample_generators({"epoch": torch.tensor([1, 1]), "index": torch.tensor([7, 3])}, 0)
+    assert torch.equal(torch.randn(4, generator=shared[1]), draw(1, 3))
+    assert draw(5, 9, seed=2 ** 32 - 1).shape == (4,)

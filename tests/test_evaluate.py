@@ -317,3 +317,27 @@ def test_offline_metrics_say_why_and_which_argument(tmp_path, toy_meta, monkeypa
     # HF_HUB_OFFLINE=1 (as here, tests) means no fetching: the metric names its argument only
     args = ev.parse_args(["--meta_path", toy_meta, "--output_dir", str(out), "--system", "x=results:" + str(out)])
     assert args.fetch_weights is False
+
+
+def test_the_win_rate_names_the_winner(tmp_path, tiny_model_dir, toy_meta, disc_dir, monkeypatch):
+    """On inputs where the answer is known (a scorer that prefers brighter results; one system white,
+    the other black), the table says the white system wins every input, in both orders of --system."""
+    from myutils.data import read_meta
+    from myutils.reward_utils import DiscriminatorReward
+
+    monkeypatch.setattr(DiscriminatorReward, "score_pixels", lambda self, source, mask, edited: edited.float().mean((1, 2, 3)))
+    entries = read_meta(toy_meta, "triplet")[:4]
+    for name, colour in (("white", 255), ("black", 0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, e in enumerate(entries):
+            Image.new("RGB", Image.open(e.paths["GT"]).size, (colour,) * 3).save(folder / f"{i}.png")
+        (folder / "meta.json").write_text(json.dumps([{"source": e.paths["source"], "mask": e.paths["mask"], "GT": f"{i}.png"}
+                                                      for i, e in enumerate(entries)]))
+    for order in (["white", "black"], ["black", "white"]):
+        systems = [a for n in order for a in ("--system", f"{n}=results:{tmp_path / n}")]
+        summary = ev.main(_args(toy_meta, str(tmp_path / f"eval_{order[0]}"), "--pretrained_model", tiny_model_dir, "--limit", "4",
+                                "--discriminator_path", disc_dir, "--no-fetch_weights", *systems))
+        (w,) = summary["win_rates"]
+        assert (w["a"], w["b"]) == tuple(order)
+        assert w["win_rate"] == (1.0 if order[0] == "white" else 0.0)

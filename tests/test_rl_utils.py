@@ -18,21 +18,21 @@ def _scheduler(prediction_type):
     return s
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_step_matches_diffusers_and_log_prob_is_the_gaussian_density(prediction_type):
+@pytest.mark.parametrize("prediction_type, eta", [("epsilon", 1.0), ("v_prediction", 1.0), ("epsilon", 0.5)])
+def test_step_matches_diffusers_and_log_prob_is_the_gaussian_density(prediction_type, eta):
     sched = _scheduler(prediction_type)
     g = torch.Generator().manual_seed(0)
     sample, out = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     t = int(sched.timesteps[3])
-    prev, log_prob = ddim_step_with_logprob(sched, out, t, sample, eta=1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
+    prev, log_prob = ddim_step_with_logprob(sched, out, t, sample, eta=eta, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])
     z = torch.stack([torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
-    want = sched.step(out, t, sample, eta=1.0, variance_noise=z).prev_sample  # diffusers' own stochastic DDIM step
+    want = sched.step(out, t, sample, eta=eta, variance_noise=z).prev_sample  # diffusers' own stochastic DDIM step
     assert torch.allclose(prev, want, atol=1e-5)
-    std = math.sqrt(sched._get_variance(t, t - 100))  # 1000 // 10 steps
+    std = eta * math.sqrt(sched._get_variance(t, t - 100))  # 1000 // 10 steps; diffusers' std_dev_t = eta * sqrt(variance)
     mean = want - std * z
     density = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
     assert torch.allclose(log_prob, density, atol=1e-4)
-    again = ddim_step_with_logprob(sched, out, t, sample, eta=1.0, prev_sample=prev)[1]
+    again = ddim_step_with_logprob(sched, out, t, sample, eta=eta, prev_sample=prev)[1]
     assert torch.equal(torch.exp(again - log_prob), torch.ones(2))  # re-evaluated with unchanged weights: ratio exactly 1
     with pytest.raises(ValueError, match="eta must be > 0"):
         ddim_step_with_logprob(sched, out, t, sample, eta=0.0)

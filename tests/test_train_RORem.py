@@ -108,11 +108,13 @@ class _Killed(Exception):
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script, monkeypatch):
-    """4 steps straight == killed right after checkpoint-2, resumed from latest for the rest
+    """4 steps straight == killed right after checkpoint-3, resumed from latest for the rest
     (random flips, gradient accumulation, a warmup + linear decay schedule and the EMA that must be restored).
+    Step 3 with accumulation 2: the restored micro-batch counter must be step x accumulation, which a
+    checkpoint at an even step would not show.
     The straight run loads in the training process, the split one with 2 persistent loader processes."""
     common = ["--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
-              "--lr_warmup_steps", "2", "--checkpointing_steps", "2", "--max_train_steps", "4", "--use_ema", "--ema_decay", "0.5"]
+              "--lr_warmup_steps", "2", "--checkpointing_steps", "3", "--max_train_steps", "4", "--use_ema", "--ema_decay", "0.5"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, straight, "--dataloader_num_workers", "0") + common)
     common += ["--dataloader_num_workers", "2", "--dataloader_prefetch_factor", "2"]
@@ -129,7 +131,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, toy_meta, run_script
     with pytest.raises(_Killed):
         run_script(train_RORem, _args(tiny_model_dir, toy_meta, split) + common)
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    assert os.path.isdir(os.path.join(split, "checkpoint-2", "unet")) and not os.path.isdir(os.path.join(split, "unet"))
+    assert os.path.isdir(os.path.join(split, "checkpoint-3", "unet")) and not os.path.isdir(os.path.join(split, "unet"))
     run_script(train_RORem, _args(tiny_model_dir, toy_meta, split, "--resume_from_checkpoint", "latest") + common)
     a, b = _unet_state(os.path.join(straight, "unet")), _unet_state(os.path.join(split, "unet"))
     start = _unet_state(os.path.join(tiny_model_dir, "unet"))

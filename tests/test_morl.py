@@ -200,3 +200,59 @@ def test_sigterm_inside_a_generation_resumes_like_the_straight_run(tmp_path, tin
     assert stop.value.code == 0 and os.path.isfile(os.path.join(killed, "checkpoint-9", "epoch_samples_0.pt"))
     run_script(morl, _args(tiny_model_dir, toy_meta, killed, *extra, "--resume_from_checkpoint", "latest"))
     _assert_same_populations(straight, killed)
+
+
+def test_predictor_weights_the_policys_own_records():
+    """Against numpy's weighted least squares (polyfit, weights sqrt(s)): responses that are not linear,
+    so the policy's own records (weighted 4) pull the fit toward them."""
+    ws = [0.0, 0.2, 0.5, 0.8, 1.0]
+    d0 = [0.3, -0.1, 0.4, 0.0, 0.6]
+    records = [{"policy": p % 2, "weights": [w, 1 - w], "delta": [d, -d]} for p, (w, d) in enumerate(zip(ws, d0))]
+    s = np.array([4.0 if p % 2 == 1 else 1.0 for p in range(5)])
+    slope, intercept = np.polyfit(ws, d0, 1, w=np.sqrt(s))
+    pred = mo.predict_improvement(records, 1, [0.7, 0.3], own_weight=4.0, ridge=1e-12)
+    assert pred[0] == pytest.approx(intercept + slope * 0.7, abs=1e-6)
+    plain = np.polyval(np.polyfit(ws, d0, 1), 0.7)
+    assert abs(pred[0] - plain) > 1e-3  # the weighting matters here
+
+
+def test_selection_picks_every_task_by_hypervolume_minus_sparsity():
+    """Both greedy picks against the rule computed here with our own 2-D hypervolume (area swept) and
+    sparsity (squared gaps per objective over points - 1), on a front where adding the sparsity instead
+    of subtracting it would pick otherwise."""
+    def area(points, ref):
+        pts = sorted((p for p in points if p[0] > ref[0] and p[1] > ref[1]), key=lambda p: -p[0])
+        total, top = 0.0, ref[1]
+        for x, y in pts:
+            if y > top:
+                total += (x - ref[0]) * (y - top)
+                top = y
+        return total
+
+    def spars(points):
+        p = np.asarray(points, dtype=float)
+        return 0.0 if len(p) < 2 else sum(float((np.diff(np.sort(p[:, j])) ** 2).sum()) for j in range(p.shape[1])) / (len(p) - 1)
+
+    def nondominated(points):
+        return [p for p in points if not any(np.all(np.asarray(q) >= p) and np.any(np.asarray(q) > p) for q in points)]
+
+    front = [[1.0, 0.0], [0.0, 1.0]]
+    candidates = [("a", [0.4, 0.6], np.array([0.51, 0.91])), ("b", [0.1, 0.9], np.array([0.18, 0.90])),
+                  ("c", [0.5, 0.5], np.array([0.33, 0.43])), ("d", [0.8, 0.2], np.array([0.79, 0.42]))]
+    reference = np.array([-0.1, -0.1])
+
+    def greedy(sign):
+        every = np.array([c[2] for c in candidates] + front)
+        scale = every.max(0) - reference
+        norm = lambda p: list((np.asarray(p) - reference) / scale)  # noqa: E731
+        chosen = []
+        for _ in range(2):
+            def score(i):
+                nd = nondominated([norm(p) for p in front] + [norm(candidates[k][2]) for k in chosen + [i]])
+                return area(nd, [0.0, 0.0]) + sign * 0.5 * spars(nd)
+            chosen.append(max((i for i in range(len(candidates)) if i not in chosen), key=score))
+        return [candidates[i][0] for i in chosen]
+
+    want = greedy(-1)
+    assert want == ["a", "d"] and greedy(+1) == ["a", "b"]  # the same first pick; the sign of the sparsity decides the second
+    assert [c[0] for c in mo.select_tasks(front, candidates, 2, reference, sparsity_weight=0.5)] == want

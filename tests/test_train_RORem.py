@@ -173,6 +173,11 @@ def test_latent_cache_written_reused_and_refreshed(tmp_path, tiny_model_dir, toy
     from myutils.sdxl_inpaint import batch_latent_params
     from diffusers import AutoencoderKL
 
+    import shutil
+
+    # a copy of the toy data: a file of it is changed below, and the session's toy data is every test's
+    shutil.copytree(os.path.dirname(toy_meta), tmp_path / "toy")
+    toy_meta = str(tmp_path / "toy" / os.path.basename(toy_meta))
     out = str(tmp_path / "cached")
     args = _args(tiny_model_dir, toy_meta, out, "--max_train_steps", "2", "--cache_latents", "--random_flip")
     run_script(train_RORem, args)

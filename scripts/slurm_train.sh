@@ -27,7 +27,9 @@ MAIN_PORT=${MAIN_PORT:-29500}
 cd "${SLURM_SUBMIT_DIR:-.}"
 if [ -z "${RORem_NODE_STEP:-}" ]; then
     # on the batch host: start this script once per node; each copy reads its own SLURM_NODEID
-    MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # awk reads every line: `head -n 1` closes the pipe early, and under pipefail scontrol's SIGPIPE
+    # would end the job before it starts (3 runs in 10 here with two node names)
+    MAIN_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')
     export RORem_NODE_STEP=1 MAIN_IP GPUS_PER_NODE MAIN_PORT
     exec srun --nodes "$SLURM_NNODES" --ntasks-per-node 1 --kill-on-bad-exit=1 bash scripts/slurm_train.sh "$@"
 fi

@@ -245,7 +245,7 @@ class Labels:
     def image(self, index, which):
         """(bytes, format) of an image the data names, or None: only a file the start-up check passed, still
         an image now, whose real location is in the data's folders (a file swapped since is not sent)."""
-        if not 0 <= index < len(self.keys) or self.keys[index] not in self.images or self.keys[index] in self.problems:
+        if not 0 <= index < len(self.keys) or self.keys[index] in self.problems:
             return None
         names = self.images[self.keys[index]]
         if not 0 <= which < len(names):

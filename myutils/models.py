@@ -168,8 +168,8 @@ def load_lora_into_unet(unet, path, flag="--RORem_LoRA", adapter_name=None, kind
     diffusers only warns about keys it could not place. kinds: what the flag takes (check_kind)."""
     from peft.utils import get_peft_model_state_dict
 
+    check_kind(path, kinds, flag)  # before the weights are read
     state, metadata = read_lora(path, flag)
-    check_kind(path, kinds, flag)
     before = set(getattr(unet, "peft_config", {}) or {})
     unet.load_lora_adapter({f"unet.{k}": v for k, v in state.items()}, prefix="unet", network_alphas=None, metadata=metadata,
                            adapter_name=adapter_name)

@@ -67,12 +67,11 @@ def read_record(folder):
 
 
 def write_record(folder, record):
+    from myutils.annotation import write_json_atomic
     from myutils.models import MODEL_RECORD
 
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, MODEL_RECORD + ".tmp"), "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(os.path.join(folder, MODEL_RECORD + ".tmp"), os.path.join(folder, MODEL_RECORD))
+    write_json_atomic(os.path.join(folder, MODEL_RECORD), record)
 
 
 def register_hooks(accelerator, save_model, load_model, ema=None):

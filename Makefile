@@ -3,6 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_DIR ?= .demo
+DEMO_ARGS ?=
+# the suite on both cores, in the random order pytest-randomly draws; its seed is printed first, and
+# make test TEST_ARGS="-n 2 --dist loadgroup -p randomly --randomly-seed=N" runs that order again
+TEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: demo demo-flow demo-morl demo-rounds demo-lcm-epsilon demo-draft test install clean-demo
 
@@ -15,10 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(TEST_ARGS) tests
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --work_dir .demo
+	$(BIN)/python scripts/demo.py --work_dir $(DEMO_DIR) $(DEMO_ARGS)
 
 demo-flow: $(STAMP)  # only the flow-matching RL part (make demo runs it too)
 	$(BIN)/python scripts/demo.py --work_dir .demo --part flow

@@ -1,16 +1,17 @@
-"""Every command in the README runs. Each ```bash block is split into commands, which run in README order
-in a sandbox folder where the README's placeholder paths (path/to/RORem_unet, data/meta.json,
-diffusers/stable-diffusion-xl-1.0-inpainting-0.1, ...) are the tiny fixtures, so later commands use what
-earlier ones wrote (experiment/disc, pairs/meta.json, ...). The only changes, all below: `accelerate
-launch <launcher flags>` runs the script in this process (one rank: the 8-GPU configs run on two CPU
-ranks in test_multiprocess.py), the shell launchers run with NUM_GPUS=1 on the CPU, sweeps launch with
-this Python, and TINY's arguments are appended (32 px, a step or two: the configs are real-scale; two
-where a config warms the lr up, since the first update of a warm-up runs at lr 0) or, before a sweep's
-`--`, shrink the sweep. Each command is then checked for what the README says it produces
+"""Every command in the README runs. Each ```bash block is split into commands, each a test, which run
+in one sandbox folder where the README's placeholder paths (path/to/RORem_unet, data/meta.json,
+diffusers/stable-diffusion-xl-1.0-inpainting-0.1, ...) are the tiny fixtures. A command that reads what
+an earlier one wrote (experiment/disc, pairs/meta.json, ...) first runs the commands that wrote it
+(DEPENDS, worked out from the README's own paths), each at most once per session, so any one test runs
+alone, under -k, in any order and on any xdist worker. The only changes, all below: `accelerate launch
+<launcher flags>` runs the script in this process (one rank: the 8-GPU configs run on two CPU ranks in
+test_multiprocess.py), the shell launchers run with NUM_GPUS=1 on the CPU, sweeps launch with this
+Python, and TINY's arguments are appended (32 px, a step or two: the configs are real-scale; two where a
+config warms the lr up, since the first update of a warm-up runs at lr 0) or, before a sweep's `--`,
+shrink the sweep. Each command is checked, as it runs, for what the README says it produces
 (check_products: trained weights that stock diffusers loads and that change the UNet, results the size
 of their inputs, scores and pairs consistent with their inputs, tables that match their runs). `make
-test` is CI itself and `make demo` runs scripts/demo.py, whose stages are these scripts and whose
-reports are tested in tests/test_demo_cli.py: their Makefile recipes are checked here."""
+test` is CI itself and `make demo` runs scripts/demo.py: both are run here (the demo at toy scale)."""
 import importlib
 import importlib.util
 import json
@@ -22,6 +23,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.xdist_group("readme")  # one sandbox: under xdist, these tests share a worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +108,61 @@ def _id(cmd):
     return words[1] if words[0] in ("make", "python", "bash") else _script_and_args(words)[0]
 
 
-@pytest.fixture(scope="module")
+# What a command writes: the paths after these flags, its leading positional output, and where the
+# annotation app keeps its labels (beside the data it is given).
+WRITE_FLAGS = {"--output_dir", "--save_path", "--output_root", "--round_dir", "--export_pairs", "--output_path"}
+SCRIPT_WRITE_FLAGS = {"inference_RORem_discriminator.py": {"--scored_meta_path"}, "annotate_RORem.py": {"--meta_path", "--pairs_path"}}
+POSITIONAL_OUTPUT = {"run_train_RORem.sh": 1, "run_train_dpo.sh": 2, "run_train_kto.sh": 2, "run_train_lcm_rewarded.sh": 3,
+                     "run_train_draft.sh": 3, "convert_lora.py": 1}
+
+
+def _is_path(word):
+    return bool(re.fullmatch(r"[\w./-]+", word)) and not word.startswith("-") and ("/" in word or bool(re.search(r"\.(png|jpg|json|csv)$", word)))
+
+
+def _related(p, q):
+    return p == q or p.startswith(q + "/") or q.startswith(p + "/")
+
+
+def _written_paths(words):
+    script, args = _script_and_args(words)
+    name = os.path.basename(script)
+    flags = WRITE_FLAGS | SCRIPT_WRITE_FLAGS.get(name, set())
+    out = [args[i + 1] for i, a in enumerate(args[:-1]) if a in flags]
+    leading = [a for a in args[:next((i for i, a in enumerate(args) if a.startswith("-")), len(args))]]
+    if name in POSITIONAL_OUTPUT:
+        out.append(leading[POSITIONAL_OUTPUT[name]])
+    return [os.path.normpath(p) for p in out]
+
+
+def _dependencies(commands, python_blocks):
+    """For each command (and, last, the README's Python), the earlier commands it needs: for every path it
+    names, the last command before it that wrote that path, a folder above it or a path inside it."""
+    writers, depends = [], []
+
+    def needs(paths, before):
+        latest = {}
+        for j, q in writers:
+            if j < before and any(_related(p, q) for p in paths):
+                latest[q] = max(latest.get(q, j), j)
+        return set(latest.values())
+
+    for i, (env, words) in enumerate(commands):
+        if words[0] == "make":
+            depends.append(set())
+            continue
+        named = [piece for w in words for piece in re.split(r"[=:,]", w)]  # --system RORem+DPO=lora:experiment/RORem_DPO
+        depends.append(needs([os.path.normpath(w) for w in named if _is_path(w)], i))
+        writers += [(i, p) for p in _written_paths(words)]
+    quoted = [os.path.normpath(s) for code in python_blocks for s in re.findall(r"\"([^\"]+)\"", code) if _is_path(s)]
+    depends.append(needs(quoted, len(commands)))
+    return depends
+
+
+DEPENDS = _dependencies(COMMANDS, readme_python_blocks())
+
+
+@pytest.fixture(scope="session")
 def sandbox(tmp_path_factory, tiny_model_dir, tiny_flux_dir, toy_meta, disc_dir):
     """A folder laid out like the README's examples, every input a tiny fixture."""
     box = tmp_path_factory.mktemp("readme")
@@ -163,20 +220,47 @@ def _run_in_process(script, argv, box, monkeypatch, run_script):
 
 # ----------------------------------------------------------------------------- what each command produces
 
-def check_make_target(target):
-    """`make test` is CI itself (.ci/run calls it); `make demo` runs scripts/demo.py, whose stages are
-    the README's scripts (each checked below) and whose report sections are tested on hand-made runs in
-    tests/test_demo_cli.py. Here: each target runs what this says, in the environment it installs."""
-    with open(os.path.join(ROOT, "Makefile")) as f:
-        text = f.read()
-    recipe = re.search(rf"^{target}: (.*)\n((?:\t.*\n)+)", text, re.M)
-    assert recipe, f"no `{target}` target in the Makefile"
-    assert "$(STAMP)" in recipe.group(1)  # the environment is built first, from requirements.txt
-    want = {"demo": "$(BIN)/python scripts/demo.py --work_dir .demo", "test": "$(BIN)/python -m pytest -q tests"}[target]
-    assert recipe.group(2).strip() == want
-    if target == "test":
-        with open(os.path.join(ROOT, ".ci", "run")) as f:
-            assert "make test" in f.read()
+def _make(target, *overrides, tmp_path, dry=False):
+    """`make <target>` in the repository, with this interpreter's environment as the one it installs (a
+    stamp newer than requirements.txt: CI's own `make test` did the install from a fresh clone)."""
+    stamp = tmp_path / "installed"
+    stamp.touch()
+    command = ["make", "--no-print-directory", "-C", ROOT, *(["-n"] if dry else []), target,
+               f"BIN={os.path.dirname(sys.executable)}", f"STAMP={stamp}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def check_make_target(target, tmp_path):
+    """`make demo` runs the demo: here its first stages at toy scale (the data, the tiny models, two steps
+    of the remover: the first of its warm-up runs at lr 0) into a folder of the test's. `make test` runs
+    every test file here, in an order its seed draws (two seeds, two orders), on both cores."""
+    if target == "demo":
+        work = tmp_path / "demo"
+        res = _make("demo", f"DEMO_DIR={work}", "DEMO_ARGS=--only data 'tiny models' remover --train_samples 32 "
+                    "--heldout_samples 4 --vae_steps 1 --remover_steps 2", tmp_path=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len(_json(work / "data/train/meta.json")) == 32 and len(_json(work / "data/heldout/meta.json")) == 4
+        assert _json(work / "remover/final_metrics.json")["args"]["max_train_steps"] == 2
+        start, trained = (_tensors(work / f"{m}/unet/diffusion_pytorch_model.safetensors") for m in ("models/toy_sdxl_inpaint", "remover"))
+        assert max((trained[k] - start[k]).abs().max().item() for k in start) > 0  # the remover trained
+        return
+    res = _make("test", tmp_path=tmp_path, dry=True)
+    assert res.returncode == 0, res.stderr
+    (line,) = [ln for ln in res.stdout.splitlines() if " -m pytest " in ln]
+    words = shlex.split(line)
+    assert words[0] == os.path.join(os.path.dirname(sys.executable), "python")
+    orders = []
+    for seed in (1, 2):
+        collected = subprocess.run([sys.executable, *words[1:], "--collect-only", "-n", "0", "-p", "no:cacheprovider",
+                                    f"--randomly-seed={seed}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert collected.returncode == 0, collected.stdout[-3000:]
+        orders.append([ln for ln in collected.stdout.splitlines() if "::" in ln])
+    files = {ln.split("::")[0] for ln in orders[0]}
+    assert files == {f"tests/{f}" for f in os.listdir(os.path.join(ROOT, "tests")) if re.fullmatch(r"test_.*\.py", f)}
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]  # the same tests, in another order
+    assert words[words.index("-n") + 1] == "2"  # both cores
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert "make test" in f.read()  # CI is this command
 
 
 def _json(path):
@@ -426,11 +510,37 @@ def _annotate_everything(box, args, labels, app):
         assert len(scored) == len(labels.keys) and [e["score"] for e in scored] == [1 - n % 2 for n in range(len(scored))]
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-{_id(c)}" for i, c in enumerate(COMMANDS)])
-def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
+@pytest.fixture(scope="session")
+def readme_ran():
+    """{command index: None once it ran and its checks held, else what went wrong}, for the session's sandbox."""
+    return {}
+
+
+def _ensure_ran(index, ran, run_one):
+    """Run what command `index` needs (each at most once), then the command itself; fail with its error."""
+    for d in sorted(DEPENDS[index]):
+        _ensure_ran(d, ran, run_one)
+    if index < len(COMMANDS) and index not in ran:
+        try:
+            run_one(COMMANDS[index])
+            ran[index] = None
+        except (Exception, SystemExit, pytest.fail.Exception) as e:
+            ran[index] = f"{type(e).__name__}: {e}"
+            raise
+    failed = [d for d in sorted(DEPENDS[index]) if ran.get(d)] + ([index] if ran.get(index) else [])
+    if failed:
+        pytest.fail("; ".join(f"README command {d:02d} ({_id(COMMANDS[d])}) failed: {ran[d][:3000]}" for d in failed))
+
+
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[f"{i:02d}-{_id(c)}" for i, c in enumerate(COMMANDS)])
+def test_readme_command_runs(index, sandbox, readme_ran, monkeypatch, run_script, capsys, tmp_path):
+    _ensure_ran(index, readme_ran, lambda cmd: _run_readme_command(cmd, sandbox, monkeypatch, run_script, capsys, tmp_path))
+
+
+def _run_readme_command(cmd, sandbox, monkeypatch, run_script, capsys, tmp_path):
     env, words = cmd
     if words[0] == "make":
-        check_make_target(words[1])
+        check_make_target(words[1], tmp_path)
         return
     script, args = _script_and_args(words)
     name = os.path.basename(script)
@@ -476,8 +586,9 @@ def test_readme_command_runs(cmd, sandbox, monkeypatch, run_script, capsys):
     check_products(name, args, sandbox, result, capsys.readouterr().out, monkeypatch=monkeypatch, run_script=run_script)
 
 
-def test_readme_python_runs_in_the_sandbox(sandbox, monkeypatch):
-    """The README's Python (loading results with stock diffusers), after the commands above wrote them."""
+def test_readme_python_runs_in_the_sandbox(sandbox, readme_ran, monkeypatch, run_script, capsys, tmp_path):
+    """The README's Python (loading results with stock diffusers), after the commands that write them."""
+    _ensure_ran(len(COMMANDS), readme_ran, lambda cmd: _run_readme_command(cmd, sandbox, monkeypatch, run_script, capsys, tmp_path))
     blocks = readme_python_blocks()
     assert blocks
     monkeypatch.chdir(sandbox)

@@ -134,6 +134,9 @@ def train_toy_vae(vae, images, steps=1200, batch_size=32, lr=2e-3, seed=0, held_
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    if len(images) < 2:
+        raise ValueError(f"the toy VAE needs at least 2 images to fit and measure, got {len(images)}")
+    held_out = min(held_out, len(images) // 4 or 1)  # a small toy set (the demo's --train_samples 8) keeps most for fitting
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(images), generator=g, device=g.device)
     test, train = images[perm[:held_out]], images[perm[held_out:]]

@@ -19,11 +19,17 @@ def test_frechet_distance_by_hand():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 3))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)  # identical feature sets
-    # independent dims: FID = |mu_a - mu_b|^2 + sum (s_a - s_b)^2 for standard deviations s
-    b = a * np.array([1.0, 2.0, 1.0]) + np.array([3.0, 0.0, 0.0])
-    sa, sb = a.std(0, ddof=1), b.std(0, ddof=1)
-    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + ((sa - sb) ** 2).sum()
-    assert frechet_distance(a, b) == pytest.approx(want, rel=0.05)
+    # exactly, by symmetric eigendecompositions (no sqrtm): Tr sqrt(S_a S_b) = Tr sqrt(S_a^1/2 S_b S_a^1/2)
+    b = a @ np.array([[1.0, 0.3, 0.0], [0.0, 2.0, 0.0], [0.5, 0.0, 1.0]]) + np.array([3.0, 0.0, -1.0])
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = v @ np.diag(np.sqrt(w)) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ s_b @ root_a)).sum()
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    # independent dims: |mu_a - mu_b|^2 + sum (s_a - s_b)^2 for the standard deviations
+    c = a[:, :1] * 2.0 + 3.0
+    assert frechet_distance(a[:, :1], c) == pytest.approx((a[:, 0].mean() + 3) ** 2 + a[:, 0].std(ddof=1) ** 2, rel=1e-9)  # s_c = 2 s_a
     from pytorch_fid.fid_score import calculate_frechet_distance
     try:  # the same computation as pytorch-fid's, where its call to scipy still works (scipy < 1.18)
         ref = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))

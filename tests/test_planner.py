@@ -130,7 +130,7 @@ def _predicted_peak(config, mode, precision, checkpointing, batch, resolution, r
                          reduce_bucket_elements=reduce_bucket)["peak"]
 
 
-def test_predicted_peak_is_within_5_percent_of_a_measured_step(tiny_model_dir, tmp_path, torch_extensions_dir):
+def test_predicted_peak_is_within_1_percent_of_a_measured_step(tiny_model_dir, tmp_path, torch_extensions_dir):
     """A real training step of the tiny UNet as the scripts set it up (DDP with bucket views, bf16
     autocast, LoRA, DeepSpeed ZeRO-2 on one rank, with and without checkpointing), every tensor tracked
     from the model's construction: its peak against the planner's prediction from the meta model."""
@@ -155,7 +155,9 @@ def test_predicted_peak_is_within_5_percent_of_a_measured_step(tiny_model_dir, t
         measured = json.loads(res.stdout.strip().splitlines()[-1])["peak"]
         predicted = _predicted_peak(config, mode.replace("_bf16", ""), precision, ckpt, batch, resolution, bucket)
         ratios[(mode, ckpt)] = predicted / measured
-    assert all(0.95 <= r <= 1.05 for r in ratios.values()), ratios  # tracking is exact: a 5% band
+    # measured: within 0.03% (DDP fp32, LoRA), 0.08% (checkpointing), 0.25% (bf16), 0.7% (ZeRO-2, whose small
+    # buffers the planner leaves out); a 1% band, so a term counted once too often or left out fails
+    assert all(0.99 <= r <= 1.01 for r in ratios.values()), ratios
 
 
 def test_peak_terms_by_hand():

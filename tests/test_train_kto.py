@@ -98,11 +98,27 @@ def _args(model, meta, out, *extra):
 
 
 def test_kto_trains_a_lora_validates_and_resumes_exactly(tmp_path, tiny_model_dir, scored_meta, pair_meta, run_script,
-                                                         crash_then_resume):
+                                                         crash_then_resume, monkeypatch):
+    """The held-out preference accuracy is that of the saved LoRA, loaded by stock diffusers, against the
+    start (computed by hand); a crash and resume saves the straight run's LoRA."""
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from test_train_dpo import _accuracy_by_hand
+
+    from training import preference, prepare
+
+    held_out, real_accuracy = [], preference.preference_accuracy
+    monkeypatch.setattr(preference, "preference_accuracy", lambda u, r, c, samples, *a: held_out.append(samples) or real_accuracy(u, r, c, samples, *a))
     common = ["--random_flip", "--checkpointing_steps", "1", "--max_train_steps", "3"]
-    metrics = run_script(tkto, _args(tiny_model_dir, scored_meta, str(tmp_path / "straight"), *common, "--validation_meta_path",
-                                     pair_meta, "--validation_steps", "3", "--num_validation_images", "2"))
-    assert 0.0 <= metrics["val_preference_accuracy"] <= 1.0 and "val_masked_mse" in metrics
+    argv = _args(tiny_model_dir, scored_meta, str(tmp_path / "straight"), *common, "--validation_meta_path", pair_meta,
+                 "--validation_steps", "3", "--num_validation_images", "2")
+    metrics = run_script(tkto, argv)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(str(tmp_path / "straight"))
+    start = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
+    comps = prepare.Components(tkto.parse_args(argv), Accelerator(cpu=True), torch.float32)
+    assert len(held_out[-1]) == 2 and "val_masked_mse" in metrics  # --num_validation_images held-out pairs
+    assert metrics["val_preference_accuracy"] == pytest.approx(_accuracy_by_hand(pipe.unet.eval(), start, comps, held_out[-1]))
     a = load_file(str(tmp_path / "straight" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
     half = str(tmp_path / "resumed")

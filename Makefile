@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= .demo
 DEMO_ARGS ?=
 # the suite on both cores, in the random order pytest-randomly draws; its seed is printed first, and
-# make test TEST_ARGS="-n 2 --dist loadgroup -p randomly --randomly-seed=N" runs that order again
-TEST_ARGS ?= -n 2 --dist loadgroup
+# make test TEST_ARGS="-n 2 --dist loadfile -p randomly --randomly-seed=N" runs that order again
+TEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo demo-flow demo-morl demo-rounds demo-lcm-epsilon demo-draft test install clean-demo
 

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("readme")  # one sandbox: under xdist, these tests share a worker
+pytestmark = pytest.mark.xdist_group("readme")  # one sandbox: these tests share a worker (make test: --dist loadfile)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -357,10 +357,19 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         import inference_RORem_discriminator
 
         (score,) = result
-        assert score >= 0 and f"score {score:.4f}" in out  # the softplus head: >= 0
+        assert f"score {score:.4f}" in out
         swapped = [a if a != _value(args, "--edited_path") else _value(args, "--image_path") for a in args]
         (unremoved,) = run_script(inference_RORem_discriminator, swapped)  # the object left in: another score
         assert unremoved != score
+        # the same triples through the batch mode (its own loader and batching): the same scores
+        meta = box / "one_triple" / "meta.json"
+        meta.parent.mkdir(exist_ok=True)
+        meta.write_text(json.dumps([{"source": str(box / _value(args, "--image_path")), "mask": str(box / _value(args, "--mask_path")),
+                                     "GT": str(box / g)} for g in (_value(args, "--edited_path"), _value(args, "--image_path"))]))
+        batch = [a for i, a in enumerate(args) if a not in ("--image_path", "--mask_path", "--edited_path")
+                 and args[i - 1] not in ("--image_path", "--mask_path", "--edited_path")]
+        assert run_script(inference_RORem_discriminator, [*batch, "--meta_path", meta, "--output_path", meta.parent / "s.json"]) == (
+            pytest.approx([score, unremoved], abs=1e-5))
     elif name == "inference_RORem_discriminator.py":
         import csv
 
@@ -465,15 +474,32 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         assert any("ratio" in line or "/s" in line for line in result) and "64 px jpg" in out
     elif name == "bench_data_check.py":
         assert result["rate_1"] > 0 and result["first_node_s"] > 0 and result["fingerprint_s"] >= 0
-    elif name == "plan_memory.py":
-        rows, _ = result
+    elif name == "plan_memory.py":  # its parameter counts are those of the models its configs build
+        from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+
+        rows, counts = result
+        for key, cls, flag in (("unet", UNet2DConditionModel, "--unet_config"), ("vae", AutoencoderKL, "--vae_config"),
+                               ("flux", FluxTransformer2DModel, "--flux_config")):
+            model = cls.from_config(cls.load_config(str(box / os.path.dirname(_value(args, flag)))))
+            assert counts[key] == sum(p.numel() for p in model.parameters()), key
         assert rows and all(r["total"] > r["weights"] and r["tflop"] > 0 for r in rows)
-    elif name == "annotate_RORem.py" and "--report" in args:
-        assert re.search(r"^alice: \d+ labels$", out, re.M) and "alice vs the discriminator" not in out  # no discriminator scores here
+    elif name == "annotate_RORem.py" and "--report" in args:  # alice labelled every result (the command before)
+        labelled = len(_json(box / _value(args, "--meta_path")))
+        assert re.search(rf"^alice: {labelled} labels$", out, re.M) and "alice vs the discriminator" not in out  # no discriminator scores here
     elif name == "annotate_RORem.py":
         _annotate_everything(box, args, *result)
     elif name == "data_round.py" and "waiting" in result:  # the round stops for people: the annotation set is written
-        assert len(_json(box / _value(args, "--round_dir") / "annotate" / "meta.json")) == result["waiting"] > 0
+        rd = box / _value(args, "--round_dir")
+        settings = _json(rd / "round.json")["settings"]
+        scores = {int(i): s for f in os.listdir(rd / "scores") for i, s in _json(rd / "scores" / f).items()}
+        accept, reject, fraction = settings["accept"], settings["reject"], settings["audit_fraction"]
+        uncertain = sorted(i for i, s in scores.items() if reject <= s < accept)
+        confident = [sum(s >= accept for s in scores.values()), sum(s < reject for s in scores.values())]
+        audited = sum(max(1, round(fraction * n)) for n in confident if n)  # the README: every uncertain one and an audit sample
+        chosen = _json(rd / "annotate" / "meta.json")
+        assert len(scores) == len(_json(box / _value(args, "--inputs_meta")))  # every input's result scored
+        assert result["waiting"] == len(chosen) == len(uncertain) + audited
+        assert [e["round_index"] for e in chosen if e["why"] == "uncertain"] == uncertain
     elif name == "data_round.py":  # the same command after the annotation: the next training data and the report
         rd = box / _value(args, "--round_dir")
         assert len(_json(rd / "train" / "meta.json")) == result["train_entries"] == len(_json(box / "data/meta.json")) + result["kept"]
@@ -481,10 +507,17 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
     elif name == "app_RORem.py":
         from app_RORem import FOUR
 
+        import inference_RORem_discriminator
+
         remover, _ = result
-        image = _image(box / "photo.jpg")
-        removed, path, score = remover.remove(image, _image(box / "mask.png"), FOUR, 0)
-        assert removed.size == image.size and os.path.isfile(path) and score is not None
+        image, mask = _image(box / "photo.jpg"), _image(box / "mask.png")
+        removed, path, score = remover.remove(image, mask, FOUR, 0)
+        assert removed.size == image.size and _image(path).size == image.size
+        # the score shown is the one the discriminator's own command gives the saved result
+        (want,) = run_script(inference_RORem_discriminator, [
+            "--RORem_discriminator", _value(args, "--RORem_discriminator"), "--pretrained_model", "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+            "--image_path", "photo.jpg", "--mask_path", "mask.png", "--edited_path", path, "--resolution", _value(args, "--resolution")])
+        assert score == pytest.approx(want, abs=1e-5)
     else:
         raise AssertionError(f"no check of what {name} produces")
 

@@ -197,25 +197,41 @@ def test_report_prints_the_agreement(results_meta, capsys):
     assert "alice vs the discriminator: 3 items, agreement 33.3%" in out
 
 
-def test_two_annotators_at_once_lose_nothing(results_meta):
-    """Labels arrive on the server's worker threads: two annotators labelling at the same moment while
-    the agreement is read, and every label is in each one's journal and output."""
+def test_annotators_at_once_lose_nothing(results_meta):
+    """Labels arrive on the server's worker threads: alice in two tabs at once, bob and carol beside her,
+    and a write on demand meanwhile; every label is in each one's journal and output. The count of labels
+    given is read slowly here (a read-modify-write window of 10 ms), so without the lock a label's count is
+    lost and alice's output is never completed."""
     import threading
+    import time
+
+    class SlowReads(dict):
+        def get(self, *a):
+            value = super().get(*a)
+            time.sleep(0.01)
+            return value
 
     labels, client = _client("--meta_path", results_meta)
-    errors = []
+    labels.done = SlowReads(labels.done)
+    errors, start = [], threading.Barrier(5)
 
-    def annotate(who):
+    def annotate(who, items):
         try:
-            for i in range(6):
+            start.wait()
+            for i in items:
                 client.post("/api/label", json={"annotator": who, "index": i, "label": "good" if i % 2 else "bad"}).raise_for_status()
                 client.get("/api/state", params={"annotator": who}).raise_for_status()
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=annotate, args=(who,)) for who in ("alice", "bob", "carol")]
-    writer = threading.Thread(target=lambda: [labels.write() for _ in range(5)])  # a write on demand meanwhile
-    threads.append(writer)
+    def write():
+        start.wait()
+        for _ in range(5):
+            labels.write()
+
+    threads = [threading.Thread(target=annotate, args=a) for a in (("alice", [0, 1, 2]), ("alice", [3, 4, 5]),
+                                                                   ("bob", range(6)), ("carol", range(6)))]
+    threads.append(threading.Thread(target=write))
     for t in threads:
         t.start()
     for t in threads:

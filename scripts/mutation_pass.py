@@ -71,6 +71,9 @@ MUTANTS = [
      "per-input statistics one sample late"),
     ("myutils/rl_utils.py", "return -(advantages * log_prob).mean()", "return (advantages * log_prob).mean()", "tests/test_rl_utils.py",
      "REINFORCE ascends the wrong way"),
+    ("training/rl_loop.py", "            with adapters.disabled(model):\n                ref_mean, _ = sampler.distribution(model, x, j, b)",
+     "            if True:\n                ref_mean, _ = sampler.distribution(model, x, j, b)", "tests/test_train_ddpo.py -k eval_kl_to_start",
+     "the KL to the start measured against the policy itself"),
     # --- randomness, data and resume
     ("myutils/rng.py", "manual_seed(((seed * 1_000_003 + int(e)) * 1_000_033 + int(i)) % 2 ** 64)",
      "manual_seed(((seed * 1_000_003) * 1_000_033 + int(i)) % 2 ** 64)", "tests/test_data.py", "every epoch redraws the same noise"),

@@ -25,6 +25,8 @@ def test_loss_by_hand():
     assert (m["mse_preferred"], m["mse_rejected"], m["ref_mse_preferred"], m["ref_mse_rejected"]) == (1.0, 2.0, 4.0, 1.0)
     hinge, _ = diffusion_dpo_loss(model, ref, target, beta=0.5, loss_type="hinge")
     assert hinge.item() == pytest.approx(0.0)  # relu(1 - 1)
+    hinge, _ = diffusion_dpo_loss(model, ref, target, beta=0.25, loss_type="hinge")
+    assert hinge.item() == pytest.approx(0.5)  # inside = -0.5 * 0.25 * (-4) = 0.5: relu(1 - 0.5)
     ipo, _ = diffusion_dpo_loss(model, ref, target, beta=0.5, loss_type="ipo")
     assert ipo.item() == pytest.approx((1.0 / 0.5 - 1.0 / (2 * 0.5)) ** 2)  # (2 - 1)^2
 

@@ -127,8 +127,14 @@ def test_flow_grpo_trains_a_lora_the_stock_pipeline_loads(tmp_path, tiny_flux_di
     pipe.load_lora_weights(out)
     pipe.fuse_lora()
     after = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items()}
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed  # the LoRA loads into the stock pipeline and changes its weights
+    # the stock pipeline fuses exactly the trained low-rank update (alpha = rank: scale 1) into the layers
+    # the file names, and changes nothing else
+    pairs = {k[len("transformer."):-len(".lora_A.weight")]: (lora[k], lora[k.replace("lora_A", "lora_B")]) for k in lora if "lora_A" in k}
+    assert pairs and any(b.abs().max() > 0 for _, b in pairs.values())
+    for layer, (a, b) in pairs.items():
+        key = f"{layer}.weight"
+        assert torch.allclose(after[key] - before[key], b.float() @ a.float(), atol=1e-6), layer
+    assert all(torch.equal(before[k], after[k]) for k in before if k[:-len(".weight")] not in pairs)
     assert os.path.isfile(os.path.join(out, "validation", "step-000004.png"))
 
     # stopped after the first epoch and resumed: the same LoRA (the FLUX LoRA checkpoint loads back)

@@ -344,3 +344,28 @@ def test_evaluation_memory_does_not_grow_with_the_held_out_set(setup, toy_meta):
     base, chunked, whole = peak(2, 2), peak(6, 2), peak(6, 6)
     assert chunked - base <= 2 * 4 * image  # the 4 extra images, and their concatenation at the end
     assert whole - base > 4 * (chunked - base)
+
+
+def test_eval_kl_to_start_is_zero_at_the_start_and_grows_with_the_square_of_the_update(setup, toy_meta):
+    """eval_kl_to_start compares the policy with its start (the LoRA off): zero while the LoRA's update is
+    zero, and, the step means moving linearly with a small update, four times larger for twice the update."""
+    import copy
+
+    from myutils.data import read_meta
+
+    args, comps, _ = setup
+    model = copy.deepcopy(comps.unet)  # the module's shared UNet is left as it is
+    sampler = _sampler(comps, 3, 1.0)
+    samples = validation.validation_samples(args, read_meta(toy_meta, "input"), "input", 2)
+    ups = [p for n, p in model.named_parameters() if "lora_B" in n]
+    directions = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(ups)]
+
+    def kl_at(scale):
+        with torch.no_grad():
+            for p, d in zip(ups, directions):
+                p.copy_(scale * 1e-3 * d)
+        return rl_loop.evaluate(model, sampler, args, samples, None)[0]["eval_kl_to_start"]
+
+    small, double = kl_at(1.0), kl_at(2.0)
+    assert kl_at(0.0) == 0.0 and small > 0
+    assert double / small == pytest.approx(4.0, rel=0.05)

@@ -424,6 +424,21 @@ def check_products(name, args, box, result, out, monkeypatch=None, run_script=No
         for row in rows[1:]:  # after the reference/teacher row, each run's own final validation
             m = _json(root / row["run"] / "final_metrics.json")["metrics"]
             assert row["win_rate"] == m["val_win_rate"]
+        import csv
+
+        with open(root / "sweep_results.csv") as f:  # the three tables are one table
+            assert [r["run"] for r in csv.DictReader(f)] == [r["run"] for r in rows]
+        table = (root / "sweep_results.md").read_text()
+        assert all(f"| {r['run']} |" in table for r in rows)
+        if name == "sweep_dpo.py":  # each DPO run was trained at the beta of its row, in the command's unit
+            betas = args[len(args) - args[::-1].index("--betas"):]
+            betas = betas[:next((i for i, b in enumerate(betas) if b.startswith("-")), len(betas))]
+            unit = _value(args, "--beta_unit")
+            dpo_rows = [r for r in rows if r["loss"] == "sigmoid"]
+            assert dpo_rows
+            for row in dpo_rows:
+                trained = _json(root / row["run"] / "final_metrics.json")["args"]
+                assert (trained["beta"], trained["beta_unit"]) == (float(betas[0]), unit) and row["beta"] == f"{float(betas[0]):g} ({unit})"
     elif name in ("train_RORem_lcm.py", "run_train_lcm_rewarded.sh"):
         folder = box / (_value(args, "--output_dir") if "--output_dir" in args else args[-1])
         _lora_trained(folder)

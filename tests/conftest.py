@@ -12,13 +12,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app's tests phone nowhere
 
 
+SHARED = {}  # folder of a session fixture -> its files' (size, mtime) when it was built
+
+
+def _fingerprint(folder):
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def shared(folder):
+    """Register a session fixture's folder: every test after its build is checked not to change it."""
+    SHARED[str(folder)] = _fingerprint(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def shared_fixtures_unchanged():
+    """Fails the test that changed a session fixture (a file written, removed or rewritten), so no test
+    sees other data in a full run than alone. A test that needs to change data copies it first."""
+    yield
+    for folder, before in SHARED.items():
+        now = _fingerprint(folder)
+        if now != before:
+            changed = sorted(set(now) ^ set(before) | {k for k in now.keys() & before.keys() if now[k] != before[k]})
+            SHARED[folder] = now  # reported once, by the test that did it
+            pytest.fail(f"this test changed the shared fixture {folder}: {', '.join(changed[:5])}", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from toy_world.models import tiny_pipeline
 
     out = tmp_path_factory.mktemp("tiny_model")
     tiny_pipeline("epsilon", image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
-    return str(out / "pipe")
+    return shared(str(out / "pipe"))
 
 
 @pytest.fixture(scope="session")
@@ -28,14 +59,17 @@ def tiny_flux_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_flux")
     tiny_flux_fill_pipeline(image_size=32, tmp_dir=str(out / "tok")).save_pretrained(str(out / "pipe"))
-    return str(out / "pipe")
+    return shared(str(out / "pipe"))
 
 
 @pytest.fixture(scope="session")
 def toy_meta(tmp_path_factory):
     from toy_world.data import write_toy_dataset
 
-    return write_toy_dataset(str(tmp_path_factory.mktemp("toy")), num=12, resolution=32, seed=0)
+    folder = str(tmp_path_factory.mktemp("toy"))
+    meta = write_toy_dataset(folder, num=12, resolution=32, seed=0)
+    shared(folder)
+    return meta
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +84,7 @@ def disc_dir(tmp_path_factory, tiny_model_dir):
     add_discriminator_lora(disc)
     out = str(tmp_path_factory.mktemp("disc"))
     save_discriminator(disc, out, lora=True)
-    return out
+    return shared(out)
 
 
 def reset_accelerate():

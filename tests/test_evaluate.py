@@ -12,7 +12,7 @@ from PIL import Image
 import evaluate_RORem as ev
 from myutils import eval_models as em
 from myutils.errors import UserError
-from myutils.metrics import frechet_distance, masked_means, masked_psnr, win_rate
+from myutils.metrics import frechet_distance, masked_means, masked_mse, masked_psnr, roc_auc, win_rate
 
 
 def test_frechet_distance_by_hand():
@@ -50,6 +50,25 @@ def test_masked_psnr_and_means_by_hand():
     m = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])  # the top row is the hole
     inside, outside = masked_means(values, m)
     assert inside.item() == pytest.approx(0.5) and outside.item() == pytest.approx(2.5)
+
+
+def test_masked_mse_counts_the_hole_only():
+    gt = Image.new("RGB", (8, 8), (100, 100, 100))
+    result = Image.new("RGB", (8, 8), (0, 0, 0))  # far off outside the hole
+    result.paste((125, 125, 125), (0, 0, 4, 8))  # off by 25/255 inside it: 50/255 in [-1, 1] units
+    mask = Image.new("L", (8, 8), 0)
+    mask.paste(255, (0, 0, 4, 8))
+    assert masked_mse(result, gt, mask) == pytest.approx((50 / 255) ** 2, rel=1e-9)
+
+
+def test_win_rate_interval_and_auc_by_hand():
+    # Wilson score intervals as tabulated (z = 1.96): 5 of 10 -> [0.2366, 0.7634]; 10 of 10 -> [0.7225, 1]
+    p, (low, high) = win_rate([1] * 5 + [0] * 5, [0.5] * 10)
+    assert p == 0.5 and (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    p, (low, high) = win_rate([1] * 10, [0] * 10)
+    assert p == 1.0 and (low, high) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    # AUC with a tie: positives 0.5, 1 against negatives 0.5, 0 win 3 of 4 pairs and tie 1 -> 3.5 / 4
+    assert roc_auc([0.5, 1.0, 0.5, 0.0], [1, 1, 0, 0]) == 0.875
 
 
 def test_lpips_of_identical_images_is_zero_and_win_rate_of_identical_systems_is_half():

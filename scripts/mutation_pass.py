@@ -1,6 +1,6 @@
 """A mutation pass over the math, data, resume and annotation code: each mutant changes one line of
 production code (in a copy of the working tree), runs the tests that should hold that behaviour, and
-counts as killed when they fail. Prints one row per mutant and the score; --update_readme writes the
+counts as killed when they fail (each selection passes on the unmutated tree first). Prints one row per mutant and the score; --update_readme writes the
 table and score into the README's Tests section (a run of every mutant only). Survivors that are
 accepted are listed with why in ACCEPTED.
 
@@ -185,6 +185,13 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory(prefix="mutants_") as copy:
         copy_tree(copy)
+        # each test selection passes on the unmutated tree first: a kill is the mutant's doing
+        for tests in sorted({m[3] for _, m in chosen}):
+            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *_split(tests)],
+                                 cwd=copy, capture_output=True, text=True, timeout=args.timeout)
+            if res.returncode != 0:
+                raise SystemExit(f"the unmutated tree fails {tests}: {res.stdout.strip().splitlines()[-1]}")
+        print(f"{len({m[3] for _, m in chosen})} test selections pass on the unmutated tree", flush=True)
         for i, (path, old, new, tests, what) in chosen:
             outcome, seconds = run_mutant(copy, i, path, old, new, tests, args.timeout)
             rows.append((i, path, what, tests, outcome))

@@ -9,6 +9,7 @@ accepted are listed with why in ACCEPTED.
 """
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -157,7 +158,7 @@ def run_mutant(copy, number, path, old, new, tests, timeout):
     try:
         start = time.time()
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
-                              *_split(tests)], cwd=copy, capture_output=True, text=True, timeout=timeout)
+                              *shlex.split(tests)], cwd=copy, capture_output=True, text=True, timeout=timeout)
         outcome = "killed" if res.returncode == 1 else "survived" if res.returncode == 0 else f"error {res.returncode}"
         if res.returncode not in (0, 1):
             outcome += ": " + res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
@@ -167,12 +168,6 @@ def run_mutant(copy, number, path, old, new, tests, timeout):
         with open(target, "w") as f:
             f.write(original)
     return outcome, time.time() - start
-
-
-def _split(tests):
-    import shlex
-
-    return shlex.split(tests)
 
 
 def main(argv=None):
@@ -187,7 +182,7 @@ def main(argv=None):
         copy_tree(copy)
         # each test selection passes on the unmutated tree first: a kill is the mutant's doing
         for tests in sorted({m[3] for _, m in chosen}):
-            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *_split(tests)],
+            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *shlex.split(tests)],
                                  cwd=copy, capture_output=True, text=True, timeout=args.timeout)
             if res.returncode != 0:
                 raise SystemExit(f"the unmutated tree fails {tests}: {res.stdout.strip().splitlines()[-1]}")

@@ -129,9 +129,8 @@ def _written_paths(words):
     name = os.path.basename(script)
     flags = WRITE_FLAGS | SCRIPT_WRITE_FLAGS.get(name, set())
     out = [args[i + 1] for i, a in enumerate(args[:-1]) if a in flags]
-    leading = [a for a in args[:next((i for i, a in enumerate(args) if a.startswith("-")), len(args))]]
-    if name in POSITIONAL_OUTPUT:
-        out.append(leading[POSITIONAL_OUTPUT[name]])
+    if name in POSITIONAL_OUTPUT:  # among the arguments before the first flag
+        out.append(args[POSITIONAL_OUTPUT[name]])
     return [os.path.normpath(p) for p in out]
 
 
